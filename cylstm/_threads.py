@@ -1,0 +1,173 @@
+"""cylstm's one thread policy.
+
+* ``n_threads`` means one thing everywhere: how many OpenMP threads a kernel call may
+  use. ``None`` (the default) means all usable cores, honouring ``OMP_NUM_THREADS``;
+  0 or a negative number is an error. ``set_num_threads(n)`` sets it for the process,
+  ``threads(n)`` overrides it for the calling Python thread inside a ``with`` block.
+* The work is cut into ``N_PARTS`` fixed parts (the usable cores of the machine, read
+  once at import). Part boundaries never depend on the thread setting, so results are
+  bitwise identical for 1, 2 or any number of threads. More threads than parts would
+  only idle, so the effective count is capped at ``N_PARTS``.
+* BLAS never adds threads of its own inside cylstm's: every BLAS call a kernel makes is
+  single-threaded (see ``_lstm.pyx``, "BLAS threads"), so cores are never oversubscribed.
+"""
+
+import contextlib
+import ctypes
+import operator
+import os
+import threading
+
+from . import _lstm
+
+__all__ = ["set_num_threads", "get_num_threads", "threads", "openmp_enabled"]
+
+
+def _usable_cores():
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+#: Fixed number of work parts (batch chunks, GEMM row blocks) per kernel call.
+N_PARTS = _usable_cores()
+
+_global_setting = None          # set_num_threads(); None = default
+_local = threading.local()      # threads() overrides, per Python thread
+
+
+def openmp_enabled():
+    """True if the compiled kernels use OpenMP; False for a serial build."""
+    return _lstm.openmp_enabled()
+
+
+def _validate(n, name="n"):
+    if n is None:
+        return None
+    try:
+        if isinstance(n, bool):
+            raise TypeError
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int or None, got {type(n).__name__}") from None
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1 (or None for all usable cores), got {n}")
+    return n
+
+
+def _default_threads():
+    return max(1, _lstm.openmp_max_threads())
+
+
+def set_num_threads(n):
+    """Set how many threads cylstm kernels use in this process (None: all usable cores)."""
+    global _global_setting
+    _global_setting = _validate(n)
+
+
+def get_num_threads():
+    """The number of threads the next kernel call from this Python thread will use."""
+    n = getattr(_local, "n", None)
+    if n is None:
+        n = _global_setting
+    if n is None:
+        n = _default_threads()
+    if not _lstm.openmp_enabled():
+        return 1
+    return min(n, N_PARTS)
+
+
+@contextlib.contextmanager
+def threads(n):
+    """Use ``n`` threads for cylstm calls made from this Python thread inside the block.
+
+    Restores the previous setting on exit, also on error. ``None`` means all usable cores.
+    """
+    n = _validate(n)
+    previous = getattr(_local, "n", None)
+    _local.n = n
+    try:
+        yield
+    finally:
+        _local.n = previous
+
+
+# ---- BLAS: single-threaded inside cylstm's OpenMP threads ---------------------------------
+
+def _scipy_blas_libraries():
+    """threadpoolctl's records of the BLAS libraries scipy.linalg.cython_blas may use."""
+    import scipy.linalg.cython_blas  # noqa: F401  (loads scipy's BLAS)
+    from threadpoolctl import threadpool_info
+
+    blas = [lib for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    scipy_dir = os.path.dirname(os.path.dirname(os.path.abspath(scipy.linalg.__file__)))
+    own = [
+        lib for lib in blas
+        if os.path.basename(os.path.dirname(lib["filepath"])).startswith("scipy")
+        or os.path.abspath(lib["filepath"]).startswith(scipy_dir + os.sep)
+    ]
+    return own or blas
+
+
+def _find_local_setter(libs):
+    """Address of a thread-local 'set BLAS threads' function, or 0 if there is none."""
+    names = {
+        "openblas": ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local"),
+        "mkl": ("MKL_Set_Num_Threads_Local", "mkl_set_num_threads_local"),
+    }
+    if len(libs) != 1:
+        return 0
+    lib = libs[0]
+    try:
+        handle = ctypes.CDLL(lib["filepath"])
+    except OSError:
+        return 0
+    for name in names.get(lib.get("internal_api"), ()):
+        fn = getattr(handle, name, None)
+        if fn is not None:
+            return ctypes.cast(fn, ctypes.c_void_p).value or 0
+    return 0
+
+
+class _GlobalBlasPin:
+    """Fallback: pin scipy's BLAS to one thread while any cylstm kernel runs.
+
+    Reference counted and locked, so concurrent Python threads pin once and restore
+    once. Used only when the BLAS has no thread-local setter.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._count = 0
+        self._limiter = None
+
+    def __enter__(self):
+        with self._lock:
+            if self._count == 0:
+                from threadpoolctl import threadpool_limits
+                self._limiter = threadpool_limits(limits=1, user_api="blas")
+            self._count += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._count -= 1
+            if self._count == 0:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+        return False
+
+
+def _setup_blas():
+    try:
+        address = _find_local_setter(_scipy_blas_libraries())
+    except Exception:  # threadpoolctl cannot inspect this BLAS: use the global pin
+        address = 0
+    _lstm._register_blas_set_local(address)
+    return contextlib.nullcontext() if address else _GlobalBlasPin()
+
+
+#: ``with blas_single_threaded:`` around every kernel call (a no-op when the kernels
+#: hold BLAS to one thread themselves, thread-locally).
+blas_single_threaded = _setup_blas()
+BLAS_THREAD_LOCAL = isinstance(blas_single_threaded, contextlib.nullcontext)

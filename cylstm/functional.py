@@ -1,0 +1,253 @@
+"""Array-level LSTM layer: validation at the edge, layout, workspaces, dispatch.
+
+The same functions, with the same arguments, as ``cylstm.reference`` (the NumPy twin),
+computed by the compiled kernels in ``cylstm._lstm``. One layer, one direction, the
+whole sequence, time-major:
+
+    y, h_n, c_n, cache = lstm_layer_forward(x, w_ih, w_hh, b_ih, b_hh, h0, c0,
+                                            lengths=None, reverse=False, training=True)
+    dx, dh0, dc0 = lstm_layer_backward(cache, dy, dh_n, dc_n,
+                                       dw_ih=..., dw_hh=..., db_ih=..., db_hh=...)
+
+Shapes: x (T, B, I); w_ih (4H, I); w_hh (4H, H); b_ih, b_hh (4H,); h0, c0 (B, H);
+lengths (B,) ints in 1..T; y, dy (T, B, H). Gate order [i | f | g | o] (PyTorch's).
+
+Dtypes: the weights decide (float32 or float64, all the same). Inputs of another real
+dtype (ints, bools, float16, the other float) are converted to it; complex, object and
+string arrays are rejected. Non-contiguous inputs are copied to C order.
+
+Backward *accumulates* (+=) into the gradient buffers ``dw_ih``, ``dw_hh``, ``db_ih``,
+``db_hh``, which must be C-contiguous arrays of the weights' dtype and shapes; zero
+them before the first backward (``LSTM.zero_grad()`` does). ``x`` and ``y`` are kept
+by reference in the cache: do not modify them between forward and backward.
+"""
+
+import numpy as np
+
+from . import _lstm
+from ._threads import N_PARTS, blas_single_threaded, get_num_threads
+
+__all__ = ["lstm_layer_forward", "lstm_layer_backward", "LayerCache", "Workspace"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_INT32_MAX = 2**31 - 1
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+def _shape(a):
+    return "(" + ", ".join(str(d) for d in a.shape) + ")"
+
+
+def _as_array(a, name, dtype, shape):
+    """a as a C-contiguous `dtype` array of exactly `shape` (ints may be None = any)."""
+    if not isinstance(a, np.ndarray):
+        try:
+            a = np.asarray(a)
+        except Exception as e:
+            raise TypeError(f"{name} must be an array, got {type(a).__name__}: {e}") from None
+    if a.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name} must hold real numbers (float32/float64, or ints/bools to convert), "
+            f"got dtype {a.dtype}"
+        )
+    want = "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+    if a.ndim != len(shape):
+        raise ValueError(f"{name} must have shape {want} ({len(shape)}-D), got {_shape(a)}")
+    for got, exp in zip(a.shape, shape):
+        if exp is not None and got != exp:
+            raise ValueError(f"{name} must have shape {want}, got {_shape(a)}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _weight_dtype(w_ih, w_hh):
+    for name, w in (("w_ih", w_ih), ("w_hh", w_hh)):
+        if not isinstance(w, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array, got {type(w).__name__}")
+        if w.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float32 or float64, got dtype {w.dtype}")
+    if w_ih.dtype != w_hh.dtype:
+        raise TypeError(f"w_ih and w_hh must have one dtype, got {w_ih.dtype} and {w_hh.dtype}")
+    return w_ih.dtype
+
+
+def _lengths(lengths, T, B):
+    """lengths as an int32 (B,) array with values in 1..T (all T when None)."""
+    if lengths is None:
+        return np.full(B, T, dtype=np.int32)
+    lengths = np.asarray(lengths)
+    if lengths.dtype.kind not in "iu":
+        raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must have shape ({B},) (one per sequence), got {_shape(lengths)}")
+    if B and (lengths.min() < 1 or lengths.max() > T):
+        raise ValueError(
+            f"lengths must be in 1..{T} (T), got values in {lengths.min()}..{lengths.max()}"
+        )
+    return lengths.astype(np.int32)
+
+
+def _check_weights(w_ih, w_hh, b_ih, b_hh):
+    dtype = _weight_dtype(w_ih, w_hh)
+    if w_hh.ndim != 2 or w_hh.shape[0] != 4 * w_hh.shape[1] or w_hh.shape[1] < 1:
+        raise ValueError(f"w_hh must have shape (4H, H) with H >= 1, got {_shape(w_hh)}")
+    H = w_hh.shape[1]
+    w_ih = _as_array(w_ih, "w_ih", dtype, (4 * H, None))
+    w_hh = np.ascontiguousarray(w_hh)
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("b_ih and b_hh must both be given or both be None")
+    bias = None
+    if b_ih is not None:
+        b_ih = _as_array(b_ih, "b_ih", dtype, (4 * H,))
+        b_hh = _as_array(b_hh, "b_hh", dtype, (4 * H,))
+        bias = b_ih + b_hh   # added once; the kernel fuses it into the input projection
+    return dtype, H, w_ih, w_hh, bias
+
+
+# ---- workspaces and cache -------------------------------------------------------------------
+
+class Workspace:
+    """Scratch arrays reused across calls of the same shape (one per layer and direction).
+
+    ``get(name, shape, dtype)`` returns the array it gave last time for that name when
+    shape and dtype match, else a new one. Kernels allocate nothing; the caller owns this.
+    """
+
+    def __init__(self):
+        self._arrays = {}
+
+    def get(self, name, shape, dtype):
+        a = self._arrays.get(name)
+        if a is None or a.shape != tuple(shape) or a.dtype != dtype:
+            a = np.empty(shape, dtype=dtype)
+            self._arrays[name] = a
+        return a
+
+    def clear(self):
+        self._arrays.clear()
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in self._arrays.values())
+
+
+class LayerCache:
+    """What ``lstm_layer_backward`` needs from one training-mode forward (time order).
+
+    gates (T, B, 4H) activated [i|f|g|o]; c, tc (T, B, H) c_t and tanh(c_t);
+    y (T, B, H) and x (T, B, I) by reference; h0 (B, H) or None; c0 (B, H);
+    the weights, lengths (B,) int32 and the direction.
+    Memory: 4*T*B*H (gates) + 2*T*B*H (c, tc) elements, plus y and x.
+    """
+
+    __slots__ = ("x", "y", "gates", "c", "tc", "h0", "c0", "w_ih", "w_hh",
+                 "has_bias", "lengths", "reverse", "dtype")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+# ---- forward / backward ---------------------------------------------------------------------
+
+def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
+                       lengths=None, reverse=False, training=True, *, workspace=None,
+                       out=None):
+    """One LSTM layer, one direction, whole sequence (see the module docstring).
+
+    x (T, B, I); w_ih (4H, I); w_hh (4H, H); b_ih, b_hh (4H,) or both None; h0, c0
+    (B, H) or None (zeros); lengths (B,) in 1..T or None; reverse runs each sequence
+    from its last valid step to t = 0. Returns (y (T, B, H), h_n (B, H), c_n (B, H),
+    cache), cache None unless training. ``workspace`` (a Workspace) reuses scratch and,
+    in training mode, the cache arrays: a later forward with the same workspace then
+    invalidates the earlier cache. ``out``: an optional C-contiguous (T, B, H) array of
+    the weights' dtype that receives y (used to write straight into a wider output).
+    """
+    dtype, H, w_ih, w_hh, bias = _check_weights(w_ih, w_hh, b_ih, b_hh)
+    I = w_ih.shape[1]
+    x = _as_array(x, "x", dtype, (None, None, I))
+    T, B, _ = x.shape
+    if T < 1 or B < 1:
+        raise ValueError(f"x must have at least one step and one sequence, got {_shape(x)}")
+    if T * B * max(4 * H, I) > _INT32_MAX:
+        raise ValueError(f"x {_shape(x)} with H={H} is too large for 32-bit BLAS indexing")
+    lengths = _lengths(lengths, T, B)
+    h = np.zeros((B, H), dtype) if h0 is None else _as_array(h0, "h0", dtype, (B, H)).copy()
+    c = np.zeros((B, H), dtype) if c0 is None else _as_array(c0, "c0", dtype, (B, H)).copy()
+    h0_kept = None if h0 is None else h.copy()
+    c0_kept = c.copy() if training else None
+    ws = workspace if workspace is not None else Workspace()
+    if out is None:
+        y = np.empty((T, B, H), dtype)
+    else:
+        if out.shape != (T, B, H) or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {dtype} array of shape ({T}, {B}, {H})")
+        y = out
+    gates = ws.get("gates", (T, B, 4 * H), dtype)
+    c_cache = ws.get("c", (T, B, H), dtype) if training else None
+    tc_cache = ws.get("tc", (T, B, H), dtype) if training else None
+    with blas_single_threaded:
+        _lstm.lstm_forward(
+            y=y, h=h, c=c, gates=gates, c_cache=c_cache, tc_cache=tc_cache,
+            hz=ws.get("hz", (B, 4 * H), dtype), x=x, w_ih=w_ih, w_hh=w_hh, bias=bias,
+            lengths=lengths, reverse=bool(reverse), n_parts=N_PARTS,
+            n_threads=get_num_threads(),
+        )
+    cache = None
+    if training:
+        cache = LayerCache(x=x, y=y, gates=gates, c=c_cache, tc=tc_cache, h0=h0_kept,
+                           c0=c0_kept, w_ih=w_ih, w_hh=w_hh, has_bias=bias is not None,
+                           lengths=lengths, reverse=bool(reverse), dtype=dtype)
+    return y, h, c, cache
+
+
+def _grad_buffer(g, name, dtype, shape):
+    if not isinstance(g, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array to accumulate into, got {type(g).__name__}")
+    if g.shape != shape or g.dtype != dtype or not g.flags.c_contiguous or not g.flags.writeable:
+        raise ValueError(
+            f"{name} must be a writeable C-contiguous {dtype} array of shape "
+            f"({', '.join(map(str, shape))}), got {g.dtype} {_shape(g)}"
+        )
+    return g
+
+
+def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=None,
+                        db_hh=None, workspace=None):
+    """BPTT through one layer and direction. Accumulates (+=) into dw_ih (4H, I),
+    dw_hh (4H, H), db_ih, db_hh (4H,) (None when the layer has no bias). dy (T, B, H);
+    dh_n, dc_n (B, H) or None (zeros). Returns (dx (T, B, I), dh0 (B, H), dc0 (B, H)).
+    The cache is not modified: calling backward twice adds the gradient twice."""
+    if not isinstance(cache, LayerCache):
+        raise TypeError(
+            "cache must be the LayerCache returned by a training-mode "
+            f"cylstm.functional.lstm_layer_forward, got {type(cache).__name__}"
+        )
+    dtype = cache.dtype
+    T, B, H = cache.y.shape
+    I = cache.x.shape[2]
+    dy = _as_array(dy, "dy", dtype, (T, B, H))
+    dh_n = np.zeros((B, H), dtype) if dh_n is None else _as_array(dh_n, "dh_n", dtype, (B, H))
+    dc = np.zeros((B, H), dtype) if dc_n is None else _as_array(dc_n, "dc_n", dtype, (B, H)).copy()
+    dw_ih = _grad_buffer(dw_ih, "dw_ih", dtype, (4 * H, I))
+    dw_hh = _grad_buffer(dw_hh, "dw_hh", dtype, (4 * H, H))
+    if cache.has_bias:
+        if db_ih is None or db_hh is None:
+            raise ValueError("the layer has biases: pass db_ih and db_hh to accumulate into")
+        db_ih = _grad_buffer(db_ih, "db_ih", dtype, (4 * H,))
+        db_hh = _grad_buffer(db_hh, "db_hh", dtype, (4 * H,))
+    elif db_ih is not None or db_hh is not None:
+        raise ValueError("the layer has no bias: db_ih and db_hh must be None")
+    ws = workspace if workspace is not None else Workspace()
+    dx = np.empty((T, B, I), dtype)
+    dh0 = np.empty((B, H), dtype)
+    with blas_single_threaded:
+        _lstm.lstm_backward(
+            dx=dx, dh0=dh0, dc=dc, dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh,
+            dz=ws.get("dz", (T, B, 4 * H), dtype), dzs=ws.get("dzs", (B, 4 * H), dtype),
+            dy=dy, dh_n=dh_n, gates=cache.gates, c_cache=cache.c, tc_cache=cache.tc,
+            y=cache.y, x=cache.x, h0=cache.h0, c0=cache.c0, w_ih=cache.w_ih,
+            w_hh=cache.w_hh, lengths=cache.lengths, reverse=cache.reverse,
+            n_parts=N_PARTS, n_threads=get_num_threads(),
+        )
+    return dx, dh0, dc

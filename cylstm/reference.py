@@ -1,0 +1,157 @@
+"""Pure-NumPy reference ("oracle") for one LSTM layer, one direction.
+
+This is the slow, obviously-correct twin of the compiled kernels: every test of
+the kernels compares against it, and it is itself checked against finite
+differences. The math, gate order and weight layout are PyTorch's
+torch.nn.LSTM (see LSTM_MATH.md); equation numbers (1)-(7) below are used by the
+backward pass.
+
+Dimensions: T time steps, B batch, I input features, H hidden units, G = 4H.
+Gate order of every (.., 4H) array: [i | f | g | o] = [0:H | H:2H | 2H:3H | 3H:4H].
+Arrays are time-major: x is (T, B, I), y is (T, B, H).
+
+Variable lengths and direction are handled by one "schedule": at step s = 0..T-1
+sequence b reads time t = tidx[s, b] and is live when s < lengths[b]. Forward
+reads t = s; reverse reads t = lengths[b]-1-s. So padded steps are always the
+trailing steps of the loop, where the state is frozen and no gradient flows.
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+
+def _sigmoid(x):
+    """Logistic function that never exponentiates a positive number (no overflow)."""
+    e = np.exp(-np.abs(x))  # in (0, 1]
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _schedule(T, B, lengths, reverse):
+    """Step order -> time order. Returns tidx (T, B) int: the time index sequence b
+    reads at step s (a permutation of 0..T-1 for every b, padded steps on padded
+    times); live (T, B) bool: step s is a valid step of sequence b."""
+    L = np.full(B, T) if lengths is None else np.asarray(lengths, dtype=np.intp)  # (B,)
+    s = np.arange(T)[:, None]  # (T, 1)
+    live = s < L  # (T, B)
+    tidx = (L - 1 - s) % T if reverse else np.broadcast_to(s, (T, B))  # (T, B)
+    return tidx, live
+
+
+class _Cache(NamedTuple):
+    """What lstm_layer_backward needs. Arrays in STEP order (see module docstring).
+    x and the weights are references to the caller's arrays, not copies:
+    do not modify them between forward and backward."""
+    x: np.ndarray  # (T, B, I) input, time order
+    w_ih: np.ndarray  # (4H, I)
+    w_hh: np.ndarray  # (4H, H)
+    tidx: np.ndarray  # (T, B) int, time index read at each step
+    live: np.ndarray  # (T, B) bool, step is valid for that sequence
+    h: np.ndarray  # (T+1, B, H) h[0] = h0, h[s+1] = state after step s (frozen when not live)
+    c: np.ndarray  # (T+1, B, H) same for the cell state
+    gates: np.ndarray  # (T, B, 4H) activated gates [i|f|g|o] at each step
+
+
+def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
+                       lengths=None, reverse=False, training=True):
+    """One LSTM layer, one direction, whole sequence, time-major.
+
+    x       (T, B, I)  input
+    w_ih    (4H, I)    input weights, gate rows [i|f|g|o]
+    w_hh    (4H, H)    recurrent weights
+    b_ih    (4H,)      input bias, or None (no bias; then b_hh is None too)
+    b_hh    (4H,)      recurrent bias, or None
+    h0, c0  (B, H)     initial state, or None (zeros)
+    lengths (B,)       int in 1..T, or None (every sequence has T steps)
+    reverse bool       run each sequence from t = lengths[b]-1 down to t = 0
+    training bool      if False, return cache=None
+
+    Returns (y, h_n, c_n, cache):
+    y (T, B, H) outputs, 0 at padded positions; h_n, c_n (B, H) state after the
+    last valid step (after t = 0 when reverse); cache for lstm_layer_backward.
+    Everything is computed in x.dtype.
+    """
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    dt = x.dtype
+    tidx, live = _schedule(T, B, lengths, reverse)
+    cols = np.arange(B)  # (B,) batch index, broadcasts against tidx
+    h = np.zeros((B, H), dt) if h0 is None else h0  # (B, H)
+    c = np.zeros((B, H), dt) if c0 is None else c0  # (B, H)
+
+    xs = x[tidx, cols]  # (T, B, I) input in step order
+    zx = xs @ w_ih.T  # (T, B, 4H) input projection, one GEMM for all steps
+    if b_ih is not None:
+        zx = zx + (b_ih + b_hh)
+    hs = np.empty((T + 1, B, H), dt); hs[0] = h
+    cs = np.empty((T + 1, B, H), dt); cs[0] = c
+    gates = np.empty((T, B, 4 * H), dt)
+    for s in range(T):
+        m = live[s][:, None]  # (B, 1)
+        z = zx[s] + h @ w_hh.T  # (1) z = x W_ih^T + h W_hh^T + b_ih + b_hh
+        i = _sigmoid(z[:, 0:H])  # (2) input gate
+        f = _sigmoid(z[:, H:2 * H])  # (3) forget gate
+        g = np.tanh(z[:, 2 * H:3 * H])  # (4) candidate
+        o = _sigmoid(z[:, 3 * H:4 * H])  # (5) output gate
+        c = np.where(m, f * c + i * g, c)  # (6) c_t = f c_{t-1} + i g   (frozen when padded)
+        h = np.where(m, o * np.tanh(c), h)  # (7) h_t = o tanh(c_t)       (frozen when padded)
+        gates[s] = np.concatenate([i, f, g, o], axis=1)
+        hs[s + 1], cs[s + 1] = h, c
+
+    y = np.empty((T, B, H), dt)
+    y[tidx, cols] = np.where(live[..., None], hs[1:], 0)  # back to time order, zeros when padded
+    cache = _Cache(x, w_ih, w_hh, tidx, live, hs, cs, gates) if training else None
+    return y, h, c, cache
+
+
+def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=None, db_hh=None):
+    """Backpropagation through time for lstm_layer_forward. Does not modify cache.
+
+    cache          from lstm_layer_forward(..., training=True)
+    dy     (T, B, H)  dL/dy; values at padded positions are ignored
+    dh_n   (B, H)     dL/dh_n, or None (zeros)
+    dc_n   (B, H)     dL/dc_n, or None (zeros)
+    dw_ih  (4H, I)    INOUT, accumulated (+=)
+    dw_hh  (4H, H)    INOUT, accumulated (+=)
+    db_ih  (4H,)      INOUT, accumulated (+=), or None (layer without bias)
+    db_hh  (4H,)      INOUT, accumulated (+=), or None
+
+    Returns (dx, dh0, dc0): dx (T, B, I), 0 at padded positions; dh0, dc0 (B, H).
+    """
+    x, w_ih, w_hh, tidx, live, hs, cs, gates = cache
+    T, B, I = x.shape
+    H = w_hh.shape[1]
+    dt = x.dtype
+    cols = np.arange(B)
+    dys = np.where(live[..., None], dy[tidx, cols], 0)  # (T, B, H) step order, padded ignored
+    dh = np.zeros((B, H), dt) if dh_n is None else dh_n  # (B, H) dL/dh flowing back in time
+    dc = np.zeros((B, H), dt) if dc_n is None else dc_n  # (B, H) dL/dc flowing back in time
+    dz = np.empty((T, B, 4 * H), dt)  # (T, B, 4H) dL/dz at every step
+    for s in reversed(range(T)):
+        m = live[s][:, None]  # (B, 1)
+        i, f, g, o = (gates[s, :, k * H:(k + 1) * H] for k in range(4))
+        dh = dh + dys[s]
+        tc = np.tanh(cs[s + 1])
+        do = dh * tc  # (7)
+        dct = dc + dh * o * (1 - tc * tc)  # (7) through tanh(c_t)
+        di = dct * g  # (6)
+        dg = dct * i  # (6)
+        df = dct * cs[s]  # (6)
+        dzs = np.concatenate([di * i * (1 - i),  # (2) sigmoid' = i (1 - i)
+                              df * f * (1 - f),  # (3)
+                              dg * (1 - g * g),  # (4) tanh' = 1 - g^2
+                              do * o * (1 - o)], axis=1)  # (5)
+        dz[s] = np.where(m, dzs, 0)  # padded step: no gradient into z
+        dh = np.where(m, dz[s] @ w_hh, dh)  # (1) dh_{t-1}; padded step passes dh through
+        dc = np.where(m, dct * f, dc)  # (6) dc_{t-1}; padded step passes dc through
+
+    # weight gradients: one GEMM / reduction over all T*B rows (padded rows have dz = 0)
+    dz2 = dz.reshape(T * B, 4 * H)
+    dw_ih += dz2.T @ x[tidx, cols].reshape(T * B, I)  # (1)
+    dw_hh += dz2.T @ hs[:-1].reshape(T * B, H)  # (1)
+    if db_ih is not None:
+        db = dz2.sum(axis=0)
+        db_ih += db
+        db_hh += db
+    dx = np.empty((T, B, I), dt)
+    dx[tidx, cols] = dz @ w_ih  # (1) back to time order; padded rows are 0 since dz is
+    return dx, dh, dc
