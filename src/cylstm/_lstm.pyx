@@ -41,8 +41,7 @@ bitwise identical for any number of threads.
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport exp, expf, tanh, tanhf, fabs, fabsf
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 from cylstm._blas cimport gemm
 from cylstm._openmp_helpers cimport CYLSTM_OPENMP, omp_get_max_threads
@@ -96,40 +95,46 @@ def openmp_max_threads():
 # Elementwise pieces
 # ----------------------------------------------------------------------------------------
 
-cdef inline floating _exp(floating x) noexcept nogil:
+cdef extern from "_activations.h" nogil:
+    void cy_sigmoid_add_f32(float* z, const float* hz, int n)
+    void cy_tanh_add_f32(float* z, const float* hz, int n)
+    void cy_tanh_f32_array(float* out, const float* x, int n)
+    void cy_sigmoid_add_f64(double* z, const double* hz, int n)
+    void cy_tanh_add_f64(double* z, const double* hz, int n)
+    void cy_tanh_f64_array(double* out, const double* x, int n)
+
+
+cdef inline void _activate_gates(floating* z, const floating* hz, int H) noexcept nogil:
+    """z (G,) := [sigmoid, sigmoid, tanh, sigmoid](z + hz), gate blocks [i|f|g|o]   (1)(2)"""
     if floating is float:
-        return expf(x)
+        cy_sigmoid_add_f32(z, hz, 2 * H)
+        cy_tanh_add_f32(z + 2 * H, hz + 2 * H, H)
+        cy_sigmoid_add_f32(z + 3 * H, hz + 3 * H, H)
     else:
-        return exp(x)
+        cy_sigmoid_add_f64(z, hz, 2 * H)
+        cy_tanh_add_f64(z + 2 * H, hz + 2 * H, H)
+        cy_sigmoid_add_f64(z + 3 * H, hz + 3 * H, H)
 
 
-cdef inline floating _tanh(floating x) noexcept nogil:
-    # glibc's tanhf goes through expm1f and took 34% of a medium forward (perf). For
-    # float32, tanh is evaluated in double as (1 - e)/(1 + e), e = exp(-2|x|): double
-    # exp is fast, and the cancellation in 1 - e costs ~1e-16/|x| relative, far below
-    # float32's rounding for |x| >= 1e-4; below that, x - x^3/3 is exact to rounding.
-    cdef double a, e, r
+cdef inline void _tanh_row(floating* out, const floating* x, int n) noexcept nogil:
     if floating is float:
-        a = fabs(<double> x)
-        if a < 1e-4:
-            r = a - a * a * a / 3
-        else:
-            e = exp(-2 * a)
-            r = (1 - e) / (1 + e)
-        return <float> (r if x >= 0 else -r)
+        cy_tanh_f32_array(out, x, n)
     else:
-        return tanh(x)
+        cy_tanh_f64_array(out, x, n)
 
 
-cdef inline floating _sigmoid(floating x) noexcept nogil:
-    # exp of a non-positive number only: never overflows, for any finite x (LSTM_MATH.md).
-    cdef floating e, r
-    if floating is float:
-        e = expf(-fabsf(x))
-    else:
-        e = exp(-fabs(x))
-    r = 1 / (1 + e)
-    return r if x >= 0 else e * r
+def _activations_f32(const float[::1] x):
+    """Test hook: (sigmoid(x), tanh(x)) through the float32 row functions the kernels use."""
+    import numpy as np
+    n = x.shape[0]
+    zeros = np.zeros(n, np.float32)
+    sig = np.array(x, dtype=np.float32)
+    th = np.array(x, dtype=np.float32)
+    cdef float[::1] s = sig, t = th, z = zeros
+    if n:
+        cy_sigmoid_add_f32(&s[0], &z[0], n)
+        cy_tanh_add_f32(&t[0], &z[0], n)
+    return sig, th
 
 
 cdef inline int _split(int n, int parts, int p) noexcept nogil:
@@ -159,58 +164,65 @@ cdef void _project_block(
          beta, gates + <Py_ssize_t> r0 * G, G)
 
 
+cdef inline void _forward_row(
+    floating* y,                # (T, B, H) OUT
+    floating* h,                # (B, H) INOUT running h
+    floating* c,                # (B, H) INOUT running c
+    floating* gates,            # (T, B, G) INOUT: in x W_ih^T + b, out activated i, f, g, o
+    floating* c_cache,          # (T, B, H) OUT c_t, or NULL (inference)
+    floating* tc_cache,         # (T, B, H) OUT tanh(c_t), or NULL (inference)
+    const floating* hz,         # (B, G) h_{t-1} W_hh^T of this step
+    const int* lengths,         # (B,) in 1..T
+    int B, int H, int s, int b, bint reverse,
+) noexcept nogil:
+    """Loop step s of batch row b: gates, cell and output, from hz = h_{t-1} W_hh^T."""
+    cdef int j, t, L = lengths[b]
+    cdef Py_ssize_t ho
+    cdef floating* z
+    cdef floating* hb = h + <Py_ssize_t> b * H
+    cdef floating* cb = c + <Py_ssize_t> b * H
+    if s >= L:                         # padded position t = s: frozen state, zero output
+        memset(y + (<Py_ssize_t> s * B + b) * H, 0, H * sizeof(floating))
+        return
+    t = L - 1 - s if reverse else s
+    ho = (<Py_ssize_t> t * B + b) * H
+    z = gates + (<Py_ssize_t> t * B + b) * 4 * H
+    _activate_gates(z, hz + <Py_ssize_t> b * 4 * H, H)                       # (1) (2)
+    for j in range(H):
+        cb[j] = z[H + j] * cb[j] + z[j] * z[2 * H + j]                      # (3)
+    _tanh_row(hb, cb, H)                               # h := tanh(c_t), then times o
+    if c_cache != NULL:
+        memcpy(c_cache + ho, cb, H * sizeof(floating))
+        memcpy(tc_cache + ho, hb, H * sizeof(floating))
+    for j in range(H):
+        hb[j] = z[3 * H + j] * hb[j]                                         # (4)
+    memcpy(y + ho, hb, H * sizeof(floating))
+
+
 cdef void _forward_chunk(
     floating* y,                # (T, B, H) OUT, rows [r0, r1)
     floating* h,                # (B, H) INOUT: in h0, out h_n
     floating* c,                # (B, H) INOUT: in c0, out c_n
-    floating* gates,            # (T, B, G) INOUT: in x W_ih^T + b, out activated i, f, g, o
-    floating* c_cache,          # (T, B, H) OUT c_t, or NULL (inference)
-    floating* tc_cache,         # (T, B, H) OUT tanh(c_t), or NULL (inference)
+    floating* gates,            # (T, B, G) INOUT: in x W_ih^T + b, out activated gates
+    floating* c_cache,          # (T, B, H) OUT or NULL
+    floating* tc_cache,         # (T, B, H) OUT or NULL
     floating* hz,               # (B, G) scratch: h_{t-1} W_hh^T
     const floating* w_hh,       # (G, H)
     const int* lengths,         # (B,) in 1..T
     int T, int B, int H, int r0, int r1, bint reverse,
 ) noexcept nogil:
+    """The whole time loop for batch rows [r0, r1), run by one thread."""
     cdef int G = 4 * H
-    cdef int s, b, t, j, L, maxlen = 0
-    cdef Py_ssize_t zo, ho
-    cdef floating ig, fg, gg, og, cn, tc
-    cdef floating* z
-    cdef const floating* hzb
+    cdef int s, b, maxlen = 0
     for b in range(r0, r1):
         if lengths[b] > maxlen:
             maxlen = lengths[b]
     for s in range(T):
-        if s < maxlen:                                                       # (1)
+        if s < maxlen:                 # rows past their length need no product  (1)
             gemm(False, True, r1 - r0, G, H, 1, h + <Py_ssize_t> r0 * H, H, w_hh, H,
                  0, hz + <Py_ssize_t> r0 * G, G)
         for b in range(r0, r1):
-            L = lengths[b]
-            if s >= L:                 # padded position t = s: frozen state, zero output
-                memset(y + (<Py_ssize_t> s * B + b) * H, 0, H * sizeof(floating))
-                continue
-            t = L - 1 - s if reverse else s
-            zo = (<Py_ssize_t> t * B + b) * G
-            ho = (<Py_ssize_t> t * B + b) * H
-            z = gates + zo
-            hzb = hz + <Py_ssize_t> b * G
-            for j in range(H):
-                ig = _sigmoid(z[j] + hzb[j])                                 # (2)
-                fg = _sigmoid(z[H + j] + hzb[H + j])
-                gg = _tanh(z[2 * H + j] + hzb[2 * H + j])
-                og = _sigmoid(z[3 * H + j] + hzb[3 * H + j])
-                cn = fg * c[b * H + j] + ig * gg                             # (3)
-                tc = _tanh(cn)
-                z[j] = ig
-                z[H + j] = fg
-                z[2 * H + j] = gg
-                z[3 * H + j] = og
-                c[b * H + j] = cn
-                h[b * H + j] = og * tc                                       # (4)
-                y[ho + j] = og * tc
-                if c_cache != NULL:
-                    c_cache[ho + j] = cn
-                    tc_cache[ho + j] = tc
+            _forward_row(y, h, c, gates, c_cache, tc_cache, hz, lengths, B, H, s, b, reverse)
 
 
 def lstm_forward(
@@ -230,15 +242,19 @@ def lstm_forward(
     bint reverse,
     int n_parts,
     int n_threads,
+    bint shared_gemm=False,
 ):
     """One LSTM layer, one direction, over the whole sequence; see the module docstring.
+
+    shared_gemm: the measured alternative (one multithreaded GEMM per step, then a
+    prange over the gates), kept only for bench/chunking.py.
 
     Callers pass every argument by keyword (cylstm.functional does); shapes are checked
     again here so that a wrong call raises instead of reading out of bounds.
     """
     cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2], H = w_hh.shape[1]
     cdef int G = 4 * H
-    cdef int p, n_chunks, prev
+    cdef int p, n_chunks, prev, s, b
     cdef bint training = c_cache is not None
     cdef const floating* bias_p = NULL
     cdef floating* cc_p = NULL
@@ -268,12 +284,21 @@ def lstm_forward(
             _project_block(&gates[0, 0, 0], &x[0, 0, 0], &w_ih[0, 0], bias_p,
                            _split(T * B, n_parts, p), _split(T * B, n_parts, p + 1), I, G)
             _blas_single_exit(prev)
-        for p in prange(n_chunks, schedule="static", num_threads=n_threads):
-            prev = _blas_single_enter()
-            _forward_chunk(&y[0, 0, 0], &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p,
-                           &hz[0, 0], &w_hh[0, 0], &lengths[0], T, B, H,
-                           _split(B, n_chunks, p), _split(B, n_chunks, p + 1), reverse)
+        if shared_gemm:
+            prev = _blas_set_local(n_threads) if _blas_set_local != NULL else 0
+            for s in range(T):
+                gemm(False, True, B, G, H, 1, &h[0, 0], H, &w_hh[0, 0], H, 0, &hz[0, 0], G)
+                for b in prange(B, schedule="static", num_threads=n_threads):
+                    _forward_row(&y[0, 0, 0], &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p,
+                                 &hz[0, 0], &lengths[0], B, H, s, b, reverse)
             _blas_single_exit(prev)
+        else:
+            for p in prange(n_chunks, schedule="static", num_threads=n_threads):
+                prev = _blas_single_enter()
+                _forward_chunk(&y[0, 0, 0], &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p,
+                               &hz[0, 0], &w_hh[0, 0], &lengths[0], T, B, H,
+                               _split(B, n_chunks, p), _split(B, n_chunks, p + 1), reverse)
+                _blas_single_exit(prev)
 
 
 # ----------------------------------------------------------------------------------------
@@ -320,7 +345,7 @@ cdef void _backward_chunk(
             z = gates + zo
             cprev = c_cache + (<Py_ssize_t> tp * B + b) * H if s > 0 else c0 + <Py_ssize_t> b * H
             # dL/dh_t from later steps: this row's last GEMM, or dh_n at its last valid step
-            dhin = dhs + <Py_ssize_t> b * H if s + 1 < L else dh_n + <Py_ssize_t> b * H
+            dhin = <const floating*> dhs + <Py_ssize_t> b * H if s + 1 < L else dh_n + <Py_ssize_t> b * H
             for j in range(H):
                 ig = z[j]
                 fg = z[H + j]
