@@ -104,6 +104,23 @@ def _check_weights(w_ih, w_hh, b_ih, b_hh):
     return dtype, H, w_ih, w_hh, bias
 
 
+def _finite_padding(x, lengths):
+    """x, or a copy with zeros at padded positions when any of those is not finite.
+
+    Backward forms dW_ih over all T*B rows, where padded rows have dz = 0; but 0 * NaN is
+    NaN, and PyTorch never reads padding. Checking costs a pass over the padding only.
+    """
+    T = x.shape[0]
+    if lengths.min() == T:
+        return x
+    pad = np.arange(T)[:, None] >= lengths[None, :]          # (T, B)
+    if np.isfinite(x[pad]).all():
+        return x
+    x = x.copy()
+    x[pad] = 0
+    return x
+
+
 # ---- workspaces and cache -------------------------------------------------------------------
 
 class Workspace:
@@ -195,6 +212,7 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
         )
     cache = None
     if training:
+        x = _finite_padding(x, lengths)
         cache = LayerCache(x=x, y=y, gates=gates, c=c_cache, tc=tc_cache, h0=h0_kept,
                            c0=c0_kept, w_ih=w_ih, w_hh=w_hh, has_bias=bias is not None,
                            lengths=lengths, reverse=bool(reverse), dtype=dtype)
@@ -244,6 +262,8 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
     with blas_single_threaded:
         _lstm.lstm_backward(
             dx=dx, dh0=dh0, dc=dc, dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh,
+            dw_ih_tmp=ws.get("dw_ih_tmp", (4 * H, I), dtype),
+            dw_hh_tmp=ws.get("dw_hh_tmp", (4 * H, H), dtype),
             dz=ws.get("dz", (T, B, 4 * H), dtype), dzs=ws.get("dzs", (B, 4 * H), dtype),
             dy=dy, dh_n=dh_n, gates=cache.gates, c_cache=cache.c, tc_cache=cache.tc,
             y=cache.y, x=cache.x, h0=cache.h0, c0=cache.c0, w_ih=cache.w_ih,

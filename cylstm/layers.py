@@ -1,6 +1,7 @@
 """The LSTM module: torch.nn.LSTM's API, parameters in one arena, NumPy in and out."""
 
 import math
+import numbers
 
 import numpy as np
 
@@ -60,7 +61,7 @@ class LSTM:
         self.proj_size = _positive_int(proj_size, "proj_size", minimum=0)
         if self.proj_size:
             raise NotImplementedError("proj_size > 0 is not implemented yet (tracked separately)")
-        if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) \
+        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) \
                 or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
@@ -199,6 +200,9 @@ class LSTM:
                 x = np.asarray(x)
             except Exception as e:
                 raise TypeError(f"x must be an array, got {type(x).__name__}: {e}") from None
+        if x.dtype.kind not in "biuf":
+            raise TypeError(f"x must hold real numbers (float32/float64, or ints/bools to "
+                            f"convert), got dtype {x.dtype}")
         unbatched = x.ndim == 2
         if x.ndim not in (2, 3):
             want = "(B, T, I)" if self.batch_first else "(T, B, I)"

@@ -146,7 +146,8 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
 
     # weight gradients: one GEMM / reduction over all T*B rows (padded rows have dz = 0)
     dz2 = dz.reshape(T * B, 4 * H)
-    dw_ih += dz2.T @ x[tidx, cols].reshape(T * B, I)  # (1)
+    xs = np.where(live[:, :, None], x[tidx, cols], 0)  # padding is never read, even NaN
+    dw_ih += dz2.T @ xs.reshape(T * B, I)  # (1)
     dw_hh += dz2.T @ hs[:-1].reshape(T * B, H)  # (1)
     if db_ih is not None:
         db = dz2.sum(axis=0)

@@ -377,6 +377,8 @@ cdef void _weight_grads_block(
     floating* dw_hh,            # (G, H) INOUT +=, rows [g0, g1)
     floating* db_ih,            # (G,) INOUT +=, or NULL
     floating* db_hh,            # (G,) INOUT +=, or NULL
+    floating* dw_ih_tmp,        # (G, I) scratch: this call's dW_ih, rows [g0, g1)
+    floating* dw_hh_tmp,        # (G, H) scratch: this call's dW_hh, rows [g0, g1)
     const floating* dz,         # (T*B, G)
     const floating* dzs,        # (B, G) dz of each row's first processed step
     const floating* x,          # (T*B, I)
@@ -384,33 +386,42 @@ cdef void _weight_grads_block(
     const floating* h0,         # (B, H) or NULL (zeros)
     int T, int B, int I, int H, int g0, int g1, bint reverse,
 ) noexcept nogil:
+    """Gradient rows [g0, g1) of W_ih, W_hh, b_ih, b_hh from all T*B rows of dz     (1').
+
+    Each is computed in full into scratch and then added to the gradient in one pass:
+    BLAS with beta = 1 adds its K-blocks to C one at a time, and dW_hh has two parts,
+    so accumulating in place would make two backward calls differ from 2x one call.
+    """
     cdef int G = 4 * H
     cdef int r, j
     cdef floating acc
-    cdef Py_ssize_t TB = <Py_ssize_t> T * B
+    cdef Py_ssize_t k, TB = <Py_ssize_t> T * B
+    cdef Py_ssize_t oi = <Py_ssize_t> g0 * I, oh = <Py_ssize_t> g0 * H
     if g1 <= g0:
         return
-    # dW_ih += dz^T x                                                        (1')
-    gemm(True, False, g1 - g0, I, T * B, 1, dz + g0, G, x, I, 1, dw_ih + <Py_ssize_t> g0 * I, I)
-    # dW_hh += dz^T h_{t-1}. Inside a sequence h_{t-1} is y at the neighbouring time
+    # dW_ih = dz^T x
+    gemm(True, False, g1 - g0, I, T * B, 1, dz + g0, G, x, I, 0, dw_ih_tmp + oi, I)
+    # dW_hh = dz^T h_{t-1}. Inside a sequence h_{t-1} is y at the neighbouring time
     # (t-1 forward, t+1 reverse); at a padded neighbour y is 0, which is exactly right
     # for a reverse row's first step, whose h_{t-1} is h0, added from dzs below.
-    if T > 1:
-        if reverse:
-            gemm(True, False, g1 - g0, H, (T - 1) * B, 1, dz + g0, G,
-                 y + <Py_ssize_t> B * H, H, 1, dw_hh + <Py_ssize_t> g0 * H, H)
-        else:
-            gemm(True, False, g1 - g0, H, (T - 1) * B, 1, dz + <Py_ssize_t> B * G + g0, G,
-                 y, H, 1, dw_hh + <Py_ssize_t> g0 * H, H)
+    if reverse:
+        gemm(True, False, g1 - g0, H, (T - 1) * B, 1, dz + g0, G,
+             y + <Py_ssize_t> B * H, H, 0, dw_hh_tmp + oh, H)
+    else:
+        gemm(True, False, g1 - g0, H, (T - 1) * B, 1, dz + <Py_ssize_t> B * G + g0, G,
+             y, H, 0, dw_hh_tmp + oh, H)
     if h0 != NULL:
-        gemm(True, False, g1 - g0, H, B, 1, dzs + g0, G, h0, H, 1,
-             dw_hh + <Py_ssize_t> g0 * H, H)
+        gemm(True, False, g1 - g0, H, B, 1, dzs + g0, G, h0, H, 1, dw_hh_tmp + oh, H)
+    for k in range((g1 - g0) * <Py_ssize_t> I):
+        dw_ih[oi + k] += dw_ih_tmp[oi + k]
+    for k in range((g1 - g0) * <Py_ssize_t> H):
+        dw_hh[oh + k] += dw_hh_tmp[oh + k]
     # db_ih += sum dz, db_hh += sum dz (the two biases have the same gradient)
     if db_ih != NULL:
         for j in range(g0, g1):
             acc = 0
-            for r in range(TB):
-                acc = acc + dz[r * G + j]
+            for k in range(TB):
+                acc = acc + dz[k * G + j]
             db_ih[j] += acc
             db_hh[j] += acc
 
@@ -424,6 +435,8 @@ def lstm_backward(
     floating[:, ::1] dw_hh,             # (G, H) INOUT, accumulated (+=)
     floating[::1] db_ih,                # (G,) INOUT += or None (no bias)
     floating[::1] db_hh,                # (G,) INOUT += or None (no bias)
+    floating[:, ::1] dw_ih_tmp,         # (G, I) scratch
+    floating[:, ::1] dw_hh_tmp,         # (G, H) scratch
     floating[:, :, ::1] dz,             # (T, B, G) scratch
     floating[:, ::1] dzs,               # (B, G) scratch
     const floating[:, :, ::1] dy,       # (T, B, H)
@@ -460,6 +473,7 @@ def lstm_backward(
     _check(_is(dh0.shape, B, H) and _is(dc.shape, B, H) and _is(dh_n.shape, B, H)
            and _is(c0.shape, B, H), "states")
     _check(dzs.shape[0] == B and dzs.shape[1] == G, "dzs")
+    _check(_is(dw_ih_tmp.shape, G, I) and _is(dw_hh_tmp.shape, G, H), "weight grad scratch")
     _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
     if h0 is not None:
         _check(h0.shape[0] == B and h0.shape[1] == H, "h0")
@@ -482,7 +496,8 @@ def lstm_backward(
             _blas_single_exit(prev)
         for p in prange(n_parts, schedule="static", num_threads=n_threads):
             prev = _blas_single_enter()
-            _weight_grads_block(&dw_ih[0, 0], &dw_hh[0, 0], dbi_p, dbh_p, &dz[0, 0, 0],
+            _weight_grads_block(&dw_ih[0, 0], &dw_hh[0, 0], dbi_p, dbh_p, &dw_ih_tmp[0, 0],
+                                &dw_hh_tmp[0, 0], &dz[0, 0, 0],
                                 &dzs[0, 0], &x[0, 0, 0], &y[0, 0, 0], h0_p, T, B, I, H,
                                 _split(G, n_parts, p), _split(G, n_parts, p + 1), reverse)
             # dx = dz W_ih                                                   (1')
