@@ -87,11 +87,25 @@ def _lengths(lengths, T, B):
     return lengths.astype(np.int32)
 
 
-def _check_weights(w_ih, w_hh, b_ih, b_hh):
+def _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr):
+    """Validated (dtype, H, Hp, w_ih, w_hh, bias = b_ih + b_hh or None, w_hr or None)."""
     dtype = _weight_dtype(w_ih, w_hh)
-    if w_hh.ndim != 2 or w_hh.shape[0] != 4 * w_hh.shape[1] or w_hh.shape[1] < 1:
-        raise ValueError(f"w_hh must have shape (4H, H) with H >= 1, got {_shape(w_hh)}")
-    H = w_hh.shape[1]
+    if w_hr is None:
+        if w_hh.ndim != 2 or w_hh.shape[0] != 4 * w_hh.shape[1] or w_hh.shape[1] < 1:
+            raise ValueError(f"w_hh must have shape (4H, H) with H >= 1, got {_shape(w_hh)}")
+        H = Hp = w_hh.shape[1]
+    else:
+        if not isinstance(w_hr, np.ndarray) or w_hr.dtype != dtype:
+            raise TypeError(f"w_hr must be a numpy array of the weights' dtype {dtype}")
+        if w_hr.ndim != 2 or w_hr.shape[0] < 1 or w_hr.shape[1] < 1:
+            raise ValueError(f"w_hr must have shape (P, H) with P, H >= 1, got {_shape(w_hr)}")
+        H, Hp = w_hr.shape[1], w_hr.shape[0]
+        if Hp >= H:
+            raise ValueError(f"w_hr (P, H) needs P < H (as PyTorch's proj_size), got {_shape(w_hr)}")
+        if w_hh.shape != (4 * H, Hp):
+            raise ValueError(f"w_hh must have shape (4H, P) = ({4 * H}, {Hp}) with "
+                             f"w_hr {_shape(w_hr)}, got {_shape(w_hh)}")
+        w_hr = np.ascontiguousarray(w_hr)
     w_ih = _as_array(w_ih, "w_ih", dtype, (4 * H, None))
     w_hh = np.ascontiguousarray(w_hh)
     if (b_ih is None) != (b_hh is None):
@@ -101,7 +115,7 @@ def _check_weights(w_ih, w_hh, b_ih, b_hh):
         b_ih = _as_array(b_ih, "b_ih", dtype, (4 * H,))
         b_hh = _as_array(b_hh, "b_hh", dtype, (4 * H,))
         bias = b_ih + b_hh   # added once; the kernel fuses it into the input projection
-    return dtype, H, w_ih, w_hh, bias
+    return dtype, H, Hp, w_ih, w_hh, bias, w_hr
 
 
 def _finite_padding(x, lengths):
@@ -151,13 +165,13 @@ class Workspace:
 class LayerCache:
     """What ``lstm_layer_backward`` needs from one training-mode forward (time order).
 
-    gates (T, B, 4H) activated [i|f|g|o]; c, tc (T, B, H) c_t and tanh(c_t);
-    y (T, B, H) and x (T, B, I) by reference; h0 (B, H) or None; c0 (B, H);
-    the weights, lengths (B,) int32 and the direction.
-    Memory: 4*T*B*H (gates) + 2*T*B*H (c, tc) elements, plus y and x.
+    gates (T, B, 4H) activated [i|f|g|o]; c, tc (T, B, H) c_t and tanh(c_t); m (T, B, H)
+    o * tanh(c_t) with a projection (else None); y (T, B, Hp) and x (T, B, I) by
+    reference; h0 (B, Hp) or None; c0 (B, H); the weights, lengths (B,) int32 and the
+    direction. Memory: (6 + [3 with a projection]) * T*B*H elements, plus y and x.
     """
 
-    __slots__ = ("x", "y", "gates", "c", "tc", "h0", "c0", "w_ih", "w_hh",
+    __slots__ = ("x", "y", "gates", "c", "tc", "m", "h0", "c0", "w_ih", "w_hh", "w_hr",
                  "has_bias", "lengths", "reverse", "dtype")
 
     def __init__(self, **kw):
@@ -168,19 +182,20 @@ class LayerCache:
 # ---- forward / backward ---------------------------------------------------------------------
 
 def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
-                       lengths=None, reverse=False, training=True, *, workspace=None,
-                       out=None):
+                       lengths=None, reverse=False, training=True, w_hr=None, *,
+                       workspace=None, out=None):
     """One LSTM layer, one direction, whole sequence (see the module docstring).
 
     x (T, B, I); w_ih (4H, I); w_hh (4H, H); b_ih, b_hh (4H,) or both None; h0, c0
     (B, H) or None (zeros); lengths (B,) in 1..T or None; reverse runs each sequence
-    from its last valid step to t = 0. Returns (y (T, B, H), h_n (B, H), c_n (B, H),
-    cache), cache None unless training. ``workspace`` (a Workspace) reuses scratch and,
+    from its last valid step to t = 0; w_hr (P, H) a projection (PyTorch's proj_size),
+    with which w_hh is (4H, P) and h0, h_n, y have P features. Returns (y (T, B, Hp),
+    h_n (B, Hp), c_n (B, H), cache), cache None unless training; Hp = P or H. ``workspace`` (a Workspace) reuses scratch and,
     in training mode, the cache arrays: a later forward with the same workspace then
     invalidates the earlier cache. ``out``: an optional C-contiguous (T, B, H) array of
     the weights' dtype that receives y (used to write straight into a wider output).
     """
-    dtype, H, w_ih, w_hh, bias = _check_weights(w_ih, w_hh, b_ih, b_hh)
+    dtype, H, Hp, w_ih, w_hh, bias, w_hr = _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr)
     I = w_ih.shape[1]
     x = _as_array(x, "x", dtype, (None, None, I))
     T, B, _ = x.shape
@@ -189,32 +204,37 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     if T * B * max(4 * H, I) > _INT32_MAX:
         raise ValueError(f"x {_shape(x)} with H={H} is too large for 32-bit BLAS indexing")
     lengths = _lengths(lengths, T, B)
-    h = np.zeros((B, H), dtype) if h0 is None else _as_array(h0, "h0", dtype, (B, H)).copy()
+    h = np.zeros((B, Hp), dtype) if h0 is None else _as_array(h0, "h0", dtype, (B, Hp)).copy()
     c = np.zeros((B, H), dtype) if c0 is None else _as_array(c0, "c0", dtype, (B, H)).copy()
     h0_kept = None if h0 is None else h.copy()
     c0_kept = c.copy() if training else None
     ws = workspace if workspace is not None else Workspace()
     if out is None:
-        y = np.empty((T, B, H), dtype)
+        y = np.empty((T, B, Hp), dtype)
     else:
-        if out.shape != (T, B, H) or out.dtype != dtype or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a C-contiguous {dtype} array of shape ({T}, {B}, {H})")
+        if out.shape != (T, B, Hp) or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous {dtype} array of shape ({T}, {B}, {Hp})")
         y = out
     gates = ws.get("gates", (T, B, 4 * H), dtype)
     c_cache = ws.get("c", (T, B, H), dtype) if training else None
     tc_cache = ws.get("tc", (T, B, H), dtype) if training else None
+    proj = w_hr is not None
+    m_cache = ws.get("m", (T, B, H), dtype) if training and proj else None
     with blas_single_threaded:
         _lstm.lstm_forward(
-            y=y, h=h, c=c, gates=gates, c_cache=c_cache, tc_cache=tc_cache,
-            hz=ws.get("hz", (B, 4 * H), dtype), x=x, w_ih=w_ih, w_hh=w_hh, bias=bias,
-            lengths=lengths, reverse=bool(reverse), n_parts=N_PARTS,
-            n_threads=get_num_threads(),
+            y=y, h=h, c=c, gates=gates, c_cache=c_cache, tc_cache=tc_cache, m_cache=m_cache,
+            hz=ws.get("hz", (B, 4 * H), dtype),
+            mbuf=ws.get("mbuf", (B, H), dtype) if proj else None,
+            hp=ws.get("hp", (B, Hp), dtype) if proj else None,
+            x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=bias, lengths=lengths,
+            reverse=bool(reverse), n_parts=N_PARTS, n_threads=get_num_threads(),
         )
     cache = None
     if training:
         x = _finite_padding(x, lengths)
-        cache = LayerCache(x=x, y=y, gates=gates, c=c_cache, tc=tc_cache, h0=h0_kept,
-                           c0=c0_kept, w_ih=w_ih, w_hh=w_hh, has_bias=bias is not None,
+        cache = LayerCache(x=x, y=y, gates=gates, c=c_cache, tc=tc_cache, m=m_cache,
+                           h0=h0_kept, c0=c0_kept, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr,
+                           has_bias=bias is not None,
                            lengths=lengths, reverse=bool(reverse), dtype=dtype)
     return y, h, c, cache
 
@@ -231,10 +251,11 @@ def _grad_buffer(g, name, dtype, shape):
 
 
 def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=None,
-                        db_hh=None, workspace=None):
+                        db_hh=None, dw_hr=None, workspace=None):
     """BPTT through one layer and direction. Accumulates (+=) into dw_ih (4H, I),
-    dw_hh (4H, H), db_ih, db_hh (4H,) (None when the layer has no bias). dy (T, B, H);
-    dh_n, dc_n (B, H) or None (zeros). Returns (dx (T, B, I), dh0 (B, H), dc0 (B, H)).
+    dw_hh (4H, Hp), db_ih, db_hh (4H,) (None when the layer has no bias) and dw_hr (P, H)
+    (with a projection). dy (T, B, Hp); dh_n (B, Hp), dc_n (B, H) or None (zeros).
+    Returns (dx (T, B, I), dh0 (B, Hp), dc0 (B, H)).
     The cache is not modified: calling backward twice adds the gradient twice."""
     if not isinstance(cache, LayerCache):
         raise TypeError(
@@ -242,13 +263,21 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
             f"cylstm.functional.lstm_layer_forward, got {type(cache).__name__}"
         )
     dtype = cache.dtype
-    T, B, H = cache.y.shape
+    T, B, Hp = cache.y.shape
+    H = cache.c.shape[2]
     I = cache.x.shape[2]
-    dy = _as_array(dy, "dy", dtype, (T, B, H))
-    dh_n = np.zeros((B, H), dtype) if dh_n is None else _as_array(dh_n, "dh_n", dtype, (B, H))
+    proj = cache.w_hr is not None
+    dy = _as_array(dy, "dy", dtype, (T, B, Hp))
+    dh_n = np.zeros((B, Hp), dtype) if dh_n is None else _as_array(dh_n, "dh_n", dtype, (B, Hp))
     dc = np.zeros((B, H), dtype) if dc_n is None else _as_array(dc_n, "dc_n", dtype, (B, H)).copy()
     dw_ih = _grad_buffer(dw_ih, "dw_ih", dtype, (4 * H, I))
-    dw_hh = _grad_buffer(dw_hh, "dw_hh", dtype, (4 * H, H))
+    dw_hh = _grad_buffer(dw_hh, "dw_hh", dtype, (4 * H, Hp))
+    if proj:
+        if dw_hr is None:
+            raise ValueError("the layer has a projection: pass dw_hr to accumulate into")
+        dw_hr = _grad_buffer(dw_hr, "dw_hr", dtype, (Hp, H))
+    elif dw_hr is not None:
+        raise ValueError("the layer has no projection: dw_hr must be None")
     if cache.has_bias:
         if db_ih is None or db_hh is None:
             raise ValueError("the layer has biases: pass db_ih and db_hh to accumulate into")
@@ -258,16 +287,20 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
         raise ValueError("the layer has no bias: db_ih and db_hh must be None")
     ws = workspace if workspace is not None else Workspace()
     dx = np.empty((T, B, I), dtype)
-    dh0 = np.empty((B, H), dtype)
+    dh0 = np.empty((B, Hp), dtype)
     with blas_single_threaded:
         _lstm.lstm_backward(
-            dx=dx, dh0=dh0, dc=dc, dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh,
-            dw_ih_tmp=ws.get("dw_ih_tmp", (4 * H, I), dtype),
-            dw_hh_tmp=ws.get("dw_hh_tmp", (4 * H, H), dtype),
-            dz=ws.get("dz", (T, B, 4 * H), dtype), dzs=ws.get("dzs", (B, 4 * H), dtype),
+            dx=dx, dh0=dh0, dc=dc, dw_ih=dw_ih, dw_hh=dw_hh, dw_hr=dw_hr, db_ih=db_ih,
+            db_hh=db_hh, dw_ih_tmp=ws.get("dw_ih_tmp", (4 * H, I), dtype),
+            dw_hh_tmp=ws.get("dw_hh_tmp", (4 * H, Hp), dtype),
+            dw_hr_tmp=ws.get("dw_hr_tmp", (Hp, H), dtype) if proj else None,
+            dz=ws.get("dz", (T, B, 4 * H), dtype),
+            dhp=ws.get("dhp", (T, B, Hp), dtype) if proj else None,
+            dzs=ws.get("dzs", (B, 4 * H), dtype), dhbuf=ws.get("dhbuf", (B, Hp), dtype),
+            dm=ws.get("dm", (B, H), dtype) if proj else None,
             dy=dy, dh_n=dh_n, gates=cache.gates, c_cache=cache.c, tc_cache=cache.tc,
-            y=cache.y, x=cache.x, h0=cache.h0, c0=cache.c0, w_ih=cache.w_ih,
-            w_hh=cache.w_hh, lengths=cache.lengths, reverse=cache.reverse,
-            n_parts=N_PARTS, n_threads=get_num_threads(),
+            m_cache=cache.m, y=cache.y, x=cache.x, h0=cache.h0, c0=cache.c0,
+            w_ih=cache.w_ih, w_hh=cache.w_hh, w_hr=cache.w_hr, lengths=cache.lengths,
+            reverse=cache.reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
         )
     return dx, dh0, dc

@@ -49,10 +49,11 @@ class _Cache(NamedTuple):
     h: np.ndarray  # (T+1, B, H) h[0] = h0, h[s+1] = state after step s (frozen when not live)
     c: np.ndarray  # (T+1, B, H) same for the cell state
     gates: np.ndarray  # (T, B, 4H) activated gates [i|f|g|o] at each step
+    w_hr: object = None  # (P, H) projection weights, or None
 
 
 def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
-                       lengths=None, reverse=False, training=True):
+                       lengths=None, reverse=False, training=True, w_hr=None):
     """One LSTM layer, one direction, whole sequence, time-major.
 
     x       (T, B, I)  input
@@ -64,6 +65,8 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     lengths (B,)       int in 1..T, or None (every sequence has T steps)
     reverse bool       run each sequence from t = lengths[b]-1 down to t = 0
     training bool      if False, return cache=None
+    w_hr    (P, H)     projection (PyTorch's proj_size = P): h_t = (o tanh c_t) W_hr^T,
+                       and then w_hh is (4H, P) and h0, h_n, y have P features; or None
 
     Returns (y, h_n, c_n, cache):
     y (T, B, H) outputs, 0 at padded positions; h_n, c_n (B, H) state after the
@@ -71,18 +74,18 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     Everything is computed in x.dtype.
     """
     T, B, I = x.shape
-    H = w_hh.shape[1]
+    H, Hp = w_hh.shape[0] // 4, w_hh.shape[1]  # cell size, state size (P with projection)
     dt = x.dtype
     tidx, live = _schedule(T, B, lengths, reverse)
     cols = np.arange(B)  # (B,) batch index, broadcasts against tidx
-    h = np.zeros((B, H), dt) if h0 is None else h0  # (B, H)
+    h = np.zeros((B, Hp), dt) if h0 is None else h0  # (B, Hp)
     c = np.zeros((B, H), dt) if c0 is None else c0  # (B, H)
 
     xs = x[tidx, cols]  # (T, B, I) input in step order
     zx = xs @ w_ih.T  # (T, B, 4H) input projection, one GEMM for all steps
     if b_ih is not None:
         zx = zx + (b_ih + b_hh)
-    hs = np.empty((T + 1, B, H), dt); hs[0] = h
+    hs = np.empty((T + 1, B, Hp), dt); hs[0] = h
     cs = np.empty((T + 1, B, H), dt); cs[0] = c
     gates = np.empty((T, B, 4 * H), dt)
     for s in range(T):
@@ -93,17 +96,21 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
         g = np.tanh(z[:, 2 * H:3 * H])  # (4) candidate
         o = _sigmoid(z[:, 3 * H:4 * H])  # (5) output gate
         c = np.where(m, f * c + i * g, c)  # (6) c_t = f c_{t-1} + i g   (frozen when padded)
-        h = np.where(m, o * np.tanh(c), h)  # (7) h_t = o tanh(c_t)       (frozen when padded)
+        mt = o * np.tanh(c)  # (7) m_t = o tanh(c_t)
+        if w_hr is not None:
+            mt = mt @ w_hr.T  # (8) projection h_t = m_t W_hr^T
+        h = np.where(m, mt, h)  # h_t                          (frozen when padded)
         gates[s] = np.concatenate([i, f, g, o], axis=1)
         hs[s + 1], cs[s + 1] = h, c
 
-    y = np.empty((T, B, H), dt)
+    y = np.empty((T, B, Hp), dt)
     y[tidx, cols] = np.where(live[..., None], hs[1:], 0)  # back to time order, zeros when padded
-    cache = _Cache(x, w_ih, w_hh, tidx, live, hs, cs, gates) if training else None
+    cache = _Cache(x, w_ih, w_hh, tidx, live, hs, cs, gates, w_hr) if training else None
     return y, h, c, cache
 
 
-def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=None, db_hh=None):
+def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=None, db_hh=None,
+                        dw_hr=None):
     """Backpropagation through time for lstm_layer_forward. Does not modify cache.
 
     cache          from lstm_layer_forward(..., training=True)
@@ -114,25 +121,32 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
     dw_hh  (4H, H)    INOUT, accumulated (+=)
     db_ih  (4H,)      INOUT, accumulated (+=), or None (layer without bias)
     db_hh  (4H,)      INOUT, accumulated (+=), or None
+    dw_hr  (P, H)     INOUT, accumulated (+=), when the forward had a projection
+    (with a projection, H in dy, dh_n, dh0 and dw_hh's second axis is P)
 
     Returns (dx, dh0, dc0): dx (T, B, I), 0 at padded positions; dh0, dc0 (B, H).
     """
-    x, w_ih, w_hh, tidx, live, hs, cs, gates = cache
+    x, w_ih, w_hh, tidx, live, hs, cs, gates, w_hr = cache
     T, B, I = x.shape
-    H = w_hh.shape[1]
+    H, Hp = w_hh.shape[0] // 4, w_hh.shape[1]
     dt = x.dtype
     cols = np.arange(B)
     dys = np.where(live[..., None], dy[tidx, cols], 0)  # (T, B, H) step order, padded ignored
-    dh = np.zeros((B, H), dt) if dh_n is None else dh_n  # (B, H) dL/dh flowing back in time
+    dh = np.zeros((B, Hp), dt) if dh_n is None else dh_n  # (B, Hp) dL/dh flowing back in time
     dc = np.zeros((B, H), dt) if dc_n is None else dc_n  # (B, H) dL/dc flowing back in time
     dz = np.empty((T, B, 4 * H), dt)  # (T, B, 4H) dL/dz at every step
+    dwhr = None if w_hr is None else np.zeros_like(w_hr)  # (P, H) this call's dW_hr
     for s in reversed(range(T)):
         m = live[s][:, None]  # (B, 1)
         i, f, g, o = (gates[s, :, k * H:(k + 1) * H] for k in range(4))
         dh = dh + dys[s]
         tc = np.tanh(cs[s + 1])
-        do = dh * tc  # (7)
-        dct = dc + dh * o * (1 - tc * tc)  # (7) through tanh(c_t)
+        dm = dh  # dL/dm_t
+        if w_hr is not None:
+            dwhr += np.where(m, dh, 0).T @ (o * tc)  # (8) dW_hr += dh^T m_t (live rows)
+            dm = dh @ w_hr  # (8)
+        do = dm * tc  # (7)
+        dct = dc + dm * o * (1 - tc * tc)  # (7) through tanh(c_t)
         di = dct * g  # (6)
         dg = dct * i  # (6)
         df = dct * cs[s]  # (6)
@@ -148,7 +162,9 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
     dz2 = dz.reshape(T * B, 4 * H)
     xs = np.where(live[:, :, None], x[tidx, cols], 0)  # padding is never read, even NaN
     dw_ih += dz2.T @ xs.reshape(T * B, I)  # (1)
-    dw_hh += dz2.T @ hs[:-1].reshape(T * B, H)  # (1)
+    dw_hh += dz2.T @ hs[:-1].reshape(T * B, Hp)  # (1)
+    if w_hr is not None:
+        dw_hr += dwhr
     if db_ih is not None:
         db = dz2.sum(axis=0)
         db_ih += db

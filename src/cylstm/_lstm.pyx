@@ -3,7 +3,9 @@
 Dimension legend (used in every shape comment):
     T  time steps      B  batch rows      I  input features
     H  hidden units    G = 4H, gate pre-activations in PyTorch's order [i | f | g | o]
-Weights are PyTorch's: W_ih (G, I), W_hh (G, H); b = b_ih + b_hh (G,).
+    P  projection size (PyTorch's proj_size; 0 = none);  Hp = P if P > 0 else H
+Weights are PyTorch's: W_ih (G, I), W_hh (G, Hp), W_hr (P, H); b = b_ih + b_hh (G,).
+The state h and the output y have Hp features, the cell c has H.
 Every array is C-contiguous and time-major (T, B, .). Outputs come first, then inputs,
 then sizes. The Python layer (cylstm/functional.py) validates and allocates; the kernels
 here trust their arguments, allocate nothing and run without the GIL.
@@ -12,9 +14,11 @@ Forward, per step t (the backward refers to these numbers):
     (1) z_t = (x_t W_ih^T + b) + h_{t-1} W_hh^T             (B, G)
     (2) i = sigmoid(z[i])  f = sigmoid(z[f])  g = tanh(z[g])  o = sigmoid(z[o])
     (3) c_t = f * c_{t-1} + i * g
-    (4) h_t = o * tanh(c_t)
+    (4) m_t = o * tanh(c_t)
+    (5) h_t = m_t W_hr^T with a projection, else h_t = m_t
 Backward, per step (dh = dL/dh_t, dc = dL/dc_t accumulated from later steps):
-    (4') do = dh * tanh(c_t);  dc += dh * o * (1 - tanh(c_t)^2)
+    (5') dm = dh W_hr with a projection (after the loop dW_hr += dh^T m), else dm = dh
+    (4') do = dm * tanh(c_t);  dc += dm * o * (1 - tanh(c_t)^2)
     (3') di = dc * g;  dg = dc * i;  df = dc * c_{t-1};  dc_{t-1} = dc * f
     (2') dz = [di i(1-i), df f(1-f), dg (1-g^2), do o(1-o)]
     (1') dh_{t-1} = dz W_hh;  after the loop: dW_ih += dz^T x, dW_hh += dz^T h_{t-1},
@@ -30,7 +34,7 @@ chunks and each OpenMP thread runs the *whole* time loop of its chunks: per step
 single-threaded GEMM h_{t-1} W_hh^T on its own rows, then its fused gate math. There is no
 barrier between steps at all. The alternative the design asked to measure, one
 multithreaded GEMM per step followed by a prange over the gates, needs two barriers per
-step and was slower everywhere (figures: see `_CHUNKED_VS_SHARED` below).
+step; the figures that decided it are in the comment below.
 The large GEMMs (input projection before the loop; dW_ih, dW_hh, db, dx after it) run
 over fixed row blocks in a prange, each block one single-threaded GEMM.
 Chunk and block boundaries depend only on the shapes and on `n_parts` (fixed per process
@@ -47,11 +51,20 @@ from cylstm._blas cimport gemm
 from cylstm._openmp_helpers cimport CYLSTM_OPENMP, omp_get_max_threads
 
 
-# Forward time loop, measured on this 2-core machine (median ms, float32, forward only,
-# 2 threads): chunked (per-thread GEMM + gates, no per-step barrier) vs shared (one
-# 2-thread OpenBLAS GEMM per step, then prange over the gates). Filled in from
-# bench/chunking.py; see the module docstring.
-_CHUNKED_VS_SHARED = None
+# Time loop design, measured (bench/chunking.py in commit 3bee9f6; float32 forward, median
+# ms, 2-core Xeon, OpenBLAS 0.3.30; blocks of reps alternating with pauses):
+#   chunked = per-thread batch chunks, each its own GEMM + gates, no per-step barrier
+#   shared  = one OpenBLAS GEMM over all B rows per step, then a prange over the gates
+#             config     1 thread: chunked / shared     2 threads: chunked / shared
+#             tiny           0.111 / 0.161                  0.135 / 0.229
+#             small          11.3  / 7.80                   6.29  / 972
+#             medium         57.5  / 42.1                   33.1  / 1031
+#             large          298   / 267                    214   / 1110
+# At 2 threads the shared design collapses: OpenBLAS's threads and the OpenMP team
+# fight for the cores at two barriers per step. At 1 thread it wins 10-30%, because the
+# chunked design's two GEMMs per step pack W_hh twice (OpenBLAS packs its operands on
+# every call; BENCH.md). Chunked it is; a recurrent product on weights packed once
+# removes that 1-thread cost and is the next step for speed.
 
 
 # BLAS threads. All of cylstm's parallelism is its own OpenMP threads, each calling a
@@ -165,116 +178,144 @@ cdef void _project_block(
 
 
 cdef inline void _forward_row(
-    floating* y,                # (T, B, H) OUT
-    floating* h,                # (B, H) INOUT running h
+    floating* m,                # (B, H) OUT row b: m_t = o * tanh(c_t) (h itself if P == 0)
     floating* c,                # (B, H) INOUT running c
     floating* gates,            # (T, B, G) INOUT: in x W_ih^T + b, out activated i, f, g, o
     floating* c_cache,          # (T, B, H) OUT c_t, or NULL (inference)
-    floating* tc_cache,         # (T, B, H) OUT tanh(c_t), or NULL (inference)
+    floating* tc_cache,         # (T, B, H) OUT tanh(c_t), or NULL
+    floating* m_cache,          # (T, B, H) OUT m_t, or NULL (inference, or P == 0)
     const floating* hz,         # (B, G) h_{t-1} W_hh^T of this step
-    const int* lengths,         # (B,) in 1..T
-    int B, int H, int s, int b, bint reverse,
+    int B, int H, int t, int b,
 ) noexcept nogil:
-    """Loop step s of batch row b: gates, cell and output, from hz = h_{t-1} W_hh^T."""
-    cdef int j, t, L = lengths[b]
-    cdef Py_ssize_t ho
-    cdef floating* z
-    cdef floating* hb = h + <Py_ssize_t> b * H
+    """Gates, cell and m_t of batch row b at time t (an active step), given hz."""
+    cdef int j
+    cdef Py_ssize_t ho = (<Py_ssize_t> t * B + b) * H
+    cdef floating* z = gates + (<Py_ssize_t> t * B + b) * 4 * H
+    cdef floating* mb = m + <Py_ssize_t> b * H
     cdef floating* cb = c + <Py_ssize_t> b * H
-    if s >= L:                         # padded position t = s: frozen state, zero output
-        memset(y + (<Py_ssize_t> s * B + b) * H, 0, H * sizeof(floating))
-        return
-    t = L - 1 - s if reverse else s
-    ho = (<Py_ssize_t> t * B + b) * H
-    z = gates + (<Py_ssize_t> t * B + b) * 4 * H
     _activate_gates(z, hz + <Py_ssize_t> b * 4 * H, H)                       # (1) (2)
     for j in range(H):
         cb[j] = z[H + j] * cb[j] + z[j] * z[2 * H + j]                      # (3)
-    _tanh_row(hb, cb, H)                               # h := tanh(c_t), then times o
+    _tanh_row(mb, cb, H)                               # m := tanh(c_t), then times o
     if c_cache != NULL:
         memcpy(c_cache + ho, cb, H * sizeof(floating))
-        memcpy(tc_cache + ho, hb, H * sizeof(floating))
+        memcpy(tc_cache + ho, mb, H * sizeof(floating))
     for j in range(H):
-        hb[j] = z[3 * H + j] * hb[j]                                         # (4)
-    memcpy(y + ho, hb, H * sizeof(floating))
+        mb[j] = z[3 * H + j] * mb[j]                                         # (4)
+    if m_cache != NULL:
+        memcpy(m_cache + ho, mb, H * sizeof(floating))
 
 
 cdef void _forward_chunk(
-    floating* y,                # (T, B, H) OUT, rows [r0, r1)
-    floating* h,                # (B, H) INOUT: in h0, out h_n
+    floating* y,                # (T, B, Hp) OUT, rows [r0, r1)
+    floating* h,                # (B, Hp) INOUT: in h0, out h_n
     floating* c,                # (B, H) INOUT: in c0, out c_n
     floating* gates,            # (T, B, G) INOUT: in x W_ih^T + b, out activated gates
     floating* c_cache,          # (T, B, H) OUT or NULL
     floating* tc_cache,         # (T, B, H) OUT or NULL
+    floating* m_cache,          # (T, B, H) OUT or NULL
     floating* hz,               # (B, G) scratch: h_{t-1} W_hh^T
-    const floating* w_hh,       # (G, H)
+    floating* mbuf,             # (B, H) scratch: m_t before the projection (P > 0 only)
+    floating* hp,               # (B, P) scratch: m_t W_hr^T (P > 0 only)
+    const floating* w_hh,       # (G, Hp)
+    const floating* w_hr,       # (P, H) or NULL
     const int* lengths,         # (B,) in 1..T
-    int T, int B, int H, int r0, int r1, bint reverse,
+    int T, int B, int H, int P, int r0, int r1, bint reverse,
 ) noexcept nogil:
     """The whole time loop for batch rows [r0, r1), run by one thread."""
-    cdef int G = 4 * H
-    cdef int s, b, maxlen = 0
+    cdef int G = 4 * H, Hp = P if P > 0 else H
+    cdef int s, b, t, L, maxlen = 0
+    cdef floating* m = mbuf if P > 0 else h
     for b in range(r0, r1):
         if lengths[b] > maxlen:
             maxlen = lengths[b]
     for s in range(T):
         if s < maxlen:                 # rows past their length need no product  (1)
-            gemm(False, True, r1 - r0, G, H, 1, h + <Py_ssize_t> r0 * H, H, w_hh, H,
+            gemm(False, True, r1 - r0, G, Hp, 1, h + <Py_ssize_t> r0 * Hp, Hp, w_hh, Hp,
                  0, hz + <Py_ssize_t> r0 * G, G)
         for b in range(r0, r1):
-            _forward_row(y, h, c, gates, c_cache, tc_cache, hz, lengths, B, H, s, b, reverse)
+            L = lengths[b]
+            if s >= L:                 # padded position t = s: state frozen, output zero
+                memset(y + (<Py_ssize_t> s * B + b) * Hp, 0, Hp * sizeof(floating))
+                continue
+            t = L - 1 - s if reverse else s
+            _forward_row(m, c, gates, c_cache, tc_cache, m_cache, hz, B, H, t, b)
+            if P == 0:
+                memcpy(y + (<Py_ssize_t> t * B + b) * H, m + <Py_ssize_t> b * H,
+                       H * sizeof(floating))
+        if P > 0 and s < maxlen:                                             # (5)
+            gemm(False, True, r1 - r0, P, H, 1, mbuf + <Py_ssize_t> r0 * H, H, w_hr, H,
+                 0, hp + <Py_ssize_t> r0 * P, P)
+            for b in range(r0, r1):
+                L = lengths[b]
+                if s < L:              # inactive rows keep their frozen h
+                    t = L - 1 - s if reverse else s
+                    memcpy(h + <Py_ssize_t> b * P, hp + <Py_ssize_t> b * P, P * sizeof(floating))
+                    memcpy(y + (<Py_ssize_t> t * B + b) * P, hp + <Py_ssize_t> b * P,
+                           P * sizeof(floating))
 
 
 def lstm_forward(
     *,
-    floating[:, :, ::1] y,              # (T, B, H) OUT
-    floating[:, ::1] h,                 # (B, H) INOUT: h0 in, h_n out
+    floating[:, :, ::1] y,              # (T, B, Hp) OUT
+    floating[:, ::1] h,                 # (B, Hp) INOUT: h0 in, h_n out
     floating[:, ::1] c,                 # (B, H) INOUT: c0 in, c_n out
     floating[:, :, ::1] gates,          # (T, B, G) OUT: activated gates (the cache)
     floating[:, :, ::1] c_cache,        # (T, B, H) OUT or None (inference)
     floating[:, :, ::1] tc_cache,       # (T, B, H) OUT or None (inference)
+    floating[:, :, ::1] m_cache,        # (T, B, H) OUT with a projection in training, else None
     floating[:, ::1] hz,                # (B, G) scratch
+    floating[:, ::1] mbuf,              # (B, H) scratch with a projection, else None
+    floating[:, ::1] hp,                # (B, P) scratch with a projection, else None
     const floating[:, :, ::1] x,        # (T, B, I)
     const floating[:, ::1] w_ih,        # (G, I)
-    const floating[:, ::1] w_hh,        # (G, H)
+    const floating[:, ::1] w_hh,        # (G, Hp)
+    const floating[:, ::1] w_hr,        # (P, H) or None (no projection)
     const floating[::1] bias,           # (G,) b_ih + b_hh, or None
     const int[::1] lengths,             # (B,) in 1..T
     bint reverse,
     int n_parts,
     int n_threads,
-    bint shared_gemm=False,
 ):
     """One LSTM layer, one direction, over the whole sequence; see the module docstring.
-
-    shared_gemm: the measured alternative (one multithreaded GEMM per step, then a
-    prange over the gates), kept only for bench/chunking.py.
 
     Callers pass every argument by keyword (cylstm.functional does); shapes are checked
     again here so that a wrong call raises instead of reading out of bounds.
     """
-    cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2], H = w_hh.shape[1]
-    cdef int G = 4 * H
-    cdef int p, n_chunks, prev, s, b
+    cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2]
+    cdef int G = w_hh.shape[0], H = w_hh.shape[0] // 4, Hp = w_hh.shape[1]
+    cdef int P = 0 if w_hr is None else w_hr.shape[0]
+    cdef int p, n_chunks, prev
     cdef bint training = c_cache is not None
     cdef const floating* bias_p = NULL
+    cdef const floating* w_hr_p = NULL
     cdef floating* cc_p = NULL
     cdef floating* tc_p = NULL
+    cdef floating* m_p = NULL
+    cdef floating* mbuf_p = NULL
+    cdef floating* hp_p = NULL
 
-    _check(w_ih.shape[0] == G and w_ih.shape[1] == I and w_hh.shape[0] == G, "weights")
-    _check(y.shape[0] == T and y.shape[1] == B and y.shape[2] == H, "y")
-    _check(h.shape[0] == B and h.shape[1] == H and c.shape[0] == B and c.shape[1] == H, "h/c")
-    _check(gates.shape[0] == T and gates.shape[1] == B and gates.shape[2] == G, "gates")
-    _check(hz.shape[0] == B and hz.shape[1] == G, "hz")
+    _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
+    _check(_is(y.shape, T, B, Hp) and _is(h.shape, B, Hp) and _is(c.shape, B, H), "y/h/c")
+    _check(_is(gates.shape, T, B, G) and _is(hz.shape, B, G), "gates/hz")
     _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
     if bias is not None:
         _check(bias.shape[0] == G, "bias")
         bias_p = &bias[0]
     if training:
-        _check(tc_cache is not None and c_cache.shape[0] == T and c_cache.shape[1] == B
-               and c_cache.shape[2] == H and tc_cache.shape[0] == T
-               and tc_cache.shape[1] == B and tc_cache.shape[2] == H, "cache")
+        _check(tc_cache is not None and _is(c_cache.shape, T, B, H)
+               and _is(tc_cache.shape, T, B, H), "cache")
         cc_p = &c_cache[0, 0, 0]
         tc_p = &tc_cache[0, 0, 0]
+    if P > 0:
+        _check(_is(w_hr.shape, P, H) and mbuf is not None and hp is not None
+               and _is(mbuf.shape, B, H) and _is(hp.shape, B, P), "projection")
+        w_hr_p = &w_hr[0, 0]
+        mbuf_p = &mbuf[0, 0]
+        hp_p = &hp[0, 0]
+        if training:
+            _check(m_cache is not None and _is(m_cache.shape, T, B, H), "m_cache")
+            m_p = &m_cache[0, 0, 0]
     if T == 0 or B == 0:
         return
     n_chunks = min(B, n_parts)
@@ -284,21 +325,13 @@ def lstm_forward(
             _project_block(&gates[0, 0, 0], &x[0, 0, 0], &w_ih[0, 0], bias_p,
                            _split(T * B, n_parts, p), _split(T * B, n_parts, p + 1), I, G)
             _blas_single_exit(prev)
-        if shared_gemm:
-            prev = _blas_set_local(n_threads) if _blas_set_local != NULL else 0
-            for s in range(T):
-                gemm(False, True, B, G, H, 1, &h[0, 0], H, &w_hh[0, 0], H, 0, &hz[0, 0], G)
-                for b in prange(B, schedule="static", num_threads=n_threads):
-                    _forward_row(&y[0, 0, 0], &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p,
-                                 &hz[0, 0], &lengths[0], B, H, s, b, reverse)
+        for p in prange(n_chunks, schedule="static", num_threads=n_threads):
+            prev = _blas_single_enter()
+            _forward_chunk(&y[0, 0, 0], &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p, m_p,
+                           &hz[0, 0], mbuf_p, hp_p, &w_hh[0, 0], w_hr_p, &lengths[0],
+                           T, B, H, P, _split(B, n_chunks, p), _split(B, n_chunks, p + 1),
+                           reverse)
             _blas_single_exit(prev)
-        else:
-            for p in prange(n_chunks, schedule="static", num_threads=n_threads):
-                prev = _blas_single_enter()
-                _forward_chunk(&y[0, 0, 0], &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p,
-                               &hz[0, 0], &w_hh[0, 0], &lengths[0], T, B, H,
-                               _split(B, n_chunks, p), _split(B, n_chunks, p + 1), reverse)
-                _blas_single_exit(prev)
 
 
 # ----------------------------------------------------------------------------------------
@@ -307,36 +340,64 @@ def lstm_forward(
 
 cdef void _backward_chunk(
     floating* dz,               # (T, B, G) OUT dL/dz, zero at padded positions
+    floating* dhp,              # (T, B, P) OUT dL/dh_t with a projection (0 at padding), or NULL
     floating* dzs,              # (B, G) scratch: dz of the current step; after the loop,
                                 #   dz of each row's first processed step (pairs with h0)
-    floating* dhs,              # (B, H) OUT: dz_s W_hh per step; after the loop dh0
+    floating* dhs,              # (B, Hp) OUT: dz_s W_hh per step; after the loop dh0
     floating* dc,               # (B, H) INOUT: in dL/dc_n, out dc0
-    const floating* dy,         # (T, B, H)
-    const floating* dh_n,       # (B, H)
+    floating* dhbuf,            # (B, Hp) scratch: dL/dh_t of this step
+    floating* dm,               # (B, H) scratch: dL/dm_t = dh W_hr (P > 0 only)
+    const floating* dy,         # (T, B, Hp)
+    const floating* dh_n,       # (B, Hp)
     const floating* gates,      # (T, B, G) activated
     const floating* c_cache,    # (T, B, H)
     const floating* tc_cache,   # (T, B, H)
     const floating* c0,         # (B, H)
-    const floating* w_hh,       # (G, H)
+    const floating* w_hh,       # (G, Hp)
+    const floating* w_hr,       # (P, H) or NULL
     const int* lengths,         # (B,)
-    int T, int B, int H, int r0, int r1, bint reverse,
+    int T, int B, int H, int P, int r0, int r1, bint reverse,
 ) noexcept nogil:
-    cdef int G = 4 * H
+    """BPTT for batch rows [r0, r1), run by one thread."""
+    cdef int G = 4 * H, Hp = P if P > 0 else H
     cdef int s, b, t, tp, j, L, maxlen = 0
-    cdef Py_ssize_t zo, ho
-    cdef floating ig, fg, gg, og, tc, dh, dcj, dzi, dzf, dzg, dzo
+    cdef Py_ssize_t zo, ho, hpo
+    cdef floating ig, fg, gg, og, tc, dh, dcj
     cdef const floating* z
     cdef const floating* cprev
     cdef const floating* dhin
+    cdef const floating* dmb
+    cdef floating* dcb
+    cdef floating* dzb
     for b in range(r0, r1):
         if lengths[b] > maxlen:
             maxlen = lengths[b]
     memset(dzs + <Py_ssize_t> r0 * G, 0, (r1 - r0) * G * sizeof(floating))
     for s in range(T - 1, -1, -1):
+        # dL/dh_t = dy_t + (this row's dz W_hh of the later step, or dh_n at its last step)
         for b in range(r0, r1):
             L = lengths[b]
-            if s >= L:                 # padded: no gradient, state passes through
+            if s >= L:                 # padded: no gradient, the state passes through
                 memset(dz + (<Py_ssize_t> s * B + b) * G, 0, G * sizeof(floating))
+                if P > 0:
+                    memset(dhp + (<Py_ssize_t> s * B + b) * P, 0, P * sizeof(floating))
+                continue
+            t = L - 1 - s if reverse else s
+            hpo = (<Py_ssize_t> t * B + b) * Hp
+            dhin = <const floating*> dhs + <Py_ssize_t> b * Hp if s + 1 < L \
+                else dh_n + <Py_ssize_t> b * Hp
+            for j in range(Hp):
+                dhbuf[<Py_ssize_t> b * Hp + j] = dy[hpo + j] + dhin[j]
+            if P > 0:
+                memcpy(dhp + hpo, dhbuf + <Py_ssize_t> b * P, P * sizeof(floating))
+        if s >= maxlen:
+            continue
+        if P > 0:                                                            # (5')
+            gemm(False, False, r1 - r0, H, P, 1, dhbuf + <Py_ssize_t> r0 * P, P, w_hr, H,
+                 0, dm + <Py_ssize_t> r0 * H, H)
+        for b in range(r0, r1):
+            L = lengths[b]
+            if s >= L:
                 continue
             t = L - 1 - s if reverse else s
             tp = t + 1 if reverse else t - 1                   # time of h_{t-1}, c_{t-1}
@@ -344,59 +405,67 @@ cdef void _backward_chunk(
             ho = (<Py_ssize_t> t * B + b) * H
             z = gates + zo
             cprev = c_cache + (<Py_ssize_t> tp * B + b) * H if s > 0 else c0 + <Py_ssize_t> b * H
-            # dL/dh_t from later steps: this row's last GEMM, or dh_n at its last valid step
-            dhin = <const floating*> dhs + <Py_ssize_t> b * H if s + 1 < L else dh_n + <Py_ssize_t> b * H
+            dmb = (<const floating*> dm if P > 0 else dhbuf) + <Py_ssize_t> b * H
+            dcb = dc + <Py_ssize_t> b * H
+            dzb = dzs + <Py_ssize_t> b * G
             for j in range(H):
                 ig = z[j]
                 fg = z[H + j]
                 gg = z[2 * H + j]
                 og = z[3 * H + j]
                 tc = tc_cache[ho + j]
-                dh = dy[ho + j] + dhin[j]
-                dcj = dc[b * H + j] + dh * og * (1 - tc * tc)                # (4')
-                dzi = dcj * gg * ig * (1 - ig)                               # (3') (2')
-                dzf = dcj * cprev[j] * fg * (1 - fg)
-                dzg = dcj * ig * (1 - gg * gg)
-                dzo = dh * tc * og * (1 - og)
-                dc[b * H + j] = dcj * fg
-                dz[zo + j] = dzi
-                dz[zo + H + j] = dzf
-                dz[zo + 2 * H + j] = dzg
-                dz[zo + 3 * H + j] = dzo
-                dzs[b * G + j] = dzi
-                dzs[b * G + H + j] = dzf
-                dzs[b * G + 2 * H + j] = dzg
-                dzs[b * G + 3 * H + j] = dzo
-        if s < maxlen:                                                       # (1')
-            gemm(False, False, r1 - r0, H, G, 1, dzs + <Py_ssize_t> r0 * G, G, w_hh, H,
-                 0, dhs + <Py_ssize_t> r0 * H, H)
+                dh = dmb[j]
+                dcj = dcb[j] + dh * og * (1 - tc * tc)                       # (4')
+                dzb[j] = dcj * gg * ig * (1 - ig)                            # (3') (2')
+                dzb[H + j] = dcj * cprev[j] * fg * (1 - fg)
+                dzb[2 * H + j] = dcj * ig * (1 - gg * gg)
+                dzb[3 * H + j] = dh * tc * og * (1 - og)
+                dcb[j] = dcj * fg
+            memcpy(dz + zo, dzb, G * sizeof(floating))
+        gemm(False, False, r1 - r0, Hp, G, 1, dzs + <Py_ssize_t> r0 * G, G, w_hh, Hp,  # (1')
+             0, dhs + <Py_ssize_t> r0 * Hp, Hp)
+
+
+cdef inline void _add_block(floating* acc, const floating* part, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in range(n):
+        acc[k] += part[k]
 
 
 cdef void _weight_grads_block(
     floating* dw_ih,            # (G, I) INOUT +=, rows [g0, g1)
-    floating* dw_hh,            # (G, H) INOUT +=, rows [g0, g1)
+    floating* dw_hh,            # (G, Hp) INOUT +=, rows [g0, g1)
+    floating* dw_hr,            # (P, H) INOUT +=, rows [q0, q1), or NULL
     floating* db_ih,            # (G,) INOUT +=, or NULL
     floating* db_hh,            # (G,) INOUT +=, or NULL
-    floating* dw_ih_tmp,        # (G, I) scratch: this call's dW_ih, rows [g0, g1)
-    floating* dw_hh_tmp,        # (G, H) scratch: this call's dW_hh, rows [g0, g1)
+    floating* dw_ih_tmp,        # (G, I) scratch: this call's dW_ih
+    floating* dw_hh_tmp,        # (G, Hp) scratch: this call's dW_hh
+    floating* dw_hr_tmp,        # (P, H) scratch: this call's dW_hr, or NULL
     const floating* dz,         # (T*B, G)
     const floating* dzs,        # (B, G) dz of each row's first processed step
+    const floating* dhp,        # (T*B, P) dL/dh_t, or NULL
+    const floating* m_cache,    # (T*B, H) m_t, or NULL
     const floating* x,          # (T*B, I)
-    const floating* y,          # (T*B, H)
-    const floating* h0,         # (B, H) or NULL (zeros)
-    int T, int B, int I, int H, int g0, int g1, bint reverse,
+    const floating* y,          # (T*B, Hp)
+    const floating* h0,         # (B, Hp) or NULL (zeros)
+    int T, int B, int I, int H, int P, int g0, int g1, int q0, int q1, bint reverse,
 ) noexcept nogil:
-    """Gradient rows [g0, g1) of W_ih, W_hh, b_ih, b_hh from all T*B rows of dz     (1').
+    """Gradient rows [g0, g1) of W_ih, W_hh, b_ih, b_hh and [q0, q1) of W_hr     (1') (5').
 
     Each is computed in full into scratch and then added to the gradient in one pass:
     BLAS with beta = 1 adds its K-blocks to C one at a time, and dW_hh has two parts,
     so accumulating in place would make two backward calls differ from 2x one call.
     """
-    cdef int G = 4 * H
-    cdef int r, j
+    cdef int G = 4 * H, Hp = P if P > 0 else H
+    cdef int j
     cdef floating acc
     cdef Py_ssize_t k, TB = <Py_ssize_t> T * B
-    cdef Py_ssize_t oi = <Py_ssize_t> g0 * I, oh = <Py_ssize_t> g0 * H
+    cdef Py_ssize_t oi = <Py_ssize_t> g0 * I, oh = <Py_ssize_t> g0 * Hp
+    if P > 0 and q1 > q0:              # dW_hr = dh^T m
+        gemm(True, False, q1 - q0, H, T * B, 1, dhp + q0, P, m_cache, H, 0,
+             dw_hr_tmp + <Py_ssize_t> q0 * H, H)
+        _add_block(dw_hr + <Py_ssize_t> q0 * H, dw_hr_tmp + <Py_ssize_t> q0 * H,
+                   (q1 - q0) * <Py_ssize_t> H)
     if g1 <= g0:
         return
     # dW_ih = dz^T x
@@ -405,17 +474,15 @@ cdef void _weight_grads_block(
     # (t-1 forward, t+1 reverse); at a padded neighbour y is 0, which is exactly right
     # for a reverse row's first step, whose h_{t-1} is h0, added from dzs below.
     if reverse:
-        gemm(True, False, g1 - g0, H, (T - 1) * B, 1, dz + g0, G,
-             y + <Py_ssize_t> B * H, H, 0, dw_hh_tmp + oh, H)
+        gemm(True, False, g1 - g0, Hp, (T - 1) * B, 1, dz + g0, G,
+             y + <Py_ssize_t> B * Hp, Hp, 0, dw_hh_tmp + oh, Hp)
     else:
-        gemm(True, False, g1 - g0, H, (T - 1) * B, 1, dz + <Py_ssize_t> B * G + g0, G,
-             y, H, 0, dw_hh_tmp + oh, H)
+        gemm(True, False, g1 - g0, Hp, (T - 1) * B, 1, dz + <Py_ssize_t> B * G + g0, G,
+             y, Hp, 0, dw_hh_tmp + oh, Hp)
     if h0 != NULL:
-        gemm(True, False, g1 - g0, H, B, 1, dzs + g0, G, h0, H, 1, dw_hh_tmp + oh, H)
-    for k in range((g1 - g0) * <Py_ssize_t> I):
-        dw_ih[oi + k] += dw_ih_tmp[oi + k]
-    for k in range((g1 - g0) * <Py_ssize_t> H):
-        dw_hh[oh + k] += dw_hh_tmp[oh + k]
+        gemm(True, False, g1 - g0, Hp, B, 1, dzs + g0, G, h0, Hp, 1, dw_hh_tmp + oh, Hp)
+    _add_block(dw_ih + oi, dw_ih_tmp + oi, (g1 - g0) * <Py_ssize_t> I)
+    _add_block(dw_hh + oh, dw_hh_tmp + oh, (g1 - g0) * <Py_ssize_t> Hp)
     # db_ih += sum dz, db_hh += sum dz (the two biases have the same gradient)
     if db_ih != NULL:
         for j in range(g0, g1):
@@ -429,77 +496,103 @@ cdef void _weight_grads_block(
 def lstm_backward(
     *,
     floating[:, :, ::1] dx,             # (T, B, I) OUT
-    floating[:, ::1] dh0,               # (B, H) OUT
+    floating[:, ::1] dh0,               # (B, Hp) OUT
     floating[:, ::1] dc,                # (B, H) INOUT: in dL/dc_n, out dc0
     floating[:, ::1] dw_ih,             # (G, I) INOUT, accumulated (+=)
-    floating[:, ::1] dw_hh,             # (G, H) INOUT, accumulated (+=)
+    floating[:, ::1] dw_hh,             # (G, Hp) INOUT, accumulated (+=)
+    floating[:, ::1] dw_hr,             # (P, H) INOUT += with a projection, else None
     floating[::1] db_ih,                # (G,) INOUT += or None (no bias)
     floating[::1] db_hh,                # (G,) INOUT += or None (no bias)
     floating[:, ::1] dw_ih_tmp,         # (G, I) scratch
-    floating[:, ::1] dw_hh_tmp,         # (G, H) scratch
+    floating[:, ::1] dw_hh_tmp,         # (G, Hp) scratch
+    floating[:, ::1] dw_hr_tmp,         # (P, H) scratch with a projection, else None
     floating[:, :, ::1] dz,             # (T, B, G) scratch
+    floating[:, :, ::1] dhp,            # (T, B, P) scratch with a projection, else None
     floating[:, ::1] dzs,               # (B, G) scratch
-    const floating[:, :, ::1] dy,       # (T, B, H)
-    const floating[:, ::1] dh_n,        # (B, H)
+    floating[:, ::1] dhbuf,             # (B, Hp) scratch
+    floating[:, ::1] dm,                # (B, H) scratch with a projection, else None
+    const floating[:, :, ::1] dy,       # (T, B, Hp)
+    const floating[:, ::1] dh_n,        # (B, Hp)
     const floating[:, :, ::1] gates,    # (T, B, G) from lstm_forward
     const floating[:, :, ::1] c_cache,  # (T, B, H) from lstm_forward
     const floating[:, :, ::1] tc_cache, # (T, B, H) from lstm_forward
-    const floating[:, :, ::1] y,        # (T, B, H) from lstm_forward, unmodified
+    const floating[:, :, ::1] m_cache,  # (T, B, H) from lstm_forward with a projection, else None
+    const floating[:, :, ::1] y,        # (T, B, Hp) from lstm_forward, unmodified
     const floating[:, :, ::1] x,        # (T, B, I) the forward's input, unmodified
-    const floating[:, ::1] h0,          # (B, H) or None (zeros)
+    const floating[:, ::1] h0,          # (B, Hp) or None (zeros)
     const floating[:, ::1] c0,          # (B, H) zeros when the forward had none
     const floating[:, ::1] w_ih,        # (G, I)
-    const floating[:, ::1] w_hh,        # (G, H)
+    const floating[:, ::1] w_hh,        # (G, Hp)
+    const floating[:, ::1] w_hr,        # (P, H) or None
     const int[::1] lengths,             # (B,)
     bint reverse,
     int n_parts,
     int n_threads,
 ):
-    """BPTT through one layer and direction; accumulates into dw_ih, dw_hh, db_ih, db_hh."""
-    cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2], H = w_hh.shape[1]
-    cdef int G = 4 * H
+    """BPTT through one layer and direction; accumulates into the weight gradients."""
+    cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2]
+    cdef int G = w_hh.shape[0], H = w_hh.shape[0] // 4, Hp = w_hh.shape[1]
+    cdef int P = 0 if w_hr is None else w_hr.shape[0]
     cdef int p, n_chunks, prev
     cdef const floating* h0_p = NULL
+    cdef const floating* w_hr_p = NULL
+    cdef const floating* m_p = NULL
     cdef floating* dbi_p = NULL
     cdef floating* dbh_p = NULL
+    cdef floating* dw_hr_p = NULL
+    cdef floating* dw_hr_tmp_p = NULL
+    cdef floating* dhp_p = NULL
+    cdef floating* dm_p = NULL
 
-    _check(w_ih.shape[0] == G and w_ih.shape[1] == I and w_hh.shape[0] == G, "weights")
-    _check(dw_ih.shape[0] == G and dw_ih.shape[1] == I and dw_hh.shape[0] == G
-           and dw_hh.shape[1] == H, "weight grads")
-    _check(_is(dx.shape, T, B, I) and _is(x.shape, T, B, I), "x/dx")
-    _check(_is(dy.shape, T, B, H) and _is(y.shape, T, B, H) and _is(c_cache.shape, T, B, H)
-           and _is(tc_cache.shape, T, B, H), "dy/y/cache")
+    _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
+    _check(_is(dw_ih.shape, G, I) and _is(dw_hh.shape, G, Hp), "weight grads")
+    _check(_is(dw_ih_tmp.shape, G, I) and _is(dw_hh_tmp.shape, G, Hp), "weight grad scratch")
+    _check(_is(dx.shape, T, B, I) and _is(dy.shape, T, B, Hp) and _is(y.shape, T, B, Hp),
+           "x/dx/y/dy")
+    _check(_is(c_cache.shape, T, B, H) and _is(tc_cache.shape, T, B, H), "cache")
     _check(_is(dz.shape, T, B, G) and _is(gates.shape, T, B, G), "dz/gates")
-    _check(_is(dh0.shape, B, H) and _is(dc.shape, B, H) and _is(dh_n.shape, B, H)
-           and _is(c0.shape, B, H), "states")
-    _check(dzs.shape[0] == B and dzs.shape[1] == G, "dzs")
-    _check(_is(dw_ih_tmp.shape, G, I) and _is(dw_hh_tmp.shape, G, H), "weight grad scratch")
+    _check(_is(dh0.shape, B, Hp) and _is(dh_n.shape, B, Hp) and _is(dhbuf.shape, B, Hp)
+           and _is(dc.shape, B, H) and _is(c0.shape, B, H), "states")
+    _check(_is(dzs.shape, B, G), "dzs")
     _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
     if h0 is not None:
-        _check(h0.shape[0] == B and h0.shape[1] == H, "h0")
+        _check(_is(h0.shape, B, Hp), "h0")
         h0_p = &h0[0, 0]
     if db_ih is not None:
         _check(db_hh is not None and db_ih.shape[0] == G and db_hh.shape[0] == G, "bias grads")
         dbi_p = &db_ih[0]
         dbh_p = &db_hh[0]
+    if P > 0:
+        _check(_is(w_hr.shape, P, H) and dw_hr is not None and _is(dw_hr.shape, P, H)
+               and dw_hr_tmp is not None and _is(dw_hr_tmp.shape, P, H)
+               and dhp is not None and _is(dhp.shape, T, B, P) and dm is not None
+               and _is(dm.shape, B, H) and m_cache is not None
+               and _is(m_cache.shape, T, B, H), "projection")
+        w_hr_p = &w_hr[0, 0]
+        m_p = &m_cache[0, 0, 0]
+        dw_hr_p = &dw_hr[0, 0]
+        dw_hr_tmp_p = &dw_hr_tmp[0, 0]
+        dhp_p = &dhp[0, 0, 0]
+        dm_p = &dm[0, 0]
     if T == 0 or B == 0:
         return
     n_chunks = min(B, n_parts)
     with nogil:
         for p in prange(n_chunks, schedule="static", num_threads=n_threads):
             prev = _blas_single_enter()
-            _backward_chunk(&dz[0, 0, 0], &dzs[0, 0], &dh0[0, 0], &dc[0, 0], &dy[0, 0, 0],
-                            &dh_n[0, 0], &gates[0, 0, 0], &c_cache[0, 0, 0],
-                            &tc_cache[0, 0, 0], &c0[0, 0], &w_hh[0, 0], &lengths[0],
-                            T, B, H, _split(B, n_chunks, p), _split(B, n_chunks, p + 1),
-                            reverse)
+            _backward_chunk(&dz[0, 0, 0], dhp_p, &dzs[0, 0], &dh0[0, 0], &dc[0, 0],
+                            &dhbuf[0, 0], dm_p, &dy[0, 0, 0], &dh_n[0, 0], &gates[0, 0, 0],
+                            &c_cache[0, 0, 0], &tc_cache[0, 0, 0], &c0[0, 0], &w_hh[0, 0],
+                            w_hr_p, &lengths[0], T, B, H, P,
+                            _split(B, n_chunks, p), _split(B, n_chunks, p + 1), reverse)
             _blas_single_exit(prev)
         for p in prange(n_parts, schedule="static", num_threads=n_threads):
             prev = _blas_single_enter()
-            _weight_grads_block(&dw_ih[0, 0], &dw_hh[0, 0], dbi_p, dbh_p, &dw_ih_tmp[0, 0],
-                                &dw_hh_tmp[0, 0], &dz[0, 0, 0],
-                                &dzs[0, 0], &x[0, 0, 0], &y[0, 0, 0], h0_p, T, B, I, H,
-                                _split(G, n_parts, p), _split(G, n_parts, p + 1), reverse)
+            _weight_grads_block(&dw_ih[0, 0], &dw_hh[0, 0], dw_hr_p, dbi_p, dbh_p,
+                                &dw_ih_tmp[0, 0], &dw_hh_tmp[0, 0], dw_hr_tmp_p, &dz[0, 0, 0],
+                                &dzs[0, 0], dhp_p, m_p, &x[0, 0, 0], &y[0, 0, 0], h0_p,
+                                T, B, I, H, P, _split(G, n_parts, p), _split(G, n_parts, p + 1),
+                                _split(P, n_parts, p), _split(P, n_parts, p + 1), reverse)
             # dx = dz W_ih                                                   (1')
             gemm(False, False, _split(T * B, n_parts, p + 1) - _split(T * B, n_parts, p),
                  I, G, 1, &dz[0, 0, 0] + <Py_ssize_t> _split(T * B, n_parts, p) * G, G,
