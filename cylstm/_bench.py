@@ -715,7 +715,7 @@ def run(args):
         print("\n## JSON lines\n")
         for line in sink.lines:
             print(line)
-    else:
+    elif args.json:
         print(f"\nJSON lines: {args.json}")
     return 1 if failed else 0
 
