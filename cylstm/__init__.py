@@ -2,10 +2,10 @@
 
 from ._threads import get_num_threads, openmp_enabled, set_num_threads, threads
 from . import functional, reference
-from .layers import LSTM
+from .layers import LSTM, LSTMState
 
 __version__ = "0.1.0"
 __all__ = [
-    "LSTM", "functional", "reference",
+    "LSTM", "LSTMState", "functional", "reference",
     "set_num_threads", "get_num_threads", "threads", "openmp_enabled",
 ]

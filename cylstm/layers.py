@@ -5,13 +5,15 @@ import numbers
 
 import numpy as np
 
+from . import _lstm
 from . import functional as F
+from ._threads import N_PARTS, blas_single_threaded, get_num_threads
 
-__all__ = ["LSTM"]
+__all__ = ["LSTM", "LSTMState"]
 
 
 def _positive_int(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
@@ -40,17 +42,22 @@ class LSTM:
 
     ``y, (h_n, c_n) = lstm(x, state=None, lengths=None)``
         x (T, B, I), or (B, T, I) with ``batch_first``, or unbatched (T, I);
-        state (h0, c0) each (L*D, B, H) or None (zeros); lengths (B,) in 1..T for
-        PyTorch's packed semantics (outputs zero and state frozen past a length).
-        y (T, B, D*H); h_n, c_n (L*D, B, H). L = num_layers, D = 2 if bidirectional.
+        state (h0, c0): h0 (L*D, B, Hp), c0 (L*D, B, H), or None (zeros);
+        lengths (B,) in 1..T for PyTorch's packed semantics (outputs zero and the state
+        frozen past a sequence's length). y (T, B, D*Hp); h_n (L*D, B, Hp); c_n (L*D, B, H).
+        L = num_layers, D = 2 if bidirectional else 1, Hp = proj_size or hidden_size.
     ``dx, (dh0, dc0) = lstm.backward(dy, dstate=None)``
-        after a training-mode forward: dy like y, dstate (dh_n, dc_n) or None;
-        *accumulates* into ``lstm.grads`` (call ``zero_grad()`` between steps).
+        after a training-mode forward: dy like y, dstate (dh_n, dc_n) like the state or
+        None; *accumulates* into ``lstm.grads`` (call ``zero_grad()`` between steps).
+    ``state = lstm.initial_state(B)``; ``y_t = lstm.step(x_t, state)``
+        streaming inference, one time step at a time (unidirectional models).
 
     Parameters live in one contiguous array (``lstm.flat_params``), gradients in another
     (``lstm.flat_grads``); ``lstm.params`` / ``lstm.grads`` are dicts of views into them
     with PyTorch's names (``weight_ih_l0``, ``weight_hh_l0``, ``bias_ih_l0``,
-    ``bias_hh_l0``, ``..._reverse``). ``load_state_dict`` copies into the views.
+    ``bias_hh_l0``, ``weight_hr_l0``, ``..._reverse``). ``load_state_dict`` copies into
+    the views. Dropout (between layers, training only) is inverted and drawn from its own
+    random stream, so the same ``seed`` gives the same weights and the same masks.
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
@@ -59,8 +66,9 @@ class LSTM:
         self.hidden_size = _positive_int(hidden_size, "hidden_size")
         self.num_layers = _positive_int(num_layers, "num_layers")
         self.proj_size = _positive_int(proj_size, "proj_size", minimum=0)
-        if self.proj_size:
-            raise NotImplementedError("proj_size > 0 is not implemented yet (tracked separately)")
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(f"proj_size must be smaller than hidden_size ({self.hidden_size}), "
+                             f"got {self.proj_size}")
         if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) \
                 or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
@@ -75,19 +83,23 @@ class LSTM:
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype must be 'float32' or 'float64', got {self.dtype}")
         self.training = True
-        self._rng = np.random.default_rng(seed)
+        init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
+        self._init_rng = np.random.default_rng(init_seq)
+        self._dropout_rng = np.random.default_rng(dropout_seq)
 
         # One arena for parameters, one for gradients (llm.c); named views into both.
         self._layout = []                      # (name, shape) in PyTorch's order
-        H, D = self.hidden_size, self.num_directions
+        H, Hp, D, P = self.hidden_size, self.state_size, self.num_directions, self.proj_size
         for layer in range(self.num_layers):
-            in_size = self.input_size if layer == 0 else H * D
+            in_size = self.input_size if layer == 0 else Hp * D
             for d in range(D):
-                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                sfx = self._suffix(layer, d)
                 self._layout += [(f"weight_ih{sfx}", (4 * H, in_size)),
-                                 (f"weight_hh{sfx}", (4 * H, H))]
+                                 (f"weight_hh{sfx}", (4 * H, Hp))]
                 if self.bias:
                     self._layout += [(f"bias_ih{sfx}", (4 * H,)), (f"bias_hh{sfx}", (4 * H,))]
+                if P:
+                    self._layout += [(f"weight_hr{sfx}", (P, H))]
         total = sum(math.prod(shape) for _, shape in self._layout)
         self.flat_params = np.zeros(total, self.dtype)
         self.flat_grads = np.zeros(total, self.dtype)
@@ -108,18 +120,36 @@ class LSTM:
     def num_directions(self):
         return 2 if self.bidirectional else 1
 
+    @property
+    def state_size(self):
+        """Features of h and of each direction's output: proj_size if set, else hidden_size."""
+        return self.proj_size or self.hidden_size
+
+    @staticmethod
+    def _suffix(layer, d):
+        return f"_l{layer}" + ("_reverse" if d else "")
+
+    def __repr__(self):
+        extra = "".join(f", {k}={getattr(self, k)!r}" for k, default in (
+            ("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
+            ("bidirectional", False), ("proj_size", 0)) if getattr(self, k) != default)
+        return (f"cylstm.LSTM({self.input_size}, {self.hidden_size}{extra}, "
+                f"dtype='{self.dtype}')")
+
     def reset_parameters(self):
         """PyTorch's default: every weight and bias uniform in [-1/sqrt(H), 1/sqrt(H)]."""
         k = 1.0 / math.sqrt(self.hidden_size)
         for name, _ in self._layout:
             p = self.params[name]
-            p[...] = self._rng.uniform(-k, k, size=p.shape)
+            p[...] = self._init_rng.uniform(-k, k, size=p.shape)
 
     def train(self, mode=True):
         """Training mode: forward keeps the cache backward needs, dropout is active."""
         self.training = bool(mode)
         if not self.training:
             self._caches = None
+            for ws in self._workspaces.values():
+                ws.clear()                     # release the training caches' memory
         return self
 
     def eval(self):
@@ -159,15 +189,15 @@ class LSTM:
         return self
 
     def _weights(self, layer, d):
-        sfx = f"_l{layer}" + ("_reverse" if d else "")
-        p, g = self.params, self.grads
-        if self.bias:
-            b = (p[f"bias_ih{sfx}"], p[f"bias_hh{sfx}"])
-            db = (g[f"bias_ih{sfx}"], g[f"bias_hh{sfx}"])
-        else:
-            b = db = (None, None)
-        return (p[f"weight_ih{sfx}"], p[f"weight_hh{sfx}"]) + b, \
-               (g[f"weight_ih{sfx}"], g[f"weight_hh{sfx}"]) + db
+        """((w_ih, w_hh, b_ih, b_hh, w_hr), (their gradients)) of one layer and direction;
+        biases and w_hr are None when the model has none."""
+        sfx = self._suffix(layer, d)
+        out = []
+        for store in (self.params, self.grads):
+            out.append((store[f"weight_ih{sfx}"], store[f"weight_hh{sfx}"],
+                        store.get(f"bias_ih{sfx}"), store.get(f"bias_hh{sfx}"),
+                        store.get(f"weight_hr{sfx}")))
+        return out
 
     def _workspace(self, layer, d):
         ws = self._workspaces.get((layer, d))
@@ -181,15 +211,16 @@ class LSTM:
         return self.forward(x, state, lengths)
 
     def _state(self, state, name, B, unbatched):
-        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        """Validated (h (L*D, B, Hp), c (L*D, B, H)) or (None, None)."""
+        LD, H, Hp = self.num_layers * self.num_directions, self.hidden_size, self.state_size
         if state is None:
             return None, None
         if not isinstance(state, (tuple, list)) or len(state) != 2:
             raise TypeError(f"{name} must be a pair (h, c) or None, got {type(state).__name__}")
         out = []
-        for part, a in zip("hc", state):
-            shape = (L * D, H) if unbatched else (L * D, B, H)
-            a = F._as_array(a, f"{name}[{'hc'.index(part)}] ({part})", self.dtype, shape)
+        for k, (part, size, a) in enumerate(zip("hc", (Hp, H), state)):
+            shape = (LD, size) if unbatched else (LD, B, size)
+            a = F._as_array(a, f"{name}[{k}] ({part})", self.dtype, shape)
             out.append(a[:, None, :] if unbatched else a)
         return out[0], out[1]
 
@@ -222,27 +253,27 @@ class LSTM:
         lengths = F._lengths(lengths, T, B)
         h0, c0 = self._state(state, "state", B, unbatched)
 
-        L, D, H = self.num_layers, self.num_directions, self.hidden_size
-        h_n = np.empty((L * D, B, H), self.dtype)
+        L, D, H, Hp = self.num_layers, self.num_directions, self.hidden_size, self.state_size
+        h_n = np.empty((L * D, B, Hp), self.dtype)
         c_n = np.empty((L * D, B, H), self.dtype)
         caches, masks = [], []
         inp = xt
         for layer in range(L):
             outs = []
             for d in range(D):
-                (w_ih, w_hh, b_ih, b_hh), _ = self._weights(layer, d)
+                (w_ih, w_hh, b_ih, b_hh, w_hr), _ = self._weights(layer, d)
                 k = layer * D + d
                 y, h_n[k], c_n[k], cache = F.lstm_layer_forward(
                     inp, w_ih, w_hh, b_ih, b_hh,
                     None if h0 is None else h0[k], None if c0 is None else c0[k],
-                    lengths, reverse=bool(d), training=self.training,
+                    lengths, reverse=bool(d), training=self.training, w_hr=w_hr,
                     workspace=self._workspace(layer, d))
                 outs.append(y)
                 caches.append(cache)
             inp = outs[0] if D == 1 else np.concatenate(outs, axis=2)
             if self.training and self.dropout > 0 and layer < L - 1:
                 keep = 1.0 - self.dropout        # inverted dropout between layers only
-                mask = (self._rng.random(inp.shape) < keep).astype(self.dtype) / keep
+                mask = (self._dropout_rng.random(inp.shape) < keep).astype(self.dtype) / keep
                 inp = inp * mask
                 masks.append(mask)
         self._caches = (caches, masks, T, B, unbatched) if self.training else None
@@ -266,15 +297,15 @@ class LSTM:
             raise RuntimeError("backward needs a forward in training mode first "
                                "(lstm.train(); y, state = lstm(x); lstm.backward(dy))")
         caches, masks, T, B, unbatched = self._caches
-        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+        L, D, H, Hp = self.num_layers, self.num_directions, self.hidden_size, self.state_size
         if unbatched:
-            dy = F._as_array(dy, "dy", self.dtype, (T, D * H))[:, None, :]
+            dy = F._as_array(dy, "dy", self.dtype, (T, D * Hp))[:, None, :]
         elif self.batch_first:
-            dy = F._as_array(dy, "dy", self.dtype, (B, T, D * H)).transpose(1, 0, 2)
+            dy = F._as_array(dy, "dy", self.dtype, (B, T, D * Hp)).transpose(1, 0, 2)
         else:
-            dy = F._as_array(dy, "dy", self.dtype, (T, B, D * H))
+            dy = F._as_array(dy, "dy", self.dtype, (T, B, D * Hp))
         dh_n, dc_n = self._state(dstate, "dstate", B, unbatched)
-        dh0 = np.empty((L * D, B, H), self.dtype)
+        dh0 = np.empty((L * D, B, Hp), self.dtype)
         dc0 = np.empty((L * D, B, H), self.dtype)
         for layer in range(L - 1, -1, -1):
             if layer < L - 1 and masks:
@@ -282,12 +313,12 @@ class LSTM:
             dx = None
             for d in range(D):
                 k = layer * D + d
-                _, (dw_ih, dw_hh, db_ih, db_hh) = self._weights(layer, d)
-                dyd = dy if D == 1 else np.ascontiguousarray(dy[:, :, d * H:(d + 1) * H])
+                _, (dw_ih, dw_hh, db_ih, db_hh, dw_hr) = self._weights(layer, d)
+                dyd = dy if D == 1 else np.ascontiguousarray(dy[:, :, d * Hp:(d + 1) * Hp])
                 dxd, dh0[k], dc0[k] = F.lstm_layer_backward(
                     caches[k], dyd, None if dh_n is None else dh_n[k],
                     None if dc_n is None else dc_n[k], dw_ih=dw_ih, dw_hh=dw_hh,
-                    db_ih=db_ih, db_hh=db_hh, workspace=self._workspace(layer, d))
+                    db_ih=db_ih, db_hh=db_hh, dw_hr=dw_hr, workspace=self._workspace(layer, d))
                 dx = dxd if dx is None else dx + dxd
             dy = dx
         dx = dy
@@ -296,3 +327,68 @@ class LSTM:
         if self.batch_first:
             dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
         return dx, (dh0, dc0)
+
+    # ---- streaming inference -------------------------------------------------------------
+
+    def initial_state(self, batch, state=None):
+        """A fresh LSTMState for ``batch`` sequences (zeros, or a copy of ``state``)."""
+        if self.bidirectional:
+            raise ValueError("step() needs a unidirectional LSTM: the reverse direction "
+                             "of a bidirectional one reads the future")
+        return LSTMState(self, _positive_int(batch, "batch"), state)
+
+    def step(self, x_t, state):
+        """One time step for a batch of streams: x_t (B, I) -> y_t (B, Hp).
+
+        Updates ``state`` (from ``initial_state``) in place and matches running the whole
+        sequence. Inference only (no dropout, no cache). The returned array is a buffer
+        of ``state``, overwritten by the next call: copy it to keep it.
+        """
+        if not isinstance(state, LSTMState) or state.model is not self:
+            raise TypeError("state must come from this model's initial_state(batch)")
+        B = state.batch
+        if not (isinstance(x_t, np.ndarray) and x_t.dtype == self.dtype
+                and x_t.shape == (B, self.input_size) and x_t.flags.c_contiguous):
+            x_t = F._as_array(x_t, "x_t", self.dtype, (B, self.input_size))
+        inp = x_t.reshape(1, B, self.input_size)
+        with blas_single_threaded:
+            for layer in range(self.num_layers):
+                (w_ih, w_hh, b_ih, b_hh, w_hr), _ = self._weights(layer, 0)
+                bias = None
+                if b_ih is not None:
+                    bias = np.add(b_ih, b_hh, out=state._bias[layer])
+                y = state._y[layer]
+                _lstm.lstm_forward(
+                    y=y, h=state.h[layer], c=state.c[layer], gates=state._gates,
+                    c_cache=None, tc_cache=None, m_cache=None, hz=state._hz,
+                    mbuf=state._mbuf, hp=state._hp, x=inp, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr,
+                    bias=bias, lengths=state._lengths, reverse=False, n_parts=N_PARTS,
+                    n_threads=get_num_threads())
+                inp = y
+        return inp[0]
+
+
+class LSTMState:
+    """Streaming state of an LSTM: ``h`` (L, B, Hp) and ``c`` (L, B, H), updated in place
+    by ``LSTM.step``, plus the buffers a step needs (so a step allocates no arrays)."""
+
+    def __init__(self, model, batch, state=None):
+        L, H, Hp, dt = model.num_layers, model.hidden_size, model.state_size, model.dtype
+        self.model, self.batch = model, batch
+        self.h = np.zeros((L, batch, Hp), dt)
+        self.c = np.zeros((L, batch, H), dt)
+        if state is not None:
+            h0, c0 = model._state(state, "state", batch, False)
+            self.h[...], self.c[...] = h0, c0
+        self._y = np.empty((L, 1, batch, Hp), dt)
+        self._gates = np.empty((1, batch, 4 * H), dt)
+        self._hz = np.empty((batch, 4 * H), dt)
+        self._mbuf = np.empty((batch, H), dt) if model.proj_size else None
+        self._hp = np.empty((batch, Hp), dt) if model.proj_size else None
+        self._bias = np.empty((L, 4 * H), dt)
+        self._lengths = np.ones(batch, np.int32)
+
+    def reset(self):
+        """Zero the state (start new streams)."""
+        self.h[...] = 0
+        self.c[...] = 0

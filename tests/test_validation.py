@@ -384,9 +384,10 @@ def test_constructor_accepts_numpy_scalars():
         assert cylstm.LSTM(3, 4, num_layers=2, dropout=p).dropout == 0.25 * bool(p)
 
 
-def test_projection_is_not_implemented_yet():
-    with pytest.raises(NotImplementedError):
-        cylstm.LSTM(3, 4, proj_size=2)
+@pytest.mark.parametrize("proj", [4, 5, -1])
+def test_projection_must_be_smaller_than_hidden(proj):
+    with pytest.raises(ValueError, match="proj_size"):
+        cylstm.LSTM(3, 4, proj_size=proj)
 
 
 # ---------------------------------------------------------------- never a crash
