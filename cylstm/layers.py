@@ -382,11 +382,17 @@ class LSTM:
         """One time step for a batch of streams: x_t (B, I) -> y_t (B, Hp).
 
         Updates ``state`` (from ``initial_state``) in place and matches running the whole
-        sequence. Inference only (no dropout, no cache). The returned array is a buffer
-        of ``state``, overwritten by the next call: copy it to keep it.
+        sequence to rounding (not bitwise: a sequence blocks its input product over T*B
+        rows, and in float32 from functional.PACK_MIN_STEPS steps on packs the recurrent
+        weights for its own kernel, where a single step uses BLAS). Inference only (no
+        dropout, no cache). The returned array is a buffer of ``state``, overwritten by the next
+        call: copy it to keep it.
         """
         if not isinstance(state, LSTMState) or state.model is not self:
             raise TypeError("state must come from this model's initial_state(batch)")
+        if self.bidirectional:
+            raise ValueError("step() needs a unidirectional LSTM: the reverse direction "
+                             "of a bidirectional one reads the future")
         B = state.batch
         if not (isinstance(x_t, np.ndarray) and x_t.dtype == self.dtype
                 and x_t.shape == (B, self.input_size) and x_t.flags.c_contiguous):

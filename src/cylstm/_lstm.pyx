@@ -150,6 +150,79 @@ def _activations_f32(const float[::1] x):
     return sig, th
 
 
+# ----------------------------------------------------------------------------------------
+# Per-step products: float32 on weights packed once per call (_rgemm.h), else BLAS
+# ----------------------------------------------------------------------------------------
+
+cdef extern from "_rgemm.h" nogil:
+    ctypedef void (*cy_gemm_packed_fn)(int, int, int, const float*, int, const float*,
+                                       float*, int) noexcept nogil
+    size_t cy_packed_size(int K, int N)
+    void cy_pack_f32(float* packed, const float* w, int K, int N, int ldw, int trans)
+    int cy_rgemm_level()
+    cy_gemm_packed_fn cy_rgemm_select(int level)
+
+cdef int _rgemm_lvl = cy_rgemm_level()
+cdef cy_gemm_packed_fn _rgemm = cy_rgemm_select(_rgemm_lvl)
+
+
+def rgemm_level():
+    """Which per-step float32 kernel runs: 2 AVX-512, 1 AVX2+FMA, 0 BLAS."""
+    return _rgemm_lvl if _rgemm != NULL else 0
+
+
+def _set_rgemm_level(int level):
+    """Test hook: force a kernel level (0 = BLAS); never above what the CPU supports."""
+    global _rgemm_lvl, _rgemm
+    _rgemm_lvl = min(level, cy_rgemm_level())
+    _rgemm = cy_rgemm_select(_rgemm_lvl)
+
+
+def pack_floats(int K, int N):
+    """Floats of scratch that packing a (K, N) weight for the per-step kernel needs
+    (0 when the per-step kernel is BLAS)."""
+    return cy_packed_size(K, N) if _rgemm != NULL and K > 0 and N > 0 else 0
+
+
+def _packed_matmul_f32(const float[:, ::1] a, const float[:, ::1] w, bint trans):
+    """Test hook: A (M, K) @ op(W) through the packed per-step kernel; op(W) = W^T if
+    trans (w is (N, K)), else W (w is (K, N)). Raises if this CPU has no such kernel."""
+    import numpy as np
+    cdef int M = a.shape[0], K = a.shape[1], N = w.shape[0] if trans else w.shape[1]
+    if _rgemm == NULL:
+        raise RuntimeError("no packed kernel on this CPU (rgemm_level() == 0)")
+    if (w.shape[1] if trans else w.shape[0]) != K or M < 1 or N < 1 or K < 1:
+        raise ValueError("shapes do not match")
+    packed = np.empty(cy_packed_size(K, N), np.float32)
+    out = np.empty((M, N), np.float32)
+    cdef float[::1] pk = packed
+    cdef float[:, ::1] c = out
+    cy_pack_f32(&pk[0], &w[0, 0], K, N, w.shape[1], trans)
+    _rgemm(M, N, K, &a[0, 0], K, &pk[0], &c[0, 0], N)
+    return out
+
+
+cdef inline void _rec_mm(int m, int n, int k, const floating* a, int lda,
+                         const floating* w, int ldw, bint w_trans, const float* packed,
+                         floating* c, int ldc) noexcept nogil:
+    """C (m, n) = A (m, k) @ op(W), op(W) (k, n); from the packed W when there is one."""
+    if floating is float:
+        if packed != NULL:
+            _rgemm(m, n, k, a, lda, packed, c, ldc)
+            return
+    gemm(False, w_trans, m, n, k, 1, a, lda, w, ldw, 0, c, ldc)
+
+
+cdef inline float* _pack(float* dst, const floating* w, int K, int N, int ldw,
+                         bint trans) noexcept nogil:
+    """Pack op(W) (K, N) into dst for _rec_mm (float32 with a kernel), or return NULL."""
+    if floating is float:
+        if dst != NULL and _rgemm != NULL and K > 0 and N > 0:
+            cy_pack_f32(dst, w, K, N, ldw, trans)
+            return dst
+    return NULL
+
+
 cdef inline int _split(int n, int parts, int p) noexcept nogil:
     """Start of part p when n items are cut into `parts` near-equal contiguous parts."""
     return <int> ((<long long> n * p) // parts)
@@ -219,6 +292,8 @@ cdef void _forward_chunk(
     floating* hp,               # (B, P) scratch: m_t W_hr^T (P > 0 only)
     const floating* w_hh,       # (G, Hp)
     const floating* w_hr,       # (P, H) or NULL
+    const float* whh_packed,    # W_hh^T packed for _rec_mm, or NULL (BLAS)
+    const float* whr_packed,    # W_hr^T packed, or NULL
     const int* lengths,         # (B,) in 1..T
     int T, int B, int H, int P, int r0, int r1, bint reverse,
 ) noexcept nogil:
@@ -231,12 +306,14 @@ cdef void _forward_chunk(
             maxlen = lengths[b]
     for s in range(T):
         if s < maxlen:                 # rows past their length need no product  (1)
-            gemm(False, True, r1 - r0, G, Hp, 1, h + <Py_ssize_t> r0 * Hp, Hp, w_hh, Hp,
-                 0, hz + <Py_ssize_t> r0 * G, G)
+            _rec_mm(r1 - r0, G, Hp, h + <Py_ssize_t> r0 * Hp, Hp, w_hh, Hp, True,
+                    whh_packed, hz + <Py_ssize_t> r0 * G, G)
         for b in range(r0, r1):
             L = lengths[b]
             if s >= L:                 # padded position t = s: state frozen, output zero
                 memset(y + (<Py_ssize_t> s * B + b) * Hp, 0, Hp * sizeof(floating))
+                if m_cache != NULL:    # read by the dW_hr GEMM over all T*B rows
+                    memset(m_cache + (<Py_ssize_t> s * B + b) * H, 0, H * sizeof(floating))
                 continue
             t = L - 1 - s if reverse else s
             _forward_row(m, c, gates, c_cache, tc_cache, m_cache, hz, B, H, t, b)
@@ -244,8 +321,8 @@ cdef void _forward_chunk(
                 memcpy(y + (<Py_ssize_t> t * B + b) * H, m + <Py_ssize_t> b * H,
                        H * sizeof(floating))
         if P > 0 and s < maxlen:                                             # (5)
-            gemm(False, True, r1 - r0, P, H, 1, mbuf + <Py_ssize_t> r0 * H, H, w_hr, H,
-                 0, hp + <Py_ssize_t> r0 * P, P)
+            _rec_mm(r1 - r0, P, H, mbuf + <Py_ssize_t> r0 * H, H, w_hr, H, True,
+                    whr_packed, hp + <Py_ssize_t> r0 * P, P)
             for b in range(r0, r1):
                 L = lengths[b]
                 if s < L:              # inactive rows keep their frozen h
@@ -276,6 +353,7 @@ def lstm_forward(
     bint reverse,
     int n_parts,
     int n_threads,
+    float[::1] wpack=None,              # float32 scratch: pack_floats(Hp, G) + pack_floats(H, P)
 ):
     """One LSTM layer, one direction, over the whole sequence; see the module docstring.
 
@@ -294,8 +372,15 @@ def lstm_forward(
     cdef floating* m_p = NULL
     cdef floating* mbuf_p = NULL
     cdef floating* hp_p = NULL
+    cdef float* whh_pk = NULL
+    cdef float* whr_pk = NULL
 
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
+    if wpack is not None and pack_floats(Hp, G) > 0:
+        _check(<size_t> wpack.shape[0] >= cy_packed_size(Hp, G)
+               + (cy_packed_size(H, P) if P > 0 else 0), "wpack")
+        whh_pk = &wpack[0]
+        whr_pk = whh_pk + cy_packed_size(Hp, G)
     _check(_is(y.shape, T, B, Hp) and _is(h.shape, B, Hp) and _is(c.shape, B, H), "y/h/c")
     _check(_is(gates.shape, T, B, G) and _is(hz.shape, B, G), "gates/hz")
     _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
@@ -320,6 +405,9 @@ def lstm_forward(
         return
     n_chunks = min(B, n_parts)
     with nogil:
+        whh_pk = _pack(whh_pk, &w_hh[0, 0], Hp, G, Hp, True)
+        if P > 0 and whh_pk != NULL:
+            whr_pk = _pack(whr_pk, w_hr_p, H, P, H, True)
         for p in prange(n_parts, schedule="static", num_threads=n_threads):
             prev = _blas_single_enter()
             _project_block(&gates[0, 0, 0], &x[0, 0, 0], &w_ih[0, 0], bias_p,
@@ -328,7 +416,8 @@ def lstm_forward(
         for p in prange(n_chunks, schedule="static", num_threads=n_threads):
             prev = _blas_single_enter()
             _forward_chunk(&y[0, 0, 0], &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p, m_p,
-                           &hz[0, 0], mbuf_p, hp_p, &w_hh[0, 0], w_hr_p, &lengths[0],
+                           &hz[0, 0], mbuf_p, hp_p, &w_hh[0, 0], w_hr_p, whh_pk,
+                           whr_pk if P > 0 else NULL, &lengths[0],
                            T, B, H, P, _split(B, n_chunks, p), _split(B, n_chunks, p + 1),
                            reverse)
             _blas_single_exit(prev)
@@ -355,6 +444,8 @@ cdef void _backward_chunk(
     const floating* c0,         # (B, H)
     const floating* w_hh,       # (G, Hp)
     const floating* w_hr,       # (P, H) or NULL
+    const float* whh_packed,    # W_hh packed for _rec_mm, or NULL (BLAS)
+    const float* whr_packed,    # W_hr packed, or NULL
     const int* lengths,         # (B,)
     int T, int B, int H, int P, int r0, int r1, bint reverse,
 ) noexcept nogil:
@@ -393,8 +484,8 @@ cdef void _backward_chunk(
         if s >= maxlen:
             continue
         if P > 0:                                                            # (5')
-            gemm(False, False, r1 - r0, H, P, 1, dhbuf + <Py_ssize_t> r0 * P, P, w_hr, H,
-                 0, dm + <Py_ssize_t> r0 * H, H)
+            _rec_mm(r1 - r0, H, P, dhbuf + <Py_ssize_t> r0 * P, P, w_hr, H, False,
+                    whr_packed, dm + <Py_ssize_t> r0 * H, H)
         for b in range(r0, r1):
             L = lengths[b]
             if s >= L:
@@ -422,8 +513,8 @@ cdef void _backward_chunk(
                 dzb[3 * H + j] = dh * tc * og * (1 - og)
                 dcb[j] = dcj * fg
             memcpy(dz + zo, dzb, G * sizeof(floating))
-        gemm(False, False, r1 - r0, Hp, G, 1, dzs + <Py_ssize_t> r0 * G, G, w_hh, Hp,  # (1')
-             0, dhs + <Py_ssize_t> r0 * Hp, Hp)
+        _rec_mm(r1 - r0, Hp, G, dzs + <Py_ssize_t> r0 * G, G, w_hh, Hp, False,    # (1')
+                whh_packed, dhs + <Py_ssize_t> r0 * Hp, Hp)
 
 
 cdef inline void _add_block(floating* acc, const floating* part, Py_ssize_t n) noexcept nogil:
@@ -528,6 +619,7 @@ def lstm_backward(
     bint reverse,
     int n_parts,
     int n_threads,
+    float[::1] wpack=None,              # float32 scratch: pack_floats(G, Hp) + pack_floats(P, H)
 ):
     """BPTT through one layer and direction; accumulates into the weight gradients."""
     cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2]
@@ -543,8 +635,15 @@ def lstm_backward(
     cdef floating* dw_hr_tmp_p = NULL
     cdef floating* dhp_p = NULL
     cdef floating* dm_p = NULL
+    cdef float* whh_pk = NULL
+    cdef float* whr_pk = NULL
 
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
+    if wpack is not None and pack_floats(G, Hp) > 0:
+        _check(<size_t> wpack.shape[0] >= cy_packed_size(G, Hp)
+               + (cy_packed_size(P, H) if P > 0 else 0), "wpack")
+        whh_pk = &wpack[0]
+        whr_pk = whh_pk + cy_packed_size(G, Hp)
     _check(_is(dw_ih.shape, G, I) and _is(dw_hh.shape, G, Hp), "weight grads")
     _check(_is(dw_ih_tmp.shape, G, I) and _is(dw_hh_tmp.shape, G, Hp), "weight grad scratch")
     _check(_is(dx.shape, T, B, I) and _is(dy.shape, T, B, Hp) and _is(y.shape, T, B, Hp),
@@ -578,12 +677,15 @@ def lstm_backward(
         return
     n_chunks = min(B, n_parts)
     with nogil:
+        whh_pk = _pack(whh_pk, &w_hh[0, 0], G, Hp, Hp, False)
+        if P > 0 and whh_pk != NULL:
+            whr_pk = _pack(whr_pk, w_hr_p, P, H, H, False)
         for p in prange(n_chunks, schedule="static", num_threads=n_threads):
             prev = _blas_single_enter()
             _backward_chunk(&dz[0, 0, 0], dhp_p, &dzs[0, 0], &dh0[0, 0], &dc[0, 0],
                             &dhbuf[0, 0], dm_p, &dy[0, 0, 0], &dh_n[0, 0], &gates[0, 0, 0],
                             &c_cache[0, 0, 0], &tc_cache[0, 0, 0], &c0[0, 0], &w_hh[0, 0],
-                            w_hr_p, &lengths[0], T, B, H, P,
+                            w_hr_p, whh_pk, whr_pk if P > 0 else NULL, &lengths[0], T, B, H, P,
                             _split(B, n_chunks, p), _split(B, n_chunks, p + 1), reverse)
             _blas_single_exit(prev)
         for p in prange(n_parts, schedule="static", num_threads=n_threads):
