@@ -4,6 +4,8 @@ Environment switches:
   CYLSTM_REQUIRE_OPENMP=1  a compiler without OpenMP is a build error (CI sets it);
                            otherwise cylstm builds serial kernels with a loud warning.
   CYLSTM_DEBUG=1           Cython bounds/wraparound/initialisation checks on, -O0 -g.
+  CYLSTM_NO_OPENMP=1       build the serial kernels even if the compiler has OpenMP
+                           (what a compiler without it gets; for testing that path).
 """
 import os
 import sys
@@ -16,6 +18,7 @@ from Cython.Build import cythonize
 
 DEBUG = os.environ.get("CYLSTM_DEBUG", "") not in ("", "0")
 REQUIRE_OPENMP = os.environ.get("CYLSTM_REQUIRE_OPENMP", "") not in ("", "0")
+NO_OPENMP = os.environ.get("CYLSTM_NO_OPENMP", "") not in ("", "0")
 
 OPENMP_PROBE = textwrap.dedent(
     """
@@ -58,7 +61,7 @@ class BuildExtOpenMP(build_ext):
 
     def build_extensions(self):
         cflags, ldflags = _openmp_flags(self.compiler.compiler_type)
-        has_openmp = self._probe_openmp(cflags, ldflags)
+        has_openmp = not NO_OPENMP and self._probe_openmp(cflags, ldflags)
         if not has_openmp:
             msg = (
                 "\n" + "*" * 72 + "\n"
