@@ -2,6 +2,7 @@
 
 import math
 import numbers
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,6 +42,17 @@ def _to_numpy(value, key):
 
 _pool = None
 _pool_lock = threading.Lock()
+
+
+def _forget_pool():
+    # A forked child inherits the executor object but not its thread: submitting to it
+    # would wait forever. The child makes its own on first use.
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _both_directions(run):
