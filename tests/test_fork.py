@@ -26,9 +26,11 @@ def test_forked_child_runs_a_bidirectional_model():
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(model, x, queue))
     proc.start()
-    proc.join(60)
-    if proc.is_alive():
+    try:
+        got = queue.get(timeout=60)         # read before join: a child with queued data
+    except Exception:                       # waits for it to be read before exiting
         proc.kill()
-        pytest.fail("the forked child hung")
+        pytest.fail("the forked child hung or failed")
+    proc.join(30)
     assert proc.exitcode == 0
-    assert np.array_equal(queue.get(timeout=10), y)
+    assert np.array_equal(got, y)
