@@ -9,22 +9,7 @@ import pytest
 
 import cylstm
 
-from conftest import rel_err
-
-FD_EPS = 1e-6
-FD_TOL = 1e-6
-
-
-def data(lstm, T, B, *, seed):
-    """x (T, B, I), state, dy, dstate for `lstm` (its dtype and sizes)."""
-    LD, H, Hp = lstm.num_layers * lstm.num_directions, lstm.hidden_size, lstm.state_size
-    rng = np.random.default_rng(seed)
-    dt = lstm.dtype
-    x = rng.standard_normal((T, B, lstm.input_size)).astype(dt)
-    st = (rng.standard_normal((LD, B, Hp)).astype(dt), rng.standard_normal((LD, B, H)).astype(dt))
-    dy = rng.standard_normal((T, B, lstm.num_directions * Hp)).astype(dt)
-    dst = (rng.standard_normal((LD, B, Hp)).astype(dt), rng.standard_normal((LD, B, H)).astype(dt))
-    return x, st, dy, dst
+from conftest import check_in_place_finite_differences, module_inputs
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -34,7 +19,7 @@ def test_eval_is_deterministic_and_equals_no_dropout(L, D, P, dtype):
     drop = cylstm.LSTM(3, 5, dropout=0.5, seed=1, **kw)
     plain = cylstm.LSTM(3, 5, dropout=0.0, seed=2, **kw)
     plain.load_state_dict(drop.state_dict())
-    x, st, _, _ = data(drop, 5, 4, seed=3)
+    x, st, _, _ = module_inputs(drop, 5, 4, seed=3)
     lengths = [5, 2, 4, 1]
     drop.eval()
     y1, (h1, c1) = drop(x, st, lengths)
@@ -67,7 +52,7 @@ def test_same_seed_same_masks(dtype):
     c = cylstm.LSTM(3, 5, seed=5, **kw)
     c.load_state_dict(a.state_dict())
     assert np.array_equal(a.flat_params, b.flat_params)
-    x, st, dy, dst = data(a, 5, 3, seed=6)
+    x, st, dy, dst = module_inputs(a, 5, 3, seed=6)
     for _ in range(3):
         ya, sa = a(x, st, [5, 1, 3])
         yb, sb = b(x, st, [5, 1, 3])
@@ -137,7 +122,7 @@ def test_gradient_through_dropout_matches_finite_differences(L, D, P):
     lengths = [4, 1, 3]
     lstm = cylstm.LSTM(I, H, num_layers=L, bidirectional=D == 2, proj_size=P, dropout=0.5,
                        dtype="float64", seed=10)
-    x, st, dy, dst = data(lstm, T, B, seed=11)
+    x, st, dy, dst = module_inputs(lstm, T, B, seed=11)
 
     def forward():
         lstm._dropout_rng = np.random.default_rng(12)
@@ -157,16 +142,4 @@ def test_gradient_through_dropout_matches_finite_differences(L, D, P):
         return np.sum(y * dy) + np.sum(h_n * dst[0]) + np.sum(c_n * dst[1])
 
     targets = {"dx": x, "dh0": st[0], "dc0": st[1], **lstm.params}
-    for name, arr in targets.items():
-        num = np.zeros_like(got[name])
-        for k in np.ndindex(*arr.shape):
-            v = arr[k]
-            arr[k] = v + FD_EPS
-            lp = loss()
-            arr[k] = v - FD_EPS
-            lm = loss()
-            arr[k] = v
-            num[k] = (lp - lm) / (2 * FD_EPS)
-        assert np.abs(num).max() > 0, name
-        err = rel_err(got[name], num)
-        assert err < FD_TOL, f"{name}: relative error {err:.2e}"
+    check_in_place_finite_differences(loss, targets, got)

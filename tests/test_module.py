@@ -14,20 +14,10 @@ import cylstm
 from cylstm import reference as ref
 from cylstm._threads import N_PARTS
 
-from conftest import KERNEL_TOL, assert_close, padded_mask, rel_err
+from conftest import (KERNEL_TOL, assert_close, module_finite_differences, module_run,
+                      padded_mask, torch_names)
 
 DTYPES = ["float64", "float32"]
-
-
-def torch_names(num_layers, bidirectional, bias):
-    """torch.nn.LSTM's parameter names, in its order (from PyTorch's documentation)."""
-    names = []
-    for layer in range(num_layers):
-        for sfx in ([f"_l{layer}", f"_l{layer}_reverse"] if bidirectional else [f"_l{layer}"]):
-            names += [f"weight_ih{sfx}", f"weight_hh{sfx}"]
-            if bias:
-                names += [f"bias_ih{sfx}", f"bias_hh{sfx}"]
-    return names
 
 
 def inputs(T, B, I, H, L, D, *, seed, dtype="float64"):
@@ -45,15 +35,6 @@ def loss_grads(T, B, H, L, D, *, seed, dtype="float64"):
     return (rng.standard_normal((T, B, D * H)).astype(dtype),
             (rng.standard_normal((L * D, B, H)).astype(dtype),
              rng.standard_normal((L * D, B, H)).astype(dtype)))
-
-
-def run(lstm, x, state=None, lengths=None, dy=None, dstate=None):
-    """Forward, zero_grad, backward. Returns y, h_n, c_n, dx, dh0, dc0, grads (copies)."""
-    y, (h_n, c_n) = lstm(x, state, lengths)
-    lstm.zero_grad()
-    dx, (dh0, dc0) = lstm.backward(dy, dstate)
-    return dict(y=y, h_n=h_n, c_n=c_n, dx=dx, dh0=dh0, dc0=dc0,
-                **{k: v.copy() for k, v in lstm.grads.items()})
 
 
 # ---------------------------------------------------------------- parameters
@@ -122,15 +103,17 @@ def test_initialisation_range_and_reproducibility(dtype):
 # ---------------------------------------------------------------- against the reference
 
 def composed_reference(lstm, x, state, lengths, dy, dstate):
-    """The module's math assembled from cylstm.reference, layer by layer, float64."""
-    L, D, H = lstm.num_layers, lstm.num_directions, lstm.hidden_size
+    """The module's math assembled from cylstm.reference, layer by layer, float64; with a
+    projection (proj_size > 0, state size Hp = P) each direction's w_hr / dw_hr too."""
+    L, D, H, Hp = lstm.num_layers, lstm.num_directions, lstm.hidden_size, lstm.state_size
+    proj = lstm.proj_size > 0
     P = {k: v.astype(np.float64) for k, v in lstm.params.items()}
     G = {k: np.zeros_like(v) for k, v in P.items()}
     T, B, _ = x.shape
     h0, c0 = (None, None) if state is None else (np.asarray(s, np.float64) for s in state)
     dh_n, dc_n = (None, None) if dstate is None else (np.asarray(s, np.float64) for s in dstate)
     inp, caches = x.astype(np.float64), {}
-    h_n, c_n = np.empty((L * D, B, H)), np.empty((L * D, B, H))
+    h_n, c_n = np.empty((L * D, B, Hp)), np.empty((L * D, B, H))
     for layer in range(L):
         outs = []
         for d in range(D):
@@ -138,25 +121,40 @@ def composed_reference(lstm, x, state, lengths, dy, dstate):
             y, h_n[k], c_n[k], caches[k] = ref.lstm_layer_forward(
                 inp, P["weight_ih" + sfx], P["weight_hh" + sfx], P.get("bias_ih" + sfx),
                 P.get("bias_hh" + sfx), None if h0 is None else h0[k],
-                None if c0 is None else c0[k], lengths=lengths, reverse=bool(d))
+                None if c0 is None else c0[k], lengths=lengths, reverse=bool(d),
+                w_hr=P["weight_hr" + sfx] if proj else None)
             outs.append(y)
         inp = np.concatenate(outs, axis=2)
     out = dict(y=inp, h_n=h_n, c_n=c_n)
     g = np.asarray(dy, np.float64)
-    dh0, dc0 = np.empty((L * D, B, H)), np.empty((L * D, B, H))
+    dh0, dc0 = np.empty((L * D, B, Hp)), np.empty((L * D, B, H))
     for layer in reversed(range(L)):
         dx = 0
         for d in range(D):
             k, sfx = layer * D + d, f"_l{layer}" + ("_reverse" if d else "")
             dxd, dh0[k], dc0[k] = ref.lstm_layer_backward(
-                caches[k], g[:, :, d * H:(d + 1) * H], None if dh_n is None else dh_n[k],
+                caches[k], g[:, :, d * Hp:(d + 1) * Hp], None if dh_n is None else dh_n[k],
                 None if dc_n is None else dc_n[k], dw_ih=G["weight_ih" + sfx],
                 dw_hh=G["weight_hh" + sfx], db_ih=G.get("bias_ih" + sfx),
-                db_hh=G.get("bias_hh" + sfx))
+                db_hh=G.get("bias_hh" + sfx), dw_hr=G["weight_hr" + sfx] if proj else None)
             dx = dx + dxd
         g = dx
     out.update(dx=g, dh0=dh0, dc0=dc0, **G)
     return out
+
+
+def check_against_composed_reference(lstm, x, state, lengths, dy, dstate, dtype):
+    """The module (module_run) against composed_reference: the same results, each in
+    `dtype` and the reference's shape, within 10 x KERNEL_TOL. Returns the module's."""
+    got = module_run(lstm, x, state, lengths, dy, dstate)
+    want = composed_reference(lstm, x, state, lengths, dy, dstate)
+    assert set(got) == set(want)
+    tol = 10 * KERNEL_TOL[np.dtype(dtype)]
+    for name in want:
+        assert got[name].dtype == np.dtype(dtype), name
+        assert got[name].shape == want[name].shape, name
+        assert_close(got[name], want[name], tol, name)
+    return got
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -174,14 +172,7 @@ def test_module_matches_layerwise_reference(L, D, bias, state, ragged, dtype):
     st = st if state else None
     lengths = [5, 2, 4, 1] if ragged else None
     dy, dst = loss_grads(T, B, H, L, D, seed=3, dtype=dtype)
-    got = run(lstm, x, st, lengths, dy, dst)
-    want = composed_reference(lstm, x, st, lengths, dy, dst)
-    assert set(got) == set(want)
-    tol = 10 * KERNEL_TOL[np.dtype(dtype)]
-    for name in want:
-        assert got[name].dtype == np.dtype(dtype), name
-        assert got[name].shape == want[name].shape, name
-        assert_close(got[name], want[name], tol, name)
+    got = check_against_composed_reference(lstm, x, st, lengths, dy, dst, dtype)
     if ragged:
         pad = padded_mask(T, lengths)
         assert np.all(got["y"][pad] == 0) and np.all(got["dx"][pad] == 0)
@@ -198,8 +189,8 @@ def test_batch_first_is_the_transpose(L, D, dtype):
     x, st = inputs(T, B, I, H, L, D, seed=5, dtype=dtype)
     dy, dst = loss_grads(T, B, H, L, D, seed=6, dtype=dtype)
     lengths = [5, 1, 3]
-    a = run(tm, x, st, lengths, dy, dst)
-    b = run(bf, x.transpose(1, 0, 2), st, lengths, dy.transpose(1, 0, 2), dst)
+    a = module_run(tm, x, st, lengths, dy, dst)
+    b = module_run(bf, x.transpose(1, 0, 2), st, lengths, dy.transpose(1, 0, 2), dst)
     assert b["y"].shape == (B, T, D * H) and b["dx"].shape == (B, T, I)
     assert np.array_equal(b["y"], a["y"].transpose(1, 0, 2))
     assert np.array_equal(b["dx"], a["dx"].transpose(1, 0, 2))
@@ -218,8 +209,8 @@ def test_unbatched_input_equals_batch_of_one(L, D, batch_first):
     one, ref_m = cylstm.LSTM(I, H, batch_first=batch_first, **kw), cylstm.LSTM(I, H, **kw)
     x, (h0, c0) = inputs(T, 1, I, H, L, D, seed=8)
     dy, (dh, dc) = loss_grads(T, 1, H, L, D, seed=9)
-    a = run(ref_m, x, (h0, c0), None, dy, (dh, dc))
-    b = run(one, x[:, 0], (h0[:, 0], c0[:, 0]), None, dy[:, 0], (dh[:, 0], dc[:, 0]))
+    a = module_run(ref_m, x, (h0, c0), None, dy, (dh, dc))
+    b = module_run(one, x[:, 0], (h0[:, 0], c0[:, 0]), None, dy[:, 0], (dh[:, 0], dc[:, 0]))
     assert b["y"].shape == (T, D * H) and b["h_n"].shape == (L * D, H)
     assert b["dx"].shape == (T, I) and b["dh0"].shape == (L * D, H)
     for name in ("y", "dx"):
@@ -375,7 +366,7 @@ def test_returned_and_passed_arrays_are_not_aliased_with_the_cache(L, D, batch_f
     lengths = np.array([4, 2, 3])
 
     clean = cylstm.LSTM(I, H, **kw)
-    want = run(clean, x.copy(), tuple(s.copy() for s in st), lengths.copy(), dy, dst)
+    want = module_run(clean, x.copy(), tuple(s.copy() for s in st), lengths.copy(), dy, dst)
 
     lstm = cylstm.LSTM(I, H, **kw)
     xs, sts, ls = x.copy(), tuple(s.copy() for s in st), lengths.copy()
@@ -469,40 +460,13 @@ def test_default_thread_count_honours_omp_num_threads():
 
 # ---------------------------------------------------------------- finite differences
 
-FD_EPS = 1e-6
-FD_TOL = 1e-6
-
-
 def finite_difference_check(lstm, x, state, lengths, seed):
     """Every element of dx, dh0, dc0 and every parameter gradient against central
     differences of sum(y R1) + sum(h_n R2) + sum(c_n R3), float64."""
     L, D, H = lstm.num_layers, lstm.num_directions, lstm.hidden_size
     T, B = x.shape[:2]
     dy, dst = loss_grads(T, B, H, L, D, seed=seed)
-    got = run(lstm, x, state, lengths, dy, dst)
-    state = state if state is not None else (np.zeros((L * D, B, H)), np.zeros((L * D, B, H)))
-
-    def loss():
-        y, (h_n, c_n) = lstm(x, state, lengths)
-        return np.sum(y * dy) + np.sum(h_n * dst[0]) + np.sum(c_n * dst[1])
-
-    targets = {"dx": x, "dh0": state[0], "dc0": state[1], **lstm.params}
-    lstm.eval()
-    for name, arr in targets.items():
-        grad = got[name]
-        num = np.zeros_like(grad)
-        for k in np.ndindex(*arr.shape):
-            v = arr[k]
-            arr[k] = v + FD_EPS
-            lp = loss()
-            arr[k] = v - FD_EPS
-            lm = loss()
-            arr[k] = v
-            num[k] = (lp - lm) / (2 * FD_EPS)
-        assert np.abs(num).max() > 0, name
-        err = rel_err(grad, num)
-        assert err < FD_TOL, f"{name}: relative error {err:.2e}"
-    lstm.train()
+    module_finite_differences(lstm, x, state, lengths, dy, dst)
 
 
 @pytest.mark.parametrize("state,lengths", [(True, None), (False, [4, 1, 3]), (True, [2, 4, 4])])

@@ -8,40 +8,16 @@ import pytest
 
 from cylstm import reference as ref
 
+from conftest import check_layer_finite_differences, grad_buffers, make_layer_problem, rel_err
+
 T, B, I, H = 5, 4, 3, 4
 RAGGED = [T, 1, T - 2, 3]  # includes the extremes T and 1
 
 
-def make_problem(seed, dtype=np.float64, bias=True, state=True, scale=1.0):
-    """Random x (T, B, I), weights, biases and initial state, PyTorch-like magnitudes."""
-    rng = np.random.default_rng(seed)
-    k = 1 / np.sqrt(H)
-    p = dict(
-        x=scale * rng.standard_normal((T, B, I)),
-        w_ih=rng.uniform(-k, k, (4 * H, I)),
-        w_hh=rng.uniform(-k, k, (4 * H, H)),
-        b_ih=rng.uniform(-k, k, 4 * H) if bias else None,
-        b_hh=rng.uniform(-k, k, 4 * H) if bias else None,
-        h0=rng.standard_normal((B, H)) if state else None,
-        c0=rng.standard_normal((B, H)) if state else None,
-    )
-    return {n: (None if v is None else v.astype(dtype)) for n, v in p.items()}
-
-
-def grad_buffers(p):
-    """Zeroed gradient buffers matching the parameters in p."""
-    return dict(
-        dw_ih=np.zeros_like(p["w_ih"]),
-        dw_hh=np.zeros_like(p["w_hh"]),
-        db_ih=None if p["b_ih"] is None else np.zeros_like(p["b_ih"]),
-        db_hh=None if p["b_hh"] is None else np.zeros_like(p["b_hh"]),
-    )
-
-
-def rel_err(a, b):
-    """max |a - b| over the array, relative to the largest magnitude of either."""
-    scale = max(np.abs(a).max(), np.abs(b).max())
-    return 0.0 if scale == 0 else np.abs(a - b).max() / scale
+def make_problem(seed, **kw):
+    """Random x (T, B, I), weights, biases and initial state, PyTorch-like magnitudes
+    (conftest.make_layer_problem at this file's sizes)."""
+    return make_layer_problem(T, B, I, H, seed=seed, **kw)
 
 
 def sequence_reversed(x, lengths):
@@ -53,10 +29,6 @@ def sequence_reversed(x, lengths):
 
 
 # ---------------------------------------------------------------- finite differences
-
-FD_EPS = 1e-6
-FD_TOL = 1e-6
-
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("state", [True, False])
@@ -84,19 +56,7 @@ def test_gradients_match_central_finite_differences(reverse, lengths, state, bia
     q = dict(p)
     if not state:
         q["h0"], q["c0"] = np.zeros((B, H)), np.zeros((B, H))
-    for name, grad in analytic.items():
-        assert grad.shape == q[name].shape and np.all(np.isfinite(grad))
-        num = np.zeros_like(grad)
-        for k in np.ndindex(*grad.shape):
-            v = q[name].copy()
-            v[k] += FD_EPS
-            lp = loss({**q, name: v})
-            v[k] -= 2 * FD_EPS
-            lm = loss({**q, name: v})
-            num[k] = (lp - lm) / (2 * FD_EPS)
-        assert np.abs(num).max() > 0, name  # the check is not vacuous
-        err = rel_err(grad, num)
-        assert err < FD_TOL, f"{name}: relative error {err:.2e}"
+    check_layer_finite_differences(loss, q, analytic)
 
 
 def test_missing_final_gradients_mean_zeros():

@@ -10,7 +10,8 @@ sum(y R1) + sum(h_n R2) + sum(c_n R3), dx, dh0, dc0 (when a state is given) and 
 parameter gradient by name (torch's .grad against lstm.grads).
 
 Without torch these tests skip; CYLSTM_REQUIRE_TORCH=1 makes a missing torch a failure
-(the pattern of test_torch_parity.py, whose torch_run / cylstm_run this file reuses)."""
+(the pattern of test_torch_parity.py, whose torch_run / cylstm_run / assert_matches_torch
+this file reuses)."""
 import os
 
 import numpy as np
@@ -23,15 +24,13 @@ else:
 
 import cylstm
 
-from conftest import rel_err
-from test_torch_parity import cylstm_run, torch_run
+from conftest import rel_err, torch_names
+from test_torch_parity import TOL, TORCH_DTYPE, assert_matches_torch, cylstm_run, torch_run
 
-# LSTM_MATH.md: float32 under 1e-5 relative to the largest magnitude, float64 under 1e-10.
+# TOL (test_torch_parity.py), from LSTM_MATH.md: float32 under 1e-5 relative to the
+# largest magnitude, float64 under 1e-10.
 # torch warns (once) that oneDNN has no projection and it uses its default implementation.
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")
-
-TOL = {"float32": 1e-5, "float64": 1e-10}
-TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
 
 # I, H, P all different (and D*P != H), so a transposed or mis-sized weight cannot
 # go unnoticed; the second layer's input is P (or 2P) features.
@@ -79,16 +78,7 @@ def compare(num_layers, bidirectional, proj_size, batch_first, with_state, packe
     assert set(got) == set(want)
     assert {"y", "h_n", "c_n", "dx"} <= set(got)
     assert with_state == ("dh0" in got and "dc0" in got)
-    for name in want:
-        assert got[name].shape == want[name].shape, name
-        assert got[name].dtype == np.dtype(dtype), name
-        assert np.abs(want[name]).max() > 0, name        # not a vacuous comparison
-        err = rel_err(got[name], want[name])
-        assert err < TOL[dtype], f"{name}: relative difference {err:.2e} (tol {TOL[dtype]:.0e})"
-    if packed:
-        t_axis = 1 if batch_first else 0
-        pad = np.moveaxis(np.arange(T)[:, None] >= np.array(LENGTHS), 0, t_axis)
-        assert np.all(got["y"][pad] == 0) and np.all(got["dx"][pad] == 0)
+    assert_matches_torch(got, want, dtype, T, lengths, batch_first)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -128,18 +118,6 @@ def test_unbatched_input_with_projection(num_layers, bidirectional, with_state, 
 
 # ---------------------------------------------------------------- state dicts with proj_size
 
-def proj_names(num_layers, bidirectional, bias=True):
-    """torch.nn.LSTM's parameter names with proj_size > 0, in its documented order."""
-    names = []
-    for layer in range(num_layers):
-        for sfx in ([f"_l{layer}", f"_l{layer}_reverse"] if bidirectional else [f"_l{layer}"]):
-            names += [f"weight_ih{sfx}", f"weight_hh{sfx}"]
-            if bias:
-                names += [f"bias_ih{sfx}", f"bias_hh{sfx}"]
-            names += [f"weight_hr{sfx}"]
-    return names
-
-
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True), (3, False)])
 def test_state_dict_with_projection_from_and_to_torch(num_layers, bidirectional, bias):
@@ -151,7 +129,7 @@ def test_state_dict_with_projection_from_and_to_torch(num_layers, bidirectional,
     torch.manual_seed(20)
     tm = torch.nn.LSTM(I, H, dtype=torch.float64, **kw)
     cm = cylstm.LSTM(I, H, dtype="float64", seed=21, **kw)
-    names = proj_names(num_layers, bidirectional, bias)
+    names = torch_names(num_layers, bidirectional, bias, proj=True)
     assert list(tm.state_dict()) == names                 # the documented order, in torch
     assert list(cm.state_dict()) == names == list(cm.params) == list(cm.grads)
     for name, v in tm.state_dict().items():

@@ -327,6 +327,10 @@ cdef void _forward_chunk(
             L = lengths[b]
             if s >= L:                 # padded position t = s: state frozen, output zero
                 memset(y + (<Py_ssize_t> s * B + b) * Hp, 0, Hp * sizeof(floating))
+                if c_cache != NULL:    # the cache holds zeros there, never stale memory
+                    memset(gates + (<Py_ssize_t> s * B + b) * G, 0, G * sizeof(floating))
+                    memset(c_cache + (<Py_ssize_t> s * B + b) * H, 0, H * sizeof(floating))
+                    memset(tc_cache + (<Py_ssize_t> s * B + b) * H, 0, H * sizeof(floating))
                 if m_cache != NULL:    # read by the dW_hr GEMM over all T*B rows
                     memset(m_cache + (<Py_ssize_t> s * B + b) * H, 0, H * sizeof(floating))
                 continue
