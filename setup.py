@@ -100,11 +100,12 @@ directives = {
 
 extensions = [
     Extension(
-        "cylstm._lstm",
-        ["src/cylstm/_lstm.pyx"],
+        f"cylstm.{name}",
+        [f"src/cylstm/{name}.pyx"],
         include_dirs=["src", "src/cylstm"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    ),
+    )
+    for name in ("_lstm", "_optim", "_ops")
 ]
 
 setup(

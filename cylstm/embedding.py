@@ -1,0 +1,252 @@
+"""Embedding: a lookup table of V vectors of D features, as ``torch.nn.Embedding``.
+
+    forward     out[..., :] = weight[indices[...], :]          (..., D) from (V, D)
+    backward    grad[v, :] += sum of dout[n, :] over the positions n with indices[n] = v
+
+Both run in the compiled kernels of ``cylstm._ops`` without the GIL. The backward is a
+scatter-add that stays deterministic with repeated indices: the D feature columns are
+cut into fixed blocks, each thread owns its columns and walks all positions grouped by
+index (a stable argsort), so no two threads ever write one element and every sum has
+one fixed order (bitwise identical for any thread count). Each row's sum is added to
+``grad`` once, so two backward calls give exactly twice one, and from zero the result
+is bitwise ``np.add.at(grad, indices, dout)``.
+
+Parameters can live in a model's arena: pass ``weight=`` and ``grad=`` views and the
+layer uses them as its storage (initialising them in place) instead of allocating.
+"""
+
+import numbers
+
+import numpy as np
+
+from . import _ops
+from ._threads import N_PARTS, get_num_threads
+
+__all__ = ["Embedding"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_KERNEL_INTS = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _shape(shape):
+    return "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
+
+
+def _to_numpy(value, key):
+    """A state-dict value as a NumPy array: arrays, torch tensors (duck-typed: torch is
+    never imported), anything with ``__array__``."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu()
+    if hasattr(value, "numpy"):
+        try:
+            return np.asarray(value.numpy())
+        except Exception:
+            pass
+    try:
+        return np.asarray(value)
+    except Exception as e:
+        raise TypeError(f"state dict entry {key!r} cannot be read as an array: {e}") from None
+
+
+def _storage(a, name, shape, dtype):
+    """A caller's preallocated parameter or gradient array, checked to be usable in place."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array (a view to use as storage), "
+                        f"got {type(a).__name__}")
+    if a.shape != shape or a.dtype != dtype or not a.flags.c_contiguous or not a.flags.writeable:
+        raise ValueError(f"{name} must be a writeable C-contiguous {dtype} array of shape "
+                         f"{_shape(shape)}, got {'' if a.flags.writeable else 'read-only '}"
+                         f"{'' if a.flags.c_contiguous else 'non-contiguous '}{a.dtype} "
+                         f"{_shape(a.shape)}")
+    return a
+
+
+class Embedding:
+    """A (V, D) table of learned vectors looked up by integer index.
+
+    ``Embedding(num_embeddings, embedding_dim, dtype="float32", seed=None,
+    padding_idx=None, *, weight=None, grad=None)``
+
+    * ``weight`` (V, D) starts as N(0, 1) draws (``torch.nn.Embedding``'s init) from
+      ``np.random.default_rng(seed)``; ``grad`` (V, D) starts at zero.
+    * ``padding_idx`` (PyTorch's): that row starts at zero and never gets a gradient,
+      so training leaves it as it is. A negative value counts from the end (V + idx).
+    * ``weight=`` / ``grad=``: optional preallocated C-contiguous (V, D) arrays of
+      ``dtype`` (e.g. views into a model's parameter arena) that the layer uses as its
+      storage instead of allocating; they are initialised in place, as above. Use
+      ``load_state_dict`` to put given values in.
+
+    ``forward(indices)`` takes integers of any shape (...) in 0..V-1 and returns
+    (..., D); ``backward(dout)`` accumulates (+=) into ``grad`` and returns None.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, dtype="float32", seed=None,
+                 padding_idx=None, *, weight=None, grad=None):
+        V = self.num_embeddings = _positive_int(num_embeddings, "num_embeddings")
+        D = self.embedding_dim = _positive_int(embedding_dim, "embedding_dim")
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+        if dt not in _FLOATS:
+            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        self.dtype = dt
+        if padding_idx is not None:
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral):
+                raise TypeError(f"padding_idx must be an int or None, "
+                                f"got {type(padding_idx).__name__}")
+            if not -V <= padding_idx < V:
+                raise ValueError(f"padding_idx must be in -{V}..{V - 1} (num_embeddings={V}), "
+                                 f"got {padding_idx}")
+            padding_idx = int(padding_idx) % V
+        self.padding_idx = padding_idx
+        if weight is None:
+            weight = np.empty((V, D), dt)
+        else:
+            weight = _storage(weight, "weight", (V, D), dt)
+        if grad is None:
+            grad = np.empty((V, D), dt)
+        else:
+            grad = _storage(grad, "grad", (V, D), dt)
+        if np.shares_memory(weight, grad):
+            raise ValueError("weight and grad must not overlap in memory")
+        self.weight, self.grad = weight, grad
+        # N(0, 1) like torch.nn.Embedding; drawn in float64 so float32 and float64 tables
+        # of one seed agree to rounding.
+        weight[...] = np.random.default_rng(seed).standard_normal((V, D))
+        if padding_idx is not None:
+            weight[padding_idx] = 0
+        grad[...] = 0
+        self.training = True
+        self._indices = None            # flat int32/int64 copy of the last forward's
+        self._indices_shape = None
+        self._order = None              # stable argsort of _indices, made by backward
+
+    # ---- parameters ----------------------------------------------------------------------
+
+    @property
+    def params(self):
+        """{"weight": the (V, D) table} (the array itself, not a copy)."""
+        return {"weight": self.weight}
+
+    @property
+    def grads(self):
+        """{"weight": the (V, D) gradient} (the array itself, accumulated by backward)."""
+        return {"weight": self.grad}
+
+    def zero_grad(self):
+        """Set the gradient to zero (backward accumulates)."""
+        self.grad[...] = 0
+
+    def train(self, mode=True):
+        """Training mode (the default). An embedding behaves the same in both modes; the
+        flag is kept for a uniform layer API."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def state_dict(self):
+        """{"weight": a copy of the table} (torch.nn.Embedding's key)."""
+        return {"weight": self.weight.copy()}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy the table in from {"weight": array or torch tensor (torch is never
+        imported)}; it is copied into the existing storage, never rebound. Extra or
+        missing keys are errors when ``strict``."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        keys = set(state_dict.keys())
+        missing, unexpected = sorted({"weight"} - keys), sorted(keys - {"weight"})
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        if "weight" in keys:
+            a = _to_numpy(state_dict["weight"], "weight")
+            if a.dtype.kind not in "biuf":
+                raise TypeError(f"state dict entry 'weight' must be real numbers, got {a.dtype}")
+            if a.shape != self.weight.shape:
+                raise ValueError(f"state dict entry 'weight' has shape {_shape(a.shape)}, "
+                                 f"expected {_shape(self.weight.shape)}")
+            np.copyto(self.weight, a, casting="unsafe")
+        return self
+
+    # ---- forward / backward --------------------------------------------------------------
+
+    def _check_indices(self, indices):
+        """indices as a flat int32/int64 C-contiguous copy, and their shape."""
+        if not isinstance(indices, np.ndarray):
+            try:
+                indices = np.asarray(indices)
+            except Exception as e:
+                raise TypeError(f"indices must be an array of integers, got "
+                                f"{type(indices).__name__}: {e}") from None
+        if indices.dtype.kind not in "iu":
+            raise TypeError(f"indices must hold integers, got dtype {indices.dtype}")
+        shape = indices.shape
+        if indices.dtype in _KERNEL_INTS:
+            flat = np.array(indices, copy=True, order="C").reshape(-1)
+        else:
+            if (indices.dtype.kind == "u" and indices.size
+                    and indices.max() > np.iinfo(np.int64).max):
+                raise ValueError(f"indices must be in 0..{self.num_embeddings - 1} "
+                                 f"(num_embeddings={self.num_embeddings}), got {indices.max()}")
+            flat = indices.astype(np.int64).reshape(-1)
+        return flat, shape
+
+    def __call__(self, indices):
+        return self.forward(indices)
+
+    def forward(self, indices):
+        """out[..., :] = weight[indices[...], :]: integers (...) in 0..V-1 -> (..., D).
+        Keeps a copy of the indices for backward."""
+        flat, shape = self._check_indices(indices)
+        out = np.empty((flat.size, self.embedding_dim), self.dtype)
+        _ops.embedding_forward(out=out, weight=self.weight, indices=flat,
+                               n_parts=N_PARTS, n_threads=get_num_threads())
+        self._indices, self._indices_shape, self._order = flat, shape, None
+        return out.reshape(shape + (self.embedding_dim,))
+
+    def backward(self, dout):
+        """grad[indices[n]] += dout[n] for the last forward's indices (repeated indices
+        add up; the padding_idx row gets nothing). dout: (..., D), the forward output's
+        shape, converted to the table's dtype. Returns None (there is no input gradient
+        for integer indices)."""
+        if self._indices is None:
+            raise RuntimeError("Embedding.backward() needs a forward() first")
+        want = self._indices_shape + (self.embedding_dim,)
+        if not isinstance(dout, np.ndarray):
+            try:
+                dout = np.asarray(dout)
+            except Exception as e:
+                raise TypeError(f"dout must be an array, got {type(dout).__name__}: {e}") from None
+        if dout.dtype.kind not in "biuf":
+            raise TypeError(f"dout must hold real numbers, got dtype {dout.dtype}")
+        if dout.shape != want:
+            raise ValueError(f"dout must have shape {_shape(want)} (the forward output's), "
+                             f"got {_shape(dout.shape)}")
+        dout = np.ascontiguousarray(dout, dtype=self.dtype).reshape(-1, self.embedding_dim)
+        if self._order is None:     # groups equal indices: each row's sum is added once
+            self._order = np.argsort(self._indices, kind="stable").astype(np.int64, copy=False)
+        _ops.embedding_backward(
+            dweight=self.grad, dout=dout,
+            indices=self._indices, order=self._order,
+            padding_idx=-1 if self.padding_idx is None else self.padding_idx,
+            n_parts=N_PARTS, n_threads=get_num_threads(),
+        )
+        return None
+
+    def __repr__(self):
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return (f"Embedding({self.num_embeddings}, {self.embedding_dim}, "
+                f"dtype={self.dtype.name!r}{pad})")

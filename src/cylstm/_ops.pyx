@@ -1,0 +1,476 @@
+"""Compiled kernels for the losses and the embedding: softmax cross-entropy (forward and
+backward in one pass) and the embedding gather / scatter-add pair.
+
+Dimension legend (used in every shape comment):
+    N  rows (every leading position flattened: T*B for a sequence)
+    C  classes (logit columns)        V  vocabulary rows      D  embedding features
+    P  fixed work parts (n_parts: the machine's cores, never the thread count)
+Every array is C-contiguous. Outputs come first, then inputs, then sizes. The Python
+layer (cylstm/losses.py, cylstm/embedding.py) validates and allocates; the kernels here
+allocate nothing and run without the GIL. Each `def` still checks what would make it
+read or write out of bounds (shapes, and target / index values, in one serial O(N)
+pass before the parallel one) and raises ValueError naming the argument.
+
+Softmax cross-entropy, per counted row n (w_n != 0 and y_n != ignore_index):
+    (1) m_n = max_j z_nj                                          (stable log-sum-exp)
+    (2) e_nj = exp(z_nj - m_n),  s_n = sum_j e_nj                 (s_n in [1, C])
+    (3) loss_n = m_n + log(s_n) - z_{n,y_n}                       (in float64)
+    (4) L = sum_n w_n loss_n * scale;  scale = 1 / sum_n w_n (mean) or 1 (sum)
+Backward, same pass:
+    (4') dz_nj = w_n * scale * (e_nj / s_n - [j == y_n])
+An uncounted row (w_n = 0, or y_n == ignore_index) has loss 0 and dz_n = 0; its logits
+are never read, so padding may hold anything.
+
+Embedding:
+    (5) forward     out[n] = weight[idx[n]]                         (N, D) <- (V, D)
+    (5') backward   dweight[v] += S_v,  S_v = sum_{n : idx[n] = v} dout[n]
+                    Each S_v is summed first (over the positions in increasing n, by a
+                    stable argsort of idx) and added to dweight once, so two backward
+                    calls give exactly twice one (adding dout[n] into dweight one at a
+                    time would not, with repeated indices), and from zero the result is
+                    bitwise np.add.at's. Rows idx[n] == padding_idx add nothing.
+
+Parallel structure and reproducibility. Cross-entropy and the gather split the rows
+into P fixed blocks; each row is independent, and the loss is summed in float64 per
+block, then the block sums in block order. The scatter-add splits the D feature columns
+into P blocks instead: each thread owns its columns and walks all N rows (grouped by
+index, in the order of a stable argsort), so no two threads write one element (repeated
+indices are safe) and every element's sum has one fixed order. Row blocks depend only
+on N and P, and who sums a column changes no sum, so results are bitwise identical for
+any number of threads.
+"""
+
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport exp, log, isfinite
+from libc.stdint cimport int32_t, int64_t
+from libc.string cimport memcpy, memset
+
+
+ctypedef fused index_t:
+    int32_t
+    int64_t
+
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__)   /* the gate row functions it also defines are unused here */
+    #pragma GCC diagnostic push
+    #pragma GCC diagnostic ignored "-Wunused-function"
+    #endif
+    #include "_activations.h"
+    #if defined(__GNUC__)
+    #pragma GCC diagnostic pop
+    #endif
+    /* Row pieces of the softmax, in C so that they vectorise: the max and the sum run
+     * in 8 fixed lanes (an order that is part of the code, not of the vector width, so
+     * every clone and every thread count gives the same bits; no FMA can enter a max or
+     * a sum), and the float32 exponential is the Cephes-based cy_exp_nonpos_f32 of
+     * _activations.h (a few float32 ulps; its argument z - m is <= 0). float64 keeps
+     * libm's exp. Measured on the 2-core Xeon, float32 logits (2000, 500), whole kernel:
+     * 2.37 ms with plain scalar loops in Cython (glibc expf, a latency-bound float64
+     * sum); 0.74-1.0 ms with these on one thread, 0.52 ms on two. */
+    #define CY_OPS_LANES 8
+    #if defined(__SSE2__) || defined(_M_X64)
+    #include <emmintrin.h>
+    /* MAXPS(a, b) is exactly a > b ? a : b, lane by lane: the plain-C loop below, which
+     * GCC 12 will not vectorise without -ffinite-math-only (0.18 vs 1.43 ns/element). */
+    #define CY_OPS_MAX_LANES(T, V, LOADU, STOREU, MAX, W)                              \
+        V acc[CY_OPS_LANES / W];                                                        \
+        T tmp[CY_OPS_LANES];                                                            \
+        for (k = 0; k < CY_OPS_LANES / W; k++) acc[k] = LOADU(z + k * W);               \
+        for (j = CY_OPS_LANES; j + CY_OPS_LANES <= n; j += CY_OPS_LANES)                \
+            for (k = 0; k < CY_OPS_LANES / W; k++)                                      \
+                acc[k] = MAX(LOADU(z + j + k * W), acc[k]);                             \
+        for (k = 0; k < CY_OPS_LANES / W; k++) STOREU(tmp + k * W, acc[k]);
+    #define CY_OPS_MAX_LANES_float                                                      \
+        CY_OPS_MAX_LANES(float, __m128, _mm_loadu_ps, _mm_storeu_ps, _mm_max_ps, 4)
+    #define CY_OPS_MAX_LANES_double                                                     \
+        CY_OPS_MAX_LANES(double, __m128d, _mm_loadu_pd, _mm_storeu_pd, _mm_max_pd, 2)
+    #else
+    #define CY_OPS_MAX_LANES_PLAIN(T)                                                   \
+        T tmp[CY_OPS_LANES];                                                            \
+        for (k = 0; k < CY_OPS_LANES; k++) tmp[k] = z[k];                               \
+        for (j = CY_OPS_LANES; j + CY_OPS_LANES <= n; j += CY_OPS_LANES)                \
+            for (k = 0; k < CY_OPS_LANES; k++)                                          \
+                tmp[k] = z[j + k] > tmp[k] ? z[j + k] : tmp[k];
+    #define CY_OPS_MAX_LANES_float CY_OPS_MAX_LANES_PLAIN(float)
+    #define CY_OPS_MAX_LANES_double CY_OPS_MAX_LANES_PLAIN(double)
+    #endif
+    #define CY_OPS_ROW_FUNCS(T, SFX, EXP, ATTR)                                          \
+    /* max_j z[j], n >= 1 (NaN may or may not survive: the caller detects it later) */   \
+    ATTR T cy_ops_max_##SFX(const T *restrict z, int n)                                  \
+    {                                                                                    \
+        T m = z[0];                                                                      \
+        int j = 0, k;                                                                    \
+        if (n >= CY_OPS_LANES) {                                                         \
+            CY_OPS_MAX_LANES_##T                                                         \
+            for (k = 0; k < CY_OPS_LANES; k++) m = tmp[k] > m ? tmp[k] : m;              \
+        }                                                                                \
+        for (; j < n; j++) m = z[j] > m ? z[j] : m;                                      \
+        return m;                                                                        \
+    }                                                                                    \
+    /* e[j] = exp(z[j] - m) for j < n; returns sum_j e[j] in float64 (fixed lanes) */    \
+    ATTR double cy_ops_exp_sum_##SFX(T *restrict e, const T *restrict z, T m, int n)    \
+    {                                                                                    \
+        double lane[CY_OPS_LANES] = {0}, s = 0;                                          \
+        int j, k;                                                                        \
+        for (j = 0; j < n; j++) e[j] = EXP(z[j] - m);                                    \
+        for (j = 0; j + CY_OPS_LANES <= n; j += CY_OPS_LANES)                            \
+            for (k = 0; k < CY_OPS_LANES; k++) lane[k] += (double) e[j + k];             \
+        for (k = 0; k < CY_OPS_LANES; k++) s += lane[k];                                 \
+        for (; j < n; j++) s += (double) e[j];                                           \
+        return s;                                                                        \
+    }                                                                                    \
+    /* e[j] *= a, j < n */                                                               \
+    ATTR void cy_ops_scale_##SFX(T *restrict e, T a, int n)                              \
+    {                                                                                    \
+        for (int j = 0; j < n; j++) e[j] *= a;                                           \
+    }
+    CY_OPS_ROW_FUNCS(float, f32, cy_exp_nonpos_f32, CY_ROWS)
+    CY_OPS_ROW_FUNCS(double, f64, exp, static inline)
+    """
+    float cy_ops_max_f32(const float* z, int n) noexcept nogil
+    double cy_ops_max_f64(const double* z, int n) noexcept nogil
+    double cy_ops_exp_sum_f32(float* e, const float* z, float m, int n) noexcept nogil
+    double cy_ops_exp_sum_f64(double* e, const double* z, double m, int n) noexcept nogil
+    void cy_ops_scale_f32(float* e, float a, int n) noexcept nogil
+    void cy_ops_scale_f64(double* e, double a, int n) noexcept nogil
+
+
+# Work below these many elements runs on one thread: waking a team costs more than it
+# saves (same reasoning as _lstm.pyx's _MIN_PARALLEL_MACS). Only who computes a block
+# changes, never the blocks, so results stay bitwise the same.
+cdef enum:
+    _MIN_PARALLEL_XENT = 1 << 14     # logits: an exp, a max and a scale per element
+    _MIN_PARALLEL_COPY = 1 << 16     # gather / scatter: a load and a store per element
+
+
+cdef inline int _team(int n_threads, int n_parts, double work, double minimum) noexcept nogil:
+    """Threads worth waking for n_parts blocks of `work` elements in all."""
+    if work < minimum:
+        return 1
+    return min(n_threads, n_parts)
+
+
+cdef inline Py_ssize_t _split(Py_ssize_t n, int parts, int p) noexcept nogil:
+    """Start of block p when n items are cut into `parts` near-equal contiguous blocks."""
+    return (n * p) // parts
+
+
+# ----------------------------------------------------------------------------------------
+# Softmax cross-entropy
+# ----------------------------------------------------------------------------------------
+
+cdef void _xent_block(
+    floating* dlogits,          # (N, C) OUT rows [r0, r1)                          (4')
+    floating* row_loss,         # (N,) OUT w_n loss_n, or NULL
+    double* block_loss,         # (P,) OUT [p]: sum of w_n loss_n over the block, float64
+    int64_t* block_stats,       # (P, 2) OUT [p]: argmax hits, first non-finite row or -1
+    const floating* logits,     # (N, C)
+    const index_t* targets,     # (N,)
+    const floating* weight,     # (N,) or NULL (all 1)
+    int64_t ignore_index,
+    double scale,
+    Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t C, int p,
+) noexcept nogil:
+    """Loss, gradient and argmax hits of rows [r0, r1), run by one thread."""
+    cdef Py_ssize_t n, j, arg
+    cdef int64_t t, correct = 0, bad = -1
+    cdef double acc = 0, s, w, loss
+    cdef floating m, inv
+    cdef const floating* z
+    cdef floating* dz
+    for n in range(r0, r1):
+        z = logits + n * C
+        dz = dlogits + n * C
+        t = targets[n]
+        w = 1 if weight == NULL else weight[n]
+        if t == ignore_index or w == 0:
+            memset(dz, 0, C * sizeof(floating))
+            if row_loss != NULL:
+                row_loss[n] = 0
+            continue
+        if floating is float:
+            m = cy_ops_max_f32(z, <int> C)                                  # (1)
+            s = cy_ops_exp_sum_f32(dz, z, m, <int> C)                       # (2)
+        else:
+            m = cy_ops_max_f64(z, <int> C)
+            s = cy_ops_exp_sum_f64(dz, z, m, <int> C)
+        if z[t] == m:               # argmax hit: the first maximum is the target
+            arg = 0
+            while z[arg] != m:
+                arg += 1
+            if arg == t:
+                correct += 1
+        loss = <double> m + log(s) - <double> z[t]                          # (3)
+        if not isfinite(loss):      # NaN or +-Inf among the logits: reported after
+            if bad < 0:
+                bad = n
+            loss = 0
+        acc += w * loss
+        if row_loss != NULL:
+            row_loss[n] = <floating> (w * loss)
+        inv = <floating> (w * scale / s)                                    # (4')
+        if floating is float:
+            cy_ops_scale_f32(dz, inv, <int> C)
+        else:
+            cy_ops_scale_f64(dz, inv, <int> C)
+        dz[t] = dz[t] - <floating> (w * scale)
+    block_loss[p] = acc
+    block_stats[2 * p] = correct
+    block_stats[2 * p + 1] = bad
+
+
+def softmax_xent(
+    *,
+    floating[:, ::1] dlogits,           # (N, C) OUT dL/dlogits, not overlapping logits (4')
+    floating[::1] row_loss,             # (N,) OUT w_n loss_n (reduction "none"), or None
+    double[::1] block_loss,             # (P,) scratch: per-block float64 loss sums
+    int64_t[:, ::1] block_stats,        # (P, 2) scratch: per-block hits, first bad row
+    const floating[:, ::1] logits,      # (N, C)
+    const index_t[::1] targets,         # (N,) in 0..C-1, or ignore_index
+    const floating[::1] weight,         # (N,) finite, >= 0 (0 = not counted), or None
+    int64_t ignore_index,
+    bint mean,                          # scale = 1 / sum of counted weights, else 1
+    int n_parts,
+    int n_threads,
+):
+    """Softmax cross-entropy forward and backward in one pass over the rows.
+
+    Returns (loss_sum, weight_sum, n_counted, n_correct): the float64 sum of w_n loss_n
+    over counted rows (not yet scaled), the sum of their weights, how many rows counted,
+    and how many of those have argmax_j z_nj == y_n (ties: the first maximum).
+    dlogits holds the gradient of loss_sum * scale. Raises ValueError naming `targets`
+    (a value outside 0..C-1 that is not ignore_index), `weight` (negative or not finite),
+    or `logits` (a counted row with NaN or +Inf, or -Inf at its target).
+    """
+    cdef Py_ssize_t N = logits.shape[0], C = logits.shape[1], n, bad = -1
+    cdef int p
+    cdef int64_t t, counted = 0, correct = 0
+    cdef double w, wsum = 0, total = 0, scale = 1
+    cdef const floating* w_p = NULL
+    cdef floating* rl_p = NULL
+    if dlogits.shape[0] != N or dlogits.shape[1] != C or targets.shape[0] != N:
+        raise ValueError(f"softmax_xent: dlogits ({dlogits.shape[0]}, {dlogits.shape[1]}) "
+                         f"and targets ({targets.shape[0]},) must match logits ({N}, {C})")
+    if C < 1 or C > 2147483647:
+        raise ValueError(f"logits must have 1..2**31-1 class columns, got ({N}, {C})")
+    if n_parts < 1 or n_threads < 1 or block_loss.shape[0] < n_parts \
+            or block_stats.shape[0] < n_parts or block_stats.shape[1] != 2:
+        raise ValueError("softmax_xent: n_parts/n_threads >= 1 and block scratch of n_parts rows")
+    if weight is not None:
+        if weight.shape[0] != N:
+            raise ValueError(f"weight must have shape ({N},), got ({weight.shape[0]},)")
+        w_p = &weight[0] if N else NULL
+    if row_loss is not None:
+        if row_loss.shape[0] != N:
+            raise ValueError(f"row_loss must have shape ({N},), got ({row_loss.shape[0]},)")
+        rl_p = &row_loss[0] if N else NULL
+    if N == 0:
+        return 0.0, 0.0, 0, 0
+    with nogil:                 # serial O(N) check and the denominator of the mean   (4)
+        for n in range(N):
+            w = 1 if w_p == NULL else w_p[n]
+            if not (w >= 0 and isfinite(w)):
+                bad = n
+                break
+            t = targets[n]
+            if t == ignore_index or w == 0:
+                continue
+            if t < 0 or t >= C:
+                bad = n
+                break
+            wsum += w
+            counted += 1
+    if bad >= 0:
+        w = 1 if w_p == NULL else w_p[bad]
+        if not (w >= 0 and isfinite(w)):
+            raise ValueError(f"weight (the mask) must be finite and >= 0, got {w} at row {bad}")
+        raise ValueError(
+            f"targets must be class indices in 0..{C - 1} (logits have C={C} classes) or "
+            f"ignore_index={ignore_index}, got {targets[bad]} at flat position {bad}")
+    if mean and wsum > 0:
+        scale = 1 / wsum
+    with nogil:
+        for p in prange(n_parts, schedule="static",
+                        num_threads=_team(n_threads, n_parts, <double> N * C,
+                                          _MIN_PARALLEL_XENT)):
+            _xent_block(&dlogits[0, 0], rl_p, &block_loss[0], &block_stats[0, 0],
+                        &logits[0, 0], &targets[0], w_p, ignore_index, scale,
+                        _split(N, n_parts, p), _split(N, n_parts, p + 1), C, p)
+    for p in range(n_parts):                        # fixed order: bitwise reproducible
+        if block_stats[p, 1] >= 0:
+            n = block_stats[p, 1]
+            raise ValueError(f"logits must be finite in counted rows: row {n} (flat) "
+                             f"gives a non-finite loss (NaN or +Inf in it, or -Inf at "
+                             f"its target {targets[n]})")
+        total += block_loss[p]
+        correct += block_stats[p, 0]
+    return total, wsum, counted, correct
+
+
+# ----------------------------------------------------------------------------------------
+# Embedding: gather forward, scatter-add backward
+# ----------------------------------------------------------------------------------------
+
+cdef Py_ssize_t _first_bad_index(const index_t* idx, Py_ssize_t N, Py_ssize_t V) noexcept nogil:
+    """First n with idx[n] outside 0..V-1, or -1."""
+    cdef Py_ssize_t n
+    for n in range(N):
+        if idx[n] < 0 or idx[n] >= V:
+            return n
+    return -1
+
+
+cdef inline void _raise_bad_index(const index_t[::1] indices, Py_ssize_t n, Py_ssize_t V) except *:
+    raise ValueError(f"indices must be in 0..{V - 1} (num_embeddings={V}), "
+                     f"got {indices[n]} at flat position {n}")
+
+
+cdef void _gather_block(
+    floating* out,              # (N, D) OUT rows [r0, r1)
+    const floating* weight,     # (V, D)
+    const index_t* idx,         # (N,) in 0..V-1
+    Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t D,
+) noexcept nogil:
+    cdef Py_ssize_t n
+    for n in range(r0, r1):
+        memcpy(out + n * D, weight + <Py_ssize_t> idx[n] * D, D * sizeof(floating))
+
+
+def embedding_forward(
+    *,
+    floating[:, ::1] out,               # (N, D) OUT: out[n] = weight[idx[n]]      (5)
+    const floating[:, ::1] weight,      # (V, D)
+    const index_t[::1] indices,         # (N,) in 0..V-1
+    int n_parts,
+    int n_threads,
+):
+    """Gather rows of the table: out[n] = weight[indices[n]]."""
+    cdef Py_ssize_t N = indices.shape[0], V = weight.shape[0], D = weight.shape[1], bad
+    cdef int p
+    if out.shape[0] != N or out.shape[1] != D:
+        raise ValueError(f"embedding_forward: out must have shape ({N}, {D}), "
+                         f"got ({out.shape[0]}, {out.shape[1]})")
+    if n_parts < 1 or n_threads < 1:
+        raise ValueError("embedding_forward: n_parts and n_threads must be >= 1")
+    if N == 0 or D == 0:
+        if N:
+            bad = _first_bad_index(&indices[0], N, V)
+            if bad >= 0:
+                _raise_bad_index(indices, bad, V)
+        return
+    with nogil:
+        bad = _first_bad_index(&indices[0], N, V)
+    if bad >= 0:
+        _raise_bad_index(indices, bad, V)
+    with nogil:
+        for p in prange(n_parts, schedule="static",
+                        num_threads=_team(n_threads, n_parts, <double> N * D,
+                                          _MIN_PARALLEL_COPY)):
+            _gather_block(&out[0, 0], &weight[0, 0], &indices[0],
+                          _split(N, n_parts, p), _split(N, n_parts, p + 1), D)
+
+
+# The scatter-add sums each group of equal indices in a small array on the thread's own
+# stack, _SCATTER_COLS columns at a time, and column blocks start at multiples of
+# _SCATTER_ALIGN elements (whole cache lines of the rows when D is a multiple of it).
+# Who sums a column never changes its value: every element's sum runs over the same
+# groups in the same order. Measured (2-core Xeon, float32, V=65, D=128, N=6400): a
+# shared (D,) scratch row for the sums took 0.26 ms on one thread and 0.45 ms on two
+# (both threads wrote one cache line at every group); the stack arrays take 0.26 / 0.20
+# ms. np.add.at takes 6.6 ms.
+cdef enum:
+    _SCATTER_COLS = 64
+    _SCATTER_ALIGN = 16
+
+
+cdef inline Py_ssize_t _split_aligned(Py_ssize_t n, int parts, int p) noexcept nogil:
+    """Start of block p of n columns, cut at multiples of _SCATTER_ALIGN (the last ends at n)."""
+    cdef Py_ssize_t units = (n + _SCATTER_ALIGN - 1) // _SCATTER_ALIGN
+    return min(n, _SCATTER_ALIGN * ((units * p) // parts))
+
+
+cdef void _scatter_block(
+    floating* dweight,          # (V, D) INOUT columns [d0, d1), +=                     (5')
+    const floating* dout,       # (N, D)
+    const index_t* idx,         # (N,) in 0..V-1
+    const int64_t* order,       # (N,) a stable argsort of idx: groups of equal indices
+    int64_t padding_idx,        # rows with this index get nothing; -1 = none
+    Py_ssize_t N, Py_ssize_t D, Py_ssize_t d0, Py_ssize_t d1,
+) noexcept nogil:
+    """dweight[v, d0:d1] += sum of dout[n, d0:d1] over idx[n] = v, one add per group."""
+    cdef floating acc[_SCATTER_COLS]
+    cdef Py_ssize_t i, j, c0, w
+    cdef int64_t v
+    cdef floating* dst
+    cdef const floating* src
+    c0 = d0
+    while c0 < d1:
+        w = min(<Py_ssize_t> _SCATTER_COLS, d1 - c0)
+        i = 0
+        while i < N:
+            v = idx[order[i]]
+            src = dout + order[i] * D + c0
+            for j in range(w):
+                acc[j] = src[j]
+            i += 1
+            while i < N and idx[order[i]] == v:
+                src = dout + order[i] * D + c0
+                for j in range(w):
+                    acc[j] = acc[j] + src[j]
+                i += 1
+            if v != padding_idx:
+                dst = dweight + v * D + c0
+                for j in range(w):
+                    dst[j] = dst[j] + acc[j]
+        c0 += w
+
+
+def embedding_backward(
+    *,
+    floating[:, ::1] dweight,           # (V, D) INOUT: accumulated (+=)              (5')
+    const floating[:, ::1] dout,        # (N, D) dL/dout
+    const index_t[::1] indices,         # (N,) in 0..V-1, the forward's
+    const int64_t[::1] order,           # (N,) np.argsort(indices, kind="stable")
+    int64_t padding_idx,                # 0..V-1: that row gets no gradient; -1: none
+    int n_parts,
+    int n_threads,
+):
+    """Scatter-add: dweight[v] += sum of dout[n] over indices[n] == v.
+
+    ``order`` groups equal indices (a stable argsort, for the sum order of np.add.at);
+    any permutation of 0..N-1 gives the right sums, only their rounding and the number
+    of adds differ. Values outside 0..N-1 raise ValueError."""
+    cdef Py_ssize_t N = indices.shape[0], V = dweight.shape[0], D = dweight.shape[1]
+    cdef Py_ssize_t n, bad = -1
+    cdef int p
+    if dout.shape[0] != N or dout.shape[1] != D or order.shape[0] != N:
+        raise ValueError(f"embedding_backward: dout must have shape ({N}, {D}) and order "
+                         f"({N},), got ({dout.shape[0]}, {dout.shape[1]}) and ({order.shape[0]},)")
+    if n_parts < 1 or n_threads < 1:
+        raise ValueError("embedding_backward: n_parts and n_threads must be >= 1")
+    if padding_idx < -1 or padding_idx >= V:
+        raise ValueError(f"padding_idx must be in 0..{V - 1} or -1 (none), got {padding_idx}")
+    if N == 0:
+        return
+    with nogil:
+        bad = _first_bad_index(&indices[0], N, V)
+        if bad < 0:
+            for n in range(N):
+                if order[n] < 0 or order[n] >= N:
+                    bad = N + n
+                    break
+    if bad >= N:
+        raise ValueError(f"order must hold positions in 0..{N - 1}, got {order[bad - N]}")
+    if bad >= 0:
+        _raise_bad_index(indices, bad, V)
+    if D == 0:
+        return
+    with nogil:
+        for p in prange(n_parts, schedule="static",
+                        num_threads=_team(n_threads, n_parts, <double> N * D,
+                                          _MIN_PARALLEL_COPY)):
+            _scatter_block(&dweight[0, 0], &dout[0, 0], &indices[0], &order[0], padding_idx,
+                           N, D, _split_aligned(D, n_parts, p), _split_aligned(D, n_parts, p + 1))
