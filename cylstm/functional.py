@@ -312,6 +312,7 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
             db_hh=db_hh, dw_ih_tmp=ws.get("dw_ih_tmp", (4 * H, I), dtype),
             dw_hh_tmp=ws.get("dw_hh_tmp", (4 * H, Hp), dtype),
             dw_hr_tmp=ws.get("dw_hr_tmp", (Hp, H), dtype) if proj else None,
+            db_tmp=ws.get("db_tmp", (4 * H,), dtype),
             dz=ws.get("dz", (T, B, 4 * H), dtype),
             dhp=ws.get("dhp", (T, B, Hp), dtype) if proj else None,
             dzs=ws.get("dzs", (B, 4 * H), dtype), dhbuf=ws.get("dhbuf", (B, Hp), dtype),

@@ -553,6 +553,7 @@ cdef void _weight_grads_block(
     floating* dw_ih_tmp,        # (G, I) scratch: this call's dW_ih
     floating* dw_hh_tmp,        # (G, Hp) scratch: this call's dW_hh
     floating* dw_hr_tmp,        # (P, H) scratch: this call's dW_hr, or NULL
+    floating* db_tmp,           # (G,) scratch: this call's db
     const floating* dz,         # (T*B, G)
     const floating* dzs,        # (B, G) dz of each row's first processed step
     const floating* dhp,        # (T*B, P) dL/dh_t, or NULL
@@ -570,7 +571,6 @@ cdef void _weight_grads_block(
     """
     cdef int G = 4 * H, Hp = P if P > 0 else H
     cdef int j
-    cdef floating acc
     cdef Py_ssize_t k, TB = <Py_ssize_t> T * B
     cdef Py_ssize_t oi = <Py_ssize_t> g0 * I, oh = <Py_ssize_t> g0 * Hp
     if P > 0 and q1 > q0:              # dW_hr = dh^T m
@@ -595,14 +595,17 @@ cdef void _weight_grads_block(
         gemm(True, False, g1 - g0, Hp, B, 1, dzs + g0, G, h0, Hp, 1, dw_hh_tmp + oh, Hp)
     _add_block(dw_ih + oi, dw_ih_tmp + oi, (g1 - g0) * <Py_ssize_t> I)
     _add_block(dw_hh + oh, dw_hh_tmp + oh, (g1 - g0) * <Py_ssize_t> Hp)
-    # db_ih += sum dz, db_hh += sum dz (the two biases have the same gradient)
+    # db_ih += sum dz, db_hh += sum dz (the two biases have the same gradient). Rows in
+    # order, each summed into the block's columns: reading dz column by column instead
+    # (stride G) took 15% of a medium training step.
     if db_ih != NULL:
+        memset(db_tmp + g0, 0, (g1 - g0) * sizeof(floating))
+        for k in range(TB):
+            for j in range(g0, g1):
+                db_tmp[j] += dz[k * G + j]
         for j in range(g0, g1):
-            acc = 0
-            for k in range(TB):
-                acc = acc + dz[k * G + j]
-            db_ih[j] += acc
-            db_hh[j] += acc
+            db_ih[j] += db_tmp[j]
+            db_hh[j] += db_tmp[j]
 
 
 def lstm_backward(
@@ -618,6 +621,7 @@ def lstm_backward(
     floating[:, ::1] dw_ih_tmp,         # (G, I) scratch
     floating[:, ::1] dw_hh_tmp,         # (G, Hp) scratch
     floating[:, ::1] dw_hr_tmp,         # (P, H) scratch with a projection, else None
+    floating[::1] db_tmp,               # (G,) scratch
     floating[:, :, ::1] dz,             # (T, B, G) scratch
     floating[:, :, ::1] dhp,            # (T, B, P) scratch with a projection, else None
     floating[:, ::1] dzs,               # (B, G) scratch
@@ -673,7 +677,7 @@ def lstm_backward(
     _check(_is(dz.shape, T, B, G) and _is(gates.shape, T, B, G), "dz/gates")
     _check(_is(dh0.shape, B, Hp) and _is(dh_n.shape, B, Hp) and _is(dhbuf.shape, B, Hp)
            and _is(dc.shape, B, H) and _is(c0.shape, B, H), "states")
-    _check(_is(dzs.shape, B, G), "dzs")
+    _check(_is(dzs.shape, B, G) and db_tmp.shape[0] == G, "dzs/db_tmp")
     _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
     if h0 is not None:
         _check(_is(h0.shape, B, Hp), "h0")
@@ -714,7 +718,8 @@ def lstm_backward(
                         num_threads=_team(n_threads, n_parts, <double> T * B * G * (I + Hp) * 2)):
             prev = _blas_single_enter()
             _weight_grads_block(&dw_ih[0, 0], &dw_hh[0, 0], dw_hr_p, dbi_p, dbh_p,
-                                &dw_ih_tmp[0, 0], &dw_hh_tmp[0, 0], dw_hr_tmp_p, &dz[0, 0, 0],
+                                &dw_ih_tmp[0, 0], &dw_hh_tmp[0, 0], dw_hr_tmp_p, &db_tmp[0],
+                                &dz[0, 0, 0],
                                 &dzs[0, 0], dhp_p, m_p, &x[0, 0, 0], &y[0, 0, 0], h0_p,
                                 T, B, I, H, P, _split(G, n_parts, p), _split(G, n_parts, p + 1),
                                 _split(P, n_parts, p), _split(P, n_parts, p + 1), reverse)
