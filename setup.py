@@ -77,7 +77,7 @@ class BuildExtOpenMP(build_ext):
             if self.compiler.compiler_type == "msvc":
                 ext.extra_compile_args += ["/O2"]
             else:
-                # No -ffast-math (it breaks NaN/Inf semantics in the gates) and no
+                # No fast-math flags (they break NaN/Inf semantics in the gates) and no
                 # -march=native (wheels must run on any x86-64 / arm64 CPU).
                 # -fno-trapping-math changes no result (it only stops treating FP
                 # exception flags as observable) and lets the activation loops vectorise.

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import _ops
 from ._threads import N_PARTS, get_num_threads
+from .layers import _positive_int, _to_numpy   # one definition of each
 
 __all__ = ["Embedding"]
 
@@ -28,34 +29,8 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _KERNEL_INTS = (np.dtype(np.int32), np.dtype(np.int64))
 
 
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
 def _shape(shape):
     return "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
-
-
-def _to_numpy(value, key):
-    """A state-dict value as a NumPy array: arrays, torch tensors (duck-typed: torch is
-    never imported), anything with ``__array__``."""
-    if isinstance(value, np.ndarray):
-        return value
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu()
-    if hasattr(value, "numpy"):
-        try:
-            return np.asarray(value.numpy())
-        except Exception:
-            pass
-    try:
-        return np.asarray(value)
-    except Exception as e:
-        raise TypeError(f"state dict entry {key!r} cannot be read as an array: {e}") from None
 
 
 def _storage(a, name, shape, dtype):
