@@ -202,6 +202,16 @@ def _packed_matmul_f32(const float[:, ::1] a, const float[:, ::1] w, bint trans)
     return out
 
 
+cdef float* _wpack_slot(float[::1] wpack, int K, int N, int Kr, int Nr) except? NULL:
+    """Start of the packed (K, N) recurrent weight in the caller's scratch (the packed
+    (Kr, Nr) projection follows it), or NULL when there is no scratch or no kernel."""
+    if wpack is None or pack_floats(K, N) == 0:
+        return NULL
+    _check(<size_t> wpack.shape[0] >= cy_packed_size(K, N)
+           + (cy_packed_size(Kr, Nr) if Kr > 0 and Nr > 0 else 0), "wpack")
+    return &wpack[0]
+
+
 cdef inline void _rec_mm(int m, int n, int k, const floating* a, int lda,
                          const floating* w, int ldw, bint w_trans, const float* packed,
                          floating* c, int ldc) noexcept nogil:
@@ -395,10 +405,8 @@ def lstm_forward(
     cdef float* whr_pk = NULL
 
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
-    if wpack is not None and pack_floats(Hp, G) > 0:
-        _check(<size_t> wpack.shape[0] >= cy_packed_size(Hp, G)
-               + (cy_packed_size(H, P) if P > 0 else 0), "wpack")
-        whh_pk = &wpack[0]
+    whh_pk = _wpack_slot(wpack, Hp, G, H, P)
+    if whh_pk != NULL:
         whr_pk = whh_pk + cy_packed_size(Hp, G)
     _check(_is(y.shape, T, B, Hp) and _is(h.shape, B, Hp) and _is(c.shape, B, H), "y/h/c")
     _check(_is(gates.shape, T, B, G) and _is(hz.shape, B, G), "gates/hz")
@@ -664,10 +672,8 @@ def lstm_backward(
     cdef float* whr_pk = NULL
 
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
-    if wpack is not None and pack_floats(G, Hp) > 0:
-        _check(<size_t> wpack.shape[0] >= cy_packed_size(G, Hp)
-               + (cy_packed_size(P, H) if P > 0 else 0), "wpack")
-        whh_pk = &wpack[0]
+    whh_pk = _wpack_slot(wpack, G, Hp, P, H)
+    if whh_pk != NULL:
         whr_pk = whh_pk + cy_packed_size(G, Hp)
     _check(_is(dw_ih.shape, G, I) and _is(dw_hh.shape, G, Hp), "weight grads")
     _check(_is(dw_ih_tmp.shape, G, I) and _is(dw_hh_tmp.shape, G, Hp), "weight grad scratch")
