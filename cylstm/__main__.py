@@ -1,7 +1,9 @@
 """Command line: ``python -m cylstm <command> [options]``.
 
 Commands:
-  bench   verify cylstm against its NumPy reference, then time both (see cylstm/_bench.py)
+  train     train a character language model on a text (default: Python's own docs)
+  generate  sample text from a model saved by train
+  bench     verify cylstm against its NumPy reference, then time both (see cylstm/_bench.py)
 
 Each command is a subparser with its own ``--help``. To add one, write
 ``_add_<name>(subparsers)`` that registers the subparser with ``set_defaults(run=...)``
@@ -25,6 +27,170 @@ def _add_bench(subparsers):
     p.set_defaults(run=_bench.run)
 
 
+def _add_train(subparsers):
+    p = subparsers.add_parser(
+        "train", help="train a character language model on a text",
+        description="Train a character-level LSTM language model with truncated BPTT and "
+                    "save it. With no --text, the text is the documentation topics in "
+                    "Python's standard library (pydoc_data.topics, about 465 KB of English), "
+                    "so nothing needs downloading. Shows progress and validation "
+                    "bits/character per epoch, saves the model, and prints a sample.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--text", metavar="FILE", help="a UTF-8 text file to learn from "
+                   "(default: Python's pydoc_data.topics)")
+    p.add_argument("--max-chars", type=int, default=0, metavar="N",
+                   help="use only the first N characters of the text (0: all)")
+    p.add_argument("--model", default="char_model.npz", metavar="PATH",
+                   help="where to save the trained model")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the text")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="parallel streams of text per batch")
+    p.add_argument("--seq-len", type=int, default=64,
+                   help="characters per batch per stream (the BPTT truncation length)")
+    p.add_argument("--hidden-size", type=int, default=256, help="LSTM hidden units")
+    p.add_argument("--embedding-dim", type=int, default=64, help="character embedding size")
+    p.add_argument("--num-layers", type=int, default=1, help="stacked LSTM layers")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout between LSTM layers (needs --num-layers > 1)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    p.add_argument("--clip-norm", type=float, default=5.0,
+                   help="global gradient-norm clip (0: off)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="fraction of the text, from its end, held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights, sampling)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads for cylstm's kernels (0: all usable cores)")
+    _add_sampling(p, default_prime="The ")
+    p.add_argument("--quiet", action="store_true", help="print only the final sample")
+    p.set_defaults(run=_run_train)
+
+
+def _add_sampling(p, default_prime):
+    p.add_argument("--prime", default=default_prime,
+                   help="text the sample starts from (it is fed through the model first)")
+    p.add_argument("--length", type=int, default=400, help="characters to generate")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature: lower is safer, higher more varied, "
+                        "0 always takes the most likely character")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample only among the k most likely characters (0: all)")
+
+
+def _add_generate(subparsers):
+    p = subparsers.add_parser(
+        "generate", help="sample text from a model saved by train",
+        description="Load a character model saved by 'python -m cylstm train', feed it "
+                    "the prime, and print the prime followed by generated text.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="char_model.npz", metavar="PATH",
+                   help="a model file written by train")
+    _add_sampling(p, default_prime="The ")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.set_defaults(run=_run_generate)
+
+
+def _fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _run_train(args):
+    import time
+    from contextlib import nullcontext
+
+    import cylstm
+    from cylstm import text as T
+
+    if args.text:
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                corpus = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            return _fail(f"cannot read --text {args.text!r}: {e}")
+        source = args.text
+    else:
+        corpus, source = T.default_text(), "pydoc_data.topics (Python's documentation)"
+    if args.max_chars > 0:
+        corpus = corpus[:args.max_chars]
+    if not 0 < args.val_fraction < 1:
+        return _fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    vocab = T.CharVocab.from_text(corpus) if corpus else None
+    if vocab is None:
+        return _fail("the text is empty")
+    ids = vocab.encode(corpus)
+    n_val = int(len(ids) * args.val_fraction)
+    train_ids, val_ids = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+    if len(val_ids) <= args.batch_size or len(train_ids) <= args.batch_size:
+        return _fail(f"the text ({len(ids)} characters) is too short for --batch-size "
+                     f"{args.batch_size} with --val-fraction {args.val_fraction}")
+    quiet = args.quiet
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    try:
+        model = T.char_model(vocab.size, args.embedding_dim, args.hidden_size,
+                             args.num_layers, args.dropout, seed=args.seed)
+        model.compile(loss="cross_entropy", optimizer="adam", lr=args.lr,
+                      metrics=["bpc"], clip_norm=args.clip_norm or None)
+    except (TypeError, ValueError) as e:
+        return _fail(str(e))
+    model.metadata = {"vocab": vocab.chars, "task": "char-lm", "text": source}
+    say(f"text: {source}, {len(ids):,} characters, {vocab.size} distinct; "
+        f"{len(train_ids):,} to train on, {len(val_ids):,} to validate")
+    say(f"model: {model.num_parameters:,} parameters, Embedding({vocab.size}, "
+        f"{args.embedding_dim}) -> LSTM({args.embedding_dim}, {args.hidden_size}, "
+        f"num_layers={args.num_layers}) -> Linear({args.hidden_size}, {vocab.size}); "
+        f"{cylstm.get_num_threads() if args.threads <= 0 else args.threads} threads")
+    verbose = 0 if quiet else (1 if sys.stderr.isatty() else 2)
+    t0 = time.perf_counter()
+    with (cylstm.threads(args.threads) if args.threads > 0 else nullcontext()):
+        try:
+            history = T.fit_text(model, train_ids, val_ids, batch_size=args.batch_size,
+                                 seq_len=args.seq_len, epochs=args.epochs, verbose=verbose)
+        except KeyboardInterrupt:
+            say("interrupted: saving the model as it is after the last completed step")
+            history = None
+        except (TypeError, ValueError, FloatingPointError) as e:
+            return _fail(str(e))
+    say(f"trained in {time.perf_counter() - t0:.1f} s")
+    if history is not None and "val_bpc" in history.history:
+        bpcs = ", ".join(f"{v:.3f}" for v in history.history["val_bpc"])
+        say(f"validation bits/character per epoch: {bpcs}")
+    model.save(args.model)
+    say(f"saved {args.model}; sample with: python -m cylstm generate --model {args.model} "
+        f"--prime \"...\"")
+    try:
+        out = T.sample(model, vocab, prime=args.prime, length=args.length,
+                       temperature=args.temperature, top_k=args.top_k or None,
+                       seed=args.seed)
+    except (TypeError, ValueError) as e:
+        return _fail(str(e))
+    say(f"--- sample (temperature {args.temperature}) ---")
+    print(args.prime + out)
+    return 0
+
+
+def _run_generate(args):
+    import cylstm
+    from cylstm import text as T
+
+    try:
+        model = cylstm.load(args.model)
+    except (OSError, ValueError) as e:
+        return _fail(str(e))
+    chars = getattr(model, "metadata", {}).get("vocab")
+    if not isinstance(chars, str):
+        return _fail(f"{args.model!r} is not a character model saved by "
+                     f"'python -m cylstm train' (no vocabulary in it)")
+    try:
+        vocab = T.CharVocab(chars)
+        out = T.sample(model, vocab, prime=args.prime, length=args.length,
+                       temperature=args.temperature, top_k=args.top_k or None,
+                       seed=args.seed)
+    except (TypeError, ValueError) as e:
+        return _fail(str(e))
+    print(args.prime + out)
+    return 0
+
+
 def _parser():
     p = argparse.ArgumentParser(
         prog="python -m cylstm",
@@ -32,6 +198,8 @@ def _parser():
         epilog="Run 'python -m cylstm <command> --help' for a command's options.",
     )
     sub = p.add_subparsers(title="commands", dest="command", metavar="<command>")
+    _add_train(sub)
+    _add_generate(sub)
     _add_bench(sub)
     return p
 

@@ -119,6 +119,26 @@ class Embedding:
         """{"weight": the (V, D) gradient} (the array itself, accumulated by backward)."""
         return {"weight": self.grad}
 
+    @property
+    def _layout(self):
+        return [("weight", (self.num_embeddings, self.embedding_dim))]
+
+    def get_config(self):
+        """The constructor's arguments (JSON-able), without seed and storage."""
+        return dict(num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
+                    dtype=self.dtype.name, padding_idx=self.padding_idx)
+
+    def _bind(self, flat_params, flat_grads):
+        """Move the table and its gradient into the given 1-D arrays (a model's arena
+        slices): values are copied, then the storage is rebound."""
+        shape = (self.num_embeddings, self.embedding_dim)
+        for new, old in ((flat_params, self.weight), (flat_grads, self.grad)):
+            if new.shape != (old.size,) or new.dtype != old.dtype:
+                raise ValueError(f"arena must be a {old.dtype} array of shape ({old.size},), "
+                                 f"got {new.dtype} {new.shape}")
+            new[...] = old.reshape(-1)
+        self.weight, self.grad = flat_params.reshape(shape), flat_grads.reshape(shape)
+
     def zero_grad(self):
         """Set the gradient to zero (backward accumulates)."""
         self.grad[...] = 0

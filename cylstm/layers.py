@@ -12,7 +12,7 @@ from . import _lstm
 from . import functional as F
 from ._threads import N_PARTS, blas_single_threaded, get_num_threads, threads
 
-__all__ = ["LSTM", "LSTMState"]
+__all__ = ["LSTM", "LSTMState", "Linear", "Dropout", "LastStep"]
 
 
 def _positive_int(value, name, minimum=1):
@@ -38,6 +38,58 @@ def _to_numpy(value, key):
         return np.asarray(value)
     except Exception as e:
         raise TypeError(f"state dict entry {key!r} cannot be read as an array: {e}") from None
+
+
+def _arena(layout, dtype):
+    """(flat_params, flat_grads, params, grads): zeroed arenas for ``layout`` [(name, shape)]
+    and dicts of named views into them."""
+    total = sum(math.prod(shape) for _, shape in layout)
+    fp, fg = np.zeros(total, dtype), np.zeros(total, dtype)
+    return (fp, fg) + _views(layout, fp, fg)
+
+
+def _views(layout, fp, fg):
+    params, grads, offset = {}, {}, 0
+    for name, shape in layout:
+        n = math.prod(shape)
+        params[name] = fp[offset:offset + n].reshape(shape)
+        grads[name] = fg[offset:offset + n].reshape(shape)
+        offset += n
+    return params, grads
+
+
+def _bind_arena(layout, old_fp, old_fg, fp, fg):
+    """Copy a layer's arenas into new storage ``fp``/``fg`` (1-D, same size and dtype)
+    and return (fp, fg, params, grads) with the views rebuilt on it."""
+    for new, old in ((fp, old_fp), (fg, old_fg)):
+        if new.shape != old.shape or new.dtype != old.dtype:
+            raise ValueError(f"arena must be a {old.dtype} array of shape {old.shape}, got "
+                             f"{new.dtype} {new.shape}")
+        new[...] = old
+    return (fp, fg) + _views(layout, fp, fg)
+
+
+def _load_into(params, state_dict, strict):
+    """Copy a state dict into the named views ``params``. Every key is checked before
+    anything is copied, so a bad dict leaves the parameters unchanged."""
+    if not hasattr(state_dict, "keys"):
+        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+    keys = set(state_dict.keys())
+    names = set(params)
+    missing, unexpected = sorted(names - keys), sorted(keys - names)
+    if strict and (missing or unexpected):
+        raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+    staged = {}
+    for name in sorted(names & keys):
+        a = _to_numpy(state_dict[name], name)
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"state dict entry {name!r} must be real numbers, got {a.dtype}")
+        if a.shape != params[name].shape:
+            raise ValueError(f"state dict entry {name!r} has shape {a.shape}, "
+                             f"expected {params[name].shape}")
+        staged[name] = a
+    for name, a in staged.items():
+        np.copyto(params[name], a, casting="unsafe")
 
 
 _pool = None
@@ -152,16 +204,8 @@ class LSTM:
                     self._layout += [(f"bias_ih{sfx}", (4 * H,)), (f"bias_hh{sfx}", (4 * H,))]
                 if P:
                     self._layout += [(f"weight_hr{sfx}", (P, H))]
-        total = sum(math.prod(shape) for _, shape in self._layout)
-        self.flat_params = np.zeros(total, self.dtype)
-        self.flat_grads = np.zeros(total, self.dtype)
-        self.params, self.grads = {}, {}
-        offset = 0
-        for name, shape in self._layout:
-            n = math.prod(shape)
-            self.params[name] = self.flat_params[offset:offset + n].reshape(shape)
-            self.grads[name] = self.flat_grads[offset:offset + n].reshape(shape)
-            offset += n
+        self.flat_params, self.flat_grads, self.params, self.grads = _arena(
+            self._layout, self.dtype)
         self._workspaces = {}                  # (layer, direction) -> F.Workspace
         self._caches = None                    # what backward needs from the last forward
         self.reset_parameters()
@@ -220,25 +264,21 @@ class LSTM:
         """Copy parameters in from a dict of arrays (or torch tensors; torch is never
         imported). Every key is checked before anything is copied, so a bad dict leaves
         the model unchanged. Unknown or missing keys are errors when ``strict``."""
-        if not hasattr(state_dict, "keys"):
-            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
-        keys = set(state_dict.keys())
-        names = set(self.params)
-        missing, unexpected = sorted(names - keys), sorted(keys - names)
-        if strict and (missing or unexpected):
-            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        staged = {}
-        for name in sorted(names & keys):
-            a = _to_numpy(state_dict[name], name)
-            if a.dtype.kind not in "biuf":
-                raise TypeError(f"state dict entry {name!r} must be real numbers, got {a.dtype}")
-            if a.shape != self.params[name].shape:
-                raise ValueError(f"state dict entry {name!r} has shape {a.shape}, "
-                                 f"expected {self.params[name].shape}")
-            staged[name] = a
-        for name, a in staged.items():
-            np.copyto(self.params[name], a, casting="unsafe")
+        _load_into(self.params, state_dict, strict)
         return self
+
+    def get_config(self):
+        """The constructor's arguments (JSON-able): ``LSTM(**config)`` rebuilds the shape."""
+        return dict(input_size=self.input_size, hidden_size=self.hidden_size,
+                    num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
+                    dropout=self.dropout, bidirectional=self.bidirectional,
+                    proj_size=self.proj_size, dtype=self.dtype.name)
+
+    def _bind(self, flat_params, flat_grads):
+        """Move parameters and gradients into the given arrays (a model's arena slices):
+        values are copied, then every view is rebuilt on the new storage."""
+        self.flat_params, self.flat_grads, self.params, self.grads = _bind_arena(
+            self._layout, self.flat_params, self.flat_grads, flat_params, flat_grads)
 
     def _weights(self, layer, d):
         """((w_ih, w_hh, b_ih, b_hh, w_hr), (their gradients)) of one layer and direction;
@@ -451,3 +491,238 @@ class LSTMState:
         """Zero the state (start new streams)."""
         self.h[...] = 0
         self.c[...] = 0
+
+
+# ---------------------------------------------------------------------------------------
+# The other layers of a model: Linear, Dropout, LastStep. Each has forward(x) /
+# backward(dy) -> dx, train()/eval(), and, when it has parameters, an arena
+# (flat_params, flat_grads) with named views (params, grads) like the LSTM's.
+# ---------------------------------------------------------------------------------------
+
+def _dtype(dtype):
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from None
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be 'float32' or 'float64', got {dt}")
+    return dt
+
+
+def _features(x, name, dtype, size):
+    """x as a C-contiguous ``dtype`` array of shape (..., size), at least 1-D."""
+    if not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except Exception as e:
+            raise TypeError(f"{name} must be an array, got {type(x).__name__}: {e}") from None
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    if x.ndim < 1 or x.shape[-1] != size:
+        raise ValueError(f"{name} must have shape (..., {size}), got {F._shape(x)}")
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+class Linear:
+    """y = x W^T + b over the last axis, as ``torch.nn.Linear``: x (..., in) -> (..., out).
+
+    ``params``/``grads``: {"weight" (out, in), "bias" (out,)} views into the arenas
+    ``flat_params``/``flat_grads``. Initialised as PyTorch does: weight and bias uniform
+    in [-1/sqrt(in), 1/sqrt(in)], from ``seed``. ``backward(dy)`` accumulates into
+    ``grads`` and returns dx; the products run in BLAS over all leading axes at once.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, dtype="float32", seed=None):
+        self.in_features = _positive_int(in_features, "in_features")
+        self.out_features = _positive_int(out_features, "out_features")
+        self.bias = bool(bias)
+        self.dtype = _dtype(dtype)
+        self.training = True
+        self._layout = [("weight", (self.out_features, self.in_features))]
+        if self.bias:
+            self._layout.append(("bias", (self.out_features,)))
+        self.flat_params, self.flat_grads, self.params, self.grads = _arena(
+            self._layout, self.dtype)
+        self._rng = np.random.default_rng(seed)
+        self._x = None                    # (N, in): the last training forward's input
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """PyTorch's default: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias."""
+        k = 1.0 / math.sqrt(self.in_features)
+        for name, shape in self._layout:
+            self.params[name][...] = self._rng.uniform(-k, k, size=shape)
+
+    def get_config(self):
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    bias=self.bias, dtype=self.dtype.name)
+
+    def _bind(self, flat_params, flat_grads):
+        self.flat_params, self.flat_grads, self.params, self.grads = _bind_arena(
+            self._layout, self.flat_params, self.flat_grads, flat_params, flat_grads)
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        if not self.training:
+            self._x = None
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        self.flat_grads[...] = 0
+
+    def state_dict(self):
+        return {name: self.params[name].copy() for name, _ in self._layout}
+
+    def load_state_dict(self, state_dict, strict=True):
+        _load_into(self.params, state_dict, strict)
+        return self
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        """x (..., in) -> y (..., out)."""
+        x = _features(x, "x", self.dtype, self.in_features)
+        x2 = x.reshape(-1, self.in_features)
+        y = x2 @ self.params["weight"].T
+        if self.bias:
+            y += self.params["bias"]
+        self._x = x2 if self.training else None
+        self._lead = x.shape[:-1]
+        return y.reshape(x.shape[:-1] + (self.out_features,))
+
+    def backward(self, dy):
+        """dy (..., out) like the forward's y -> dx (..., in); grads += (dW, db)."""
+        if self._x is None:
+            raise RuntimeError("Linear.backward() needs a forward() in training mode first")
+        want = self._lead + (self.out_features,)
+        dy = _features(dy, "dy", self.dtype, self.out_features)
+        if dy.shape != want:
+            raise ValueError(f"dy must have shape {want} (the forward output's), "
+                             f"got {F._shape(dy)}")
+        dy2 = dy.reshape(-1, self.out_features)
+        self.grads["weight"] += dy2.T @ self._x
+        if self.bias:
+            self.grads["bias"] += dy2.sum(axis=0)
+        return (dy2 @ self.params["weight"]).reshape(self._lead + (self.in_features,))
+
+    def __repr__(self):
+        return (f"Linear({self.in_features}, {self.out_features}"
+                f"{'' if self.bias else ', bias=False'}, dtype='{self.dtype}')")
+
+
+class Dropout:
+    """Inverted dropout, as ``torch.nn.Dropout``: in training each element is zeroed with
+    probability p and the rest scaled by 1/(1-p); in eval mode the identity. The mask
+    comes from the layer's own generator (``seed``), so a seeded run repeats exactly."""
+
+    def __init__(self, p=0.5, seed=None):
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+            raise ValueError(f"p must be a float in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.training = True
+        self._rng = np.random.default_rng(seed)
+        self._mask = None
+
+    def get_config(self):
+        return dict(p=self.p)
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        self._mask = None
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise TypeError(f"x must hold floats, got dtype {x.dtype}")
+        if not self.training or self.p == 0.0:
+            self._mask = None
+            return x
+        keep = 1.0 - self.p
+        self._mask = (self._rng.random(x.shape) < keep).astype(x.dtype) / x.dtype.type(keep)
+        return x * self._mask
+
+    def backward(self, dy):
+        dy = np.asarray(dy)
+        if self._mask is None:
+            return dy
+        if dy.shape != self._mask.shape:
+            raise ValueError(f"dy must have shape {self._mask.shape} (the forward output's), "
+                             f"got {F._shape(dy)}")
+        return dy * self._mask
+
+    def __repr__(self):
+        return f"Dropout(p={self.p})"
+
+
+class LastStep:
+    """Each sequence's output at its last valid step: (B, T, F) + lengths -> (B, F).
+
+    For sequence classification after an LSTM. With ``reverse_features`` = r > 0 (an
+    LSTM that is bidirectional, r = its state size), the last r features, those of the
+    reverse direction, are taken at step 0 instead, where that direction ends: the
+    result is then the final layer's h_n of both directions, as PyTorch users take it.
+    ``Sequential`` sets r from the LSTM before it when left as None.
+    """
+
+    def __init__(self, reverse_features=None):
+        if reverse_features is not None:
+            reverse_features = _positive_int(reverse_features, "reverse_features", minimum=0)
+        self.reverse_features = reverse_features
+        self.training = True
+        self._saved = None
+
+    def get_config(self):
+        return dict(reverse_features=self.reverse_features)
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def forward(self, x, lengths=None):
+        x = np.asarray(x)
+        if x.ndim != 3:
+            raise ValueError(f"LastStep needs x of shape (B, T, F), got {F._shape(x)}")
+        B, T, Fe = x.shape
+        lengths = F._lengths(lengths, T, B)
+        r = self.reverse_features or 0
+        if r > Fe:
+            raise ValueError(f"reverse_features ({r}) is more than the features of x {F._shape(x)}")
+        rows = np.arange(B)
+        y = x[rows, lengths - 1]                       # a copy (fancy indexing)
+        if r:
+            y[:, Fe - r:] = x[:, 0, Fe - r:]
+        self._saved = (x.shape, x.dtype, lengths)
+        return y
+
+    def backward(self, dy):
+        if self._saved is None:
+            raise RuntimeError("LastStep.backward() needs a forward() first")
+        (B, T, Fe), dtype, lengths = self._saved
+        dy = np.asarray(dy, dtype=dtype)
+        if dy.shape != (B, Fe):
+            raise ValueError(f"dy must have shape ({B}, {Fe}), got {F._shape(dy)}")
+        r = self.reverse_features or 0
+        dx = np.zeros((B, T, Fe), dtype)
+        rows = np.arange(B)
+        dx[rows, lengths - 1, :Fe - r] = dy[:, :Fe - r]
+        if r:
+            dx[:, 0, Fe - r:] += dy[:, Fe - r:]
+        return dx
+
+    def __repr__(self):
+        r = "" if self.reverse_features is None else f"reverse_features={self.reverse_features}"
+        return f"LastStep({r})"

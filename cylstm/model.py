@@ -1,0 +1,673 @@
+"""Sequential: a stack of layers trained with fit / evaluate / predict, Keras-style.
+
+    model = cylstm.Sequential([
+        cylstm.LSTM(8, 64, batch_first=True),
+        cylstm.LastStep(),                 # each sequence's last valid step
+        cylstm.Linear(64, 10),
+    ], seed=0)
+    model.compile(loss="cross_entropy", optimizer="adam", lr=3e-3, metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=32, epochs=10, validation_split=0.1)
+    model.evaluate(x_test, y_test); model.predict(x_test); model.save("m.npz")
+
+Data is batch-first: row n of x is one sequence. x is a float array (N, T, F), an int
+array (N, T) when the first layer is an Embedding, or a list of N arrays of different
+lengths (padded here, lengths kept). ``lengths`` (N,) marks the valid steps of padded
+arrays. Targets y are per sequence ((N,) class indices or (N, K) values) when the
+model ends in one vector per sequence (after LastStep), or per step ((N, T) / (N, T, K),
+or a list) when it keeps every step (sequence labelling, language models); padded steps
+never count in the loss or the metrics.
+
+Every LSTM in the stack gets the lengths (PyTorch's packed semantics), so the padding
+never leaks into the state. An LSTM built with batch_first=False works too (the model
+transposes around it). All parameters live in one arena (``flat_params``,
+``flat_grads``), named "<layer index>.<parameter>" as torch.nn.Sequential names them.
+"""
+
+import math
+import numbers
+import sys
+import time
+
+import numpy as np
+
+from . import init as _init
+from . import losses as _losses
+from . import optim as _optim
+from .callbacks import Callback
+from .embedding import Embedding
+from .layers import LSTM, Dropout, LastStep, Linear, _arena, _positive_int
+
+__all__ = ["Sequential", "History", "pad_sequences"]
+
+LAYER_TYPES = {cls.__name__: cls for cls in (LSTM, Linear, Dropout, LastStep, Embedding)}
+_OPTIMIZERS = {"sgd": _optim.SGD, "adam": _optim.Adam, "adamw": _optim.AdamW,
+               "rmsprop": _optim.RMSprop}
+_LOSSES = ("cross_entropy", "mse")
+_METRICS = {"cross_entropy": ("accuracy", "perplexity", "bpc"), "mse": ("rmse", "mae")}
+
+
+def pad_sequences(seqs, dtype=None, name="x"):
+    """A list of N arrays (T_n, ...) -> (padded (N, max T_n, ...), lengths (N,) int64).
+    Padding is zero. Every array needs at least one step and the same trailing shape."""
+    if len(seqs) == 0:
+        raise ValueError(f"{name} is an empty list; it needs at least one sequence")
+    arrays = []
+    for n, s in enumerate(seqs):
+        a = np.asarray(s) if dtype is None else np.asarray(s, dtype=dtype)
+        if a.ndim < 1 or a.shape[0] < 1:
+            raise ValueError(f"{name}[{n}] must have at least one step, got shape {a.shape}")
+        if a.dtype.kind not in "biuf":
+            raise TypeError(f"{name}[{n}] must hold real numbers, got dtype {a.dtype}")
+        if arrays and a.shape[1:] != arrays[0].shape[1:]:
+            raise ValueError(f"{name}[{n}] has shape {a.shape}; every sequence needs the "
+                             f"trailing shape {arrays[0].shape[1:]} of {name}[0]")
+        arrays.append(a)
+    lengths = np.array([a.shape[0] for a in arrays], np.int64)
+    out = np.zeros((len(arrays), int(lengths.max())) + arrays[0].shape[1:],
+                   np.result_type(*arrays))
+    for n, a in enumerate(arrays):
+        out[n, :a.shape[0]] = a
+    return out, lengths
+
+
+class History:
+    """What ``fit`` returns: ``history[name]`` is the list of per-epoch values of "loss",
+    each metric, "val_..." entries and "lr"; ``epoch`` the epochs run (from 0)."""
+
+    def __init__(self):
+        self.history, self.epoch = {}, []
+
+    def _append(self, epoch, logs):
+        self.epoch.append(epoch)
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(v)
+
+    def __repr__(self):
+        last = {k: round(v[-1], 4) for k, v in self.history.items()}
+        return f"History({len(self.epoch)} epochs, last {last})"
+
+
+class _Progress:
+    """A one-line progress bar on a terminal: loss, metrics, sequences/s, ETA.
+
+    verbose=0: silent. verbose=1: the live bar and a line per epoch, on a terminal
+    only (silent in logs and pipes). verbose=2: a line per epoch, always."""
+
+    def __init__(self, verbose, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.live = verbose == 1 and tty
+        self.lines = verbose == 2 or (verbose == 1 and tty)
+        self._last_draw = 0.0
+
+    def begin(self, epoch, epochs, total):
+        self.epoch, self.epochs, self.total = epoch, epochs, total
+        self.t0, self.done, self.rows = time.perf_counter(), 0, 0
+        self.sum_loss, self.count = 0.0, 0
+
+    def update(self, rows, loss, count):
+        self.done += 1
+        self.rows += rows
+        self.sum_loss += loss * count
+        self.count += count
+        now = time.perf_counter()
+        if self.live and (now - self._last_draw > 0.1 or self.done == self.total):
+            self._last_draw = now
+            el = now - self.t0
+            width = 24
+            fill = int(width * self.done / max(self.total, 1))
+            eta = el / self.done * (self.total - self.done)
+            loss_ = self.sum_loss / max(self.count, 1)
+            self.stream.write(f"\rEpoch {self.epoch + 1}/{self.epochs} "
+                              f"[{'=' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
+                              f"loss {loss_:.4f}  {self.rows / max(el, 1e-9):,.0f} seq/s  "
+                              f"ETA {eta:4.0f}s ")
+            self.stream.flush()
+
+    def end(self, logs):
+        if not self.lines:
+            return
+        el = time.perf_counter() - self.t0
+        items = "  ".join(f"{k} {v:.4g}" for k, v in logs.items())
+        line = (f"Epoch {self.epoch + 1}/{self.epochs}  {el:.1f}s  "
+                f"{self.rows / max(el, 1e-9):,.0f} seq/s  {items}")
+        # On a terminal, overwrite the bar and clear the rest of its line.
+        self.stream.write(f"\r{line}\x1b[K\n" if self.live else line + "\n")
+        self.stream.flush()
+
+    def abort(self):
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class _Stats:
+    """Running sums over batches for one epoch: the loss and each metric."""
+
+    def __init__(self, loss):
+        self.loss = loss
+        self.sum_loss = self.count = self.correct = self.abs_err = 0.0
+
+    def add(self, loss, count, correct, abs_err):
+        self.sum_loss += loss * count
+        self.count += count
+        self.correct += correct
+        self.abs_err += abs_err
+
+    def logs(self, metrics, prefix=""):
+        mean = self.sum_loss / self.count if self.count else 0.0
+        out = {prefix + "loss": mean}
+        for m in metrics:
+            if m == "accuracy":
+                v = self.correct / self.count if self.count else 0.0
+            elif m == "perplexity":
+                v = _losses.perplexity(mean)
+            elif m == "bpc":
+                v = _losses.bits_per_char(mean)
+            elif m == "rmse":
+                v = math.sqrt(mean)
+            else:                                   # mae
+                v = self.abs_err / self.count if self.count else 0.0
+            out[prefix + m] = float(v)
+        return out
+
+
+class Sequential:
+    """Layers applied in order; see the module docstring.
+
+    ``Sequential(layers, seed=None, init=None, loss=None, optimizer=None, metrics=(), **kw)``
+    With ``seed``, every parameter is (re)initialised with the ``init`` scheme (default
+    "pytorch"; see ``cylstm.init``) and the shuffling and dropout streams are derived
+    from it, so a seeded run repeats bitwise (for any thread count). ``loss``,
+    ``optimizer``, ``metrics`` and the keywords go to ``compile``.
+    """
+
+    def __init__(self, layers, seed=None, init=None, loss=None, optimizer=None, metrics=(),
+                 **compile_kwargs):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        for i, layer in enumerate(layers):
+            if type(layer).__name__ not in LAYER_TYPES or not isinstance(
+                    layer, LAYER_TYPES[type(layer).__name__]):
+                raise TypeError(f"layers[{i}] is a {type(layer).__name__}; Sequential takes "
+                                f"{', '.join(LAYER_TYPES)}")
+        self.layers = layers
+        self.seed = seed
+        self.init = init
+        self._check_chain()
+        self._build_arena()
+        if seed is not None or init is not None:
+            _init.apply(self, "pytorch" if init is None else init, seed)
+        streams = np.random.SeedSequence(seed).spawn(len(layers) + 1)
+        self._rng = np.random.default_rng(streams[0])          # shuffling, splits
+        if seed is not None:
+            for layer, ss in zip(layers, streams[1:]):
+                if isinstance(layer, LSTM):
+                    layer._dropout_rng = np.random.default_rng(ss)
+                elif isinstance(layer, Dropout):
+                    layer._rng = np.random.default_rng(ss)
+        self.loss = self.optimizer = None
+        self.metrics = ()
+        self.stop_training = False
+        self.training = True
+        if loss is not None or optimizer is not None or compile_kwargs:
+            self.compile(loss=loss, optimizer=optimizer, metrics=metrics, **compile_kwargs)
+
+    # ---- structure -----------------------------------------------------------------------
+
+    def _check_chain(self):
+        """Feature sizes agree from layer to layer; LastStep learns its reverse features."""
+        features, dtypes, last_lstm = None, set(), None
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, Embedding):
+                if i != 0:
+                    raise ValueError(f"layers[{i}]: an Embedding must be the first layer")
+                features = layer.embedding_dim
+            elif isinstance(layer, (LSTM, Linear)):
+                size = layer.input_size if isinstance(layer, LSTM) else layer.in_features
+                if features is not None and size != features:
+                    raise ValueError(f"layers[{i}] ({layer!r}) takes {size} features but the "
+                                     f"layer before gives {features}")
+                if isinstance(layer, LSTM):
+                    features, last_lstm = layer.num_directions * layer.state_size, layer
+                else:
+                    features = layer.out_features
+            elif isinstance(layer, LastStep) and layer.reverse_features is None:
+                bi = last_lstm is not None and last_lstm.bidirectional
+                layer.reverse_features = last_lstm.state_size if bi else 0
+            if hasattr(layer, "dtype"):
+                dtypes.add(np.dtype(layer.dtype))
+        if len(dtypes) > 1:
+            raise TypeError(f"all layers need one dtype, got {sorted(d.name for d in dtypes)}")
+        self.dtype = dtypes.pop() if dtypes else np.dtype(np.float32)
+        self.sequence_output = not any(isinstance(l, LastStep) for l in self.layers)
+        self.token_input = isinstance(self.layers[0], Embedding)
+
+    def _build_arena(self):
+        """One parameter arena and one gradient arena for the whole model; every layer's
+        parameters become views into them (optimiser steps and clipping are then one
+        operation over one array)."""
+        layout = []
+        for i, layer in enumerate(self.layers):
+            layout += [(f"{i}.{name}", shape) for name, shape in getattr(layer, "_layout", [])]
+        self._layout = layout
+        self.flat_params, self.flat_grads, _, _ = _arena(layout, self.dtype)
+        offset = 0
+        for layer in self.layers:
+            n = sum(math.prod(s) for _, s in getattr(layer, "_layout", []))
+            if n:
+                layer._bind(self.flat_params[offset:offset + n],
+                            self.flat_grads[offset:offset + n])
+            offset += n
+
+    @property
+    def params(self):
+        """{"<i>.<name>": view} of every parameter, in arena order."""
+        return {f"{i}.{k}": v for i, l in enumerate(self.layers)
+                for k, v in (l.params.items() if getattr(l, "_layout", None) else ())}
+
+    @property
+    def grads(self):
+        return {f"{i}.{k}": v for i, l in enumerate(self.layers)
+                for k, v in (l.grads.items() if getattr(l, "_layout", None) else ())}
+
+    @property
+    def num_parameters(self):
+        return int(self.flat_params.size)
+
+    def state_dict(self):
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy parameters in by name (as ``state_dict`` gives them); all keys are checked
+        before anything is copied."""
+        from .layers import _load_into
+        _load_into(self.params, state_dict, strict)
+        return self
+
+    def get_config(self):
+        return {"layers": [{"type": type(l).__name__, "config": l.get_config()}
+                           for l in self.layers],
+                "loss": self.loss, "metrics": list(self.metrics)}
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self):
+        self.flat_grads[...] = 0
+
+    def __repr__(self):
+        inner = "".join(f"\n  ({i}) {l!r}" for i, l in enumerate(self.layers))
+        return f"Sequential({inner}\n)  # {self.num_parameters:,} parameters, {self.dtype}"
+
+    def save(self, path, include_optimizer=True):
+        """Write the model to one .npz file, atomically (see ``cylstm.io.save``)."""
+        from . import io
+        io.save(self, path, include_optimizer=include_optimizer)
+
+    # ---- compile -------------------------------------------------------------------------
+
+    def compile(self, loss="cross_entropy", optimizer="adam", metrics=(), lr=None, **kwargs):
+        """Choose the loss ("cross_entropy" or "mse"), the optimiser (a name: "sgd",
+        "adam", "adamw", "rmsprop", with ``lr`` and keywords such as momentum,
+        weight_decay, clip_norm; or an optimiser built on this model) and the metrics
+        ("accuracy", "perplexity", "bpc" for cross-entropy; "rmse", "mae" for mse)."""
+        if loss not in _LOSSES:
+            raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
+        if isinstance(metrics, str):
+            metrics = (metrics,)
+        for m in metrics:
+            if m not in _METRICS[loss]:
+                raise ValueError(f"metric {m!r} does not go with loss {loss!r}; "
+                                 f"choose from {_METRICS[loss]}")
+        if optimizer is None:
+            optimizer = "adam"
+        if isinstance(optimizer, str):
+            cls = _OPTIMIZERS.get(optimizer.lower())
+            if cls is None:
+                raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZERS)} or an "
+                                 f"optimiser object, got {optimizer!r}")
+            if lr is not None:
+                kwargs["lr"] = lr
+            if cls is _optim.SGD and "lr" not in kwargs:
+                kwargs["lr"] = 0.01
+            optimizer = cls(self, **kwargs)
+        elif isinstance(optimizer, _optim.Optimizer):
+            if optimizer.params is not self.flat_params or optimizer.grads is not self.flat_grads:
+                raise ValueError("optimizer must be built on this model "
+                                 "(e.g. cylstm.optim.Adam(model, lr=1e-3))")
+            if lr is not None:
+                optimizer.lr = lr
+            if kwargs:
+                raise TypeError(f"unexpected keywords {sorted(kwargs)} with an optimiser "
+                                f"object")
+        else:
+            raise TypeError(f"optimizer must be a name or a cylstm.optim optimiser, "
+                            f"got {type(optimizer).__name__}")
+        self.loss, self.optimizer, self.metrics = loss, optimizer, tuple(metrics)
+        return self
+
+    # ---- data ----------------------------------------------------------------------------
+
+    def _inputs(self, x, lengths, name="x"):
+        """(x as an array (N, T, ...) of the model's input dtype, lengths (N,) or None)."""
+        if isinstance(x, (list, tuple)):
+            if lengths is not None:
+                raise ValueError(f"lengths must be None when {name} is a list of sequences "
+                                 f"(their lengths are taken from the arrays)")
+            x, lengths = pad_sequences(x, name=name)
+        elif not isinstance(x, np.ndarray):
+            try:
+                x = np.asarray(x)
+            except Exception as e:
+                raise TypeError(f"{name} must be an array or a list of arrays, got "
+                                f"{type(x).__name__}: {e}") from None
+        if self.token_input:
+            if x.dtype.kind not in "iu":
+                raise TypeError(f"{name} must hold integer token ids (the first layer is an "
+                                f"Embedding), got dtype {x.dtype}")
+            if x.ndim != 2:
+                raise ValueError(f"{name} must have shape (N, T) of token ids, got {x.shape}")
+        else:
+            if x.dtype.kind not in "biuf":
+                raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+            if x.ndim != 3:
+                raise ValueError(f"{name} must have shape (N, T, features), got {x.shape}")
+            x = x.astype(self.dtype, copy=False)
+        N, T = x.shape[:2]
+        if N < 1 or T < 1:
+            raise ValueError(f"{name} must hold at least one sequence of one step, "
+                             f"got shape {x.shape}")
+        if lengths is not None:
+            lengths = np.asarray(lengths)
+            if lengths.dtype.kind not in "iu" or lengths.shape != (N,):
+                raise ValueError(f"lengths must be ({N},) integers (one per sequence of "
+                                 f"{name}), got {lengths.dtype} {lengths.shape}")
+            if lengths.min() < 1 or lengths.max() > T:
+                raise ValueError(f"lengths must be in 1..{T} (the steps of {name}), "
+                                 f"got values in {lengths.min()}..{lengths.max()}")
+            lengths = lengths.astype(np.int64)
+        return x, lengths
+
+    def _targets(self, y, N, T, name="y"):
+        if isinstance(y, (list, tuple)) and len(y) and np.ndim(y[0]) >= 1 \
+                and self.sequence_output:
+            y, _ = pad_sequences(y, name=name)
+            if y.shape[1] < T:
+                y = np.concatenate([y, np.zeros((N, T - y.shape[1]) + y.shape[2:], y.dtype)], 1)
+        y = np.asarray(y)
+        if y.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must hold numbers, got dtype {y.dtype}")
+        if y.ndim == 0 or y.shape[0] != N:
+            raise ValueError(f"{name} must have one entry per sequence ({N}), got shape "
+                             f"{y.shape}")
+        if self.sequence_output and (y.ndim < 2 or y.shape[1] != T):
+            raise ValueError(f"{name} must have one target per step, shape ({N}, {T}, ...), "
+                             f"because the model outputs every step; got {y.shape}")
+        if self.loss == "cross_entropy" and y.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold integer class indices for cross_entropy, "
+                            f"got dtype {y.dtype}")
+        return y
+
+    def _check_compiled(self):
+        if self.loss is None:
+            raise RuntimeError("call model.compile(loss=..., optimizer=...) before fit/evaluate")
+
+    # ---- forward / backward --------------------------------------------------------------
+
+    def _forward(self, x, lengths, states=None):
+        """The stack on one batch; returns (output, [final (h, c) of each LSTM])."""
+        out, finals, k = x, [], 0
+        for layer in self.layers:
+            if isinstance(layer, LSTM):
+                st = None if states is None else states[k]
+                k += 1
+                xin = out if layer.batch_first else out.transpose(1, 0, 2)
+                y, hc = layer.forward(xin, state=st, lengths=lengths)
+                out = y if layer.batch_first else y.transpose(1, 0, 2)
+                finals.append(hc)
+            elif isinstance(layer, LastStep):
+                out = layer.forward(out, lengths)
+            else:
+                out = layer.forward(out)
+        return out, finals
+
+    def _backward(self, dout):
+        for layer in reversed(self.layers):
+            if isinstance(layer, LSTM):
+                dy = dout if layer.batch_first else dout.transpose(1, 0, 2)
+                dx, _ = layer.backward(dy)
+                dout = dx if layer.batch_first else dx.transpose(1, 0, 2)
+            else:
+                dout = layer.backward(dout)
+            if dout is None:                       # an Embedding: nothing below it
+                break
+
+    def _loss(self, out, y, lengths):
+        """(mean loss, its gradient, positions counted, correct, sum |error|)."""
+        mask = None
+        if self.sequence_output and lengths is not None:
+            mask = np.arange(out.shape[1])[None, :] < lengths[:, None]
+        if self.loss == "cross_entropy":
+            loss, dout, count, correct = _losses._cross_entropy(
+                out, y, mask, -100, "mean")
+            return loss, dout, count, correct, 0.0
+        if y.shape != out.shape and y.size == out.size:
+            y = y.reshape(out.shape)                 # (N,) targets for one output
+        loss, dout = _losses.mse(out, y, mask)
+        count = out.size if mask is None else int(mask.sum()) * (out.size // mask.size)
+        err = np.abs(out - y.astype(out.dtype, copy=False))
+        abs_err = float(err.sum() if mask is None else err[mask].sum())
+        return loss, dout, count, 0, abs_err
+
+    def _batches(self, N, batch_size, shuffle):
+        order = self._rng.permutation(N) if shuffle else np.arange(N)
+        return [order[i:i + batch_size] for i in range(0, N, batch_size)]
+
+    @staticmethod
+    def _take(idx, x, y, lengths):
+        """Rows idx, cut to the longest sequence among them (less padding to compute)."""
+        lb = None if lengths is None else lengths[idx]
+        T = x.shape[1] if lb is None else int(lb.max())
+        yb = None if y is None else y[idx]
+        if yb is not None and yb.ndim >= 2 and yb.shape[1] == x.shape[1]:
+            yb = yb[:, :T]
+        return np.ascontiguousarray(x[idx, :T]), yb, lb
+
+    def _train_batch(self, xb, yb, lb, states=None):
+        """One optimiser step. Returns (loss, count, correct, abs_err, final states).
+
+        The loss and the gradient norm are checked before the step: a NaN/Inf stops
+        training with the weights of the last good step untouched."""
+        self.zero_grad()
+        out, finals = self._forward(xb, lb, states)
+        loss, dout, count, correct, abs_err = self._loss(out, yb, lb)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss became {loss} at step {self.optimizer.step_count + 1}; training "
+                f"stopped and the model keeps the weights of the last good step (lower the "
+                f"learning rate, set clip_norm, or check the data for NaN/Inf)")
+        self._backward(dout)
+        norm = _optim._norm(self.flat_grads)
+        if not math.isfinite(norm):
+            raise FloatingPointError(
+                f"the gradient norm became {norm} at step {self.optimizer.step_count + 1} "
+                f"(loss {loss:.4g}); training stopped and the model keeps the weights of "
+                f"the last good step (lower the learning rate or set clip_norm)")
+        self.optimizer.step()
+        return loss, count, correct, abs_err, finals
+
+    def _eval_batch(self, xb, yb, lb, states=None):
+        out, finals = self._forward(xb, lb, states)
+        loss, _, count, correct, abs_err = self._loss(out, yb, lb)
+        return loss, count, correct, abs_err, finals
+
+    # ---- the public loop -----------------------------------------------------------------
+
+    def fit(self, x, y, batch_size=32, epochs=1, validation_data=None, validation_split=0.0,
+            shuffle=True, callbacks=None, verbose=1, lengths=None):
+        """Train; returns a ``History``. See the module docstring for x, y and lengths.
+
+        validation_data: (x_val, y_val) or (x_val, y_val, lengths_val), evaluated after
+        every epoch ("val_loss", "val_<metric>"); validation_split: the fraction of
+        sequences taken from the end of x (before shuffling) for validation instead.
+        callbacks: ``cylstm.callbacks`` objects. verbose: 0 silent, 1 a progress bar on a
+        terminal, 2 one line per epoch. Ctrl-C stops between steps, leaving the model in
+        eval mode with the weights of the last completed step; a NaN/Inf loss raises
+        FloatingPointError, also with the last good weights.
+        """
+        self._check_compiled()
+        batch_size = _positive_int(batch_size, "batch_size")
+        epochs = _positive_int(epochs, "epochs", minimum=0)
+        x, lengths = self._inputs(x, lengths)
+        N, T = x.shape[:2]
+        y = self._targets(y, N, T)
+        if not isinstance(validation_split, numbers.Real) or not 0 <= validation_split < 1:
+            raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
+        val = None
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+                raise TypeError("validation_data must be (x_val, y_val) or "
+                                "(x_val, y_val, lengths_val)")
+            xv, lv = self._inputs(validation_data[0],
+                                  validation_data[2] if len(validation_data) == 3 else None,
+                                  "validation_data x")
+            val = (xv, self._targets(validation_data[1], *xv.shape[:2], "validation_data y"), lv)
+        elif validation_split > 0:
+            n_val = int(round(N * validation_split))
+            if not 0 < n_val < N:
+                raise ValueError(f"validation_split={validation_split} of {N} sequences "
+                                 f"leaves no training or no validation data")
+            cut = N - n_val
+            val = (x[cut:], y[cut:], None if lengths is None else lengths[cut:])
+            x, y, lengths = x[:cut], y[:cut], None if lengths is None else lengths[:cut]
+            N = cut
+
+        def epoch_batches(epoch):
+            for idx in self._batches(N, batch_size, shuffle):
+                yield self._take(idx, x, y, lengths)
+
+        def validate():
+            return self._evaluate_arrays(*val, batch_size) if val is not None else None
+
+        return self._fit_loop(epoch_batches, -(-N // batch_size), epochs, validate,
+                              callbacks, verbose)
+
+    def _fit_loop(self, epoch_batches, n_batches, epochs, validate, callbacks, verbose,
+                  stateful=False):
+        """The epoch loop shared by fit and the text trainer: batches from
+        ``epoch_batches(epoch)`` as (x, y, lengths); ``validate()`` -> a _Stats or None.
+        With ``stateful``, each batch starts from the LSTM states the last one ended
+        with (truncated BPTT over streams), reset at each epoch."""
+        callbacks = list(callbacks or [])
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be cylstm.callbacks.Callback objects, "
+                                f"got {type(cb).__name__}")
+            cb.set_model(self)
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+        history, bar = History(), _Progress(verbose)
+        self.stop_training = False
+        self.history = history
+        for cb in callbacks:
+            cb.on_train_begin({})
+        try:
+            for epoch in range(epochs):
+                for cb in callbacks:
+                    cb.on_epoch_begin(epoch, {})
+                self.train()
+                stats, states = _Stats(self.loss), None
+                bar.begin(epoch, epochs, n_batches)
+                for b, (xb, yb, lb) in enumerate(epoch_batches(epoch)):
+                    loss, count, correct, abs_err, finals = self._train_batch(xb, yb, lb, states)
+                    if stateful:
+                        states = [(h.copy(), c.copy()) for h, c in finals]
+                    stats.add(loss, count, correct, abs_err)
+                    bar.update(len(xb), loss, count)
+                    for cb in callbacks:
+                        cb.on_batch_end(b, {"loss": loss, "size": len(xb)})
+                logs = stats.logs(self.metrics)
+                self.eval()
+                vstats = validate()
+                if vstats is not None:
+                    logs.update(vstats.logs(self.metrics, "val_"))
+                logs["lr"] = self.optimizer.lr
+                for cb in callbacks:
+                    cb.on_epoch_end(epoch, logs)
+                history._append(epoch, logs)
+                bar.end(logs)
+                if self.stop_training:
+                    break
+        except BaseException:
+            bar.abort()
+            self.eval()
+            raise
+        for cb in callbacks:
+            cb.on_train_end({})
+        self.eval()
+        return history
+
+    def _evaluate_arrays(self, x, y, lengths, batch_size):
+        self.eval()
+        stats = _Stats(self.loss)
+        for idx in self._batches(len(x), batch_size, shuffle=False):
+            loss, count, correct, abs_err, _ = self._eval_batch(*self._take(idx, x, y, lengths))
+            stats.add(loss, count, correct, abs_err)
+        return stats
+
+    def evaluate(self, x, y, batch_size=256, lengths=None):
+        """The loss and metrics on (x, y), in eval mode: {"loss": ..., metric: ...}."""
+        self._check_compiled()
+        x, lengths = self._inputs(x, lengths)
+        y = self._targets(y, *x.shape[:2])
+        return self._evaluate_arrays(x, y, lengths, _positive_int(batch_size, "batch_size")
+                                     ).logs(self.metrics)
+
+    def predict(self, x, batch_size=256, lengths=None):
+        """The model's output for x, in eval mode (no caches kept), batch by batch:
+        (N, ...) per sequence, or (N, T, ...) per step with zeros past each length."""
+        batch_size = _positive_int(batch_size, "batch_size")
+        x, lengths = self._inputs(x, lengths)
+        self.eval()
+        parts = []
+        for idx in self._batches(len(x), batch_size, shuffle=False):
+            xb, _, lb = self._take(idx, x, None, lengths)
+            parts.append(self._forward(xb, lb)[0])
+        if not self.sequence_output:
+            return np.concatenate(parts)
+        out = np.zeros((len(x), x.shape[1]) + parts[0].shape[2:], parts[0].dtype)
+        row = 0
+        for p in parts:
+            out[row:row + len(p), :p.shape[1]] = p
+            row += len(p)
+        return out
+
+    # ---- streaming -----------------------------------------------------------------------
+
+    def initial_state(self, batch):
+        """Streaming state for ``batch`` streams: one LSTMState per LSTM layer."""
+        return [l.initial_state(batch) for l in self.layers if isinstance(l, LSTM)]
+
+    def step(self, x_t, states):
+        """One step for every stream: x_t (B,) token ids or (B, F) -> output (B, ...).
+        Updates ``states`` (from ``initial_state``) in place; eval mode."""
+        if self.training:
+            self.eval()
+        out, k = x_t, 0
+        for layer in self.layers:
+            if isinstance(layer, LSTM):
+                out = layer.step(out, states[k])
+                k += 1
+            elif isinstance(layer, LastStep):
+                continue                            # a stream's current step is its last
+            else:
+                out = layer.forward(out)
+        return out
