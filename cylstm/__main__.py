@@ -139,7 +139,7 @@ def _run_train(args):
         f"{args.embedding_dim}) -> LSTM({args.embedding_dim}, {args.hidden_size}, "
         f"num_layers={args.num_layers}) -> Linear({args.hidden_size}, {vocab.size}); "
         f"{cylstm.get_num_threads() if args.threads <= 0 else args.threads} threads")
-    verbose = 0 if quiet else (1 if sys.stderr.isatty() else 2)
+    verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
     t0 = time.perf_counter()
     with (cylstm.threads(args.threads) if args.threads > 0 else nullcontext()):
         try:

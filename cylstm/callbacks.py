@@ -110,7 +110,7 @@ class EarlyStopping(Callback):
                 self._best_params = self.model.flat_params.copy()
             return
         self.wait += 1
-        if self.wait > self.patience:
+        if self.wait >= self.patience:           # as Keras: patience epochs without gain
             self.stopped_epoch = epoch
             self.model.stop_training = True
 

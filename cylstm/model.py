@@ -94,7 +94,7 @@ class _Progress:
     only (silent in logs and pipes). verbose=2: a line per epoch, always."""
 
     def __init__(self, verbose, stream=None):
-        self.stream = sys.stderr if stream is None else stream
+        self.stream = sys.stdout if stream is None else stream
         tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.live = verbose == 1 and tty
         self.lines = verbose == 2 or (verbose == 1 and tty)
@@ -129,7 +129,7 @@ class _Progress:
             return
         el = time.perf_counter() - self.t0
         items = "  ".join(f"{k} {v:.4g}" for k, v in logs.items())
-        line = (f"Epoch {self.epoch + 1}/{self.epochs}  {el:.1f}s  "
+        line = (f"Epoch {self.epoch + 1}/{self.epochs}  {el:.2f}s  "
                 f"{self.rows / max(el, 1e-9):,.0f} seq/s  {items}")
         # On a terminal, overwrite the bar and clear the rest of its line.
         self.stream.write(f"\r{line}\x1b[K\n" if self.live else line + "\n")
@@ -488,7 +488,10 @@ class Sequential:
         training with the weights of the last good step untouched."""
         self.zero_grad()
         out, finals = self._forward(xb, lb, states)
-        loss, dout, count, correct, abs_err = self._loss(out, yb, lb)
+        if not np.isfinite(out).all():
+            loss = float("nan")
+        else:
+            loss, dout, count, correct, abs_err = self._loss(out, yb, lb)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"the loss became {loss} at step {self.optimizer.step_count + 1}; training "
@@ -648,6 +651,8 @@ class Sequential:
         for p in parts:
             out[row:row + len(p), :p.shape[1]] = p
             row += len(p)
+        if lengths is not None:          # layers after the LSTM (a bias) fill padding too
+            out[np.arange(out.shape[1])[None, :] >= lengths[:, None]] = 0
         return out
 
     # ---- streaming -----------------------------------------------------------------------
