@@ -1,5 +1,6 @@
 """The examples run as a user would run them, and check their own results."""
 import os
+import re
 import subprocess
 import sys
 
@@ -25,3 +26,43 @@ def test_from_pytorch_example():
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert "same outputs after loading the tensors directly: True" in out.stdout
+
+
+def _needs(module):
+    """The examples' data sets come from the `examples` extra; CI installs it and sets
+    CYLSTM_REQUIRE_EXAMPLES so that a missing package fails instead of skipping."""
+    if os.environ.get("CYLSTM_REQUIRE_EXAMPLES"):
+        __import__(module)
+    else:
+        pytest.importorskip(module)
+
+
+def _run(name, *args):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(cylstm.__file__)))
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *args],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_digits_example_reaches_its_stated_accuracy():
+    _needs("sklearn")
+    out = _run("digits.py", "--verbose", "0")
+    acc = float(re.search(r"test accuracy ([0-9.]+)", out).group(1))
+    assert acc >= 0.96, out
+
+
+def test_sunspots_example_beats_persistence_and_is_near_ar9():
+    _needs("statsmodels")
+    out = _run("sunspots.py")
+    m = re.search(r"LSTM ([0-9.]+)\s+persistence ([0-9.]+)\s+AR\(9\) ([0-9.]+)", out)
+    lstm, persistence, ar9 = map(float, m.groups())
+    assert abs(persistence - 25.26) < 0.01 and abs(ar9 - 13.75) < 0.01     # the baselines
+    assert lstm < persistence and lstm < 1.15 * ar9, out
+
+
+def test_char_lm_example_reports_bits_per_character_per_epoch():
+    out = _run("char_lm.py", "--epochs", "2", "--max-chars", "40000", "--hidden-size", "64")
+    bpc = [float(v) for v in re.findall(r"validation ([0-9.]+)", out)]
+    assert len(bpc) == 2 and bpc[1] < bpc[0] < 7, out
+    assert out.splitlines()[-1].startswith("The ") or "The " in out

@@ -11,8 +11,9 @@ def _python_blocks():
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-def test_readme_examples_run():
+def test_readme_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)              # the examples write model files
     blocks = [b for b in _python_blocks() if b.lstrip().startswith("import numpy")]
-    assert len(blocks) >= 2                  # the API example and the training example
+    assert len(blocks) >= 2                  # the API example and the training one
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})

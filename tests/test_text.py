@@ -1,0 +1,124 @@
+"""Characters: vocabulary, stream batching, truncated BPTT, sampling, and the CLI."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cylstm
+from cylstm import text
+
+ENV = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(cylstm.__file__)))
+
+
+def test_vocab_round_trip_and_errors():
+    v = text.CharVocab.from_text("hello, wörld\n")
+    assert v.chars == "".join(sorted(set("hello, wörld\n")))
+    ids = v.encode("wörld hello")
+    assert ids.dtype == np.int32 and v.decode(ids) == "wörld hello"
+    with pytest.raises(ValueError, match=r"outside the vocabulary: \['z'\]"):
+        v.encode("hez")
+    with pytest.raises(ValueError, match="must be in 0.."):
+        v.decode([0, 99])
+    with pytest.raises(ValueError, match="repeat"):
+        text.CharVocab("aa")
+
+
+def test_default_text_is_the_standard_library_docs():
+    t = text.default_text()
+    assert 300_000 < len(t) < 2_000_000 and "for" in t and "class" in t
+
+
+def test_stream_batches_cut_the_text_into_parallel_streams():
+    ids = np.arange(103)
+    batches = text.stream_batches(ids, batch_size=4, seq_len=10)
+    n = (103 - 1) // 4                                   # 25 steps per stream
+    assert [x.shape for x, _ in batches] == [(4, 10), (4, 10), (4, 5)]
+    x = np.concatenate([b[0] for b in batches], axis=1)
+    y = np.concatenate([b[1] for b in batches], axis=1)
+    np.testing.assert_array_equal(x, np.arange(4 * n).reshape(4, n))   # row b: slice b
+    np.testing.assert_array_equal(y, x + 1)
+    with pytest.raises(ValueError, match="too few"):
+        text.stream_batches(np.arange(4), 4, 2)
+
+
+def test_state_is_carried_between_batches():
+    """With carried state, batch-by-batch evaluation equals one pass over the whole
+    streams; without it, it would not."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 5, 2 * 40 + 1)
+    model = text.char_model(5, embedding_dim=3, hidden_size=8, dtype="float64", seed=0)
+    model.compile(loss="cross_entropy", metrics=["bpc"])
+    chunked = text.evaluate_text(model, ids, batch_size=2, seq_len=7)["loss"]
+    whole = text.evaluate_text(model, ids, batch_size=2, seq_len=40)["loss"]
+    assert abs(chunked - whole) < 1e-12
+
+
+def test_fit_text_learns_a_repetitive_text_and_sampling_is_seeded():
+    corpus = "the cat sat on the mat. " * 60
+    vocab = text.CharVocab.from_text(corpus)
+    ids = vocab.encode(corpus)
+    model = text.char_model(vocab.size, embedding_dim=8, hidden_size=32, seed=0)
+    model.compile(loss="cross_entropy", optimizer="adam", lr=1e-2, metrics=["bpc"],
+                  clip_norm=5.0)
+    hist = text.fit_text(model, ids[:1200], ids[1200:], batch_size=4, seq_len=20,
+                         epochs=6, verbose=0)
+    assert hist.history["val_bpc"][-1] < 0.5 < hist.history["val_bpc"][0] + 1
+    a = text.sample(model, vocab, prime="the ", length=40, temperature=0.5, seed=1)
+    b = text.sample(model, vocab, prime="the ", length=40, temperature=0.5, seed=1)
+    assert a == b and len(a) == 40 and set(a) <= set(vocab.chars)
+    greedy = text.sample(model, vocab, prime="the c", length=20, temperature=0)
+    assert greedy == text.sample(model, vocab, prime="the c", length=20, top_k=1, seed=9)
+    assert greedy.startswith("at sat on the mat")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        text.sample(model, vocab, prime="xyz")
+    with pytest.raises(ValueError, match="temperature"):
+        text.sample(model, vocab, temperature=-1)
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "cylstm", *args], capture_output=True,
+                          text=True, timeout=300, env=ENV, cwd=cwd)
+
+
+def test_cli_train_then_generate_end_to_end(tmp_path):
+    (tmp_path / "tiny.txt").write_text("a stitch in time saves nine. " * 80)
+    out = _cli("train", "--text", "tiny.txt", "--epochs", "2", "--hidden-size", "32",
+               "--embedding-dim", "8", "--batch-size", "4", "--seq-len", "16",
+               "--model", "m.npz", "--length", "60", "--prime", "a st", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "validation bits/character per epoch:" in out.stdout
+    assert "Epoch 2/2" in out.stdout and "val_bpc" in out.stdout
+    assert (tmp_path / "m.npz").exists()
+    model = cylstm.load(tmp_path / "m.npz")
+    assert model.metadata["vocab"] == "".join(sorted(set("a stitch in time saves nine. ")))
+    gen = _cli("generate", "--model", "m.npz", "--prime", "a st", "--length", "30",
+               "--seed", "3", cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("a st") and len(gen.stdout.rstrip("\n")) == 34
+    again = _cli("generate", "--model", "m.npz", "--prime", "a st", "--length", "30",
+                 "--seed", "3", cwd=tmp_path)
+    assert again.stdout == gen.stdout
+
+
+def test_cli_help_and_errors(tmp_path):
+    helped = _cli("train", "--help", cwd=tmp_path)
+    assert helped.returncode == 0
+    for option in ("--text", "--epochs", "--batch-size", "--seq-len", "--hidden-size",
+                   "--num-layers", "--lr", "--clip-norm", "--model", "--temperature",
+                   "--top-k", "--prime", "--threads", "pydoc_data.topics"):
+        assert option in helped.stdout, option
+    assert _cli("generate", "--help", cwd=tmp_path).returncode == 0
+    missing = _cli("generate", "--model", "nope.npz", cwd=tmp_path)
+    assert missing.returncode == 2 and "nope.npz" in missing.stderr
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    junk = _cli("generate", "--model", "junk.npz", cwd=tmp_path)
+    assert junk.returncode == 2 and "not an .npz archive" in junk.stderr
+    cylstm.save(cylstm.LSTM(2, 3), tmp_path / "lstm.npz")
+    notlm = _cli("generate", "--model", "lstm.npz", cwd=tmp_path)
+    assert notlm.returncode == 2 and "not a character model" in notlm.stderr
+    (tmp_path / "t.txt").write_text("abc")
+    short = _cli("train", "--text", "t.txt", cwd=tmp_path)
+    assert short.returncode == 2 and "too short" in short.stderr
