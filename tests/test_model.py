@@ -421,3 +421,28 @@ def test_initialisers():
     assert np.abs(m1.params["0.weight"]).max() <= 0.05
     with pytest.raises(ValueError, match="init must be"):
         cylstm.init.apply(lstm, "xavier")
+
+
+def test_last_step_after_a_bidirectional_lstm_is_its_final_h_n():
+    rng = np.random.default_rng(5)
+    lstm = cylstm.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=4, batch_first=True)
+    model = cylstm.Sequential([lstm, cylstm.LastStep()])
+    assert model.layers[1].reverse_features == 4
+    x = rng.standard_normal((5, 7, 3)).astype(np.float32)
+    lengths = np.array([7, 1, 4, 6, 2])
+    out = model.predict(x, lengths=lengths)
+    _, (h_n, _) = lstm(x, lengths=lengths)
+    np.testing.assert_array_equal(out, np.concatenate([h_n[-2], h_n[-1]], axis=1))
+
+
+def test_validation_data_with_lengths_and_a_list():
+    seqs, y = _parity_task(96)
+    x, lengths = cylstm.pad_sequences(seqs)
+    a, b = _classifier(1), _classifier(1)
+    ha = a.fit(seqs[:64], y[:64], epochs=2, verbose=0, validation_data=(seqs[64:], y[64:]))
+    hb = b.fit(seqs[:64], y[:64], epochs=2, verbose=0,
+               validation_data=(x[64:], y[64:], lengths[64:]))
+    assert ha.history["val_loss"] == hb.history["val_loss"]
+    assert ha.history["val_loss"][-1] == pytest.approx(a.evaluate(seqs[64:], y[64:])["loss"])
+    with pytest.raises(TypeError, match="validation_data must be"):
+        a.fit(seqs, y, verbose=0, validation_data=(seqs,))
