@@ -141,7 +141,33 @@ def _both_directions(run):
     return [first, second]
 
 
-class LSTM:
+class _Parametrised:
+    """What every layer with parameters shares: ``_layout`` [(name, shape)] in order,
+    ``flat_params`` / ``flat_grads`` arenas, ``params`` / ``grads`` named views."""
+
+    def zero_grad(self):
+        """Set every gradient to zero (backward accumulates)."""
+        self.flat_grads[...] = 0
+
+    def state_dict(self):
+        """A dict of copies of the parameters, by name (PyTorch's), in arena order."""
+        return {name: self.params[name].copy() for name, _ in self._layout}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy parameters in from a dict of arrays (or torch tensors; torch is never
+        imported). Every key is checked before anything is copied, so a bad dict leaves
+        the model unchanged. Unknown or missing keys are errors when ``strict``."""
+        _load_into(self.params, state_dict, strict)
+        return self
+
+    def _bind(self, flat_params, flat_grads):
+        """Move parameters and gradients into the given arrays (a model's arena slices):
+        values are copied, then every view is rebuilt on the new storage."""
+        self.flat_params, self.flat_grads, self.params, self.grads = _bind_arena(
+            self._layout, self.flat_params, self.flat_grads, flat_params, flat_grads)
+
+
+class LSTM(_Parametrised):
     """A multi-layer LSTM with exactly ``torch.nn.LSTM``'s semantics, shapes and names.
 
     ``y, (h_n, c_n) = lstm(x, state=None, lengths=None)``
@@ -252,33 +278,12 @@ class LSTM:
         """Inference mode: forward keeps no cache, dropout is off."""
         return self.train(False)
 
-    def zero_grad(self):
-        """Set every gradient to zero (backward accumulates)."""
-        self.flat_grads[...] = 0
-
-    def state_dict(self):
-        """A dict of copies of the parameters, with torch.nn.LSTM's names and order."""
-        return {name: self.params[name].copy() for name, _ in self._layout}
-
-    def load_state_dict(self, state_dict, strict=True):
-        """Copy parameters in from a dict of arrays (or torch tensors; torch is never
-        imported). Every key is checked before anything is copied, so a bad dict leaves
-        the model unchanged. Unknown or missing keys are errors when ``strict``."""
-        _load_into(self.params, state_dict, strict)
-        return self
-
     def get_config(self):
         """The constructor's arguments (JSON-able): ``LSTM(**config)`` rebuilds the shape."""
         return dict(input_size=self.input_size, hidden_size=self.hidden_size,
                     num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
                     dropout=self.dropout, bidirectional=self.bidirectional,
                     proj_size=self.proj_size, dtype=self.dtype.name)
-
-    def _bind(self, flat_params, flat_grads):
-        """Move parameters and gradients into the given arrays (a model's arena slices):
-        values are copied, then every view is rebuilt on the new storage."""
-        self.flat_params, self.flat_grads, self.params, self.grads = _bind_arena(
-            self._layout, self.flat_params, self.flat_grads, flat_params, flat_grads)
 
     def _weights(self, layer, d):
         """((w_ih, w_hh, b_ih, b_hh, w_hr), (their gradients)) of one layer and direction;
@@ -523,7 +528,7 @@ def _features(x, name, dtype, size):
     return np.ascontiguousarray(x, dtype=dtype)
 
 
-class Linear:
+class Linear(_Parametrised):
     """y = x W^T + b over the last axis, as ``torch.nn.Linear``: x (..., in) -> (..., out).
 
     ``params``/``grads``: {"weight" (out, in), "bias" (out,)} views into the arenas
@@ -557,10 +562,6 @@ class Linear:
         return dict(in_features=self.in_features, out_features=self.out_features,
                     bias=self.bias, dtype=self.dtype.name)
 
-    def _bind(self, flat_params, flat_grads):
-        self.flat_params, self.flat_grads, self.params, self.grads = _bind_arena(
-            self._layout, self.flat_params, self.flat_grads, flat_params, flat_grads)
-
     def train(self, mode=True):
         self.training = bool(mode)
         if not self.training:
@@ -569,16 +570,6 @@ class Linear:
 
     def eval(self):
         return self.train(False)
-
-    def zero_grad(self):
-        self.flat_grads[...] = 0
-
-    def state_dict(self):
-        return {name: self.params[name].copy() for name, _ in self._layout}
-
-    def load_state_dict(self, state_dict, strict=True):
-        _load_into(self.params, state_dict, strict)
-        return self
 
     def __call__(self, x):
         return self.forward(x)

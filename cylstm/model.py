@@ -35,7 +35,8 @@ from . import losses as _losses
 from . import optim as _optim
 from .callbacks import Callback
 from .embedding import Embedding
-from .layers import LSTM, Dropout, LastStep, Linear, _arena, _positive_int
+from .layers import (LSTM, Dropout, LastStep, Linear, _arena, _Parametrised,
+                     _positive_int)
 
 __all__ = ["Sequential", "History", "pad_sequences"]
 
@@ -172,7 +173,7 @@ class _Stats:
         return out
 
 
-class Sequential:
+class Sequential(_Parametrised):
     """Layers applied in order; see the module docstring.
 
     ``Sequential(layers, seed=None, init=None, loss=None, optimizer=None, metrics=(), **kw)``
@@ -276,16 +277,6 @@ class Sequential:
     def num_parameters(self):
         return int(self.flat_params.size)
 
-    def state_dict(self):
-        return {k: v.copy() for k, v in self.params.items()}
-
-    def load_state_dict(self, state_dict, strict=True):
-        """Copy parameters in by name (as ``state_dict`` gives them); all keys are checked
-        before anything is copied."""
-        from .layers import _load_into
-        _load_into(self.params, state_dict, strict)
-        return self
-
     def get_config(self):
         return {"layers": [{"type": type(l).__name__, "config": l.get_config()}
                            for l in self.layers],
@@ -299,9 +290,6 @@ class Sequential:
 
     def eval(self):
         return self.train(False)
-
-    def zero_grad(self):
-        self.flat_grads[...] = 0
 
     def __repr__(self):
         inner = "".join(f"\n  ({i}) {l!r}" for i, l in enumerate(self.layers))
