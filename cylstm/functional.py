@@ -75,7 +75,10 @@ def _lengths(lengths, T, B):
     """lengths as an int32 (B,) array with values in 1..T (all T when None)."""
     if lengths is None:
         return np.full(B, T, dtype=np.int32)
-    lengths = np.asarray(lengths)
+    try:
+        lengths = np.asarray(lengths)
+    except Exception as e:         # ragged nested lists
+        raise TypeError(f"lengths must be a ({B},) array of integers, got {e}") from None
     if lengths.dtype.kind not in "iu":
         raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
     if lengths.shape != (B,):
@@ -152,6 +155,15 @@ def _wpack(ws, dtype, shapes, T):
     return ws.get("wpack", (n,), np.float32) if n else None
 
 
+def _workspace_arg(workspace):
+    if workspace is None:
+        return Workspace()
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace must be a cylstm.functional.Workspace or None, "
+                        f"got {type(workspace).__name__}")
+    return workspace
+
+
 # ---- workspaces and cache -------------------------------------------------------------------
 
 class Workspace:
@@ -225,12 +237,15 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     c = np.zeros((B, H), dtype) if c0 is None else _as_array(c0, "c0", dtype, (B, H)).copy()
     h0_kept = None if h0 is None else h.copy()
     c0_kept = c.copy() if training else None
-    ws = workspace if workspace is not None else Workspace()
+    ws = _workspace_arg(workspace)
     if out is None:
         y = np.empty((T, B, Hp), dtype)
     else:
-        if out.shape != (T, B, Hp) or out.dtype != dtype or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a C-contiguous {dtype} array of shape ({T}, {B}, {Hp})")
+        if (not isinstance(out, np.ndarray) or out.shape != (T, B, Hp) or out.dtype != dtype
+                or not out.flags.c_contiguous or not out.flags.writeable):
+            raise ValueError(f"out must be a writeable C-contiguous {dtype} array of shape "
+                             f"({T}, {B}, {Hp}), got {type(out).__name__} "
+                             f"{getattr(out, 'dtype', '')} {np.shape(out)}")
         y = out
     gates = ws.get("gates", (T, B, 4 * H), dtype)
     c_cache = ws.get("c", (T, B, H), dtype) if training else None
@@ -303,7 +318,7 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
         db_hh = _grad_buffer(db_hh, "db_hh", dtype, (4 * H,))
     elif db_ih is not None or db_hh is not None:
         raise ValueError("the layer has no bias: db_ih and db_hh must be None")
-    ws = workspace if workspace is not None else Workspace()
+    ws = _workspace_arg(workspace)
     dx = np.empty((T, B, I), dtype)
     dh0 = np.empty((B, Hp), dtype)
     with blas_single_threaded:

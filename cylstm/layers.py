@@ -242,6 +242,11 @@ class LSTM:
             if a.shape != self.params[name].shape:
                 raise ValueError(f"state dict entry {name!r} has shape {a.shape}, "
                                  f"expected {self.params[name].shape}")
+            with np.errstate(over="ignore", invalid="ignore"):
+                a = a.astype(self.dtype)      # a copy: 1e300 becomes inf in float32
+            if not np.isfinite(a).all():
+                raise ValueError(f"state dict entry {name!r} has NaN or Inf values (as "
+                                 f"{self.dtype}): a model with them computes only NaN")
             staged[name] = a
         for name, a in staged.items():
             np.copyto(self.params[name], a, casting="unsafe")

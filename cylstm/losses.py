@@ -316,6 +316,8 @@ def accuracy(logits, targets, mask=None, ignore_index=-100):
 def _real(x, name):
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Real, np.ndarray)):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    if isinstance(x, np.ndarray) and x.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
     x = np.asarray(x, dtype=np.float64)
     if np.any(np.isnan(x)):
         raise ValueError(f"{name} must not be NaN")
