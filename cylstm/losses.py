@@ -309,7 +309,7 @@ def accuracy(logits, targets, mask=None, ignore_index=-100):
     n = int(counted.sum())
     if n == 0:
         return 0.0
-    hits = np.argmax(logits[counted], axis=-1) == t
+    hits = np.argmax(logits.reshape(-1, C)[counted.reshape(-1)], axis=-1) == t  # 0-d lead too
     return float(hits.sum()) / n
 
 

@@ -630,6 +630,26 @@ def test_functional_out_and_workspace_arguments_name_themselves():
                               dw_hh=np.zeros((8, 2)), workspace={})
 
 
+def test_accuracy_of_a_single_row_with_0d_targets():
+    """Regression (found by a 1,000-example run): logits (C,) with a 0-d target gave
+    IndexError in accuracy (softmax_cross_entropy took it)."""
+    z = np.array([0.1, 2.0, -1.0], np.float32)
+    assert losses.accuracy(z, np.int64(1)) == 1.0
+    assert losses.accuracy(z, np.int64(0)) == 0.0
+    assert losses.accuracy(z, np.int64(0), mask=False) == 0.0
+
+
+def test_optimizer_load_state_dict_with_an_object_array_value():
+    """Regression (found by a 1,000-example run): a hyper-parameter given as an object
+    array (np.array([0.9, 0.99], object)) raised AttributeError from .item()."""
+    opt = optim.Adam(np.zeros(3), np.zeros(3))
+    sd = opt.state_dict()
+    opt.load_state_dict({**sd, "betas": np.array([0.8, 0.9], object)})
+    assert opt.betas == (0.8, 0.9)
+    with pytest.raises(TypeError, match="betas"):
+        opt.load_state_dict({**sd, "betas": np.array(["a", "b"], object)})
+
+
 def test_ragged_lengths_name_lengths():
     """Regression: a ragged nested list raised numpy's inhomogeneous-shape ValueError."""
     with pytest.raises(TypeError, match="lengths"):
