@@ -110,6 +110,8 @@ def _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr):
                              f"w_hr {_shape(w_hr)}, got {_shape(w_hh)}")
         w_hr = np.ascontiguousarray(w_hr)
     w_ih = _as_array(w_ih, "w_ih", dtype, (4 * H, None))
+    if w_ih.shape[1] < 1:      # the kernels take &x[0, 0, 0]: an empty axis reads out of bounds
+        raise ValueError(f"w_ih must have shape (4H, I) with I >= 1, got {_shape(w_ih)}")
     w_hh = np.ascontiguousarray(w_hh)
     if (b_ih is None) != (b_hh is None):
         raise ValueError("b_ih and b_hh must both be given or both be None")

@@ -321,11 +321,17 @@ def test_functional_layer_against_the_reference(data):
     if bad_w and w[bad_w] is not None:
         s, ok_w = shape_near(data, w[bad_w].shape)
         w[bad_w] = np.zeros(s, wdtype)
+        ok_w = ok_w and min(s) >= 1
         wnames = (bad_w, "b_hh", "w_hr") if bad_w != "w_ih" else ("w_ih",)
     scale = data.draw(st.sampled_from([1.0, 1e30, -1e30]))
     xs, ok_x = shape_near(data, (T, B, Iw), last=True)
     x = make_array(rng, xs, data.draw(st.sampled_from(HOSTILE)),
                    data.draw(st.sampled_from(LAYOUTS)), scale)
+    wi = w["w_ih"]
+    if bad_w == "w_ih" and wi.ndim == 2 and wi.shape[0] == 4 * Hw and wi.shape[1] >= 1:
+        ok_w = True              # another I is a valid weight: x must then match it
+    if len(xs) == 3:
+        ok_x = xs[0] >= 1 and xs[1] >= 1 and wi.ndim == 2 and xs[2] == wi.shape[1]
     ok_x = ok_x and is_real(x)
     h0 = c0 = None
     ok_s = True
@@ -648,6 +654,14 @@ def test_optimizer_load_state_dict_with_an_object_array_value():
     assert opt.betas == (0.8, 0.9)
     with pytest.raises(TypeError, match="betas"):
         opt.load_state_dict({**sd, "betas": np.array(["a", "b"], object)})
+
+
+def test_functional_layer_with_zero_input_features_is_rejected():
+    """Regression (found by the bounds-checked build, CYLSTM_DEBUG=1): w_ih (4H, 0) with
+    x (T, B, 0) reached the kernel, which took &x[0, 0, 0] of an empty axis
+    ("Out of bounds on buffer access"). cylstm.LSTM already refused input_size=0."""
+    with pytest.raises(ValueError, match="w_ih"):
+        F.lstm_layer_forward(np.zeros((3, 2, 0)), np.zeros((8, 0)), np.zeros((8, 2)))
 
 
 def test_ragged_lengths_name_lengths():
