@@ -188,6 +188,9 @@ def test_lstm_forward_backward_hostile_layouts_dtypes_states_and_lengths(data):
                                and lengths.max() <= Tx)
     if len(xs) == 3 and Bx != B:
         ok_s = ok_s and state is None
+    if len(xs) == 2:            # unbatched (T, I): one sequence, no lengths, 2-D states
+        ok_x = xs[1] == I and xs[0] >= 1 and is_real(x)
+        ok_s = state is None
     valid = ok_x and ok_s and ok_l
     names = ("x", "state", "lengths")
     got = expect(valid, lambda: lstm(x, state, lengths), names)
