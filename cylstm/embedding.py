@@ -173,7 +173,12 @@ class Embedding:
             if a.shape != self.weight.shape:
                 raise ValueError(f"state dict entry 'weight' has shape {_shape(a.shape)}, "
                                  f"expected {_shape(self.weight.shape)}")
-            np.copyto(self.weight, a, casting="unsafe")
+            with np.errstate(over="ignore", invalid="ignore"):
+                a = a.astype(self.dtype)      # a copy: 1e300 becomes inf in float32
+            if not np.isfinite(a).all():
+                raise ValueError(f"state dict entry 'weight' has NaN or Inf values (as "
+                                 f"{self.dtype})")
+            np.copyto(self.weight, a)
         return self
 
     # ---- forward / backward --------------------------------------------------------------

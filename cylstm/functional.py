@@ -75,7 +75,10 @@ def _lengths(lengths, T, B):
     """lengths as an int32 (B,) array with values in 1..T (all T when None)."""
     if lengths is None:
         return np.full(B, T, dtype=np.int32)
-    lengths = np.asarray(lengths)
+    try:
+        lengths = np.asarray(lengths)
+    except Exception as e:         # ragged nested lists
+        raise TypeError(f"lengths must be a ({B},) array of integers, got {e}") from None
     if lengths.dtype.kind not in "iu":
         raise TypeError(f"lengths must be integers, got dtype {lengths.dtype}")
     if lengths.shape != (B,):
@@ -107,6 +110,8 @@ def _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr):
                              f"w_hr {_shape(w_hr)}, got {_shape(w_hh)}")
         w_hr = np.ascontiguousarray(w_hr)
     w_ih = _as_array(w_ih, "w_ih", dtype, (4 * H, None))
+    if w_ih.shape[1] < 1:      # the kernels take &x[0, 0, 0]: an empty axis reads out of bounds
+        raise ValueError(f"w_ih must have shape (4H, I) with I >= 1, got {_shape(w_ih)}")
     w_hh = np.ascontiguousarray(w_hh)
     if (b_ih is None) != (b_hh is None):
         raise ValueError("b_ih and b_hh must both be given or both be None")
@@ -150,6 +155,15 @@ def _wpack(ws, dtype, shapes, T):
         return None
     n = sum(_lstm.pack_floats(K, N) for K, N in shapes)
     return ws.get("wpack", (n,), np.float32) if n else None
+
+
+def _workspace_arg(workspace):
+    if workspace is None:
+        return Workspace()
+    if not isinstance(workspace, Workspace):
+        raise TypeError(f"workspace must be a cylstm.functional.Workspace or None, "
+                        f"got {type(workspace).__name__}")
+    return workspace
 
 
 # ---- workspaces and cache -------------------------------------------------------------------
@@ -225,12 +239,15 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     c = np.zeros((B, H), dtype) if c0 is None else _as_array(c0, "c0", dtype, (B, H)).copy()
     h0_kept = None if h0 is None else h.copy()
     c0_kept = c.copy() if training else None
-    ws = workspace if workspace is not None else Workspace()
+    ws = _workspace_arg(workspace)
     if out is None:
         y = np.empty((T, B, Hp), dtype)
     else:
-        if out.shape != (T, B, Hp) or out.dtype != dtype or not out.flags.c_contiguous:
-            raise ValueError(f"out must be a C-contiguous {dtype} array of shape ({T}, {B}, {Hp})")
+        if (not isinstance(out, np.ndarray) or out.shape != (T, B, Hp) or out.dtype != dtype
+                or not out.flags.c_contiguous or not out.flags.writeable):
+            raise ValueError(f"out must be a writeable C-contiguous {dtype} array of shape "
+                             f"({T}, {B}, {Hp}), got {type(out).__name__} "
+                             f"{getattr(out, 'dtype', '')} {np.shape(out)}")
         y = out
     gates = ws.get("gates", (T, B, 4 * H), dtype)
     c_cache = ws.get("c", (T, B, H), dtype) if training else None
@@ -303,7 +320,7 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
         db_hh = _grad_buffer(db_hh, "db_hh", dtype, (4 * H,))
     elif db_ih is not None or db_hh is not None:
         raise ValueError("the layer has no bias: db_ih and db_hh must be None")
-    ws = workspace if workspace is not None else Workspace()
+    ws = _workspace_arg(workspace)
     dx = np.empty((T, B, I), dtype)
     dh0 = np.empty((B, Hp), dtype)
     with blas_single_threaded:

@@ -23,9 +23,6 @@ import hashlib
 import json
 import os
 import tempfile
-import zipfile
-import zlib
-
 import numpy as np
 
 from . import optim as _optim
@@ -150,7 +147,10 @@ def _read(path):
                 arrays[name] = a
     except _Bad:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, KeyError, OSError) as e:
+    except Exception as e:
+        # zipfile and numpy report damage in many ways (BadZipFile, zlib.error, EOFError,
+        # ValueError, NotImplementedError for a "compression method", RuntimeError for
+        # an "encrypted" flag, MemoryError for an absurd shape): all mean a bad file.
         raise _Bad(f"damaged or truncated ({type(e).__name__}: {e})") from None
     return header, arrays
 

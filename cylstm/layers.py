@@ -87,6 +87,12 @@ def _load_into(params, state_dict, strict):
         if a.shape != params[name].shape:
             raise ValueError(f"state dict entry {name!r} has shape {a.shape}, "
                              f"expected {params[name].shape}")
+        dtype = params[name].dtype
+        with np.errstate(over="ignore", invalid="ignore"):
+            a = a.astype(dtype)               # a copy: 1e300 becomes inf in float32
+        if not np.isfinite(a).all():
+            raise ValueError(f"state dict entry {name!r} has NaN or Inf values (as "
+                             f"{dtype}): a model with them computes only NaN")
         staged[name] = a
     for name, a in staged.items():
         np.copyto(params[name], a, casting="unsafe")
@@ -234,6 +240,13 @@ class LSTM(_Parametrised):
             self._layout, self.dtype)
         self._workspaces = {}                  # (layer, direction) -> F.Workspace
         self._caches = None                    # what backward needs from the last forward
+        # Inference calls take a set of workspaces from this pool and put it back, so
+        # concurrent calls from several Python threads never share scratch (the pool
+        # grows to the number of simultaneous calls). Training uses _workspaces (the
+        # cache lives in it) under _training_lock: one training call at a time.
+        self._spare_workspaces = []
+        self._workspaces_lock = threading.Lock()
+        self._training_lock = threading.Lock()
         self.reset_parameters()
 
     # ---- bookkeeping ---------------------------------------------------------------------
@@ -296,11 +309,33 @@ class LSTM(_Parametrised):
                         store.get(f"weight_hr{sfx}")))
         return out
 
-    def _workspace(self, layer, d):
-        ws = self._workspaces.get((layer, d))
+    def _workspace(self, layer, d, workspaces=None):
+        workspaces = self._workspaces if workspaces is None else workspaces
+        ws = workspaces.get((layer, d))
         if ws is None:
-            ws = self._workspaces[(layer, d)] = F.Workspace()
+            ws = workspaces[(layer, d)] = F.Workspace()
         return ws
+
+    def _acquire_workspaces(self, training, what):
+        """The workspaces one forward/backward call uses. Inference: a set of its own from
+        the pool (threads may share a model in eval mode). Training: the model's set, the
+        cache lives there; a second training call while one runs is a RuntimeError."""
+        if training:
+            if not self._training_lock.acquire(blocking=False):
+                raise RuntimeError(
+                    f"LSTM.{what}: another training-mode forward/backward of this model is "
+                    "running in another thread; one model trains from one thread at a time "
+                    "(inference in eval mode may run from many threads)")
+            return self._workspaces
+        with self._workspaces_lock:
+            return self._spare_workspaces.pop() if self._spare_workspaces else {}
+
+    def _release_workspaces(self, workspaces):
+        if workspaces is self._workspaces:
+            self._training_lock.release()
+        else:
+            with self._workspaces_lock:
+                self._spare_workspaces.append(workspaces)
 
     # ---- forward / backward --------------------------------------------------------------
 
@@ -351,37 +386,44 @@ class LSTM(_Parametrised):
         h0, c0 = self._state(state, "state", B, unbatched)
 
         L, D, H, Hp = self.num_layers, self.num_directions, self.hidden_size, self.state_size
-        h_n = np.empty((L * D, B, Hp), self.dtype)
-        c_n = np.empty((L * D, B, H), self.dtype)
-        caches, masks = [], []
-        inp = xt
-        for layer in range(L):
-            def run(d, layer=layer, inp=inp):
-                (w_ih, w_hh, b_ih, b_hh, w_hr), _ = self._weights(layer, d)
-                k = layer * D + d
-                y, h_n[k], c_n[k], cache = F.lstm_layer_forward(
-                    inp, w_ih, w_hh, b_ih, b_hh,
-                    None if h0 is None else h0[k], None if c0 is None else c0[k],
-                    lengths, reverse=bool(d), training=self.training, w_hr=w_hr,
-                    workspace=self._workspace(layer, d))
-                return y, cache
-            results = [run(0)] if D == 1 else _both_directions(run)
-            outs = [y for y, _ in results]
-            caches += [cache for _, cache in results]
-            inp = outs[0] if D == 1 else np.concatenate(outs, axis=2)
-            if self.training and self.dropout > 0 and layer < L - 1:
-                keep = 1.0 - self.dropout        # inverted dropout between layers only
-                mask = (self._dropout_rng.random(inp.shape) < keep).astype(self.dtype) / keep
-                inp = inp * mask
-                masks.append(mask)
-        self._caches = (caches, masks, T, B, unbatched) if self.training else None
+        training = self.training
+        wss = self._acquire_workspaces(training, "forward")
+        try:
+            if training:
+                self._caches = None       # its arrays are about to be overwritten
+            h_n = np.empty((L * D, B, Hp), self.dtype)
+            c_n = np.empty((L * D, B, H), self.dtype)
+            caches, masks = [], []
+            inp = xt
+            for layer in range(L):
+                def run(d, layer=layer, inp=inp):
+                    (w_ih, w_hh, b_ih, b_hh, w_hr), _ = self._weights(layer, d)
+                    k = layer * D + d
+                    y, h_n[k], c_n[k], cache = F.lstm_layer_forward(
+                        inp, w_ih, w_hh, b_ih, b_hh,
+                        None if h0 is None else h0[k], None if c0 is None else c0[k],
+                        lengths, reverse=bool(d), training=training, w_hr=w_hr,
+                        workspace=self._workspace(layer, d, wss))
+                    return y, cache
+                results = [run(0)] if D == 1 else _both_directions(run)
+                outs = [y for y, _ in results]
+                caches += [cache for _, cache in results]
+                inp = outs[0] if D == 1 else np.concatenate(outs, axis=2)
+                if training and self.dropout > 0 and layer < L - 1:
+                    keep = 1.0 - self.dropout        # inverted dropout between layers only
+                    mask = (self._dropout_rng.random(inp.shape) < keep).astype(self.dtype) / keep
+                    inp = inp * mask
+                    masks.append(mask)
+            self._caches = (caches, masks, T, B, unbatched) if training else None
+        finally:
+            self._release_workspaces(wss)
 
         y = inp
         if unbatched:
             y, h_n, c_n = y[:, 0, :], h_n[:, 0, :], c_n[:, 0, :]
         elif self.batch_first:
             y = y.transpose(1, 0, 2)
-        if self.training and D == 1:
+        if training and D == 1:
             y = y.copy()     # the last layer's y is in the cache: the caller gets its own
         return np.ascontiguousarray(y), (h_n, c_n)
 
@@ -403,22 +445,27 @@ class LSTM(_Parametrised):
         else:
             dy = F._as_array(dy, "dy", self.dtype, (T, B, D * Hp))
         dh_n, dc_n = self._state(dstate, "dstate", B, unbatched)
-        dh0 = np.empty((L * D, B, Hp), self.dtype)
-        dc0 = np.empty((L * D, B, H), self.dtype)
-        for layer in range(L - 1, -1, -1):
-            if layer < L - 1 and masks:
-                dy = dy * masks[layer]
-            def run(d, layer=layer, dy=dy):
-                k = layer * D + d
-                _, (dw_ih, dw_hh, db_ih, db_hh, dw_hr) = self._weights(layer, d)
-                dyd = dy if D == 1 else np.ascontiguousarray(dy[:, :, d * Hp:(d + 1) * Hp])
-                dxd, dh0[k], dc0[k] = F.lstm_layer_backward(
-                    caches[k], dyd, None if dh_n is None else dh_n[k],
-                    None if dc_n is None else dc_n[k], dw_ih=dw_ih, dw_hh=dw_hh,
-                    db_ih=db_ih, db_hh=db_hh, dw_hr=dw_hr, workspace=self._workspace(layer, d))
-                return dxd
-            dxs = [run(0)] if D == 1 else _both_directions(run)
-            dy = dxs[0] if D == 1 else dxs[0] + dxs[1]
+        wss = self._acquire_workspaces(True, "backward")
+        try:
+            dh0 = np.empty((L * D, B, Hp), self.dtype)
+            dc0 = np.empty((L * D, B, H), self.dtype)
+            for layer in range(L - 1, -1, -1):
+                if layer < L - 1 and masks:
+                    dy = dy * masks[layer]
+                def run(d, layer=layer, dy=dy):
+                    k = layer * D + d
+                    _, (dw_ih, dw_hh, db_ih, db_hh, dw_hr) = self._weights(layer, d)
+                    dyd = dy if D == 1 else np.ascontiguousarray(dy[:, :, d * Hp:(d + 1) * Hp])
+                    dxd, dh0[k], dc0[k] = F.lstm_layer_backward(
+                        caches[k], dyd, None if dh_n is None else dh_n[k],
+                        None if dc_n is None else dc_n[k], dw_ih=dw_ih, dw_hh=dw_hh,
+                        db_ih=db_ih, db_hh=db_hh, dw_hr=dw_hr,
+                        workspace=self._workspace(layer, d, wss))
+                    return dxd
+                dxs = [run(0)] if D == 1 else _both_directions(run)
+                dy = dxs[0] if D == 1 else dxs[0] + dxs[1]
+        finally:
+            self._release_workspaces(wss)
         dx = dy
         if unbatched:
             return dx[:, 0, :], (dh0[:, 0, :], dc0[:, 0, :])

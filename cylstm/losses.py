@@ -309,13 +309,15 @@ def accuracy(logits, targets, mask=None, ignore_index=-100):
     n = int(counted.sum())
     if n == 0:
         return 0.0
-    hits = np.argmax(logits[counted], axis=-1) == t
+    hits = np.argmax(logits.reshape(-1, C)[counted.reshape(-1)], axis=-1) == t  # 0-d lead too
     return float(hits.sum()) / n
 
 
 def _real(x, name):
     if isinstance(x, (bool, np.bool_)) or not isinstance(x, (numbers.Real, np.ndarray)):
         raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    if isinstance(x, np.ndarray) and x.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
     x = np.asarray(x, dtype=np.float64)
     if np.any(np.isnan(x)):
         raise ValueError(f"{name} must not be NaN")

@@ -351,7 +351,7 @@ def _plain(v):
         if v.ndim == 0:
             v = v.item()
         else:
-            v = tuple(x.item() for x in v.reshape(-1))
+            v = tuple(v.reshape(-1).tolist())     # (object arrays hold plain Python values)
     elif isinstance(v, np.generic):
         v = v.item()
     elif isinstance(v, list):

@@ -11,7 +11,10 @@ from hypothesis.extra import numpy as hnp
 
 import cylstm
 
-SETTINGS = dict(max_examples=150, deadline=None,
+# CI runs a fixed set of cases (derandomized); CYLSTM_FUZZ_EXAMPLES=N runs N random ones
+# per property (as tests/test_fuzz.py), for a longer hunt by hand.
+_N = int(os.environ.get("CYLSTM_FUZZ_EXAMPLES", "0"))
+SETTINGS = dict(max_examples=_N or 150, deadline=None, derandomize=not _N,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 
