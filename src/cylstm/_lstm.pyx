@@ -45,6 +45,8 @@ bitwise identical for any number of threads.
 
 from cython cimport floating
 from cython.parallel cimport prange
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
+                               PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
 from libc.string cimport memcpy, memset
 
 from cylstm._blas cimport gemm
@@ -70,13 +72,22 @@ from cylstm._openmp_helpers cimport CYLSTM_OPENMP, omp_get_max_threads
 # BLAS threads. All of cylstm's parallelism is its own OpenMP threads, each calling a
 # single-threaded BLAS; a BLAS that spawned its own threads inside them would
 # oversubscribe the cores (measured: large forward 490 ms at 1 thread, 802 ms at 2).
-# OpenBLAS >= 0.3.27 has openblas_set_num_threads_local(), which holds only the
-# calling thread to n threads: each OpenMP thread sets 1 on entry and restores on exit,
-# leaving the rest of the process (scipy.linalg in another thread) untouched.
+# OpenBLAS >= 0.3.27 has openblas_set_num_threads_local(), meant to hold only the
+# calling thread to n threads. In scipy's pthreads OpenBLAS 0.3.30 it acts on the whole
+# process (another thread reads the new count), so "each OpenMP thread sets 1 on entry
+# and restores on exit" raced: thread A saves 2 and sets 1, thread B saves that 1, A
+# restores 2, B restores 1, and the process was left at 1 (tests/test_concurrency.py
+# caught it). So the pin is reference-counted under one lock: the first thread in saves
+# the count and sets 1, the last one out restores it, whatever the interleaving of the
+# OpenMP threads of one call or of concurrent calls from several Python threads. While
+# any kernel runs, BLAS calls elsewhere in the process are single-threaded too.
 # cylstm._threads finds the symbol in the BLAS behind scipy.linalg.cython_blas and
 # registers it here; without it, _threads pins that BLAS to one thread around each call.
 ctypedef int (*_set_local_fn)(int) noexcept nogil
 cdef _set_local_fn _blas_set_local = NULL
+cdef PyThread_type_lock _pin_lock = PyThread_allocate_lock()
+cdef int _pin_count = 0           # threads inside a kernel region, under _pin_lock
+cdef int _pin_saved = 0           # the count the first of them found
 
 
 def _register_blas_set_local(size_t address):
@@ -86,12 +97,26 @@ def _register_blas_set_local(size_t address):
 
 
 cdef inline int _blas_single_enter() noexcept nogil:
-    return _blas_set_local(1) if _blas_set_local != NULL else 0
+    global _pin_count, _pin_saved
+    if _blas_set_local == NULL:
+        return 0
+    PyThread_acquire_lock(_pin_lock, WAIT_LOCK)
+    if _pin_count == 0:
+        _pin_saved = _blas_set_local(1)
+    _pin_count += 1
+    PyThread_release_lock(_pin_lock)
+    return 0
 
 
 cdef inline void _blas_single_exit(int previous) noexcept nogil:
-    if _blas_set_local != NULL:
-        _blas_set_local(previous)
+    global _pin_count
+    if _blas_set_local == NULL:
+        return
+    PyThread_acquire_lock(_pin_lock, WAIT_LOCK)
+    _pin_count -= 1
+    if _pin_count == 0:
+        _blas_set_local(_pin_saved)
+    PyThread_release_lock(_pin_lock)
 
 
 def openmp_enabled():
