@@ -459,13 +459,12 @@ class Sequential(_Parametrised):
         order = self._rng.permutation(N) if shuffle else np.arange(N)
         return [order[i:i + batch_size] for i in range(0, N, batch_size)]
 
-    @staticmethod
-    def _take(idx, x, y, lengths):
+    def _take(self, idx, x, y, lengths):
         """Rows idx, cut to the longest sequence among them (less padding to compute)."""
         lb = None if lengths is None else lengths[idx]
         T = x.shape[1] if lb is None else int(lb.max())
         yb = None if y is None else y[idx]
-        if yb is not None and yb.ndim >= 2 and yb.shape[1] == x.shape[1]:
+        if yb is not None and self.sequence_output:          # per-step targets (N, T, ...)
             yb = yb[:, :T]
         return np.ascontiguousarray(x[idx, :T]), yb, lb
 

@@ -446,3 +446,16 @@ def test_validation_data_with_lengths_and_a_list():
     assert ha.history["val_loss"][-1] == pytest.approx(a.evaluate(seqs[64:], y[64:])["loss"])
     with pytest.raises(TypeError, match="validation_data must be"):
         a.fit(seqs, y, verbose=0, validation_data=(seqs,))
+
+
+def test_per_sequence_targets_as_wide_as_the_steps_are_not_cut():
+    """y (N, K) with K == T belongs to the sequence, not to its steps."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 4, 2))
+    lengths = np.array([2, 3, 2, 1, 2, 3])            # batches are cut to 3 steps or fewer
+    y = rng.standard_normal((6, 4))
+    model = cylstm.Sequential([cylstm.LSTM(2, 5, batch_first=True), cylstm.LastStep(),
+                               cylstm.Linear(5, 4)], seed=0, loss="mse", optimizer="sgd")
+    ev = model.evaluate(x, y, lengths=lengths)
+    want = np.mean((model.predict(x, lengths=lengths) - y) ** 2)
+    assert ev["loss"] == pytest.approx(want, rel=1e-5)
