@@ -45,6 +45,8 @@ bitwise identical for any number of threads.
 
 from cython cimport floating
 from cython.parallel cimport prange
+from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBuffer_Release, PyObject_GetBuffer
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memcpy, memset
 
 from cylstm._blas cimport gemm
@@ -161,9 +163,13 @@ cdef extern from "_rgemm.h" nogil:
     void cy_pack_f32(float* packed, const float* w, int K, int N, int ldw, int trans)
     int cy_rgemm_level()
     cy_gemm_packed_fn cy_rgemm_select(int level)
+    ctypedef void (*cy_dot_rows_fn)(int, int, int, const float*, int, const float*, int,
+                                    float*, int) noexcept nogil
+    cy_dot_rows_fn cy_dot_select(int level)
 
 cdef int _rgemm_lvl = cy_rgemm_level()
 cdef cy_gemm_packed_fn _rgemm = cy_rgemm_select(_rgemm_lvl)
+cdef cy_dot_rows_fn _dot = cy_dot_select(_rgemm_lvl)    # the streaming step's products
 
 
 def rgemm_level():
@@ -173,9 +179,10 @@ def rgemm_level():
 
 def _set_rgemm_level(int level):
     """Test hook: force a kernel level (0 = BLAS); never above what the CPU supports."""
-    global _rgemm_lvl, _rgemm
+    global _rgemm_lvl, _rgemm, _dot
     _rgemm_lvl = min(level, cy_rgemm_level())
     _rgemm = cy_rgemm_select(_rgemm_lvl)
+    _dot = cy_dot_select(_rgemm_lvl)
 
 
 def pack_floats(int K, int N):
@@ -199,6 +206,21 @@ def _packed_matmul_f32(const float[:, ::1] a, const float[:, ::1] w, bint trans)
     cdef float[:, ::1] c = out
     cy_pack_f32(&pk[0], &w[0, 0], K, N, w.shape[1], trans)
     _rgemm(M, N, K, &a[0, 0], K, &pk[0], &c[0, 0], N)
+    return out
+
+
+def _dot_matmul_f32(const float[:, ::1] a, const float[:, ::1] w):
+    """Test hook: A (M, K) @ W^T, W (N, K), through the streaming step's dot kernel on
+    unpacked weights. Raises if this CPU has no such kernel."""
+    import numpy as np
+    cdef int M = a.shape[0], K = a.shape[1], N = w.shape[0]
+    if _dot == NULL:
+        raise RuntimeError("no dot kernel on this CPU (rgemm_level() == 0)")
+    if w.shape[1] != K or M < 1 or N < 1 or K < 1:
+        raise ValueError("shapes do not match")
+    out = np.empty((M, N), np.float32)
+    cdef float[:, ::1] c = out
+    _dot(M, N, K, &a[0, 0], K, &w[0, 0], K, &c[0, 0], N)
     return out
 
 
@@ -450,6 +472,291 @@ def lstm_forward(
                            T, B, H, P, _split(B, n_chunks, p), _split(B, n_chunks, p + 1),
                            reverse)
             _blas_single_exit(prev)
+
+
+# ----------------------------------------------------------------------------------------
+# Streaming step: T = 1, every layer, the weights read in place
+# ----------------------------------------------------------------------------------------
+
+cdef inline void _rows_wt(int m, int n, int k, const floating* a, int lda,
+                          const floating* w, floating* c, int ldc) noexcept nogil:
+    """C (m, n) = A (m, k) @ W^T, W (n, k) read in place: the dot kernel for float32 on
+    a CPU that has it, else BLAS."""
+    if floating is float:
+        if _dot != NULL:
+            _dot(m, n, k, a, lda, w, k, c, ldc)
+            return
+    gemm(False, True, m, n, k, 1, a, lda, w, k, 0, c, ldc)
+
+
+cdef void _step_units(
+    floating* m,                # (B, H) OUT units [u0, u1) of m_t = o * tanh(c_t)
+    floating* c,                # (B, H) INOUT units [u0, u1) of c
+    floating* z,                # (B, G) scratch: x W_ih^T, then the activated gates
+    floating* hz,               # (B, G) scratch: h W_hh^T + b
+    floating* bsum,             # (G,) scratch: b_ih + b_hh
+    const floating* x,          # (B, I)
+    const floating* h,          # (B, Hp) h_{t-1}
+    const floating* w_ih,       # (G, I)
+    const floating* w_hh,       # (G, Hp)
+    const floating* b_ih,       # (G,) or NULL
+    const floating* b_hh,       # (G,) or NULL
+    int B, int I, int H, int Hp, int u0, int u1,
+) noexcept nogil:
+    """One step (1)-(4) for hidden units [u0, u1) of every batch row: the rows of the
+    four gates that belong to those units, so a thread owns its slice of the weights."""
+    cdef int G = 4 * H, n = u1 - u0, q, b, j, r0
+    cdef bint blas = True
+    cdef floating* zb
+    cdef floating* cb
+    cdef floating* mb
+    if floating is float:
+        blas = _dot == NULL
+    # (1) as the sequence forward computes it, (x W_ih^T + b) + h W_hh^T, so that with
+    # BLAS (float64) a step equals a sequence bitwise; BLAS gets whole rows [0, G)
+    for q in range(1 if blas else 4):
+        r0 = q * H + u0
+        if blas:
+            n = G
+        for j in range(r0, r0 + n):
+            bsum[j] = b_ih[j] + b_hh[j] if b_ih != NULL else 0
+        if blas:
+            for b in range(B):
+                memcpy(z + <Py_ssize_t> b * G, bsum, G * sizeof(floating))
+            gemm(False, True, B, G, I, 1, x, I, w_ih, I, 1 if b_ih != NULL else 0, z, G)
+            gemm(False, True, B, G, Hp, 1, h, Hp, w_hh, Hp, 0, hz, G)
+        else:
+            _rows_wt(B, n, I, x, I, w_ih + <Py_ssize_t> r0 * I, z + r0, G)
+            _rows_wt(B, n, Hp, h, Hp, w_hh + <Py_ssize_t> r0 * Hp, hz + r0, G)
+            for b in range(B):
+                for j in range(r0, r0 + n):
+                    z[<Py_ssize_t> b * G + j] += bsum[j]
+    n = u1 - u0
+    for b in range(B):
+        zb = z + <Py_ssize_t> b * G
+        cb = c + <Py_ssize_t> b * H
+        mb = m + <Py_ssize_t> b * H
+        if floating is float:                                              # (2)
+            cy_sigmoid_add_f32(zb + u0, hz + <Py_ssize_t> b * G + u0, n)
+            cy_sigmoid_add_f32(zb + H + u0, hz + <Py_ssize_t> b * G + H + u0, n)
+            cy_tanh_add_f32(zb + 2 * H + u0, hz + <Py_ssize_t> b * G + 2 * H + u0, n)
+            cy_sigmoid_add_f32(zb + 3 * H + u0, hz + <Py_ssize_t> b * G + 3 * H + u0, n)
+        else:
+            cy_sigmoid_add_f64(zb + u0, hz + <Py_ssize_t> b * G + u0, n)
+            cy_sigmoid_add_f64(zb + H + u0, hz + <Py_ssize_t> b * G + H + u0, n)
+            cy_tanh_add_f64(zb + 2 * H + u0, hz + <Py_ssize_t> b * G + 2 * H + u0, n)
+            cy_sigmoid_add_f64(zb + 3 * H + u0, hz + <Py_ssize_t> b * G + 3 * H + u0, n)
+        for j in range(u0, u1):
+            cb[j] = zb[H + j] * cb[j] + zb[j] * zb[2 * H + j]                # (3)
+        _tanh_row(mb + u0, cb + u0, n)
+        for j in range(u0, u1):
+            mb[j] = zb[3 * H + j] * mb[j]                                    # (4)
+
+
+# A step reads every weight once (2 MiB at H = I = 256 float32): with few rows it is
+# bound by memory, and one core's 2 MiB L2 cannot hold it all. Split by hidden units,
+# each thread reads only its slice, which stays in its own L2 from one step to the next.
+# Smaller weights stay in one core's L2, and one thread is faster than waking a team (and
+# far faster on a busy machine: a B = 128, H = 32 step took 12 ms on 2 threads next to
+# other processes, 20 us on one).
+cdef enum:
+    _STEP_MIN_PARALLEL_BYTES = 1 << 20
+    _NPTR = 9                   # pointers per layer in StepRunner
+
+
+cdef inline bint _step_team_worth(int B, Py_ssize_t n_weights, size_t itemsize) noexcept nogil:
+    """Whether a layer step with B rows on n_weights weights is worth a thread team."""
+    return (<double> n_weights * itemsize >= _STEP_MIN_PARALLEL_BYTES
+            or <double> B * n_weights >= _MIN_PARALLEL_MACS)
+
+
+cdef inline void _step_part(floating* m, char** lp, floating* z, floating* hz,
+                            floating* bsum, const floating* inp, const floating* h,
+                            int B, int I, int H, int Hp, int n_parts, int p,
+                            bint blas) noexcept nogil:
+    """Part p of n_parts of a layer's hidden units; lp: the layer's pointers."""
+    cdef int prev = _blas_single_enter() if blas else 0
+    _step_units(m, <floating*> lp[8], z, hz, bsum, inp, h, <const floating*> lp[0],
+                <const floating*> lp[1], <const floating*> lp[2], <const floating*> lp[3],
+                B, I, H, Hp, _split(H, n_parts, p), _split(H, n_parts, p + 1))
+    if blas:
+        _blas_single_exit(prev)
+
+
+cdef void _step_layers(
+    char** ptrs,                # per layer, _NPTR pointers (see StepRunner)
+    floating* z,                # (B, G) scratch
+    floating* hz,               # (B, G) scratch
+    floating* bsum,             # (G,) scratch
+    floating* mbuf,             # (B, H) scratch (P > 0 only)
+    const floating* x,          # (B, I) layer 0's input
+    int L, int B, int I, int H, int P, int n_parts, int n_threads,
+) noexcept nogil:
+    """Every layer of one step; see StepRunner for the pointers of a layer."""
+    cdef int Hp = P if P > 0 else H, layer, p, prev, Il, team
+    cdef bint blas = True
+    cdef char** lp
+    cdef floating* y
+    cdef floating* h
+    cdef floating* m
+    cdef const floating* inp = x
+    if floating is float:
+        blas = _dot == NULL
+    for layer in range(L):
+        lp = ptrs + layer * _NPTR
+        y = <floating*> lp[6]
+        h = <floating*> lp[7]
+        m = mbuf if P > 0 else y
+        Il = I if layer == 0 else Hp
+        if blas:
+            n_parts = 1             # BLAS: one call over all rows, as the sequence forward
+        team = min(n_threads, n_parts) if _step_team_worth(B, 4 * H * (Il + Hp),
+                                                           sizeof(floating)) else 1
+        if team > 1:
+            for p in prange(n_parts, schedule="static", num_threads=team):
+                _step_part(m, lp, z, hz, bsum, inp, h, B, Il, H, Hp, n_parts, p, blas)
+        else:                   # no OpenMP region: even a 1-thread one allocates a team
+            for p in range(n_parts):
+                _step_part(m, lp, z, hz, bsum, inp, h, B, Il, H, Hp, n_parts, p, blas)
+        if P > 0:                                                          # (5)
+            prev = _blas_single_enter() if blas else 0
+            _rows_wt(B, P, H, mbuf, H, <const floating*> lp[4], y, P)
+            if blas:
+                _blas_single_exit(prev)
+        memcpy(h, y, <size_t> B * Hp * sizeof(floating))
+        inp = y
+
+
+cdef class StepRunner:
+    """The compiled body of ``LSTM.step`` for one ``LSTMState``.
+
+    Built once per state from the arrays it uses, each checked here (dtype, shape,
+    C-contiguity); it keeps them alive and holds their data pointers, so a step costs no
+    argument parsing. Weights are read in place, never copied, so in-place changes
+    (optimisers, load_state_dict) are always seen; ``run`` returns None instead of
+    stepping when any weight, h or c array is no longer the object it was built on
+    (the caller then builds a new runner). Per layer: w_ih (G, I_l), w_hh (G, Hp),
+    b_ih, b_hh (G,) or None, w_hr (P, H) or None, y (B, Hp) OUT, h (B, Hp) INOUT,
+    c (B, H) INOUT.
+    """
+    cdef list keys              # the parameter names it reads
+    cdef list weights           # the arrays they named when it was built
+    cdef list keep              # every array a pointer points into
+    cdef object h_all, c_all, out
+    cdef char** ptrs
+    cdef int nL, nB, nI, nH, nP, f32
+    cdef void* z                # (B, G) scratch
+    cdef void* hz               # (B, G) scratch
+    cdef void* bsum             # (G,) scratch
+    cdef void* mbuf             # (B, H) scratch
+
+    def __cinit__(self):
+        self.ptrs = NULL
+
+    def __dealloc__(self):
+        if self.ptrs != NULL:
+            PyMem_Free(self.ptrs)
+
+    def __init__(self, list keys, dict params, h_all, c_all, y_all, int I, int H, int P,
+                 dtype):
+        import numpy as np
+        cdef int L = len(keys), B = h_all.shape[1], Hp = P if P > 0 else H, G = 4 * H
+        cdef int layer, k
+        self.nL, self.nB, self.nI, self.nH, self.nP = L, B, I, H, P
+        dtype = np.dtype(dtype)
+        self.f32 = dtype == np.float32
+        _check(dtype in (np.float32, np.float64), "dtype")
+        self.keys, self.weights, self.keep = keys, [], []
+        self.h_all, self.c_all = h_all, c_all
+        self.ptrs = <char**> PyMem_Malloc(L * _NPTR * sizeof(char*))
+        if self.ptrs == NULL:
+            raise MemoryError()
+
+        def arr(a, shape, what):
+            ok = (isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == shape
+                  and a.flags.c_contiguous)
+            if not ok:
+                raise ValueError(f"StepRunner: {what} must be a C-contiguous {dtype} "
+                                 f"array of shape {shape}")
+            self.keep.append(a)
+            return a
+
+        for a, shape, what in ((h_all, (L, B, Hp), "h"), (c_all, (L, B, H), "c"),
+                               (y_all, (L, 1, B, Hp), "y")):
+            arr(a, shape, what)
+            if not a.flags.writeable:
+                raise ValueError(f"StepRunner: {what} must be writeable")
+        for layer in range(L):
+            Il = I if layer == 0 else Hp
+            shapes = ((G, Il), (G, Hp), (G,), (G,), (P, H))
+            ws = []
+            for k in range(5):
+                key = keys[layer][k]
+                w = None if key is None else params[key]
+                if w is not None:
+                    arr(w, shapes[k], key)
+                ws.append(w)
+            _check((ws[2] is None) == (ws[3] is None) and (ws[4] is None) == (P == 0),
+                   "bias/projection")
+            self.weights.append(ws)
+            for k in range(5):
+                self.ptrs[layer * _NPTR + k] = NULL if ws[k] is None else \
+                    <char*> <size_t> ws[k].ctypes.data
+            self.ptrs[layer * _NPTR + 6] = <char*> <size_t> y_all[layer].ctypes.data
+            self.ptrs[layer * _NPTR + 7] = <char*> <size_t> h_all[layer].ctypes.data
+            self.ptrs[layer * _NPTR + 8] = <char*> <size_t> c_all[layer].ctypes.data
+            self.ptrs[layer * _NPTR + 5] = NULL
+        self.out = y_all[L - 1, 0]
+        scratch = [np.empty(n, dtype) for n in (B * G, B * G, G, B * H)]
+        self.keep += scratch
+        addr = [<size_t> a.ctypes.data for a in scratch]
+        self.z, self.hz = <void*> <size_t> addr[0], <void*> <size_t> addr[1]
+        self.bsum, self.mbuf = <void*> <size_t> addr[2], <void*> <size_t> addr[3]
+        flat = [(name, w) for names, ws in zip(keys, self.weights)
+                for name, w in zip(names, ws) if name is not None]
+        self.keys = [name for name, _ in flat]
+        self.weights = [w for _, w in flat]
+
+    def run(self, x, dict params, h_all, c_all, int n_parts, int n_threads):
+        """Step every layer on x (B, I); returns the last layer's y (B, Hp) (a buffer of
+        the state), None when the runner is stale, or NotImplemented when x is not a
+        C-contiguous (B, I) buffer of the dtype (convert it and call again); in both
+        cases nothing has been touched."""
+        cdef Py_ssize_t i
+        cdef Py_buffer view
+        cdef int itemsize = 4 if self.f32 else 8
+        cdef char fmt = 102 if self.f32 else 100      # 'f' or 'd', the buffer's format
+        if h_all is not self.h_all or c_all is not self.c_all:
+            return None
+        for i in range(len(self.keys)):
+            if params.get(self.keys[i]) is not self.weights[i]:
+                return None
+        _check(n_parts >= 1 and n_threads >= 1, "n_parts/n_threads")
+        # x's buffer directly: a typed memoryview would cost more than a small step
+        try:
+            PyObject_GetBuffer(x, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+        except (TypeError, BufferError, ValueError):
+            return NotImplemented
+        try:
+            if not (view.itemsize == itemsize and view.format != NULL
+                    and view.format[0] == fmt and view.format[1] == 0
+                    and view.ndim == 2 and view.shape[0] == self.nB
+                    and view.shape[1] == self.nI):
+                return NotImplemented
+            with nogil:
+                if self.f32:
+                    _step_layers(self.ptrs, <float*> self.z, <float*> self.hz,
+                                 <float*> self.bsum, <float*> self.mbuf,
+                                 <const float*> view.buf, self.nL, self.nB, self.nI,
+                                 self.nH, self.nP, n_parts, n_threads)
+                else:
+                    _step_layers(self.ptrs, <double*> self.z, <double*> self.hz,
+                                 <double*> self.bsum, <double*> self.mbuf,
+                                 <const double*> view.buf, self.nL, self.nB, self.nI,
+                                 self.nH, self.nP, n_parts, n_threads)
+        finally:
+            PyBuffer_Release(&view)
+        return self.out
 
 
 # ----------------------------------------------------------------------------------------
