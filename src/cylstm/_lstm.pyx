@@ -117,6 +117,10 @@ cdef extern from "_activations.h" nogil:
     void cy_sigmoid_add_f64(double* z, const double* hz, int n)
     void cy_tanh_add_f64(double* z, const double* hz, int n)
     void cy_tanh_f64_array(double* out, const double* x, int n)
+    void cy_gate_grads_f32(float* dz, float* dc, const float* z, const float* tc,
+                           const float* cprev, const float* dm, int H)
+    void cy_gate_grads_f64(double* dz, double* dc, const double* z, const double* tc,
+                           const double* cprev, const double* dm, int H)
 
 
 cdef inline void _activate_gates(floating* z, const floating* hz, int H) noexcept nogil:
@@ -789,7 +793,6 @@ cdef void _backward_chunk(
     cdef int G = 4 * H, Hp = P if P > 0 else H
     cdef int s, b, t, tp, j, L, maxlen = 0
     cdef Py_ssize_t zo, ho, hpo
-    cdef floating ig, fg, gg, og, tc, dh, dcj
     cdef const floating* z
     cdef const floating* cprev
     cdef const floating* dhin
@@ -835,19 +838,10 @@ cdef void _backward_chunk(
             dmb = (<const floating*> dm if P > 0 else dhbuf) + <Py_ssize_t> b * H
             dcb = dc + <Py_ssize_t> b * H
             dzb = dzs + <Py_ssize_t> b * G
-            for j in range(H):
-                ig = z[j]
-                fg = z[H + j]
-                gg = z[2 * H + j]
-                og = z[3 * H + j]
-                tc = tc_cache[ho + j]
-                dh = dmb[j]
-                dcj = dcb[j] + dh * og * (1 - tc * tc)                       # (4')
-                dzb[j] = dcj * gg * ig * (1 - ig)                            # (3') (2')
-                dzb[H + j] = dcj * cprev[j] * fg * (1 - fg)
-                dzb[2 * H + j] = dcj * ig * (1 - gg * gg)
-                dzb[3 * H + j] = dh * tc * og * (1 - og)
-                dcb[j] = dcj * fg
+            if floating is float:                                            # (4') (3') (2')
+                cy_gate_grads_f32(dzb, dcb, z, tc_cache + ho, cprev, dmb, H)
+            else:
+                cy_gate_grads_f64(dzb, dcb, z, tc_cache + ho, cprev, dmb, H)
             memcpy(dz + zo, dzb, G * sizeof(floating))
         _rec_mm(r1 - r0, Hp, G, dzs + <Py_ssize_t> r0 * G, G, w_hh, Hp, False,    # (1')
                 whh_packed, dhs + <Py_ssize_t> r0 * Hp, Hp)
