@@ -97,6 +97,34 @@ CY_ROWS void cy_tanh_f32_array(float *restrict out, const float *restrict in, in
     for (int j = 0; j < n; j++) out[j] = cy_tanh_f32(in[j]);
 }
 
+/* (3) (4) of the forward for one batch row: c = f * c + i * g; tc = tanh(c); m = o * tc.
+ * z: the activated gates [i|f|g|o], each block H long, blocks gs apart (gs = H for a
+ * whole row; the streaming step passes a slice of units); c (H,) INOUT; m (H,) OUT;
+ * tc (H,) OUT or NULL.
+ * In C for the same reasons as cy_gate_grads below: in Cython these loops ran scalar. */
+#define CY_CELL_BODY(T, TANH)                                                       \
+    const T *zi = z, *zf = z + gs, *zg = z + 2 * (size_t) gs, *zo = z + 3 * (size_t) gs;  \
+    for (int j = 0; j < H; j++)                                                     \
+        c[j] = zf[j] * c[j] + zi[j] * zg[j];                                        \
+    for (int j = 0; j < H; j++)                                                     \
+        m[j] = TANH(c[j]);                                                          \
+    if (tc != NULL)                                                                 \
+        memcpy(tc, m, (size_t) H * sizeof(T));                                      \
+    for (int j = 0; j < H; j++)                                                     \
+        m[j] = zo[j] * m[j];
+
+CY_ROWS void cy_cell_f32(float *restrict c, float *restrict m, float *restrict tc,
+                         const float *restrict z, int H, int gs)
+{
+    CY_CELL_BODY(float, cy_tanh_f32)
+}
+
+CY_ROWS void cy_cell_f64(double *restrict c, double *restrict m, double *restrict tc,
+                         const double *restrict z, int H, int gs)
+{
+    CY_CELL_BODY(double, tanh)
+}
+
 /* The backward's gate derivatives for one batch row (_lstm.pyx, (4') (3') (2')):
  * dc (H,) INOUT dL/dc_t in, dL/dc_{t-1} out; dz (4H,) OUT; z (4H,) the activated gates
  * [i|f|g|o]; tc (H,) tanh(c_t); cprev (H,) c_{t-1}; dm (H,) dL/dm_t. In C with restrict

@@ -117,6 +117,8 @@ cdef extern from "_activations.h" nogil:
     void cy_sigmoid_add_f64(double* z, const double* hz, int n)
     void cy_tanh_add_f64(double* z, const double* hz, int n)
     void cy_tanh_f64_array(double* out, const double* x, int n)
+    void cy_cell_f32(float* c, float* m, float* tc, const float* z, int H, int gs)
+    void cy_cell_f64(double* c, double* m, double* tc, const double* z, int H, int gs)
     void cy_gate_grads_f32(float* dz, float* dc, const float* z, const float* tc,
                            const float* cprev, const float* dm, int H)
     void cy_gate_grads_f64(double* dz, double* dc, const double* z, const double* tc,
@@ -133,13 +135,6 @@ cdef inline void _activate_gates(floating* z, const floating* hz, int H) noexcep
         cy_sigmoid_add_f64(z, hz, 2 * H)
         cy_tanh_add_f64(z + 2 * H, hz + 2 * H, H)
         cy_sigmoid_add_f64(z + 3 * H, hz + 3 * H, H)
-
-
-cdef inline void _tanh_row(floating* out, const floating* x, int n) noexcept nogil:
-    if floating is float:
-        cy_tanh_f32_array(out, x, n)
-    else:
-        cy_tanh_f64_array(out, x, n)
 
 
 def _activations_f32(const float[::1] x):
@@ -312,20 +307,17 @@ cdef inline void _forward_row(
     int B, int H, int t, int b,
 ) noexcept nogil:
     """Gates, cell and m_t of batch row b at time t (an active step), given hz."""
-    cdef int j
     cdef Py_ssize_t ho = (<Py_ssize_t> t * B + b) * H
     cdef floating* z = gates + (<Py_ssize_t> t * B + b) * 4 * H
     cdef floating* mb = m + <Py_ssize_t> b * H
     cdef floating* cb = c + <Py_ssize_t> b * H
     _activate_gates(z, hz + <Py_ssize_t> b * 4 * H, H)                       # (1) (2)
-    for j in range(H):
-        cb[j] = z[H + j] * cb[j] + z[j] * z[2 * H + j]                      # (3)
-    _tanh_row(mb, cb, H)                               # m := tanh(c_t), then times o
+    if floating is float:                                                    # (3) (4)
+        cy_cell_f32(cb, mb, tc_cache + ho if c_cache != NULL else NULL, z, H, H)
+    else:
+        cy_cell_f64(cb, mb, tc_cache + ho if c_cache != NULL else NULL, z, H, H)
     if c_cache != NULL:
         memcpy(c_cache + ho, cb, H * sizeof(floating))
-        memcpy(tc_cache + ho, mb, H * sizeof(floating))
-    for j in range(H):
-        mb[j] = z[3 * H + j] * mb[j]                                         # (4)
     if m_cache != NULL:
         memcpy(m_cache + ho, mb, H * sizeof(floating))
 
@@ -550,11 +542,10 @@ cdef void _step_units(
             cy_sigmoid_add_f64(zb + H + u0, hz + <Py_ssize_t> b * G + H + u0, n)
             cy_tanh_add_f64(zb + 2 * H + u0, hz + <Py_ssize_t> b * G + 2 * H + u0, n)
             cy_sigmoid_add_f64(zb + 3 * H + u0, hz + <Py_ssize_t> b * G + 3 * H + u0, n)
-        for j in range(u0, u1):
-            cb[j] = zb[H + j] * cb[j] + zb[j] * zb[2 * H + j]                # (3)
-        _tanh_row(mb + u0, cb + u0, n)
-        for j in range(u0, u1):
-            mb[j] = zb[3 * H + j] * mb[j]                                    # (4)
+        if floating is float:                                              # (3) (4)
+            cy_cell_f32(cb + u0, mb + u0, NULL, zb + u0, n, H)
+        else:
+            cy_cell_f64(cb + u0, mb + u0, NULL, zb + u0, n, H)
 
 
 # A step reads every weight once (2 MiB at H = I = 256 float32): with few rows it is
