@@ -447,6 +447,13 @@ class LSTMState:
         self._x_shape = (batch, model.input_size)
         self._runner = None                    # _lstm.StepRunner, built by the first step
 
+    def __getstate__(self):
+        # copy/deepcopy/pickle: the runner holds raw pointers into this object's arrays,
+        # so a copy builds its own on its first step
+        d = self.__dict__.copy()
+        d["_runner"] = None
+        return d
+
     def reset(self):
         """Zero the state (start new streams)."""
         self.h[...] = 0

@@ -197,3 +197,26 @@ def test_step_converts_x_t_as_before():
         lstm.step(np.zeros((B, I + 1), np.float32), state)
     with pytest.raises(ValueError, match="x_t"):
         lstm.step(np.zeros((B + 1, I), np.float32), state)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_copied_state_steps_on_its_own_arrays(dtype):
+    """copy.deepcopy of a state that has stepped (e.g. to branch a stream) works, and the
+    copy's steps update the copy only, matching the original stepped the same way."""
+    import copy
+    import pickle
+    lstm = cylstm.LSTM(4, 6, num_layers=2, dtype=dtype, seed=9)
+    x = np.random.default_rng(10).standard_normal((3, 2, 4)).astype(dtype)
+    state = lstm.initial_state(2)
+    lstm.step(x[0], state)
+    branch = copy.deepcopy(state)
+    branch.model = lstm                     # deepcopy copied the model too; use this one
+    shallow = copy.copy(state)
+    assert shallow.h is state.h
+    pickle.loads(pickle.dumps(state))
+    before = state.h.copy(), state.c.copy()
+    y_branch = lstm.step(x[1], branch).copy()
+    assert np.array_equal(state.h, before[0]) and np.array_equal(state.c, before[1])
+    y = lstm.step(x[1], state)
+    assert np.array_equal(y, y_branch)
+    assert np.array_equal(branch.h, state.h) and np.array_equal(branch.c, state.c)
