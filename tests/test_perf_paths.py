@@ -77,6 +77,38 @@ def test_dot_kernel_rows_do_not_depend_on_their_block(lvl):
         _lstm._set_rgemm_level(before)
 
 
+def _at_offset(a, offset):
+    """A copy of a whose data starts `offset` floats past a 64-byte boundary."""
+    buf = np.empty(a.size + 32, np.float32)
+    start = (-buf.ctypes.data // 4) % 16 + offset
+    out = buf[start:start + a.size].reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 64 == 4 * offset
+    return out
+
+
+@pytest.mark.parametrize("lvl", KERNEL_LEVELS, ids=lambda v: {1: "avx2", 2: "avx512"}[v])
+def test_dot_kernel_gives_the_same_bits_at_any_alignment(lvl):
+    """Weight rows off a 64-byte boundary take another load path (AVX-512: aligned loads
+    and a permute); it must give exactly the bits of the aligned rows."""
+    before = _lstm.rgemm_level()
+    _lstm._set_rgemm_level(lvl)
+    try:
+        rng = np.random.default_rng(2)
+        for M, N, K in ((1, 9, 64), (2, 8, 32), (3, 13, 80), (1, 4, 256), (2, 6, 45)):
+            a = rng.standard_normal((M, K)).astype(np.float32)
+            w = rng.standard_normal((N, K)).astype(np.float32)
+            want = _lstm._dot_matmul_f32(a, _at_offset(w, 0))
+            for offset in range(1, 16):
+                got = _lstm._dot_matmul_f32(a, _at_offset(w, offset))
+                assert np.array_equal(got, want), (M, N, K, offset)
+            exact = a.astype(np.float64) @ w.T.astype(np.float64)
+            bound = 4 * K * np.finfo(np.float32).eps * (np.abs(a) @ np.abs(w.T))
+            assert np.all(np.abs(want - exact) <= bound)
+    finally:
+        _lstm._set_rgemm_level(before)
+
+
 # ---- LSTM.step against the reference ------------------------------------------------------
 
 def reference_steps(lstm, x, h0, c0):
