@@ -184,10 +184,17 @@ def _set_rgemm_level(int level):
     _dot = cy_dot_select(_rgemm_lvl)
 
 
+# Packed panels start on a 64-byte boundary, so that the kernel's 64-byte loads never
+# straddle two cache lines: the scratch has this many floats of slack to align in.
+# (NumPy's large arrays start 16 bytes past a page.)
+cdef enum:
+    _PACK_SLACK = 16
+
+
 def pack_floats(int K, int N):
     """Floats of scratch that packing a (K, N) weight for the per-step kernel needs
     (0 when the per-step kernel is BLAS)."""
-    return cy_packed_size(K, N) if _rgemm != NULL and K > 0 and N > 0 else 0
+    return cy_packed_size(K, N) + _PACK_SLACK if _rgemm != NULL and K > 0 and N > 0 else 0
 
 
 def _packed_matmul_f32(const float[:, ::1] a, const float[:, ::1] w, bint trans):
@@ -228,9 +235,9 @@ cdef float* _wpack_slot(float[::1] wpack, int K, int N, int Kr, int Nr) except? 
     (Kr, Nr) projection follows it), or NULL when there is no scratch or no kernel."""
     if wpack is None or pack_floats(K, N) == 0:
         return NULL
-    _check(<size_t> wpack.shape[0] >= cy_packed_size(K, N)
+    _check(<size_t> wpack.shape[0] >= cy_packed_size(K, N) + _PACK_SLACK
            + (cy_packed_size(Kr, Nr) if Kr > 0 and Nr > 0 else 0), "wpack")
-    return &wpack[0]
+    return &wpack[0] + ((64 - (<size_t> &wpack[0] & 63)) & 63) // sizeof(float)
 
 
 cdef inline void _rec_mm(int m, int n, int k, const floating* a, int lda,
