@@ -419,7 +419,7 @@ class LSTM:
         with blas_single_threaded:
             if runner is not None:
                 y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
-                if y is not None:
+                if y is not None and y is not NotImplemented:
                     return y
             # first step, or a weight / h / c array was replaced: (re)build the runner
             keys = [[k if k in self.params else None for k in (
@@ -428,7 +428,10 @@ class LSTM:
             state._runner = runner = _lstm.StepRunner(
                 keys, self.params, state.h, state.c, state._y, self.input_size,
                 self.hidden_size, self.proj_size, self.dtype)
-            return runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
+            y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
+            if y is None or y is NotImplemented:       # a fresh runner on a converted x_t
+                raise RuntimeError("cylstm: the compiled step refused its own arguments")
+            return y
 
 
 class LSTMState:
