@@ -407,9 +407,10 @@ class LSTM:
                              "of a bidirectional one reads the future")
         # One compiled call runs every layer (_lstm.StepRunner, built by the first step of a
         # state), on the weights in place; it checks x_t itself. Measured (B = 1, I = H =
-        # 256, float32, medians of one run on a busy 2-core machine): 66 us before, when
-        # each layer went through lstm_forward (Python argument handling, two BLAS
-        # sgemv), 20.8 us now on 2 threads, 48 us on 1; at H = I = 8, 10.2 -> 1.9 us.
+        # 256, float32, medians of one run on a busy 2-core machine): 73-75 us before,
+        # when each layer went through lstm_forward (Python argument handling, two BLAS
+        # sgemv), 54-56 us now (one thread: see _lstm.pyx, "A step reads every weight");
+        # at H = I = 8, 10.2 -> 1.9 us.
         runner = state._runner
         if runner is not None and BLAS_THREAD_LOCAL:       # the kernels hold BLAS to 1 thread
             y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())

@@ -130,14 +130,15 @@ def reference_steps(lstm, x, h0, c0):
     return np.stack(ys), h, c
 
 
-# (B, I, H, L, P, bias): "big" has 2 MiB of float32 weights per layer, which the step splits
-# across threads by hidden units; "odd" sizes leave tails everywhere in the kernel.
+# (B, I, H, L, P, bias): "big" (2 MiB of float32 weights, 2 M multiply-adds) runs on a
+# thread team that splits the hidden units; every case splits them into parts (one per
+# core) even on one thread; "odd" sizes leave tails everywhere in the kernel.
 STEP_CASES = {
     "small": (3, 5, 6, 2, 0, True),
     "odd": (2, 37, 45, 2, 0, True),
     "proj": (3, 20, 33, 3, 7, True),
     "nobias": (1, 9, 17, 1, 0, False),
-    "big": (1, 256, 256, 1, 0, True),
+    "big": (4, 256, 256, 1, 0, True),
     "bigproj": (2, 200, 256, 2, 100, True),
 }
 

@@ -558,18 +558,20 @@ cdef void _step_units(
 # A step reads every weight once (2 MiB at H = I = 256 float32): with few rows it is
 # bound by memory, and one core's 2 MiB L2 cannot hold it all. Split by hidden units,
 # each thread reads only its slice, which stays in its own L2 from one step to the next.
-# Smaller weights stay in one core's L2, and one thread is faster than waking a team (and
-# far faster on a busy machine: a B = 128, H = 32 step took 12 ms on 2 threads next to
-# other processes, 20 us on one).
+# The split is used from the same size on as everything else (_MIN_PARALLEL_MACS), not
+# earlier: B = 1, I = H = 256 (0.5 M multiply-adds) took 19-27 us on 2 threads vs
+# 47-52 us on 1 (medians, busy 2-core machine), but in 2 of 8 runs the 2-thread median
+# was 8-12 ms: with another process on the other core, every region waited for the
+# scheduler to run the second thread. A helper that the caller never waits for (it
+# takes the parts the helper has not claimed) would keep the gain without the stall.
+# A B = 128, H = 32 step took 12 ms on 2 threads next to other processes, 20 us on one.
 cdef enum:
-    _STEP_MIN_PARALLEL_BYTES = 1 << 20
     _NPTR = 9                   # pointers per layer in StepRunner
 
 
 cdef inline bint _step_team_worth(int B, Py_ssize_t n_weights, size_t itemsize) noexcept nogil:
     """Whether a layer step with B rows on n_weights weights is worth a thread team."""
-    return (<double> n_weights * itemsize >= _STEP_MIN_PARALLEL_BYTES
-            or <double> B * n_weights >= _MIN_PARALLEL_MACS)
+    return <double> B * n_weights >= _MIN_PARALLEL_MACS
 
 
 cdef inline void _step_part(floating* m, char** lp, floating* z, floating* hz,
