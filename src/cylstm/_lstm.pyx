@@ -504,11 +504,12 @@ cdef void _step_units(
     const floating* w_hh,       # (G, Hp)
     const floating* b_ih,       # (G,) or NULL
     const floating* b_hh,       # (G,) or NULL
-    int B, int I, int H, int Hp, int u0, int u1,
+    int B, int I, int H, int Hp, int u0, int u1, bint back,
 ) noexcept nogil:
     """One step (1)-(4) for hidden units [u0, u1) of every batch row: the rows of the
-    four gates that belong to those units, so a thread owns its slice of the weights."""
-    cdef int G = 4 * H, n = u1 - u0, q, b, j, r0
+    four gates that belong to those units, so a thread owns its slice of the weights.
+    back: read the weight blocks in the reverse order (see StepRunner.run)."""
+    cdef int G = 4 * H, n = u1 - u0, qq, q, b, j, r0
     cdef bint blas = True
     cdef floating* zb
     cdef floating* cb
@@ -517,7 +518,8 @@ cdef void _step_units(
         blas = _dot == NULL
     # (1) as the sequence forward computes it, (x W_ih^T + b) + h W_hh^T, so that with
     # BLAS (float64) a step equals a sequence bitwise; BLAS gets whole rows [0, G)
-    for q in range(1 if blas else 4):
+    for qq in range(1 if blas else 4):
+        q = 3 - qq if back and not blas else qq
         r0 = q * H + u0
         if blas:
             n = G
@@ -529,8 +531,12 @@ cdef void _step_units(
             gemm(False, True, B, G, I, 1, x, I, w_ih, I, 1 if b_ih != NULL else 0, z, G)
             gemm(False, True, B, G, Hp, 1, h, Hp, w_hh, Hp, 0, hz, G)
         else:
-            _rows_wt(B, n, I, x, I, w_ih + <Py_ssize_t> r0 * I, z + r0, G)
-            _rows_wt(B, n, Hp, h, Hp, w_hh + <Py_ssize_t> r0 * Hp, hz + r0, G)
+            if back:
+                _rows_wt(B, n, Hp, h, Hp, w_hh + <Py_ssize_t> r0 * Hp, hz + r0, G)
+                _rows_wt(B, n, I, x, I, w_ih + <Py_ssize_t> r0 * I, z + r0, G)
+            else:
+                _rows_wt(B, n, I, x, I, w_ih + <Py_ssize_t> r0 * I, z + r0, G)
+                _rows_wt(B, n, Hp, h, Hp, w_hh + <Py_ssize_t> r0 * Hp, hz + r0, G)
             for b in range(B):
                 for j in range(r0, r0 + n):
                     z[<Py_ssize_t> b * G + j] += bsum[j]
@@ -577,12 +583,12 @@ cdef inline bint _step_team_worth(int B, Py_ssize_t n_weights, size_t itemsize) 
 cdef inline void _step_part(floating* m, char** lp, floating* z, floating* hz,
                             floating* bsum, const floating* inp, const floating* h,
                             int B, int I, int H, int Hp, int n_parts, int p,
-                            bint blas) noexcept nogil:
+                            bint blas, bint back) noexcept nogil:
     """Part p of n_parts of a layer's hidden units; lp: the layer's pointers."""
     cdef int prev = _blas_single_enter() if blas else 0
     _step_units(m, <floating*> lp[8], z, hz, bsum, inp, h, <const floating*> lp[0],
                 <const floating*> lp[1], <const floating*> lp[2], <const floating*> lp[3],
-                B, I, H, Hp, _split(H, n_parts, p), _split(H, n_parts, p + 1))
+                B, I, H, Hp, _split(H, n_parts, p), _split(H, n_parts, p + 1), back)
     if blas:
         _blas_single_exit(prev)
 
@@ -594,10 +600,10 @@ cdef void _step_layers(
     floating* bsum,             # (G,) scratch
     floating* mbuf,             # (B, H) scratch (P > 0 only)
     const floating* x,          # (B, I) layer 0's input
-    int L, int B, int I, int H, int P, int n_parts, int n_threads,
+    int L, int B, int I, int H, int P, int n_parts, int n_threads, bint back,
 ) noexcept nogil:
     """Every layer of one step; see StepRunner for the pointers of a layer."""
-    cdef int Hp = P if P > 0 else H, layer, p, prev, Il, team
+    cdef int Hp = P if P > 0 else H, layer, p, pp, prev, Il, team
     cdef bint blas = True
     cdef char** lp
     cdef floating* y
@@ -618,10 +624,11 @@ cdef void _step_layers(
                                                            sizeof(floating)) else 1
         if team > 1:
             for p in prange(n_parts, schedule="static", num_threads=team):
-                _step_part(m, lp, z, hz, bsum, inp, h, B, Il, H, Hp, n_parts, p, blas)
+                _step_part(m, lp, z, hz, bsum, inp, h, B, Il, H, Hp, n_parts, p, blas, back)
         else:                   # no OpenMP region: even a 1-thread one allocates a team
-            for p in range(n_parts):
-                _step_part(m, lp, z, hz, bsum, inp, h, B, Il, H, Hp, n_parts, p, blas)
+            for pp in range(n_parts):
+                p = n_parts - 1 - pp if back else pp
+                _step_part(m, lp, z, hz, bsum, inp, h, B, Il, H, Hp, n_parts, p, blas, back)
         if P > 0:                                                          # (5)
             prev = _blas_single_enter() if blas else 0
             _rows_wt(B, P, H, mbuf, H, <const floating*> lp[4], y, P)
@@ -629,6 +636,21 @@ cdef void _step_layers(
                 _blas_single_exit(prev)
         memcpy(h, y, <size_t> B * Hp * sizeof(floating))
         inp = y
+
+
+# Successive steps read the weights in alternating order, so that the blocks read last
+# by one step, still in L2, are read first by the next (with 2 MiB of weights in a 2 MiB
+# L2, one order always evicts what the next step reads first). Each element is computed
+# the same way in either order. Measured (B = 1, I = H = 256 float32, 1 thread, one
+# process alternating the two, medians of 10 x 500 steps): 49.3 us one order, 38.7 us
+# alternating.
+cdef bint _step_snake = True
+
+
+def _set_step_snake(bint on):
+    """Test/benchmark hook: alternate the step's weight order (True) or not."""
+    global _step_snake
+    _step_snake = on
 
 
 cdef class StepRunner:
@@ -649,6 +671,7 @@ cdef class StepRunner:
     cdef object h_all, c_all, out
     cdef char** ptrs
     cdef int nL, nB, nI, nH, nP, f32
+    cdef bint back              # read this step's weight blocks in reverse order
     cdef void* z                # (B, G) scratch
     cdef void* hz               # (B, G) scratch
     cdef void* bsum             # (G,) scratch
@@ -752,14 +775,15 @@ cdef class StepRunner:
                     _step_layers(self.ptrs, <float*> self.z, <float*> self.hz,
                                  <float*> self.bsum, <float*> self.mbuf,
                                  <const float*> view.buf, self.nL, self.nB, self.nI,
-                                 self.nH, self.nP, n_parts, n_threads)
+                                 self.nH, self.nP, n_parts, n_threads, self.back)
                 else:
                     _step_layers(self.ptrs, <double*> self.z, <double*> self.hz,
                                  <double*> self.bsum, <double*> self.mbuf,
                                  <const double*> view.buf, self.nL, self.nB, self.nI,
-                                 self.nH, self.nP, n_parts, n_threads)
+                                 self.nH, self.nP, n_parts, n_threads, self.back)
         finally:
             PyBuffer_Release(&view)
+        self.back = _step_snake and not self.back
         return self.out
 
 
