@@ -245,6 +245,15 @@ class Sequential(_Parametrised):
         self.sequence_output = not any(isinstance(l, LastStep) for l in self.layers)
         self.token_input = isinstance(self.layers[0], Embedding)
 
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+    def __setstate__(self, d):
+        # copy.deepcopy / pickle copied each layer's arena on its own: put them back
+        # into this model's one arena (same values), as _build_arena does.
+        self.__dict__.update(d)
+        self._bind_layers()
+
     def _build_arena(self):
         """One parameter arena and one gradient arena for the whole model; every layer's
         parameters become views into them (optimiser steps and clipping are then one
@@ -254,6 +263,9 @@ class Sequential(_Parametrised):
             layout += [(f"{i}.{name}", shape) for name, shape in getattr(layer, "_layout", [])]
         self._layout = layout
         self.flat_params, self.flat_grads, _, _ = _arena(layout, self.dtype)
+        self._bind_layers()
+
+    def _bind_layers(self):
         offset = 0
         for layer in self.layers:
             n = sum(math.prod(s) for _, s in getattr(layer, "_layout", []))

@@ -201,6 +201,17 @@ class Optimizer:
         self._step = 0
         self._ensure_state()
 
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        del d["_params"], d["_grads"]
+        return d
+
+    def __setstate__(self, d):
+        # copy.deepcopy / pickle: the flat views are rebuilt on the copied arrays, so
+        # the copy updates its own model's arena, not a detached copy of it
+        self.__dict__.update(d)
+        self._params, self._grads = self.params.reshape(-1), self.grads.reshape(-1)
+
     # -- hyper-parameters -----------------------------------------------------------------
 
     @property

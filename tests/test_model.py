@@ -459,3 +459,26 @@ def test_per_sequence_targets_as_wide_as_the_steps_are_not_cut():
     ev = model.evaluate(x, y, lengths=lengths)
     want = np.mean((model.predict(x, lengths=lengths) - y) ** 2)
     assert ev["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_deepcopy_and_pickle_keep_one_arena_per_copy():
+    import copy
+    import pickle
+    seqs, y = _parity_task(64)
+    model = _classifier()
+    model.fit(seqs, y, epochs=1, verbose=0)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        np.testing.assert_array_equal(twin.predict(seqs), model.predict(seqs))
+        assert not np.shares_memory(twin.flat_params, model.flat_params)
+        for name, p in twin.params.items():
+            assert np.shares_memory(p, twin.flat_params), name
+        assert twin.optimizer.params is twin.flat_params
+        assert np.shares_memory(twin.optimizer._params, twin.flat_params)
+        before = model.flat_params.copy()
+        twin.fit(seqs, y, epochs=1, verbose=0)                 # trains the copy only
+        np.testing.assert_array_equal(model.flat_params, before)
+        assert not np.array_equal(twin.flat_params, before)
+    lstm = copy.deepcopy(cylstm.LSTM(3, 4, num_layers=2))
+    for name, p in lstm.params.items():
+        assert np.shares_memory(p, lstm.flat_params), name
+    lstm(np.ones((2, 1, 3)))
