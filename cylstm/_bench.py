@@ -367,8 +367,9 @@ def _no_gc():
 
 # ---- GEMM peak ------------------------------------------------------------------------------
 
-def gemm_peak(dtype, n_threads, reps, size=GEMM_SIZE):
+def gemm_peak(dtype, n_threads, reps, size=None):
     """Time C = A @ B, (size x size) Fortran-order, through scipy.linalg.blas.?gemm."""
+    size = size or GEMM_SIZE
     from scipy.linalg import blas
     from threadpoolctl import threadpool_limits
 
