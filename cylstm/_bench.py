@@ -140,7 +140,8 @@ class _Mode(NamedTuple):
     rounds: int          # blocks per implementation (A B C, C B A, ...)
     settle: float        # seconds slept before each block when threads > 1
     gemm_reps: int       # timed GEMM-peak reps, at the start and at the end
-    verify_T: int        # configurations above VERIFY_FLOPS are verified on T[:verify_T]
+    verify_T: int        # configurations above verify_flops are verified on T[:verify_T]
+    verify_flops: float  # forward FLOPs above which only the first verify_T steps are
     max_call: float      # s; an implementation whose calls take longer is not timed
     configs: tuple       # configurations run in float32 by default
     variant_configs: tuple   # configurations the variants run on by default
@@ -152,22 +153,23 @@ class _Mode(NamedTuple):
 
 # --quick (all peers, < 2 min on 2 cores): large and charrnn (seconds per reference
 # call) are left out, the variants run on medium at 2 threads only, memory on medium.
-QUICK = _Mode(target=0.3, warm=0.05, rounds=2, settle=0.15, gemm_reps=4, verify_T=10,
-              max_call=3.0, configs=("tiny", "small", "medium", "step"),
+QUICK = _Mode(target=0.3, warm=0.05, rounds=2, settle=0.15, gemm_reps=4, verify_T=20,
+              verify_flops=0, max_call=1.0, configs=("tiny", "small", "medium", "step"),
               variant_configs=("medium",), variants_all_threads=False,
               memory_configs=("medium",))
 FULL = _Mode(target=1.5, warm=0.3, rounds=4, settle=0.25, gemm_reps=10, verify_T=10,
-             max_call=30.0, configs=tuple(CONFIGS), variant_configs=("small", "medium"),
+             verify_flops=1e10, max_call=30.0, configs=tuple(CONFIGS), variant_configs=("small", "medium"),
              variants_all_threads=True,
              memory_configs=("tiny", "small", "medium", "large", "charrnn"))
 # max_call: the slowest call on an idle 2-core machine is ~1.3 s (charrnn training at 1
 # thread). With the other core busy, a 2-thread OpenBLAS call can be 10-30x slower (each
 # per-step GEMM waits for a descheduled worker): 15 s for one reference training step
-# on large was seen. Such cells are reported as skipped rather than timed with < 3 reps.
-# large and charrnn (~27 GFLOP per forward): verifying their full T=100/128 costs ~5 s
-# each on 2 cores per implementation, so they are checked on their first 10 steps: same
-# B, I, H, L, same code paths (cylstm packs its weights from 4 steps on).
-VERIFY_FLOPS = 1e10
+# on large was seen, 12 s on medium/varlen. Such cells are reported as skipped rather than
+# timed with < 3 reps; --quick (no call above ~0.3 s when idle) gives up after 1 s.
+# Verifying large and charrnn (~27 GFLOP per forward) over their full T=100/128 costs
+# ~5 s per implementation on 2 cores, so they are checked on their first 10 steps: same
+# B, I, H, L, same code paths (cylstm packs its weights from 4 steps on). --quick checks
+# every case on its first 20 steps (on a busy machine full-T checks took 4 of 10 minutes).
 GEMM_SIZE = 2048
 SLOW_CALL = 0.05         # s; a call at least this long needs no untimed call per block
 
@@ -846,12 +848,15 @@ def _profile_onednn(torch, fn):
 
 def _verify_case(case, impls, data, thread_counts, tasks, tol):
     """Every implementation and task against the float64 oracle, on `data`.
-    cylstm at every thread count (its results may depend on it), the others at the
-    largest. Returns [(impl, threads, task, result)]."""
-    want = _oracle(case, impls["cylstm"].prob.params, data)
+    cylstm at every thread count (its kernels split work by thread count), the others
+    (and the oracle) at the smallest: their threading only reorders sums, and on a busy
+    machine a multithreaded OpenBLAS call can take 10-30x longer.
+    Returns [(impl, threads, task, result)]."""
+    with _threads(min(thread_counts)):
+        want = _oracle(case, impls["cylstm"].prob.params, data)
     out = []
     for name, impl in impls.items():
-        counts = thread_counts if name == "cylstm" else [max(thread_counts)]
+        counts = thread_counts if name == "cylstm" else [min(thread_counts)]
         for n in counts:
             for task in case.tasks:
                 if task not in tasks or (task == "training" and not impl.training):
@@ -1117,7 +1122,7 @@ def _time_cell(case, task, n, impls, data, mode, sink, peak, verified):
     if "torch-native" in names and torch_impl and not torch_impl.uses_onednn.get(task, True):
         names.remove("torch-native")        # the default path is already the native one
         skipped["torch-native"] = "same code as torch here (the profiler saw no oneDNN)"
-    meter = _LoadMeter()
+    meter, t0 = _LoadMeter(), time.perf_counter()
     with _threads(n):
         fns = {k: impls[k].call(task, n, data) for k in names}
         times, rounds, slow = _measure(fns, n, mode)
@@ -1143,7 +1148,8 @@ def _time_cell(case, task, n, impls, data, mode, sink, peak, verified):
            "skipped": skipped, "flops": fl}
     _log(f"[{case.name} {task} {n}t] " + ", ".join(
         f"{k} {_fmt(s['median_ms'])} ms" for k, s in stats.items())
-        + ("" if load is None else f" (other load {load:.2f} cores)"))
+        + ("" if load is None else f" (other load {load:.2f} cores)")
+        + f" [{time.perf_counter() - t0:.1f} s]")
     return row
 
 
@@ -1175,7 +1181,7 @@ def run(args):
         prob = _problem(case)
         impls, skipped_impls[case.name] = _build_impls(case, prob, peers, sink)
         cfg = case.cfg
-        Tv = cfg.T if flops(case, "inference") <= VERIFY_FLOPS else min(cfg.T, mode.verify_T)
+        Tv = cfg.T if flops(case, "inference") <= mode.verify_flops else min(cfg.T, mode.verify_T)
         t0 = time.perf_counter()
         verified = {}
         for name, n, task, r in _verify_case(case, impls, prob.data.first(Tv), args.threads,
@@ -1441,7 +1447,7 @@ def _timing_lines(rows, peers, peak):
                 _fmt(gf), "-" if gf is None else f"{100 * gf / peak[r['threads']]:.0f}%"]
         for p in peers:
             s = r["stats"].get(p)
-            line += [_ms(s) if s else "-",
+            line += [_ms(s) if s else _short(r["skipped"].get(p)),
                      _ratio(s["median_ms"] / c["median_ms"]) if s and c else "-"]
         line.append("-" if r["load"] is None else f"{r['load']:.2f}")
         body.append(line)
@@ -1450,8 +1456,21 @@ def _timing_lines(rows, peers, peak):
             "'x peer' = peer median / cylstm median: above 1 cylstm is faster; **bold** "
             "where it is slower. GFLOP/s at cylstm's median (valid steps only), % of the "
             "same-thread sgemm peak. 'load': cores' worth of CPU other processes used "
-            "during the cell (above ~0.2 the cell is disturbed). '-': not run (see Skipped).",
+            "during the cell (above ~0.2 the cell is disturbed). '-': not run (see Skipped); "
+            "'= torch path': torch's default path is the native one here; 'not timed': one "
+            "warm-up call took longer than the limit (a busy machine).",
             ""] + _table(head, body)
+
+
+def _short(why):
+    """A table cell for a peer not timed in a cell ('-': not run in this case at all)."""
+    if why is None:
+        return "-"
+    if why.startswith("one call took"):
+        return "not timed: " + why[len("one call took "):].split(" >")[0] + "/call"
+    if why.startswith("same code as torch"):
+        return "= torch path"
+    return "**" + why + "**"
 
 
 def _memory_lines(memory, peers, n):
