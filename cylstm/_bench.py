@@ -158,20 +158,21 @@ QUICK = _Mode(target=0.3, warm=0.05, rounds=2, settle=0.15, gemm_reps=4, verify_
               variant_configs=("medium",), variants_all_threads=False,
               memory_configs=("medium",))
 FULL = _Mode(target=1.5, warm=0.3, rounds=4, settle=0.25, gemm_reps=10, verify_T=10,
-             verify_flops=1e10, max_call=30.0, configs=tuple(CONFIGS), variant_configs=("small", "medium"),
+             verify_flops=1e10, max_call=5.0, configs=tuple(CONFIGS), variant_configs=("small", "medium"),
              variants_all_threads=True,
              memory_configs=("tiny", "small", "medium", "large", "charrnn"))
 # max_call: the slowest call on an idle 2-core machine is ~1.3 s (charrnn training at 1
 # thread). With the other core busy, a 2-thread OpenBLAS call can be 10-30x slower (each
 # per-step GEMM waits for a descheduled worker): 15 s for one reference training step
 # on large was seen, 12 s on medium/varlen. Such cells are reported as skipped rather than
-# timed with < 3 reps; --quick (no call above ~0.3 s when idle) gives up after 1 s.
+# timed with < 3 reps: after 5 s (full), or 1 s (--quick: no call above ~0.3 s idle).
 # Verifying large and charrnn (~27 GFLOP per forward) over their full T=100/128 costs
 # ~5 s per implementation on 2 cores, so they are checked on their first 10 steps: same
 # B, I, H, L, same code paths (cylstm packs its weights from 4 steps on). --quick checks
 # every case on its first 20 steps (on a busy machine full-T checks took 4 of 10 minutes).
 GEMM_SIZE = 2048
 SLOW_CALL = 0.05         # s; a call at least this long needs no untimed call per block
+BLOCK_BUDGET = 3.0       # a block stops after this many times its planned duration
 
 
 # ---- the machine ----------------------------------------------------------------------------
@@ -343,12 +344,15 @@ def _stats(times):
             "p75_ms": float(p75), "min_ms": float(t.min()), "max_ms": float(t.max())}
 
 
-def _timed(fn, k, out):
+def _timed(fn, k, out, deadline=math.inf):
+    """Time k calls of fn one by one into `out`; stop early (after >= 1) at `deadline`."""
     pc = time.perf_counter
     for _ in range(k):
         t0 = pc()
         fn()
         out.append(pc() - t0)
+        if t0 > deadline:
+            break
 
 
 def _split(n, parts):
@@ -892,7 +896,10 @@ def _measure(fns, n_threads, mode):
     2.1 GHz); on this 2-core machine that made a cylstm call right after a reference call
     take 40-60 ms instead of 21 ms (medium inference, 2 threads). ONNX Runtime's and
     torch's OpenMP workers spin too. A block whose calls take < SLOW_CALL starts with one
-    untimed call (warm caches after the other implementation).
+    untimed call (warm caches after the other implementation). A block stops after
+    BLOCK_BUDGET times its planned duration: on a busy machine a 2-thread call estimated at
+    0.1 ms during warm-up went on to take ~1 s per call (a descheduled OpenMP worker at
+    each of T barriers), and its 3000 planned reps took 45 s.
 
     Returns ({impl: [seconds, ...]}, rounds, {skipped impl: its warm-up call time})."""
     settle = mode.settle if n_threads > 1 else 0.0
@@ -914,7 +921,8 @@ def _measure(fns, n_threads, mode):
                 time.sleep(settle)
                 if est[impl] < SLOW_CALL:
                     fns[impl]()                                   # warm caches, untimed
-                _timed(fns[impl], plan[impl][r], times[impl])
+                budget = BLOCK_BUDGET * plan[impl][r] * est[impl]
+                _timed(fns[impl], plan[impl][r], times[impl], time.perf_counter() + budget)
     return times, rounds, skipped
 
 
