@@ -157,7 +157,7 @@ QUICK = _Mode(target=0.3, warm=0.05, rounds=2, settle=0.15, gemm_reps=4, verify_
               verify_flops=0, max_call=1.0, configs=("tiny", "small", "medium", "step"),
               variant_configs=("medium",), variants_all_threads=False,
               memory_configs=("medium",))
-FULL = _Mode(target=1.5, warm=0.3, rounds=4, settle=0.25, gemm_reps=10, verify_T=10,
+FULL = _Mode(target=1.0, warm=0.2, rounds=4, settle=0.15, gemm_reps=10, verify_T=10,
              verify_flops=1e10, max_call=5.0, configs=tuple(CONFIGS), variant_configs=("small", "medium"),
              variants_all_threads=True,
              memory_configs=("tiny", "small", "medium", "large", "charrnn"))
@@ -1059,7 +1059,7 @@ def add_arguments(p, default_json="-", default_out=os.path.join("bench", "result
     """The options. default_json: where JSON lines go unless --json says ('' or '-':
     <out>/latest.jsonl, and '-' also prints them after the report)."""
     p.add_argument("--quick", action="store_true",
-                   help="~0.3 s of timed reps per implementation and cell instead of ~1.5 s, "
+                   help="~0.3 s of timed reps per implementation and cell instead of ~1 s, "
                         f"configurations {','.join(QUICK.configs)} and the variants on "
                         f"{','.join(QUICK.variant_configs)} at the largest thread count "
                         "(< 2 minutes on 2 cores)")
@@ -1480,7 +1480,8 @@ def _timing_lines(rows, peers, peak):
     for r in rows:
         c = r["stats"].get("cylstm")
         gf = None if c is None else r["flops"] / (c["median_ms"] * 1e-3) / 1e9
-        line = [r["case"], r["task"], r["threads"], _ms(c) if c else "not timed",
+        line = [r["case"], r["task"], r["threads"], _ms(c) if c else _short(
+                    r["skipped"].get("cylstm", "not timed")),
                 _fmt(gf), "-" if gf is None else f"{100 * gf / peak[r['threads']]:.0f}%"]
         for p in peers:
             s = r["stats"].get(p)
