@@ -1569,12 +1569,15 @@ def chart(rows, peers, path):
     counts = sorted({r["threads"] for r in rows})
     if not rows or not peers:
         return "nothing to compare"
-    cells = list(dict.fromkeys((r["case"], r["task"]) for r in rows))
+    per_panel = {n: list(dict.fromkeys((r["case"], r["task"]) for r in rows
+                                       if r["threads"] == n)) for n in counts}
     res = _Results(rows)
-    fig, axes = plt.subplots(len(counts), 1, figsize=(max(8, 0.55 * len(cells) + 2),
+    most = max(len(c) for c in per_panel.values())
+    fig, axes = plt.subplots(len(counts), 1, figsize=(max(8, 0.55 * most + 2),
                                                       4.2 * len(counts)), squeeze=False)
     width = 0.8 / len(peers)
     for ax, n in zip(axes[:, 0], counts):
+        cells = per_panel[n]
         for k, p in enumerate(peers):
             xs, ys = [], []
             for j, (case, task) in enumerate(cells):
