@@ -1207,25 +1207,12 @@ def run(args):
     for case in cases:
         prob = _problem(case)
         impls, skipped_impls[case.name] = _build_impls(case, prob, peers, sink)
-        cfg = case.cfg
-        Tv = cfg.T if flops(case, "inference") <= mode.verify_flops else min(cfg.T, mode.verify_T)
-        t0 = time.perf_counter()
-        verified = {}
-        for name, n, task, r in _verify_case(case, impls, prob.data.first(Tv), args.threads,
-                                             args.tasks, TOLERANCE[case.dtype]):
-            verification.append((case.name, Tv, name, n, task, r))
-            verified[name, task] = verified.get((name, task), True) and r["ok"]
-            sink.write({"type": "verification", "case": case.name, "impl": name,
-                        "threads": n, "task": task, "T_checked": Tv,
-                        "tolerance": TOLERANCE[case.dtype], "oracle": "reference float64",
-                        **r})
+        verified = _verify_recorded(case, impls, prob.data, args, mode, sink, verification)
         failed |= not all(verified.values())
         if "torch" in impls and impls["torch"].uses_onednn:
             torch_paths[case.name] = dict(impls["torch"].uses_onednn)
             sink.write({"type": "torch_path", "case": case.name,
                         "default_uses_onednn": torch_paths[case.name]})
-        _log(f"[{case.name}] verified in {time.perf_counter() - t0:.1f} s (T={Tv}): "
-             + ", ".join(f"{i} {t} {'ok' if v else 'FAILED'}" for (i, t), v in verified.items()))
         counts = args.threads if (not case.variant or mode.variants_all_threads) \
             else [max(args.threads)]
         for n in counts:
@@ -1246,6 +1233,12 @@ def run(args):
 
     report = _report(args, header, mode, peers, peak, peak_end, best, verification, rows,
                      skipped_impls, torch_paths, memory, targets, elapsed, files)
+    _emit(args, report, rows, peers, sink, files, json_path)
+    return 1 if failed else 0
+
+
+def _emit(args, report, rows, peers, sink, files, json_path):
+    """The report to stdout and latest.md, the chart, where the JSON lines went."""
     print("\n".join(report))
     if files:
         with open(files["md"], "w") as f:
@@ -1258,7 +1251,25 @@ def run(args):
         print("\n".join(sink.lines))
     elif json_path:
         print(f"JSON lines: {json_path}")
-    return 1 if failed else 0
+
+
+def _verify_recorded(case, impls, data, args, mode, sink, verification):
+    """_verify_case on the case's first Tv steps, recorded in the sink and appended to
+    `verification`; returns {(impl, task): all checks passed}."""
+    cfg = case.cfg
+    Tv = cfg.T if flops(case, "inference") <= mode.verify_flops else min(cfg.T, mode.verify_T)
+    t0 = time.perf_counter()
+    verified = {}
+    for name, n, task, r in _verify_case(case, impls, data.first(Tv), args.threads,
+                                         args.tasks, TOLERANCE[case.dtype]):
+        verification.append((case.name, Tv, name, n, task, r))
+        verified[name, task] = verified.get((name, task), True) and r["ok"]
+        sink.write({"type": "verification", "case": case.name, "impl": name, "threads": n,
+                    "task": task, "T_checked": Tv, "tolerance": TOLERANCE[case.dtype],
+                    "oracle": "reference float64", **r})
+    _log(f"[{case.name}] verified in {time.perf_counter() - t0:.1f} s (T={Tv}): "
+         + ", ".join(f"{i} {t} {'ok' if v else 'FAILED'}" for (i, t), v in verified.items()))
+    return verified
 
 
 def _gemm_peaks(thread_counts, mode, sink, when):
