@@ -17,7 +17,8 @@ It follows /work/shared/BENCH.md ("How") and STYLE.md point 17:
    torch and onnxruntime are imported only when installed and asked for.
 3. Verify before timing: every implementation, on the same weights, against a float64
    run of the reference (the oracle): max |a - b| / max magnitude per array, 1e-4 for
-   float32, 1e-9 for float64. What fails is not timed, and the exit status is 1. Each
+   float32, 1e-9 for float64; cylstm at every thread count, the others at the smallest.
+   What fails is not timed, and the exit status is 1. Each
    torch call of the verification is also profiled, to record whether its default path
    really ran oneDNN (``aten::mkldnn_rnn_layer``); where it did not (float64, packed
    inputs, projection), "torch native" would time the same code and is skipped.
