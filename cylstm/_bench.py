@@ -917,7 +917,9 @@ def _measure(fns, n_threads, mode):
     untimed call (warm caches after the other implementation). A block stops after
     BLOCK_BUDGET times its planned duration: on a busy machine a 2-thread call estimated at
     0.1 ms during warm-up went on to take ~1 s per call (a descheduled OpenMP worker at
-    each of T barriers), and its 3000 planned reps took 45 s.
+    each of T barriers), and its 3000 planned reps took 45 s. An implementation one of
+    whose timed calls took longer than max_call gets no further blocks (a 51 s cell of
+    --quick was 2-thread torch and NumPy calls of 1-4 s each under load).
 
     Returns ({impl: [seconds, ...]}, rounds, {skipped impl: its warm-up call time})."""
     settle = mode.settle if n_threads > 1 else 0.0
@@ -936,6 +938,8 @@ def _measure(fns, n_threads, mode):
     with _no_gc():
         for r in range(rounds):
             for impl in (impls if r % 2 == 0 else impls[::-1]):   # ABC CBA: drift cancels
+                if max(times[impl], default=0.0) > mode.max_call:
+                    continue            # one call blew the limit: keep its reps, add none
                 time.sleep(settle)
                 if est[impl] < SLOW_CALL:
                     fns[impl]()                                   # warm caches, untimed
