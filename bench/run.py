@@ -2,7 +2,8 @@
 
 The same benchmark as ``python -m cylstm bench`` (cylstm/_bench.py; see bench/README.md),
 run on this checkout's cylstm (build it first: ``python setup.py build_ext --inplace``),
-writing its JSON lines to bench/results/latest.jsonl unless ``--json`` says otherwise.
+writing latest.md, latest.jsonl and latest.png to bench/results/ (git-ignored) unless
+``--out`` says otherwise.
 """
 
 import os
@@ -10,10 +11,10 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-DEFAULT_JSON = os.path.join(HERE, "results", "latest.jsonl")
+DEFAULT_OUT = os.path.join(HERE, "results")
 
 if __name__ == "__main__":
     sys.path.insert(0, REPO)          # this checkout's cylstm, not an installed one
     from cylstm import _bench
 
-    sys.exit(_bench.main(default_json=DEFAULT_JSON, prog="python bench/run.py"))
+    sys.exit(_bench.main(default_json="", default_out=DEFAULT_OUT, prog="python bench/run.py"))

@@ -1,48 +1,54 @@
-"""Benchmark cylstm against its NumPy reference: ``python -m cylstm bench [--quick]``.
+"""Benchmark cylstm against its NumPy reference, torch.nn.LSTM and ONNX Runtime:
+``python -m cylstm bench [--quick]`` or, from a checkout, ``python bench/run.py``.
 
 It follows /work/shared/BENCH.md ("How") and STYLE.md point 17:
 
-1. Verify before timing. Each configuration's exact shapes (with --quick, only the
-   first 10 steps of large and charrnn) are run through a float64 NumPy reference (the
-   oracle); the cylstm forward (inference and training), every gradient, and the timed
-   NumPy reference itself must agree with it to a relative tolerance (max |a - b| / max
-   magnitude: 1e-4 for float32, 1e-9 for float64). What fails is not timed, and the
-   exit status is 1.
-2. Time two tasks: inference (``lstm.eval()``; reference ``training=False``) and a
-   training step (forward ``training=True`` + backward; gradient buffers zeroed once).
-   cylstm runs through ``cylstm.LSTM`` (it reuses its workspaces across calls), the
-   reference through ``cylstm.reference``'s functions, once per layer.
-3. Interleave in one run, at each thread count (``cylstm.threads(n)`` for cylstm;
-   ``threadpoolctl.threadpool_limits(n)`` for the BLAS both use): blocks of reps in the
-   order cylstm, reference, reference, cylstm, ... so that drift cancels in the ratio.
-   Before each block at more than one thread the run sleeps ``settle`` seconds: an
-   idle OpenBLAS keeps its worker threads spinning for about 2**28 cycles after a
-   call (~0.13 s at 2.1 GHz), and measured on this 2-core machine (medium inference,
-   2 threads) that made a cylstm call that directly followed a reference call take
-   40-60 ms instead of 21 ms, for about 0.15 s. A block starts with one untimed call
-   when a call takes < 50 ms (warm caches after the other implementation).
-   A cell whose calls take longer than ``max_call`` (3 s quick, 30 s full: only seen on
-   a busy machine) is reported as skipped rather than timed with fewer than 3 reps.
-4. Time every rep on its own (``time.perf_counter``, GC off); quote the median and
-   p25-p75, GFLOP/s at the median, and its fraction of a large square GEMM through
-   scipy's BLAS at the same thread count, measured in the same run (start and end).
-5. Record everything as JSON lines: a header (versions, thread settings, the BLAS and
-   OpenMP pools seen by threadpoolctl, the CPU), one line per GEMM-peak measurement,
-   per verification and per timing, and the CPU time other processes used meanwhile.
+1. Cases: BENCH.md's configurations (tiny, small, medium, large, charrnn, step) in
+   float32, plus variants of some of them: float64, variable lengths (uniform in 1..T),
+   bidirectional, projection (proj_size = H/2). Tasks: inference, and a training step
+   (forward + backward of a fixed dy, gradients accumulated, no optimiser). ``step`` is
+   streaming inference: cylstm ``lstm.step(x_t, state)``, torch ``nn.LSTMCell``, ONNX
+   Runtime a one-step graph, each with the state carried from call to call.
+2. Implementations: cylstm (``cylstm.LSTM``), the NumPy reference (``cylstm.reference``
+   per layer and direction), and, when installed, torch's default path (oneDNN for
+   float32 on x86), torch's native path (oneDNN disabled) and ONNX Runtime's LSTM
+   operator (a graph of LSTM nodes built with onnx.helper; inference, float32, no
+   projection). A peer that is absent or cannot run a case is skipped with a note;
+   torch and onnxruntime are imported only when installed and asked for.
+3. Verify before timing: every implementation, on the same weights, against a float64
+   run of the reference (the oracle): max |a - b| / max magnitude per array, 1e-4 for
+   float32, 1e-9 for float64; cylstm at every thread count, the others at the smallest.
+   What fails is not timed, and the exit status is 1. Each
+   torch call of the verification is also profiled, to record whether its default path
+   really ran oneDNN (``aten::mkldnn_rnn_layer``); where it did not (float64, packed
+   inputs, projection), "torch native" would time the same code and is skipped.
+4. Time interleaved in one run, at each thread count (cylstm.threads(n), the BLAS pools
+   through threadpoolctl, torch.set_num_threads(n), ONNX Runtime's intra_op_num_threads):
+   blocks of individually timed reps in the order A B C ... C B A, so drift cancels in
+   the ratios. Median, p25-p75, GFLOP/s and its fraction of a same-run sgemm peak.
+5. Peak memory of a training step: the first training step of a fresh model, in a fresh
+   subprocess per implementation, as the peak RSS during the step (VmHWM, reset through
+   /proc/self/clear_refs just before it) minus the RSS before it.
+6. Report: a markdown report (stdout and <out>/latest.md), JSON lines
+   (<out>/latest.jsonl), a PNG chart of the ratios (<out>/latest.png, needs matplotlib),
+   and the BENCH.md targets it can evaluate, each MET or MISSED with the figure.
 
-Dimensions: T steps, B batch, I input, H hidden, L layers. Only numpy, scipy and
-threadpoolctl are needed (no torch: peers are a separate benchmark).
+Dimensions: T steps, B batch, I input, H hidden, L layers, D directions, P projection.
 """
 
 import argparse
+import contextlib
 import datetime
 import gc
+import importlib.util
 import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -51,8 +57,10 @@ import cylstm
 from cylstm import reference as ref
 from cylstm._threads import BLAS_THREAD_LOCAL, N_PARTS
 
-__all__ = ["CONFIGS", "add_arguments", "main", "run"]
+__all__ = ["CONFIGS", "VARIANTS", "IMPLS", "Case", "add_arguments", "main", "run"]
 
+
+# ---- what is measured -----------------------------------------------------------------------
 
 class Config(NamedTuple):
     B: int
@@ -61,7 +69,7 @@ class Config(NamedTuple):
     H: int
     L: int
     what: str
-    state: bool = False       # carry (h, c) in and out of every call (streaming)
+    state: bool = False       # streaming: one step, (h, c) carried from call to call
 
 
 # BENCH.md's configurations, in its order.
@@ -73,45 +81,99 @@ CONFIGS = {
     "charrnn": Config(32, 128, 96, 512, 2, "character LM training step"),
     "step": Config(1, 1, 256, 256, 1, "one streaming step, state carried in", state=True),
 }
+# BENCH.md: "the cases no peer handles well".
+VARIANTS = {
+    "float64": "float64 weights and data",
+    "varlen": "lengths uniform in 1..T (torch: pack_padded_sequence)",
+    "bidir": "bidirectional",
+    "proj": "projection, proj_size = H/2",
+}
 TASKS = ("inference", "training")
-IMPLS = ("cylstm", "reference")
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
+PARAM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+
+class Case(NamedTuple):
+    """One configuration in one variant ("" = float32, fixed lengths, one direction)."""
+    config: str
+    variant: str = ""
+
+    @property
+    def name(self):
+        return self.config + (f"/{self.variant}" if self.variant else "")
+
+    @property
+    def cfg(self):
+        return CONFIGS[self.config]
+
+    @property
+    def dtype(self):
+        return np.dtype(np.float64 if self.variant == "float64" else np.float32)
+
+    @property
+    def D(self):
+        return 2 if self.variant == "bidir" else 1
+
+    @property
+    def P(self):
+        return self.cfg.H // 2 if self.variant == "proj" else 0
+
+    @property
+    def tasks(self):
+        return ("inference",) if self.cfg.state else TASKS
+
+
+def flops(case, task, lengths=None):
+    """FLOPs of one call: 2*(valid steps)*4H*(I_l + Hp) per layer and direction, plus
+    2*(valid steps)*H*P for a projection; a training step counts ~3x the forward."""
+    cfg, D, Hp = case.cfg, case.D, case.P or case.cfg.H
+    steps = cfg.B * cfg.T if lengths is None else int(np.sum(lengths))
+    f = 0
+    for layer in range(cfg.L):
+        i_l = cfg.I if layer == 0 else D * Hp
+        f += D * 2 * steps * (4 * cfg.H * (i_l + Hp) + cfg.H * case.P)
+    return 3 * f if task == "training" else f
 
 
 class _Mode(NamedTuple):
     target: float        # seconds of timed reps per implementation and cell
     warm: float          # seconds of warm-up per implementation and cell (>= 1 call)
-    rounds: int          # alternations cylstm/reference (each round = 2 blocks)
+    rounds: int          # blocks per implementation (A B C, C B A, ...)
     settle: float        # seconds slept before each block when threads > 1
     gemm_reps: int       # timed GEMM-peak reps, at the start and at the end
-    verify_T: int        # configurations above VERIFY_FLOPS are verified on T[:verify_T]
+    verify_T: int        # configurations above verify_flops are verified on T[:verify_T]
+    verify_flops: float  # forward FLOPs above which only the first verify_T steps are
     max_call: float      # s; an implementation whose calls take longer is not timed
+    configs: tuple       # configurations run in float32 by default
+    variant_configs: tuple   # configurations the variants run on by default
+    variants_all_threads: bool   # variants at every thread count, or only the largest
+    memory_configs: tuple    # configurations whose training-step memory is measured
     min_reps: int = 3
     max_reps: int = 20000
 
 
-QUICK = _Mode(target=0.3, warm=0.05, rounds=2, settle=0.15, gemm_reps=4, verify_T=10,
-              max_call=3.0)
-FULL = _Mode(target=2.0, warm=0.3, rounds=4, settle=0.25, gemm_reps=10, verify_T=10**9,
-             max_call=30.0)
+# --quick (all peers, < 2 min on 2 cores): large and charrnn (seconds per reference
+# call) are left out, the variants run on medium at 2 threads only, memory on medium.
+QUICK = _Mode(target=0.3, warm=0.05, rounds=2, settle=0.15, gemm_reps=4, verify_T=20,
+              verify_flops=0, max_call=1.0, configs=("tiny", "small", "medium", "step"),
+              variant_configs=("medium",), variants_all_threads=False,
+              memory_configs=("medium",))
+FULL = _Mode(target=1.0, warm=0.2, rounds=4, settle=0.15, gemm_reps=10, verify_T=10,
+             verify_flops=1e10, max_call=5.0, configs=tuple(CONFIGS), variant_configs=("small", "medium"),
+             variants_all_threads=True,
+             memory_configs=("tiny", "small", "medium", "large", "charrnn"))
 # max_call: the slowest call on an idle 2-core machine is ~1.3 s (charrnn training at 1
 # thread). With the other core busy, a 2-thread OpenBLAS call can be 10-30x slower (each
 # per-step GEMM waits for a descheduled worker): 15 s for one reference training step
-# on large was seen. Such cells would blow --quick's 2 minutes and say nothing about
-# cylstm, so they are reported as skipped rather than timed with fewer than 3 reps.
-# large and charrnn (~27 GFLOP per forward): verifying their full T=100/128 costs ~5 s
-# each on 2 cores (the float64 oracle, the float32 reference, cylstm at 1 and 2 threads),
-# so --quick checks their first 10 steps: same B, I, H, L, same code paths.
-VERIFY_FLOPS = 1e10
+# on large was seen, 12 s on medium/varlen. Such cells are reported as skipped rather than
+# timed with < 3 reps: after 5 s (full), or 1 s (--quick: no call above ~0.3 s idle).
+# Verifying large and charrnn (~27 GFLOP per forward) over their full T=100/128 costs
+# ~5 s per implementation on 2 cores, so they are checked on their first 10 steps: same
+# B, I, H, L, same code paths (cylstm packs its weights from 4 steps on). --quick checks
+# every case on its first 20 steps (on a busy machine full-T checks took 4 of 10 minutes).
 GEMM_SIZE = 2048
 SLOW_CALL = 0.05         # s; a call at least this long needs no untimed call per block
-
-
-def flops(cfg, task):
-    """FLOPs of one call: 2*B*T*4H*(I_l + H) per layer forward; training ~3x."""
-    f = sum(2 * cfg.B * cfg.T * 4 * cfg.H * ((cfg.I if l == 0 else cfg.H) + cfg.H)
-            for l in range(cfg.L))
-    return 3 * f if task == "training" else f
+BLOCK_BUDGET = 3.0       # a block stops after this many times its planned duration
 
 
 # ---- the machine ----------------------------------------------------------------------------
@@ -143,25 +205,45 @@ def _usable_cores():
 
 
 def _git_commit():
-    """The checkout's commit, read from .git (no git process), or None if not a checkout."""
+    """The checkout's commit, read from .git (no git process), or None if not a checkout.
+    In a worktree .git is a file naming the real git directory."""
     git = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(cylstm.__file__))), ".git")
     try:
+        if os.path.isfile(git):
+            with open(git) as f:
+                git = f.read().split("gitdir:", 1)[1].strip()
         with open(os.path.join(git, "HEAD")) as f:
             head = f.read().strip()
         if not head.startswith("ref:"):
             return head
         name = head[4:].strip()
-        path = os.path.join(git, *name.split("/"))
-        if os.path.exists(path):
-            with open(path) as f:
-                return f.read().strip()
-        with open(os.path.join(git, "packed-refs")) as f:
+        common = git
+        if os.path.exists(os.path.join(git, "commondir")):
+            with open(os.path.join(git, "commondir")) as f:
+                common = os.path.normpath(os.path.join(git, f.read().strip()))
+        for base in (git, common):
+            path = os.path.join(base, *name.split("/"))
+            if os.path.exists(path):
+                with open(path) as f:
+                    return f.read().strip()
+        with open(os.path.join(common, "packed-refs")) as f:
             for line in f:
                 if line.rstrip().endswith(" " + name):
                     return line.split()[0]
-    except OSError:
+    except (OSError, IndexError):
         pass
     return None
+
+
+def _version(module):
+    """A module's version if it is installed, without importing it when it is not."""
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        from importlib.metadata import version
+        return version(module)
+    except Exception:
+        return "installed"
 
 
 def _header(args, mode):
@@ -178,13 +260,14 @@ def _header(args, mode):
         "type": "header",
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
-        "options": {"quick": args.quick, "configs": args.configs, "threads": args.threads,
-                    "tasks": args.tasks, "dtype": args.dtype, "mode": mode._asdict()},
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "options": {k: v for k, v in vars(args).items() if k != "run"},
+        "mode": mode._asdict(),
         "python": platform.python_version(),
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "threadpoolctl": threadpoolctl.__version__,
-        "cylstm": cylstm.__version__,
+        "versions": {"cylstm": cylstm.__version__, "numpy": np.__version__,
+                     "scipy": scipy.__version__, "threadpoolctl": threadpoolctl.__version__,
+                     **{m: _version(m) for m in ("torch", "onnx", "onnxruntime",
+                                                 "matplotlib")}},
         "cylstm_path": os.path.dirname(os.path.abspath(cylstm.__file__)),
         "cylstm_extension": ext,
         "cylstm_extension_mtime": datetime.datetime.fromtimestamp(
@@ -200,6 +283,7 @@ def _header(args, mode):
         "os_cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "env": env,
+        # taken after the peers are imported, so that their pools (torch's OpenMP) show
         "threadpool_info": threadpool_info(),
     }
 
@@ -234,6 +318,24 @@ class _LoadMeter:
         return max(0.0, ((b1 - b0) / self._hz - (own1 - own0)) / (w1 - w0))
 
 
+@contextlib.contextmanager
+def _threads(n):
+    """Every pool at n threads: cylstm's, the BLAS ones threadpoolctl sees (NumPy's runs
+    the reference) and, if it is loaded, torch's. ONNX Runtime's is per session."""
+    from threadpoolctl import threadpool_limits
+
+    torch = sys.modules.get("torch")
+    old = torch.get_num_threads() if torch else None
+    with cylstm.threads(n), threadpool_limits(limits=n, user_api="blas"):
+        if torch:
+            torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            if torch:
+                torch.set_num_threads(old)
+
+
 # ---- statistics -----------------------------------------------------------------------------
 
 def _stats(times):
@@ -243,12 +345,15 @@ def _stats(times):
             "p75_ms": float(p75), "min_ms": float(t.min()), "max_ms": float(t.max())}
 
 
-def _timed(fn, k, out):
+def _timed(fn, k, out, deadline=math.inf):
+    """Time k calls of fn one by one into `out`; stop early (after >= 1) at `deadline`."""
     pc = time.perf_counter
     for _ in range(k):
         t0 = pc()
         fn()
         out.append(pc() - t0)
+        if t0 > deadline:
+            break
 
 
 def _split(n, parts):
@@ -256,10 +361,22 @@ def _split(n, parts):
     return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
 
 
+@contextlib.contextmanager
+def _no_gc():
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 # ---- GEMM peak ------------------------------------------------------------------------------
 
-def gemm_peak(dtype, n_threads, reps, size=GEMM_SIZE):
+def gemm_peak(dtype, n_threads, reps, size=None):
     """Time C = A @ B, (size x size) Fortran-order, through scipy.linalg.blas.?gemm."""
+    size = size or GEMM_SIZE
     from scipy.linalg import blas
     from threadpoolctl import threadpool_limits
 
@@ -269,188 +386,514 @@ def gemm_peak(dtype, n_threads, reps, size=GEMM_SIZE):
     b = np.asfortranarray(rng.standard_normal((size, size)), dtype=dtype)
     c = np.zeros((size, size), dtype=dtype, order="F")
     times = []
-    with threadpool_limits(limits=n_threads, user_api="blas"):
+    with threadpool_limits(limits=n_threads, user_api="blas"), _no_gc():
         gemm(1.0, a, b, beta=0.0, c=c, overwrite_c=1)         # warm-up
-        gc_was = gc.isenabled()
-        gc.disable()
-        try:
-            _timed(lambda: gemm(1.0, a, b, beta=0.0, c=c, overwrite_c=1), reps, times)
-        finally:
-            if gc_was:
-                gc.enable()
+        _timed(lambda: gemm(1.0, a, b, beta=0.0, c=c, overwrite_c=1), reps, times)
     s = _stats(times)
-    s["gflops"] = 2.0 * size ** 3 / (s["median_ms"] * 1e-3) / 1e9
+    # the peak is the machine's capacity: the best rep, which on a shared machine is the
+    # one least disturbed by other jobs (the median is kept too)
+    s["gflops"] = 2.0 * size ** 3 / (s["min_ms"] * 1e-3) / 1e9
+    s["gflops_median"] = 2.0 * size ** 3 / (s["median_ms"] * 1e-3) / 1e9
     return s
 
 
-# ---- the two implementations ----------------------------------------------------------------
+# ---- the problem and the oracle -------------------------------------------------------------
+
+class Data(NamedTuple):
+    x: np.ndarray               # (T, B, I)
+    dy: np.ndarray              # (T, B, D*Hp) the training step's output gradient
+    state: object               # (h0 (L*D, B, Hp), c0 (L*D, B, H)) or None (zeros)
+    lengths: object             # (B,) int in 1..T, or None (every sequence has T steps)
+
+    def first(self, T):
+        """The first T steps (lengths clipped to T)."""
+        lengths = None if self.lengths is None else np.minimum(self.lengths, T)
+        return Data(self.x[:T], self.dy[:T], self.state, lengths)
+
+
+class Problem(NamedTuple):
+    lstm: object                # cylstm.LSTM with PyTorch's init
+    params: dict                # copies of its parameters, by torch's names
+    data: Data
+
+
+def _problem(case, seed=0):
+    """cylstm.LSTM for the case, copies of its weights for the peers, and the data."""
+    cfg = case.cfg
+    lstm = cylstm.LSTM(cfg.I, cfg.H, num_layers=cfg.L, bidirectional=case.D == 2,
+                       proj_size=case.P, dtype=case.dtype, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    dt, Hp = case.dtype, case.P or cfg.H
+    x = rng.standard_normal((cfg.T, cfg.B, cfg.I)).astype(dt)
+    dy = rng.standard_normal((cfg.T, cfg.B, case.D * Hp)).astype(dt)
+    state = None
+    if cfg.state:
+        state = tuple(0.5 * rng.standard_normal((cfg.L * case.D, cfg.B, size)).astype(dt)
+                      for size in (Hp, cfg.H))
+    return Problem(lstm, lstm.state_dict(), Data(x, dy, state, _lengths(case, seed)))
+
+
+def _lengths(case, seed=0):
+    """(B,) lengths uniform in 1..T for the varlen variant (their own stream), else None."""
+    if case.variant != "varlen":
+        return None
+    return np.random.default_rng(seed + 2).integers(1, case.cfg.T + 1, case.cfg.B)
+
 
 class _Reference:
-    """The NumPy reference as a stacked model: cylstm.reference's functions per layer."""
+    """The NumPy reference as a model: cylstm.reference's layer functions per layer and
+    direction, on copies of the weights (torch's names), in `dtype`."""
 
-    def __init__(self, layers):
-        self.layers = layers                      # [(w_ih, w_hh, b_ih, b_hh)] per layer
-        self.grads = [tuple(np.zeros_like(w) for w in lw) for lw in layers]
+    def __init__(self, params, L, D, dtype):
+        self.L, self.D = L, D
+        self.params = {k: v.astype(dtype) for k, v in params.items()}
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
 
     def zero_grad(self):
-        for g in self.grads:
-            for a in g:
-                a[...] = 0
+        for g in self.grads.values():
+            g[...] = 0
 
-    def forward(self, x, state=None, training=False):
-        """x (T, B, I); state (h0, c0) each (L, B, H) or None -> y, (h_n, c_n), caches."""
+    def _of(self, store, layer, d):
+        sfx = f"_l{layer}" + ("_reverse" if d else "")
+        return [store.get(n + sfx) for n in PARAM_NAMES]
+
+    def forward(self, x, state=None, lengths=None, training=False):
+        """x (T, B, I) -> y (T, B, D*Hp), (h_n, c_n) each (L*D, B, .), caches."""
         caches, hs, cs = [], [], []
         inp = x
-        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(self.layers):
-            h0, c0 = (None, None) if state is None else (state[0][k], state[1][k])
-            inp, h, c, cache = ref.lstm_layer_forward(inp, w_ih, w_hh, b_ih, b_hh, h0, c0,
-                                                      training=training)
-            caches.append(cache)
-            hs.append(h)
-            cs.append(c)
+        for layer in range(self.L):
+            outs = []
+            for d in range(self.D):
+                k = layer * self.D + d
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._of(self.params, layer, d)
+                h0, c0 = (None, None) if state is None else (state[0][k], state[1][k])
+                y, h, c, cache = ref.lstm_layer_forward(
+                    inp, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths=lengths, reverse=bool(d),
+                    training=training, w_hr=w_hr)
+                outs.append(y)
+                caches.append(cache)
+                hs.append(h)
+                cs.append(c)
+            inp = outs[0] if self.D == 1 else np.concatenate(outs, axis=2)
         return inp, (np.stack(hs), np.stack(cs)), caches
 
     def backward(self, caches, dy):
-        """dy (T, B, H) -> dx (T, B, I), (dh0, dc0) each (L, B, H); += into self.grads."""
+        """dy (T, B, D*Hp) -> dx (T, B, I), (dh0, dc0); += into self.grads."""
         dh0, dc0 = [None] * len(caches), [None] * len(caches)
-        for k in reversed(range(len(caches))):
-            dw_ih, dw_hh, db_ih, db_hh = self.grads[k]
-            dy, dh0[k], dc0[k] = ref.lstm_layer_backward(caches[k], dy, dw_ih=dw_ih,
-                                                         dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh)
+        for layer in reversed(range(self.L)):
+            Hp = dy.shape[2] // self.D
+            dx = 0
+            for d in range(self.D):
+                k = layer * self.D + d
+                dw_ih, dw_hh, db_ih, db_hh, dw_hr = self._of(self.grads, layer, d)
+                dxd, dh0[k], dc0[k] = ref.lstm_layer_backward(
+                    caches[k], np.ascontiguousarray(dy[:, :, d * Hp:(d + 1) * Hp]),
+                    dw_ih=dw_ih, dw_hh=dw_hh, db_ih=db_ih, db_hh=db_hh, dw_hr=dw_hr)
+                dx = dx + dxd
+            dy = dx
         return dy, (np.stack(dh0), np.stack(dc0))
 
 
-def _problem(cfg, dtype, seed=0):
-    """cylstm.LSTM with PyTorch's init, a reference twin with copies of its weights,
-    x (T, B, I), dy (T, B, H) and the initial state (streaming configs only)."""
-    lstm = cylstm.LSTM(cfg.I, cfg.H, num_layers=cfg.L, dtype=dtype, seed=seed)
-    layers = [tuple(lstm.params[f"{n}_l{k}"].copy()
-                    for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-              for k in range(cfg.L)]
-    rng = np.random.default_rng(seed + 1)
-    x = rng.standard_normal((cfg.T, cfg.B, cfg.I)).astype(dtype)
-    dy = rng.standard_normal((cfg.T, cfg.B, cfg.H)).astype(dtype)
-    state = None
-    if cfg.state:
-        state = tuple(0.5 * rng.standard_normal((cfg.L, cfg.B, cfg.H)).astype(dtype)
-                      for _ in range(2))
-    return lstm, _Reference(layers), x, dy, state
+def _outputs(y, h, c, dx=None, dh0=None, dc0=None, grads=None):
+    """The dict verification compares; grads by torch's parameter names."""
+    out = {"y": y, "h_n": h, "c_n": c}
+    for k, v in (("dx", dx), ("dh0", dh0), ("dc0", dc0)):
+        if v is not None:
+            out[k] = v
+    out.update({"d" + k: g for k, g in (grads or {}).items()})
+    return out
 
 
-# ---- verification ---------------------------------------------------------------------------
+def _oracle(case, params, data):
+    """Everything verification compares, from the reference in float64."""
+    f64 = lambda a: None if a is None else a.astype(np.float64)      # noqa: E731
+    m = _Reference(params, case.cfg.L, case.D, np.float64)
+    st = None if data.state is None else tuple(map(f64, data.state))
+    y, (h, c), caches = m.forward(f64(data.x), st, data.lengths, training=True)
+    dx, (dh0, dc0) = m.backward(caches, f64(data.dy))
+    return _outputs(y, h, c, dx, dh0, dc0, m.grads)
+
 
 def _rel_err(a, b):
     """max |a - b| relative to the largest magnitude of either (tests' definition)."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+    if a.shape != b.shape or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         return math.inf
     scale = max(np.abs(a).max(), np.abs(b).max())
     return 0.0 if scale == 0 else float(np.abs(a - b).max() / scale)
 
 
-def _oracle(twin, x, dy, state):
-    """Everything verification compares, from the reference in float64."""
-    f64 = _Reference([tuple(w.astype(np.float64) for w in lw) for lw in twin.layers])
-    st = None if state is None else tuple(s.astype(np.float64) for s in state)
-    y, (h, c), caches = f64.forward(x.astype(np.float64), st, training=True)
-    dx, (dh0, dc0) = f64.backward(caches, dy.astype(np.float64))
-    return _outputs(y, h, c, dx, dh0, dc0, f64.grads)
-
-
-def _outputs(y, h, c, dx, dh0, dc0, grads):
-    out = {"y": y, "h_n": h, "c_n": c, "dx": dx, "dh0": dh0, "dc0": dc0}
-    for k, g in enumerate(grads):
-        for name, a in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), g):
-            out[f"d{name}_l{k}"] = a
-    return out
-
-
 def _compare(got, want, tol):
+    """Every array an implementation returned against the oracle's."""
     errs = {k: _rel_err(got[k], want[k]) for k in got}
     worst = max(errs, key=errs.get)
     return {"max_rel_err": errs[worst], "worst": worst, "ok": errs[worst] <= tol,
             "errors": errs}
 
 
-def _verify_cylstm(lstm, x, dy, state, want, tol):
-    """cylstm inference forward and training step against the oracle."""
-    lstm.eval()
-    y, (h, c) = lstm(x, state)
-    inf = _compare({"y": y, "h_n": h, "c_n": c}, {k: want[k] for k in ("y", "h_n", "c_n")}, tol)
-    lstm.train()
-    lstm.zero_grad()
-    y, (h, c) = lstm(x, state)
-    dx, (dh0, dc0) = lstm.backward(dy)
-    L = lstm.num_layers
-    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-    grads = [tuple(lstm.grads[f"{n}_l{k}"] for n in names) for k in range(L)]
-    tr = _compare(_outputs(y, h, c, dx, dh0, dc0, grads), want, tol)
-    lstm.zero_grad()
-    return {"inference": inf, "training": tr}
+# ---- the implementations --------------------------------------------------------------------
+#
+# Each is built once per case and gives, per task and thread count, a zero-argument
+# callable that makes one call (carrying the streaming state); the same callable's result
+# turns into the dict verification compares (`outputs`), so what is timed is what is
+# verified.
+
+class _Impl:
+    name = label = ""
+    needs = None              # module that must be installed
+    training = True           # can it run a training step?
+    verified_by = None        # another implementation whose verification covers this one
+
+    def __init__(self, case, prob):
+        self.case, self.prob = case, prob
+
+    @classmethod
+    def unsupported(cls, case):
+        """Why this implementation cannot run `case`, or None."""
+        if cls.needs and importlib.util.find_spec(cls.needs) is None:
+            return f"{cls.needs} is not installed"
+        return None
+
+    def call(self, task, n, data):
+        raise NotImplementedError
+
+    def outputs(self, task, result):
+        raise NotImplementedError
 
 
-def _verify_reference(twin, x, dy, state, want, tol):
-    """The timed reference (in the bench dtype): inference forward and training step."""
-    y, (h, c), _ = twin.forward(x, state, training=False)
-    inf = _compare({"y": y, "h_n": h, "c_n": c}, {k: want[k] for k in ("y", "h_n", "c_n")}, tol)
-    twin.zero_grad()
-    y, (h, c), caches = twin.forward(x, state, training=True)
-    dx, (dh0, dc0) = twin.backward(caches, dy)
-    tr = _compare(_outputs(y, h, c, dx, dh0, dc0, twin.grads), want, tol)
-    twin.zero_grad()
-    return {"inference": inf, "training": tr}
+class _Cylstm(_Impl):
+    name, label = "cylstm", "cylstm"
+
+    def call(self, task, n, data):
+        lstm = self.prob.lstm
+        if task == "training":
+            lstm.train()
+            lstm.zero_grad()
+
+            def step():
+                y, st = lstm(data.x, data.state, data.lengths)
+                return y, st, lstm.backward(data.dy)
+            return step
+        lstm.eval()
+        if self.case.cfg.state:                       # streaming: the step API
+            state = lstm.initial_state(data.x.shape[1], data.state)
+            x_t = data.x[0]
+            return lambda: (lstm.step(x_t, state)[None], (state.h, state.c))
+        return lambda: lstm(data.x, data.state, data.lengths)
+
+    def outputs(self, task, res):
+        if task == "inference":
+            return _outputs(res[0], *res[1])
+        y, (h, c), (dx, (dh0, dc0)) = res
+        return _outputs(y, h, c, dx, dh0, dc0, self.prob.lstm.grads)
 
 
-def _verify_config(lstm, twin, x, dy, state, thread_counts, tol):
-    """Verify both implementations on x (T, B, I); [(impl, threads, task, result)]."""
-    from threadpoolctl import threadpool_limits
+class _CylstmFull(_Cylstm):
+    """cylstm on a varlen case's data at full length (lengths=None), timed in the same
+    cell as cylstm, interleaved, for the "variable lengths cost" target. It runs the code
+    the base case verifies; it is not a column of the report."""
+    name, label = "cylstm-full", "cylstm, full length"
+    verified_by = "cylstm"
 
+    def call(self, task, n, data):
+        return super().call(task, n, data._replace(lengths=None))
+
+
+class _NumpyRef(_Impl):
+    name, label = "reference", "NumPy ref"
+
+    def __init__(self, case, prob):
+        super().__init__(case, prob)
+        self.model = _Reference(prob.params, case.cfg.L, case.D, case.dtype)
+
+    def call(self, task, n, data):
+        m = self.model
+        if task == "training":
+            m.zero_grad()
+
+            def step():
+                y, st, caches = m.forward(data.x, data.state, data.lengths, training=True)
+                return y, st, m.backward(caches, data.dy)
+            return step
+        box = [data.state]
+
+        def infer():
+            y, st, _ = m.forward(data.x, box[0], data.lengths, training=False)
+            if self.case.cfg.state:
+                box[0] = st
+            return y, st
+        return infer
+
+    def outputs(self, task, res):
+        if task == "inference":
+            return _outputs(res[0], *res[1])
+        y, (h, c), (dx, (dh0, dc0)) = res
+        return _outputs(y, h, c, dx, dh0, dc0, self.model.grads)
+
+
+class _OneDnnOff:
+    """torch's native path: oneDNN disabled around a call. Through the flag's C setter,
+    which costs well under a microsecond, where torch.backends.mkldnn.flags() also resets
+    TF32 settings and warns."""
+
+    def __init__(self, torch):
+        self._c = torch._C
+
+    def __enter__(self):
+        self._was = self._c._get_mkldnn_enabled()
+        self._c._set_mkldnn_enabled(False)
+
+    def __exit__(self, *exc):
+        self._c._set_mkldnn_enabled(self._was)
+
+
+class _Torch(_Impl):
+    """torch.nn.LSTM (packed when lengths are given), or nn.LSTMCell for a streaming step.
+    Inference under inference_mode; a training step is forward, backward of sum(y*dy)
+    with x.requires_grad (cylstm computes dx too), gradients accumulated, no optimiser."""
+    name, label = "torch", "torch"
+    needs = "torch"
+    native = False
+
+    def __init__(self, case, prob):
+        super().__init__(case, prob)
+        import torch
+
+        # torch says so once per process; the profiler check records the path anyway
+        warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
+        self.torch = torch
+        cfg = case.cfg
+        dt = torch.float64 if case.dtype == np.float64 else torch.float32
+        sd = {k: torch.from_numpy(v.copy()) for k, v in prob.params.items()}
+        if cfg.state:
+            self.model = torch.nn.LSTMCell(cfg.I, cfg.H, dtype=dt)
+            sd = {k[:-3]: v for k, v in sd.items()}          # weight_ih_l0 -> weight_ih
+        else:
+            self.model = torch.nn.LSTM(cfg.I, cfg.H, num_layers=cfg.L, dtype=dt,
+                                       bidirectional=case.D == 2, proj_size=case.P)
+        self.model.load_state_dict(sd)
+        self.path = _OneDnnOff(torch) if self.native else contextlib.nullcontext()
+        self.uses_onednn = {}          # task -> bool, from the profiler (verification)
+
+    def _forward(self, x, state, lengths):
+        if lengths is None:
+            return self.model(x, state)
+        pack = self.torch.nn.utils.rnn
+        y, st = self.model(pack.pack_padded_sequence(x, lengths, enforce_sorted=False), state)
+        return pack.pad_packed_sequence(y, total_length=x.shape[0])[0], st
+
+    def call(self, task, n, data):
+        torch, path = self.torch, self.path
+        x = torch.from_numpy(data.x)
+        lengths = None if data.lengths is None else torch.from_numpy(data.lengths)
+        if task == "training":
+            x = x.clone().requires_grad_(True)
+            dy = torch.from_numpy(data.dy)
+            self.model.zero_grad()
+
+            def step():
+                x.grad = None
+                with path:
+                    y, st = self._forward(x, None, lengths)
+                    (y * dy).sum().backward()
+                return y, st, x
+            return step
+        if self.case.cfg.state:                       # LSTMCell: (B, I), (h, c) (B, H)
+            box = [tuple(torch.from_numpy(s[0].copy()) for s in data.state)]
+            x_t = x[0]
+
+            def cell():
+                with torch.inference_mode():
+                    box[0] = h, c = self.model(x_t, box[0])
+                return h[None], (h[None], c[None])
+            return cell
+
+        def infer():
+            with torch.inference_mode(), path:
+                return self._forward(x, None, lengths)
+        return infer
+
+    def outputs(self, task, res):
+        np_ = lambda t: t.detach().numpy()          # noqa: E731
+        y, (h, c) = res[0], res[1]
+        if task == "inference":
+            return _outputs(np_(y), np_(h), np_(c))
+        grads = {k: np_(p.grad) for k, p in self.model.named_parameters()}
+        return _outputs(np_(y), np_(h), np_(c), dx=np_(res[2].grad), grads=grads)
+
+
+class _TorchNative(_Torch):
+    name, label = "torch-native", "torch native"
+    native = True
+
+    @classmethod
+    def unsupported(cls, case):
+        if case.cfg.state:
+            return "nn.LSTMCell has one path (no oneDNN), timed as torch"
+        return super().unsupported(case)
+
+
+def _onnx_gates(w, H):
+    """(4H, ...) rows from PyTorch's gate order [i f g o] to ONNX's [i o f c]."""
+    return np.concatenate([w[0:H], w[3 * H:4 * H], w[H:2 * H], w[2 * H:3 * H]])
+
+
+def onnx_lstm_model(case, params):
+    """A graph of ONNX LSTM nodes (one per layer, both directions in one node) computing
+    what cylstm.LSTM does: x (T, B, I) [, lengths (B,) int32] [, h0, c0 (D, B, H)] ->
+    y (T, B, D*H), h_n, c_n (L*D, B, H). T and B are symbolic. Serialised bytes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    cfg, D, H = case.cfg, case.D, case.cfg.H
+    fp = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("x", fp, ["T", "B", cfg.I])]
+    seq = init = ""
+    if case.variant == "varlen":
+        seq = "lengths"
+        inputs.append(helper.make_tensor_value_info(seq, TensorProto.INT32, ["B"]))
+    if cfg.state:
+        if cfg.L > 1:
+            raise ValueError("a carried state is wired for one layer only")
+        init = ("h0", "c0")
+        inputs += [helper.make_tensor_value_info(s, fp, [D, "B", H]) for s in init]
+    inits = [numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+             numpy_helper.from_array(np.array([0, 0, -1], np.int64), "merge_dirs")]
+    nodes, inp = [], "x"
+    for layer in range(cfg.L):
+        sfx = [f"_l{layer}" + ("_reverse" if d else "") for d in range(D)]
+        w = {k: np.stack([_onnx_gates(params[k + s], H) for s in sfx])
+             for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+        inits += [numpy_helper.from_array(w["weight_ih"], f"W{layer}"),      # (D, 4H, I_l)
+                  numpy_helper.from_array(w["weight_hh"], f"R{layer}"),      # (D, 4H, H)
+                  numpy_helper.from_array(np.concatenate(                    # (D, 8H)
+                      [w["bias_ih"], w["bias_hh"]], axis=1), f"B{layer}")]
+        ins = [inp, f"W{layer}", f"R{layer}", f"B{layer}", seq, *(init or ())]
+        while ins[-1] == "":
+            ins.pop()                                  # trailing optional inputs omitted
+        nodes.append(helper.make_node(
+            "LSTM", ins, [f"Y{layer}", f"Yh{layer}", f"Yc{layer}"], hidden_size=H,
+            direction="bidirectional" if D == 2 else "forward"))
+        # Y (T, D, B, H) -> (T, B, D*H): the next layer's input, as torch concatenates
+        out = "y" if layer == cfg.L - 1 else f"x{layer + 1}"
+        if D == 1:
+            nodes.append(helper.make_node("Squeeze", [f"Y{layer}", "axis1"], [out]))
+        else:
+            nodes += [helper.make_node("Transpose", [f"Y{layer}"], [f"Yt{layer}"],
+                                       perm=[0, 2, 1, 3]),
+                      helper.make_node("Reshape", [f"Yt{layer}", "merge_dirs"], [out])]
+        inp = out
+    for s in "hc":
+        nodes.append(helper.make_node("Concat", [f"Y{s}{k}" for k in range(cfg.L)],
+                                      [f"{s}_n"], axis=0))
+    outputs = [helper.make_tensor_value_info("y", fp, ["T", "B", D * H])] + \
+        [helper.make_tensor_value_info(s, fp, [cfg.L * D, "B", H]) for s in ("h_n", "c_n")]
+    graph = helper.make_graph(nodes, f"lstm_{case.name}", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)        # readable by older runtimes too
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+class _Ort(_Impl):
+    """ONNX Runtime's LSTM operator, inference only: one session per thread count
+    (intra_op_num_threads = n, sequential execution), default graph optimisations."""
+    name, label = "onnxruntime", "ONNX Runtime"
+    needs = "onnxruntime"
+    training = False
+
+    @classmethod
+    def unsupported(cls, case):
+        if case.dtype == np.float64:
+            return "ONNX Runtime's LSTM kernel is float32 only ('does not support double yet')"
+        if case.P:
+            return "ONNX's LSTM operator has no projection"
+        if importlib.util.find_spec("onnx") is None:
+            return "onnx (to build the graph) is not installed"
+        return super().unsupported(case)
+
+    def __init__(self, case, prob):
+        super().__init__(case, prob)
+        self.model = onnx_lstm_model(case, prob.params)
+        self.sessions = {}
+
+    def _session(self, n):
+        if n not in self.sessions:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = n
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.log_severity_level = 3
+            self.sessions[n] = ort.InferenceSession(self.model, so,
+                                                    providers=["CPUExecutionProvider"])
+        return self.sessions[n]
+
+    def call(self, task, n, data):
+        if task != "inference":
+            raise ValueError("ONNX Runtime runs inference only")
+        run, names = self._session(n).run, ["y", "h_n", "c_n"]
+        feeds = {"x": data.x}
+        if data.lengths is not None:
+            feeds["lengths"] = data.lengths.astype(np.int32)
+        if data.state is None:
+            return lambda: (lambda y, h, c: (y, (h, c)))(*run(names, feeds))
+        feeds["h0"], feeds["c0"] = (s.copy() for s in data.state)
+
+        def step():
+            y, feeds["h0"], feeds["c0"] = run(names, feeds)
+            return y, (feeds["h0"], feeds["c0"])
+        return step
+
+    def outputs(self, task, res):
+        return _outputs(res[0], *res[1])
+
+
+IMPLS = {c.name: c for c in (_Cylstm, _CylstmFull, _NumpyRef, _Torch, _TorchNative, _Ort)}
+PEERS = ("reference", "torch", "torch-native", "onnxruntime")
+
+
+# ---- verification ---------------------------------------------------------------------------
+
+def _profile_onednn(torch, fn):
+    """Run fn once under torch's profiler: did a oneDNN RNN kernel run?"""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return any("mkldnn_rnn" in e.key for e in prof.key_averages())
+
+
+def _verify_case(case, impls, data, thread_counts, tasks, tol):
+    """Every implementation and task against the float64 oracle, on `data`.
+    cylstm at every thread count (its kernels split work by thread count), the others
+    (and the oracle) at the smallest: their threading only reorders sums, and on a busy
+    machine a multithreaded OpenBLAS call can take 10-30x longer.
+    Returns [(impl, threads, task, result)]."""
+    with _threads(min(thread_counts)):
+        want = _oracle(case, impls["cylstm"].prob.params, data)
     out = []
-    with threadpool_limits(limits=max(thread_counts), user_api="blas"):
-        want = _oracle(twin, x, dy, state)
-        if x.dtype != np.float64:                 # in float64 the reference is the oracle
-            res = _verify_reference(twin, x, dy, state, want, tol)
-            out += [("reference", None, task, res[task]) for task in TASKS]
-    for n in thread_counts:
-        with cylstm.threads(n), threadpool_limits(limits=n, user_api="blas"):
-            res = _verify_cylstm(lstm, x, dy, state, want, tol)
-        out += [("cylstm", n, task, res[task]) for task in TASKS]
+    for name, impl in impls.items():
+        if impl.verified_by:
+            continue
+        counts = thread_counts if name == "cylstm" else [min(thread_counts)]
+        for n in counts:
+            for task in case.tasks:
+                if task not in tasks or (task == "training" and not impl.training):
+                    continue
+                with _threads(n):
+                    fn = impl.call(task, n, data)
+                    if isinstance(impl, _Torch) and not case.cfg.state:
+                        impl.uses_onednn[task] = _profile_onednn(impl.torch, fn)
+                        fn = impl.call(task, n, data)        # fresh gradients
+                    got = impl.outputs(task, fn())
+                out.append((name, n, task, _compare(got, want, tol)))
     return out
 
 
 # ---- timing ---------------------------------------------------------------------------------
-
-def _callables(task, lstm, twin, x, dy, state):
-    """Zero-argument callables for one call of each implementation (state carried)."""
-    if task == "inference":
-        lstm.eval()
-        cs = [state]
-        rs = [state]
-
-        def cyl():
-            _, st = lstm(x, cs[0])
-            if state is not None:
-                cs[0] = st
-
-        def refc():
-            _, st, _ = twin.forward(x, rs[0], training=False)
-            if state is not None:
-                rs[0] = st
-    else:
-        lstm.train()
-        lstm.zero_grad()
-        twin.zero_grad()
-
-        def cyl():
-            lstm(x, state)
-            lstm.backward(dy)
-
-        def refc():
-            _, _, caches = twin.forward(x, state, training=True)
-            twin.backward(caches, dy)
-    return {"cylstm": cyl, "reference": refc}
-
 
 def _warm(fn, seconds):
     """Call fn until `seconds` have passed (at least once); estimate one call's time."""
@@ -463,53 +906,100 @@ def _warm(fn, seconds):
     return float(np.median(times[1:])) if len(times) > 1 else times[0]
 
 
-def _measure(fns, n_threads, mode, impls):
-    """Interleaved blocks of individually timed reps.
+def _measure(fns, n_threads, mode):
+    """Interleaved blocks of individually timed reps of every callable in `fns`.
+
+    Between blocks at more than one thread the run sleeps `settle` seconds: an idle
+    OpenBLAS keeps its workers spinning for about 2**28 cycles after a call (~0.13 s at
+    2.1 GHz); on this 2-core machine that made a cylstm call right after a reference call
+    take 40-60 ms instead of 21 ms (medium inference, 2 threads). ONNX Runtime's and
+    torch's OpenMP workers spin too. A block whose calls take < SLOW_CALL starts with one
+    untimed call (warm caches after the other implementation). A block stops after
+    BLOCK_BUDGET times its planned duration: on a busy machine a 2-thread call estimated at
+    0.1 ms during warm-up went on to take ~1 s per call (a descheduled OpenMP worker at
+    each of T barriers), and its 3000 planned reps took 45 s. An implementation one of
+    whose timed calls took longer than max_call gets no further blocks (a 51 s cell of
+    --quick was 2-thread torch and NumPy calls of 1-4 s each under load).
 
     Returns ({impl: [seconds, ...]}, rounds, {skipped impl: its warm-up call time})."""
     settle = mode.settle if n_threads > 1 else 0.0
     est, skipped = {}, {}
-    for impl in impls:
-        if settle:
-            time.sleep(settle)
-        est[impl] = _warm(fns[impl], mode.warm)
+    for impl, fn in fns.items():
+        time.sleep(settle)
+        est[impl] = _warm(fn, mode.warm)
         if est[impl] > mode.max_call:
             skipped[impl] = est[impl]
-    impls = tuple(i for i in impls if i not in skipped)
+    impls = tuple(i for i in fns if i not in skipped)
     reps = {i: int(min(mode.max_reps, max(mode.min_reps, math.ceil(mode.target / est[i]))))
             for i in impls}
     rounds = max(1, min([mode.rounds] + list(reps.values())))
     plan = {i: _split(reps[i], rounds) for i in impls}
     times = {i: [] for i in impls}
-    if not impls:
-        return times, 0, skipped
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
+    with _no_gc():
         for r in range(rounds):
-            order = impls if r % 2 == 0 else impls[::-1]      # ABBA: linear drift cancels
-            for impl in order:
-                if settle:
-                    time.sleep(settle)
+            for impl in (impls if r % 2 == 0 else impls[::-1]):   # ABC CBA: drift cancels
+                if max(times[impl], default=0.0) > mode.max_call:
+                    continue            # one call blew the limit: keep its reps, add none
+                time.sleep(settle)
                 if est[impl] < SLOW_CALL:
-                    fns[impl]()                               # warm caches, untimed
-                _timed(fns[impl], plan[impl][r], times[impl])
-    finally:
-        if gc_was:
-            gc.enable()
+                    fns[impl]()                                   # warm caches, untimed
+                budget = BLOCK_BUDGET * plan[impl][r] * est[impl]
+                _timed(fns[impl], plan[impl][r], times[impl], time.perf_counter() + budget)
     return times, rounds, skipped
+
+
+# ---- peak memory of a training step ---------------------------------------------------------
+
+def _proc_status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _memory_child(impl_name, config, variant, n):
+    """In a fresh process: RSS growth during the first training step of a fresh model.
+    Prints one JSON object. Linux only (/proc/self/clear_refs and status)."""
+    case = Case(config, variant)
+    prob = _problem(case)
+    impl = IMPLS[impl_name](case, prob)
+    with _threads(n):
+        fn = impl.call("training", n, prob.data)
+        gc.collect()
+        rss0 = _proc_status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                          # reset the high-water mark to the RSS
+        fn()
+        hwm = _proc_status_kib("VmHWM")
+    print(json.dumps({"rss_before_kib": rss0, "peak_kib": hwm,
+                      "step_peak_bytes": (hwm - rss0) * 1024}))
+
+
+def measure_memory(impl_name, case, n, timeout=300):
+    """Peak RSS growth (bytes) of the first training step, or a string saying why not."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(cylstm.__file__)))
+    code = (f"import sys; sys.path.insert(0, {repo!r}); from cylstm import _bench; "
+            f"_bench._memory_child({impl_name!r}, {case.config!r}, {case.variant!r}, {n})")
+    try:
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout} s"
+    if p.returncode != 0:
+        return "failed: " + (p.stderr.strip().splitlines() or ["?"])[-1]
+    return json.loads(p.stdout.strip().splitlines()[-1])["step_peak_bytes"]
 
 
 # ---- output ---------------------------------------------------------------------------------
 
 class _Sink:
-    """JSON lines to a file (written as they come) or, for '-', to stdout at the end."""
+    """JSON lines to a file (written as they come); kept for printing with --json -."""
 
     def __init__(self, path):
-        self.path = path
         self.lines = []
         self._f = None
-        if path and path != "-":
+        if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._f = open(path, "w")
 
@@ -526,9 +1016,9 @@ class _Sink:
 
 
 def _json_default(o):
-    if isinstance(o, (np.integer,)):
+    if isinstance(o, np.integer):
         return int(o)
-    if isinstance(o, (np.floating,)):
+    if isinstance(o, np.floating):
         return float(o)
     if isinstance(o, np.ndarray):
         return o.tolist()
@@ -553,31 +1043,64 @@ def _ms(s):
     return f"{_fmt(s['median_ms'])} [{_fmt(s['p25_ms'])}-{_fmt(s['p75_ms'])}]"
 
 
+def _ratio(v):
+    """A ratio peer/cylstm, bold when cylstm is the slower one."""
+    return "-" if v is None else (f"**{v:.2f}x**" if v < 1 else f"{v:.2f}x")
+
+
 def _log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
+def _table(head, rows):
+    """Markdown table lines."""
+    return ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] + \
+        ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+
 # ---- the run --------------------------------------------------------------------------------
 
-def add_arguments(p, default_json="-"):
+def add_arguments(p, default_json="-", default_out=os.path.join("bench", "results")):
+    """The options. default_json: where JSON lines go unless --json says ('' or '-':
+    <out>/latest.jsonl, and '-' also prints them after the report)."""
     p.add_argument("--quick", action="store_true",
-                   help="~0.3 s of timed reps per implementation and cell instead of ~2 s "
-                        "(all configurations; finishes in about 1-2 minutes on 2 cores)")
-    p.add_argument("--configs", default=",".join(CONFIGS),
-                   help=f"comma-separated subset of {','.join(CONFIGS)} (default: all)")
+                   help="~0.3 s of timed reps per implementation and cell instead of ~1 s, "
+                        f"configurations {','.join(QUICK.configs)} and the variants on "
+                        f"{','.join(QUICK.variant_configs)} at the largest thread count "
+                        "(< 2 minutes on 2 cores)")
+    p.add_argument("--configs", default=None,
+                   help=f"comma-separated subset of {','.join(CONFIGS)} run in float32 "
+                        "(default: all; --quick: " + ",".join(QUICK.configs) + ")")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)}, or 'none' "
+                        "(default: all)")
+    p.add_argument("--variant-configs", default=None,
+                   help="configurations the variants run on (default: "
+                        f"{','.join(FULL.variant_configs)}; --quick: "
+                        f"{','.join(QUICK.variant_configs)})")
     p.add_argument("--threads", default="1,2",
                    help="comma-separated thread counts (default: 1,2)")
     p.add_argument("--tasks", default=",".join(TASKS),
                    help="comma-separated subset of inference,training (default: both)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--peers", default=",".join(PEERS),
+                   help=f"comma-separated subset of {','.join(PEERS)}, or 'none' "
+                        "(default: all; absent ones are skipped with a note)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the peak-memory measurement (subprocesses)")
+    p.add_argument("--no-chart", dest="chart", action="store_false", help="no PNG chart")
+    p.add_argument("--out", default=default_out, metavar="DIR",
+                   help="directory for latest.md, latest.jsonl, latest.png "
+                        f"(default: {default_out}); '' writes no files")
     p.add_argument("--json", default=default_json, metavar="PATH",
-                   help="write one JSON line per measurement to PATH ('-': print them to "
-                        f"stdout after the tables; default: {default_json or 'none'})")
+                   help="JSON lines to PATH instead of <out>/latest.jsonl; '-' also prints "
+                        "them to stdout after the report")
     return p
 
 
-def _parse_list(text, allowed, what):
-    items = [s.strip() for s in text.split(",") if s.strip()]
+def _parse_list(text, allowed, what, empty_ok=False):
+    if empty_ok and text.strip() == "none":
+        return []
+    items = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
     bad = [s for s in items if s not in allowed]
     if bad or not items:
         raise SystemExit(f"--{what}: unknown {bad or text!r}; choose from {','.join(allowed)}")
@@ -594,250 +1117,509 @@ def _parse_threads(text):
     return out
 
 
+def _cases(args, mode):
+    """Cases in run order: the float32 configurations, then each variant per config."""
+    configs = _parse_list(args.configs or ",".join(mode.configs), list(CONFIGS), "configs")
+    variants = _parse_list(args.variants, list(VARIANTS), "variants", empty_ok=True)
+    vconfigs = _parse_list(args.variant_configs or ",".join(mode.variant_configs),
+                           [k for k, c in CONFIGS.items() if not c.state], "variant-configs")
+    return [Case(c) for c in configs] + [Case(c, v) for c in vconfigs for v in variants]
+
+
+def _build_impls(case, prob, peers, sink):
+    """{name: implementation} for the case; skipped peers noted in the sink."""
+    impls, skipped = {}, {}
+    for name in ["cylstm"] + peers:
+        why = IMPLS[name].unsupported(case)
+        if why is None:
+            try:
+                impls[name] = IMPLS[name](case, prob)
+            except Exception as e:            # a broken peer must not stop the run
+                why = f"could not be set up: {type(e).__name__}: {e}"
+        if why is not None:
+            skipped[name] = why
+            sink.write({"type": "skipped", "case": case.name, "impl": name, "why": why})
+    if case.variant == "varlen":
+        impls["cylstm-full"] = _CylstmFull(case, prob)
+    return impls, skipped
+
+
+def _time_cell(case, task, n, impls, data, mode, sink, peak, verified):
+    """Time every verified implementation of one (case, task, threads) cell."""
+    names = [k for k, impl in impls.items() if (task == "inference" or impl.training)
+             and verified.get((impl.verified_by or k, task), False)]
+    skipped = {k: "failed verification" for k, impl in impls.items()
+               if k not in names and (task == "inference" or impl.training)}
+    torch_impl = impls.get("torch")
+    if "torch-native" in names and torch_impl and not torch_impl.uses_onednn.get(task, True):
+        names.remove("torch-native")        # the default path is already the native one
+        skipped["torch-native"] = "same code as torch here (the profiler saw no oneDNN)"
+    meter, t0 = _LoadMeter(), time.perf_counter()
+    with _threads(n):
+        fns = {k: impls[k].call(task, n, data) for k in names}
+        times, rounds, slow = _measure(fns, n, mode)
+    load = meter.cores()
+    skipped.update({k: f"one call took {t:.1f} s > {mode.max_call:g} s" for k, t in slow.items()})
+    stats = {k: _stats(v) for k, v in times.items()}
+    fl = flops(case, task, data.lengths)
+    cyl = stats.get("cylstm")
+    for k, s in stats.items():
+        gf = fl / (s["median_ms"] * 1e-3) / 1e9
+        rec = {"type": "timing", "case": case.name, "config": case.config,
+               "variant": case.variant, "task": task, "impl": k, "threads": n,
+               "dtype": str(case.dtype), **s, "flops": fl, "gflops": gf,
+               "gemm_peak_gflops": peak[n], "fraction_of_peak": gf / peak[n],
+               "rounds": rounds, "foreign_load_cores": load}
+        if cyl and k != "cylstm":
+            rec["ratio_peer_over_cylstm"] = s["median_ms"] / cyl["median_ms"]
+        sink.write(rec)
+    for k, why in skipped.items():
+        sink.write({"type": "timing", "case": case.name, "task": task, "impl": k,
+                    "threads": n, "skipped": why})
+    row = {"case": case.name, "task": task, "threads": n, "stats": stats, "load": load,
+           "skipped": skipped, "flops": fl}
+    _log(f"[{case.name} {task} {n}t] " + ", ".join(
+        f"{k} {_fmt(s['median_ms'])} ms" for k, s in stats.items())
+        + ("" if load is None else f" (other load {load:.2f} cores)")
+        + f" [{time.perf_counter() - t0:.1f} s]")
+    return row
+
+
 def run(args):
     """Run the benchmark described by parsed ``args``; returns the exit status."""
-    from threadpoolctl import threadpool_limits
-
-    args.configs = list(dict.fromkeys(_parse_list(args.configs, list(CONFIGS), "configs")))
+    mode = QUICK if args.quick else FULL
+    cases = _cases(args, mode)
     args.tasks = _parse_list(args.tasks, TASKS, "tasks")
     args.threads = _parse_threads(args.threads)
-    dtype = np.dtype(args.dtype)
-    tol = TOLERANCE[dtype]
-    mode = QUICK if args.quick else FULL
-    gemm_name = "sgemm" if dtype == np.float32 else "dgemm"
+    peers = _parse_list(args.peers, list(PEERS), "peers", empty_ok=True)
+    out = args.out or ""
+    files = {k: os.path.join(out, "latest." + k) for k in ("md", "jsonl", "png")} if out else {}
+    json_path = args.json if args.json not in ("", "-") else files.get("jsonl")
     t_start = time.perf_counter()
-    sink = _Sink(args.json)
+
+    for m in ("torch", "onnxruntime"):             # import the peers before the header
+        if any(IMPLS[p].needs == m for p in peers) and importlib.util.find_spec(m):
+            __import__(m)
+    sink = _Sink(json_path)
     header = _header(args, mode)
     sink.write(header)
-    usable = header["usable_cores"]
-    _log(f"cylstm {cylstm.__version__} bench, {args.dtype}, threads {args.threads}, "
-         f"{'quick' if args.quick else 'full'}; CPU {header['cpu_model']}, {usable} usable "
-         f"cores, OpenMP {'on' if header['openmp_enabled'] else 'OFF'}, N_PARTS {N_PARTS}")
-    if max(args.threads) > (usable or 1):
-        _log(f"warning: more threads than the {usable} usable cores requested")
+    _log(f"cylstm bench ({'quick' if args.quick else 'full'}): {len(cases)} cases, "
+         f"threads {args.threads}, peers {peers or 'none'}; CPU {header['cpu_model']}, "
+         f"{header['usable_cores']} usable cores")
 
-    peak = {}
-    for n in args.threads:
-        if n > 1:
-            time.sleep(mode.settle)
-        s = gemm_peak(dtype, n, mode.gemm_reps)
-        peak[n] = s["gflops"]
-        sink.write({"type": "gemm_peak", "when": "start", "gemm": gemm_name, "size": GEMM_SIZE,
-                    "dtype": args.dtype, "threads": n, **s})
-        _log(f"{gemm_name} {GEMM_SIZE}^3 peak, {n} thread(s): {s['gflops']:.0f} GFLOP/s")
+    peak = _gemm_peaks(args.threads, mode, sink, "start")
+    verification, rows, skipped_impls, torch_paths, failed = [], [], {}, {}, False
+    for case in cases:
+        prob = _problem(case)
+        impls, skipped_impls[case.name] = _build_impls(case, prob, peers, sink)
+        verified = _verify_recorded(case, impls, prob.data, args, mode, sink, verification)
+        failed |= not all(verified.values())
+        if "torch" in impls and impls["torch"].uses_onednn:
+            torch_paths[case.name] = dict(impls["torch"].uses_onednn)
+            sink.write({"type": "torch_path", "case": case.name,
+                        "default_uses_onednn": torch_paths[case.name]})
+        counts = args.threads if (not case.variant or mode.variants_all_threads) \
+            else [max(args.threads)]
+        for n in counts:
+            for task in (t for t in case.tasks if t in args.tasks):
+                rows.append(_time_cell(case, task, n, impls, prob.data, mode, sink, peak,
+                                       verified))
+        del prob, impls
 
-    verification, rows, failed = [], [], False
-    for name in args.configs:
-        cfg = CONFIGS[name]
-        lstm, twin, x, dy, state = _problem(cfg, dtype)
-        shape = {k: getattr(cfg, k) for k in ("T", "B", "I", "H", "L")}
-        t0 = time.perf_counter()
-        Tv = cfg.T if flops(cfg, "inference") <= VERIFY_FLOPS else min(cfg.T, mode.verify_T)
-        checks = _verify_config(lstm, twin, x[:Tv], dy[:Tv], state, args.threads, tol)
-        ok = {(impl, task): True for impl in IMPLS for task in args.tasks}
-        for impl, n, task, r in checks:
-            if task not in args.tasks:
-                continue
-            r = dict(r, T_checked=Tv)
-            verification.append((impl, name, n, task, r))
-            ok[impl, task] &= r["ok"]
-            sink.write({"type": "verification", "config": name, "impl": impl,
-                        "threads": n, "task": task, "dtype": args.dtype, "shape": shape,
-                        "oracle": "reference float64", "tolerance": tol, **r})
-        failed |= not all(ok.values())
-        _log(f"[{name}] verified in {time.perf_counter() - t0:.1f} s (T={Tv}): "
-             + ", ".join(f"{i} {t} {'ok' if v else 'FAILED'}" for (i, t), v in ok.items()))
-
-        for n in args.threads:
-            for task in args.tasks:
-                impls = tuple(i for i in IMPLS if ok[i, task])
-                if not impls:
-                    rows.append({"config": name, "task": task, "threads": n, "stats": {},
-                                 "load": None, "rounds": 0})
-                    continue
-                fns = _callables(task, lstm, twin, x, dy, state)
-                meter = _LoadMeter()
-                with cylstm.threads(n), threadpool_limits(limits=n, user_api="blas"):
-                    eff = cylstm.get_num_threads()
-                    times, rounds, skipped = _measure(fns, n, mode, impls)
-                load = meter.cores()
-                fl = flops(cfg, task)
-                for impl, est in skipped.items():
-                    sink.write({"type": "timing", "config": name, "task": task, "impl": impl,
-                                "threads": n, "dtype": args.dtype, "shape": shape,
-                                "skipped": f"one call took {est:.1f} s > {mode.max_call} s",
-                                "warmup_call_ms": est * 1e3, "foreign_load_cores": load,
-                                "quick": args.quick})
-                impls = tuple(i for i in impls if i not in skipped)
-                stats = {i: _stats(times[i]) for i in impls}
-                row = {"config": name, "task": task, "threads": n, "stats": stats,
-                       "load": load, "rounds": rounds, "skipped": skipped}
-                for impl in impls:
-                    s = stats[impl]
-                    gf = fl / (s["median_ms"] * 1e-3) / 1e9
-                    rec = {"type": "timing", "config": name, "task": task, "impl": impl,
-                           "threads": n, "dtype": args.dtype, "shape": shape, **s,
-                           "flops": fl, "gflops": gf, "gemm": gemm_name,
-                           "gemm_peak_gflops": peak[n], "fraction_of_peak": gf / peak[n],
-                           "rounds": rounds, "foreign_load_cores": load,
-                           "quick": args.quick}
-                    if impl == "cylstm":
-                        rec["cylstm_threads_effective"] = eff
-                    if len(impls) == 2:
-                        rec["speedup_vs_reference"] = (stats["reference"]["median_ms"]
-                                                       / stats["cylstm"]["median_ms"])
-                    sink.write(rec)
-                rows.append(row)
-                c, r = stats.get("cylstm"), stats.get("reference")
-                _log(f"[{name} {task} {n}t] "
-                     + (f"cylstm {_ms(c)} ms " if c else "")
-                     + (f"reference {_ms(r)} ms " if r else "")
-                     + "".join(f"{i} SKIPPED (one call {e:.1f} s) " for i, e in skipped.items())
-                     + (f"speedup {r['median_ms'] / c['median_ms']:.2f}x" if c and r else "")
-                     + ("" if load is None else f" (other load {load:.2f} cores)"))
-        del lstm, twin
-
-    peak_end = {}
-    for n in args.threads:
-        if n > 1:
-            time.sleep(mode.settle)
-        s = gemm_peak(dtype, n, mode.gemm_reps)
-        peak_end[n] = s["gflops"]
-        sink.write({"type": "gemm_peak", "when": "end", "gemm": gemm_name, "size": GEMM_SIZE,
-                    "dtype": args.dtype, "threads": n, **s})
+    memory = _memory_table(args, mode, cases, peers, sink) if args.memory else []
+    peak_end = _gemm_peaks(args.threads, mode, sink, "end")
     elapsed = time.perf_counter() - t_start
+    best = {n: max(peak[n], peak_end[n]) for n in peak}    # the least disturbed figure
+    targets = evaluate_targets(rows, best, cases, args.threads)
+    for t in targets:
+        sink.write({"type": "target", **t})
     sink.write({"type": "end", "elapsed_s": elapsed, "verification_failed": failed})
     sink.close()
 
-    _print_report(args, header, mode, gemm_name, peak, peak_end, verification, rows,
-                  elapsed, tol)
+    report = _report(args, header, mode, peers, peak, peak_end, best, verification, rows,
+                     skipped_impls, torch_paths, memory, targets, elapsed, files)
+    _emit(args, report, rows, peers, sink, files, json_path)
+    return 1 if failed else 0
+
+
+def _emit(args, report, rows, peers, sink, files, json_path):
+    """The report to stdout and latest.md, the chart, where the JSON lines went."""
+    print("\n".join(report))
+    if files:
+        with open(files["md"], "w") as f:
+            f.write("\n".join(report) + "\n")
+    if args.chart and files:
+        why = chart(rows, [p for p in PEERS if p in peers], files["png"])
+        print(f"\nChart: {files['png'] if why is None else 'not drawn: ' + why}")
     if args.json == "-":
         print("\n## JSON lines\n")
-        for line in sink.lines:
-            print(line)
-    elif args.json:
-        print(f"\nJSON lines: {args.json}")
-    return 1 if failed else 0
+        print("\n".join(sink.lines))
+    elif json_path:
+        print(f"JSON lines: {json_path}")
+
+
+def _verify_recorded(case, impls, data, args, mode, sink, verification):
+    """_verify_case on the case's first Tv steps, recorded in the sink and appended to
+    `verification`; returns {(impl, task): all checks passed}."""
+    cfg = case.cfg
+    Tv = cfg.T if flops(case, "inference") <= mode.verify_flops else min(cfg.T, mode.verify_T)
+    t0 = time.perf_counter()
+    verified = {}
+    for name, n, task, r in _verify_case(case, impls, data.first(Tv), args.threads,
+                                         args.tasks, TOLERANCE[case.dtype]):
+        verification.append((case.name, Tv, name, n, task, r))
+        verified[name, task] = verified.get((name, task), True) and r["ok"]
+        sink.write({"type": "verification", "case": case.name, "impl": name, "threads": n,
+                    "task": task, "T_checked": Tv, "tolerance": TOLERANCE[case.dtype],
+                    "oracle": "reference float64", **r})
+    _log(f"[{case.name}] verified in {time.perf_counter() - t0:.1f} s (T={Tv}): "
+         + ", ".join(f"{i} {t} {'ok' if v else 'FAILED'}" for (i, t), v in verified.items()))
+    return verified
+
+
+def _gemm_peaks(thread_counts, mode, sink, when):
+    """sgemm GFLOP/s per thread count (float32: the efficiency targets are float32)."""
+    peak = {}
+    for n in thread_counts:
+        time.sleep(mode.settle if n > 1 else 0)
+        s = gemm_peak(np.float32, n, mode.gemm_reps)
+        peak[n] = s["gflops"]
+        sink.write({"type": "gemm_peak", "when": when, "gemm": "sgemm", "size": GEMM_SIZE,
+                    "threads": n, **s})
+        _log(f"sgemm {GEMM_SIZE}^3 peak ({when}), {n} thread(s): {s['gflops']:.0f} GFLOP/s")
+    return peak
+
+
+def _memory_table(args, mode, cases, peers, sink):
+    """Training-step memory of each implementation on the memory configurations."""
+    n = max(args.threads)
+    out = []
+    for case in cases:
+        if case.variant or case.config not in mode.memory_configs \
+                or "training" not in args.tasks:
+            continue
+        res = {}
+        for name in ["cylstm"] + peers:
+            impl = IMPLS[name]
+            if impl.training and impl.unsupported(case) is None:
+                res[name] = measure_memory(name, case, n)
+                sink.write({"type": "memory", "case": case.name, "impl": name, "threads": n,
+                            "method": "first training step in a fresh process: VmHWM "
+                                      "(reset via /proc/self/clear_refs) - VmRSS before",
+                            "step_peak_bytes": res[name]})
+        _log(f"[{case.name}] training-step memory: " + ", ".join(
+            f"{k} {v / 2**20:.1f} MiB" if isinstance(v, int) else f"{k} {v}"
+            for k, v in res.items()))
+        out.append((case.name, res))
+    return out
+
+
+# ---- targets --------------------------------------------------------------------------------
+
+class _Results:
+    """Medians by (case, task, threads, impl), and ratios peer / cylstm."""
+
+    def __init__(self, rows):
+        self.rows = {(r["case"], r["task"], r["threads"]): r for r in rows}
+        self.read = set()        # cells read since the last take_load()
+
+    def ms(self, case, task, n, impl="cylstm"):
+        self.read.add((case, task, n))
+        s = self.rows.get((case, task, n), {"stats": {}})["stats"].get(impl)
+        return None if s is None else s["median_ms"]
+
+    def ratio(self, case, task, n, peer):
+        """peer median / cylstm median (> 1: cylstm faster); peer 'torch' is the faster
+        of torch's two paths."""
+        paths = ("torch", "torch-native") if peer == "torch" else (peer,)
+        times = [t for t in (self.ms(case, task, n, p) for p in paths) if t]
+        c = self.ms(case, task, n)
+        return min(times) / c if times and c else None
+
+    def take_load(self):
+        """The largest other load of the cells read since the last call (None: unknown)."""
+        loads = [self.rows[k]["load"] for k in self.read if k in self.rows]
+        self.read = set()
+        return max((x for x in loads if x is not None), default=None)
+
+
+def evaluate_targets(rows, peak, cases, thread_counts):
+    """BENCH.md's targets that this run's cells can evaluate: [{what, wanted, measured,
+    met}], met None when a cell it needs was not measured."""
+    res = _Results(rows)
+    n = 2 if 2 in thread_counts else max(thread_counts)
+    out = []
+
+    def add(what, wanted, value, ok, fmt="{:.2f}x"):
+        out.append({"what": what, "wanted": wanted, "threads": n, "load": res.take_load(),
+                    "measured": None if value is None else fmt.format(value),
+                    "value": value, "met": None if value is None else bool(ok(value))})
+
+    def at_least(what, need, value):
+        add(what, f">= {need:g}x", value, lambda v: v >= need)
+
+    for cfg, need in (("tiny", 3), ("small", 1.25), ("medium", 1.25), ("large", 1.1),
+                      ("charrnn", 1.25)):
+        at_least(f"training vs torch, {cfg}", need, res.ratio(cfg, "training", n, "torch"))
+    for cfg in CONFIGS:
+        need = 1.2 if cfg == "small" else 1.0
+        at_least(f"inference vs ONNX Runtime, {cfg}", need,
+                 res.ratio(cfg, "inference", n, "onnxruntime"))
+    for cfg, need in (("tiny", 3), ("medium", 1.2), ("large", 1.2), ("charrnn", 1.2)):
+        at_least(f"inference vs torch, {cfg}", need, res.ratio(cfg, "inference", n, "torch"))
+    step = res.ms("step", "inference", n)
+    add("streaming step (B=1, H=256)", "<= 10 us", None if step is None else step * 1e3,
+        lambda v: v <= 10, "{:.1f} us")
+    for cfg, need in (("tiny", 5), ("small", 5), ("medium", 2), ("large", 2)):
+        for task in TASKS:
+            at_least(f"vs NumPy reference, {cfg} {task}", need,
+                     res.ratio(cfg, task, n, "reference"))
+    for task, need in (("inference", 0.85), ("training", 0.75)):
+        c = res.ms("large", task, n)
+        v = None if c is None or n not in peak else \
+            flops(Case("large"), task) / (c * 1e-3) / 1e9 / peak[n]
+        add(f"efficiency, large {task}", f">= {need:.0%} of sgemm peak", v,
+            lambda v, need=need: v >= need, "{:.0%}")
+    for case in (c for c in cases if c.variant == "float64"):
+        at_least(f"float64 training vs torch, {case.config}", 2,
+                 res.ratio(case.name, "training", n, "torch"))
+    for case in (c for c in cases if c.variant == "varlen"):
+        _varlen_targets(res, case, n, add, at_least)
+    if 1 in thread_counts and 2 in thread_counts:
+        for cfg in ("medium", "large"):
+            c1, c2 = res.ms(cfg, "training", 1), res.ms(cfg, "training", 2)
+            at_least(f"2 threads vs 1, {cfg} training", 1.8, c1 / c2 if c1 and c2 else None)
+    for case in (c for c in cases if c.variant in ("bidir", "proj")):
+        for task in TASKS:
+            at_least(f"{case.variant} {task} vs torch, {case.config}", 1.25,
+                     res.ratio(case.name, task, n, "torch"))
+    return out
+
+
+def _varlen_targets(res, case, n, add, at_least):
+    """Variable lengths cost at most the valid steps' share of the full-length time, plus
+    10% (read as: t_varlen / t_full <= share * 1.1; t_full from the same cell, the same
+    data at lengths=None, interleaved), and beat torch's packed path 3x."""
+    lengths = _lengths(case)                     # same seed: the lengths that were timed
+    share = float(np.sum(lengths)) / (case.cfg.B * case.cfg.T)
+    for task in TASKS:
+        full, var = res.ms(case.name, task, n, "cylstm-full"), res.ms(case.name, task, n)
+        add(f"varlen {task} cost vs full length, {case.config} (valid share {share:.0%})",
+            f"<= {share * 1.1:.0%} of full", var / full if var and full else None,
+            lambda v: v <= share * 1.1, "{:.0%}")
+        at_least(f"varlen {task} vs torch packed, {case.config}", 3,
+                 res.ratio(case.name, task, n, "torch"))
 
 
 # ---- the report -----------------------------------------------------------------------------
 
-def _print_report(args, header, mode, gemm_name, peak, peak_end, verification, rows,
-                  elapsed, tol):
-    p = print
-    p(f"# cylstm {header['cylstm']} vs NumPy reference, {args.dtype}"
-      f"{' (quick)' if args.quick else ''}\n")
-    p(f"CPU {header['cpu_model']} ({', '.join(header['cpu_flags'])}), "
-      f"{header['usable_cores']} usable cores; OpenMP "
-      f"{'on' if header['openmp_enabled'] else 'OFF'}, N_PARTS {header['N_PARTS']}; "
-      f"Python {header['python']}, NumPy {header['numpy']}, SciPy {header['scipy']}; "
-      + "; ".join(f"{i['internal_api']} {i.get('version')} ({os.path.basename(i['filepath'])}, "
-                  f"{i.get('architecture', '?')})" for i in header["threadpool_info"]
-                  if i.get("user_api") == "blas")
-      + f". Took {elapsed:.0f} s.\n")
-    p(f"{gemm_name} {GEMM_SIZE}^3 peak (scipy BLAS, GFLOP/s at the median, start / end): "
-      + "; ".join(f"{n} thread{'s' if n > 1 else ''}: {peak[n]:.0f} / {peak_end[n]:.0f}"
-                  for n in peak) + ". Fractions below use the start figure.")
-    drift = [n for n in peak if abs(peak_end[n] - peak[n]) > 0.1 * peak[n]]
-    if drift:
-        p(f"WARNING: the GEMM peak moved by more than 10% during the run "
-          f"(threads {drift}): the machine was busy; treat absolute figures with care.")
-
-    p(f"\n## Verification (against the reference in float64; tolerance {tol:g} of the "
-      f"largest magnitude)\n")
-    p("| config | T checked | implementation | threads | task | max rel err | worst array "
-      "| result |")
-    p("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for impl, name, n, task, r in verification:
-        p(f"| {name} | {r['T_checked']} | {impl} | {'-' if n is None else n} | {task} "
-          f"| {r['max_rel_err']:.1e} "
-          f"| {r['worst']} | {'ok' if r['ok'] else '**FAILED: not timed**'} |")
-
-    p("\n## Timings (median ms [p25-p75]; speedup = reference / cylstm; "
-      "GFLOP/s at the median, % of the same-thread GEMM peak)\n")
-    p("| config | task | threads | cylstm ms | reference ms | speedup | cylstm GFLOP/s "
-      "| % peak | reference GFLOP/s | % peak | reps cyl/ref | other load |")
-    p("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        cfg = CONFIGS[row["config"]]
-        fl = flops(cfg, row["task"])
-        c, r = row["stats"].get("cylstm"), row["stats"].get("reference")
-        n = row["threads"]
-
-        def gf(s):
-            if s is None:
-                return "-", "-"
-            g = fl / (s["median_ms"] * 1e-3) / 1e9
-            return _fmt(g), f"{100 * g / peak[n]:.0f}%"
-
-        def cell(impl):
-            s = row["stats"].get(impl)
-            if s is not None:
-                return _ms(s)
-            if impl in row.get("skipped", {}):
-                return f"skipped: 1 call {row['skipped'][impl]:.1f} s"
-            return "not timed"
-
-        sp = "-"
-        if c and r:
-            v = r["median_ms"] / c["median_ms"]
-            sp = f"**{v:.2f}x**" if v < 1 else f"{v:.2f}x"
-        load = row["load"]
-        p(f"| {row['config']} | {row['task']} | {n} | {cell('cylstm')} "
-          f"| {cell('reference')} | {sp} | {gf(c)[0]} | {gf(c)[1]} | {gf(r)[0]} "
-          f"| {gf(r)[1]} | {c['reps'] if c else 0}/{r['reps'] if r else 0} "
-          f"| {'-' if load is None else f'{load:.2f}'} |")
-    p("\nBold speedup: cylstm slower than the reference. 'other load': cores' worth of CPU "
-      "other processes used during the cell (>0.2 means the figures are disturbed). "
-      "'not timed': failed verification; 'skipped': one call took longer than "
-      f"{mode.max_call:g} s (a busy machine), so it was not timed.")
-    if args.dtype == "float32":
-        _print_targets(rows, peak)
+def _report(args, header, mode, peers, peak, peak_end, best, verification, rows, skipped_impls,
+            torch_paths, memory, targets, elapsed, files):
+    """The markdown report, as lines."""
+    v = header["versions"]
+    lines = [f"# cylstm {v['cylstm']} benchmark{' (quick)' if args.quick else ''}, "
+             f"{header['time'][:10]}", ""]
+    lines += [f"- command: `{header['command']}`",
+              f"- CPU: {header['cpu_model']} ({', '.join(header['cpu_flags'])}), "
+              f"{header['usable_cores']} usable cores; OpenMP "
+              f"{'on' if header['openmp_enabled'] else 'OFF'}, N_PARTS {header['N_PARTS']}",
+              "- versions: Python " + header["python"] + ", " + ", ".join(
+                  f"{k} {x or 'absent'}" for k, x in v.items()),
+              "- thread pools (threadpoolctl): " + "; ".join(
+                  f"{i['internal_api']} {i.get('version') or ''} "
+                  f"({os.path.basename(i['filepath'])}, {i['num_threads']} threads)"
+                  for i in header["threadpool_info"]),
+              f"- sgemm {GEMM_SIZE}^3 peak (scipy BLAS, best rep, start / end): " + "; ".join(
+                  f"{n} thread{'s' if n > 1 else ''} {peak[n]:.0f} / {peak_end[n]:.0f} GFLOP/s"
+                  for n in peak) + "; % of peak below uses the larger",
+              f"- took {elapsed:.0f} s"]
+    if any(abs(peak_end[n] - peak[n]) > 0.1 * peak[n] for n in peak):
+        lines.append("- WARNING: the sgemm peak moved by more than 10% during the run: "
+                     "the machine was busy")
+    lines += _notes(peers, skipped_impls, torch_paths)
+    lines += _verification_lines(verification, peers)
+    lines += _timing_lines(rows, peers, best)
+    lines += _memory_lines(memory, peers, max(args.threads))
+    lines += _target_lines(targets)
+    return lines
 
 
-def _print_targets(rows, peak):
-    """The BENCH.md targets that need no peer (float32, 2 threads unless said)."""
-    by = {(r["config"], r["task"], r["threads"]): r["stats"] for r in rows}
-
-    def med(cfg, task, n, impl="cylstm"):
-        s = by.get((cfg, task, n), {}).get(impl)
-        return None if s is None else s["median_ms"]
-
-    lines = []
-    for cfg, need in (("tiny", 5), ("small", 5), ("medium", 2), ("large", 2)):
-        for task in TASKS:
-            c, r = med(cfg, task, 2), med(cfg, task, 2, "reference")
-            if c and r:
-                v = r / c
-                lines.append((f"vs NumPy reference, {cfg} {task}", f">= {need}x",
-                              f"{v:.2f}x", v >= need))
-    for task, need in (("inference", 0.85), ("training", 0.75)):
-        c = med("large", task, 2)
-        if c:
-            v = flops(CONFIGS["large"], task) / (c * 1e-3) / 1e9 / peak[2]
-            lines.append((f"efficiency, large {task}", f">= {need:.0%} of sgemm peak",
-                          f"{v:.0%}", v >= need))
-    for cfg in ("medium", "large"):
-        c1, c2 = med(cfg, "training", 1), med(cfg, "training", 2)
-        if c1 and c2:
-            v = c1 / c2
-            lines.append((f"2 threads vs 1, {cfg} training", ">= 1.8x", f"{v:.2f}x", v >= 1.8))
-    c = med("step", "inference", 2)
-    if c:
-        lines.append(("streaming step (inference, B=1, H=256)", "<= 10 us",
-                      f"{c * 1e3:.1f} us", c * 1e3 <= 10))
-    if not lines:
-        return
-    print("\n## BENCH.md targets that need no peer (2 threads)\n")
-    print("| target | wanted | measured | |")
-    print("| --- | --- | --- | --- |")
-    for what, want, got, ok in lines:
-        print(f"| {what} | {want} | {got} | {'met' if ok else '**missed**'} |")
+def _notes(peers, skipped_impls, torch_paths):
+    """Peers that did not run, by reason, and which path torch's default took."""
+    why = {}
+    for case, skipped in skipped_impls.items():
+        for impl, reason in skipped.items():
+            why.setdefault((impl, reason), []).append(case)
+    lines = ["", "Skipped:" if why else "No implementation was skipped."]
+    lines += [f"- {impl} on {', '.join(cases)}: {reason}" for (impl, reason), cases in why.items()]
+    missing = [p for p in PEERS if p not in peers]
+    if missing:
+        lines.append(f"- not asked for (--peers): {', '.join(missing)}")
+    if torch_paths:
+        on = [c for c, t in torch_paths.items() if all(t.values())]
+        off = [c for c, t in torch_paths.items() if not any(t.values())]
+        lines.append(f"\ntorch's default path, seen by torch.profiler (aten::mkldnn_rnn_layer):"
+                     f" oneDNN on {', '.join(on) or 'none'}; native on {', '.join(off) or 'none'}"
+                     " (there 'torch native' is not timed separately).")
+    return lines
 
 
-def main(argv=None, default_json="-", prog=None):
+def _verification_lines(verification, peers):
+    """One row per case: each implementation's worst error over tasks and threads."""
+    impls = ["cylstm"] + peers
+    worst = {}
+    for case, Tv, impl, n, task, r in verification:
+        w = worst.setdefault((case, Tv), {})
+        prev = w.get(impl)            # the first failure, else the largest error
+        if prev is None or (prev["ok"] and (not r["ok"] or r["max_rel_err"] > prev["max_rel_err"])):
+            w[impl] = dict(r, task=task)
+
+    def cell(r):
+        if r is None:
+            return "-"
+        e = f"{r['max_rel_err']:.1e}"
+        return e if r["ok"] else f"**FAILED {r['worst']} {e} ({r['task']})**"
+    rows = [[case, Tv] + [cell(w.get(i)) for i in impls] for (case, Tv), w in worst.items()]
+    return ["", "## Verification", "",
+            "Worst max|a - b| / max magnitude over every output and gradient, tasks and "
+            "thread counts, against the float64 NumPy reference on the same weights "
+            "(tolerance 1e-4 float32, 1e-9 float64; what fails is not timed).", ""] + \
+        _table(["case", "T checked"] + [IMPLS[i].label for i in impls], rows)
+
+
+def _timing_lines(rows, peers, peak):
+    head = ["case", "task", "thr", "cylstm ms [p25-p75]", "GFLOP/s", "% peak"]
+    for p in peers:
+        head += [f"{IMPLS[p].label} ms", f"x {IMPLS[p].label}"]
+    head.append("load")
+    body = []
+    for r in rows:
+        c = r["stats"].get("cylstm")
+        gf = None if c is None else r["flops"] / (c["median_ms"] * 1e-3) / 1e9
+        line = [r["case"], r["task"], r["threads"], _ms(c) if c else _short(
+                    r["skipped"].get("cylstm", "not timed")),
+                _fmt(gf), "-" if gf is None else f"{100 * gf / peak[r['threads']]:.0f}%"]
+        for p in peers:
+            s = r["stats"].get(p)
+            line += [_ms(s) if s else _short(r["skipped"].get(p)),
+                     _ratio(s["median_ms"] / c["median_ms"]) if s and c else "-"]
+        line.append("-" if r["load"] is None else f"{r['load']:.2f}")
+        body.append(line)
+    over = any(r["stats"].get("cylstm") and r["flops"] / r["stats"]["cylstm"]["median_ms"]
+               / 1e6 > peak[r["threads"]] for r in rows)
+    return ["", "## Timings", "",
+            "Median ms [p25-p75] of individually timed calls, interleaved in one run. "
+            "'x peer' = peer median / cylstm median: above 1 cylstm is faster; **bold** "
+            "where it is slower. GFLOP/s at cylstm's median (valid steps only), % of the "
+            "same-thread sgemm peak. 'load': cores' worth of CPU other processes used "
+            "during the cell (above ~0.2 the cell is disturbed). '-': not run (see Skipped); "
+            "'= torch path': torch's default path is the native one here; 'not timed': one "
+            "warm-up call took longer than the limit (a busy machine).",
+            ""] + _table(head, body) + (
+        ["", "Some cells exceed 100% of the sgemm peak: the peak was measured while other "
+         "jobs loaded the machine more than during those cells."] if over else [])
+
+
+def _short(why):
+    """A table cell for a peer not timed in a cell ('-': not run in this case at all)."""
+    if why is None:
+        return "-"
+    if why.startswith("one call took"):
+        return "not timed: " + why[len("one call took "):].split(" >")[0] + "/call"
+    if why.startswith("same code as torch"):
+        return "= torch path"
+    return "**" + why + "**"
+
+
+def _memory_lines(memory, peers, n):
+    if not memory:
+        return []
+    impls = ["cylstm"] + [p for p in peers if IMPLS[p].training]
+    body = []
+    for case, res in memory:
+        c = res.get("cylstm")
+        line = [case]
+        for i in impls:
+            v = res.get(i)
+            if not isinstance(v, int):
+                line.append("-" if v is None else v)
+                continue
+            line.append(f"{v / 2**20:.1f}" + (f" ({v / c:.2f}x)" if isinstance(c, int) and
+                                                c > 0 and i != "cylstm" else ""))
+        body.append(line)
+    return ["", "## Peak memory of a training step (MiB)", "",
+            f"First training step of a fresh model, each in a fresh process, {n} threads: "
+            "peak RSS during the step (VmHWM, reset through /proc/self/clear_refs) minus "
+            "RSS before it; includes workspaces and gradient buffers first touched by the "
+            "step (inputs and weights are not counted). In brackets: peer / cylstm.",
+            ""] + _table(["case"] + [IMPLS[i].label for i in impls], body)
+
+
+def _target_lines(targets):
+    done = [t for t in targets if t["met"] is not None]
+    missing = [t["what"] for t in targets if t["met"] is None]
+    met = sum(t["met"] for t in done)
+    lines = ["", f"## Targets (BENCH.md; {done[0]['threads'] if done else 2} threads; "
+             f"{met} of {len(done)} met)", "",
+             "'vs torch' is against the faster of torch's two paths. Ratios > 1: cylstm "
+             "faster. 'load': the largest other load of the cells the figure comes from "
+             "(above ~0.2 a verdict says little).", ""]
+    lines += _table(["target", "wanted", "measured", "result", "load"],
+                    [[t["what"], t["wanted"], t["measured"], "MET" if t["met"] else
+                      "**MISSED**", "-" if t["load"] is None else f"{t['load']:.2f}"]
+                     for t in done])
+    if missing:
+        lines += ["", "Not measured in this run: " + "; ".join(missing) + "."]
+    return lines
+
+
+def chart(rows, peers, path):
+    """Grouped bars of peer time / cylstm time per (case, task), log scale, one panel per
+    thread count. Returns None, or why no chart was drawn."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed"
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = sorted({r["threads"] for r in rows})
+    if not rows or not peers:
+        return "nothing to compare"
+    per_panel = {n: list(dict.fromkeys((r["case"], r["task"]) for r in rows
+                                       if r["threads"] == n)) for n in counts}
+    res = _Results(rows)
+    most = max(len(c) for c in per_panel.values())
+    fig, axes = plt.subplots(len(counts), 1, figsize=(max(8, 0.55 * most + 2),
+                                                      4.2 * len(counts)), squeeze=False)
+    width = 0.8 / len(peers)
+    for ax, n in zip(axes[:, 0], counts):
+        cells = per_panel[n]
+        for k, p in enumerate(peers):
+            xs, ys = [], []
+            for j, (case, task) in enumerate(cells):
+                s, c = res.ms(case, task, n, p), res.ms(case, task, n)
+                if s and c:
+                    xs.append(j + (k - (len(peers) - 1) / 2) * width)
+                    ys.append(s / c)
+            ax.bar(xs, ys, width, label=IMPLS[p].label)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_ylabel("peer time / cylstm time")
+        ax.set_title(f"{n} thread{'s' if n > 1 else ''}: above 1, cylstm is faster")
+        ax.set_xticks(range(len(cells)))
+        ax.set_xticklabels([f"{c}\n{'train' if t == 'training' else 'infer'}"
+                            for c, t in cells], fontsize=7, rotation=60)
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def main(argv=None, default_json="-", prog=None, default_out=os.path.join("bench", "results")):
     """``python -m cylstm bench`` without the subcommand: parse argv and run."""
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p, default_json)
+    add_arguments(p, default_json, default_out)
     return run(p.parse_args(argv))

@@ -1,0 +1,156 @@
+"""Smoke tests of the benchmark suite (cylstm/_bench.py) on tiny configurations:
+its verification, its ONNX graph, its tables and targets, its memory probe and one
+end-to-end run. No timing is asserted (BENCH.md: speed is checked by bench/, not tests).
+Peers that are not installed are skipped by the suite itself; these tests check that."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from cylstm import _bench
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and \
+    importlib.util.find_spec("onnx") is not None
+
+# Unit-sized stand-ins for BENCH.md's configurations: two layers (the ONNX graph chains
+# nodes), B > 1 (lengths differ), and a one-layer streaming step.
+UNIT = _bench.Config(3, 7, 5, 6, 2, "unit")
+UNIT_STEP = _bench.Config(2, 1, 5, 6, 1, "unit step", state=True)
+# Keep the end-to-end run short: one tiny rep per block, no settling, a small GEMM.
+SMOKE = _bench.QUICK._replace(target=0.001, warm=0.0, rounds=1, settle=0.0, gemm_reps=1)
+
+
+@pytest.fixture(autouse=True)
+def unit_configs(monkeypatch):
+    monkeypatch.setitem(_bench.CONFIGS, "unit", UNIT)
+    monkeypatch.setitem(_bench.CONFIGS, "unitstep", UNIT_STEP)
+    monkeypatch.setattr(_bench, "GEMM_SIZE", 64)
+
+
+def verify(case):
+    prob = _bench._problem(case)
+    impls, skipped = _bench._build_impls(case, prob, list(_bench.PEERS), _bench._Sink(None))
+    checks = _bench._verify_case(case, impls, prob.data, [1, 2], _bench.TASKS,
+                                 _bench.TOLERANCE[case.dtype])
+    return impls, skipped, checks
+
+
+@pytest.mark.parametrize("case", [_bench.Case("unit"), _bench.Case("unitstep")] +
+                         [_bench.Case("unit", v) for v in _bench.VARIANTS], ids=str)
+def test_every_implementation_verifies(case):
+    impls, skipped, checks = verify(case)
+    assert not [c for c in checks if not c[3]["ok"]]
+    ran = {name for name, _, _, _ in checks}
+    assert ran == {k for k, impl in impls.items() if not impl.verified_by}
+    assert {"cylstm", "reference"} <= ran
+    assert ("cylstm-full" in impls) == (case.variant == "varlen")   # the varlen target's twin
+    assert ("torch" in ran) == HAVE_TORCH
+    ort_can = HAVE_ORT and case.variant not in ("float64", "proj")
+    assert ("onnxruntime" in ran) == ort_can
+    if not ort_can:
+        assert "onnxruntime" in skipped
+    for name, n, task, r in checks:         # every gradient is compared, not just y
+        if task == "training" and name != "onnxruntime":
+            assert {"y", "dx", "dweight_ih_l0", "dweight_hh_l1"} <= set(r["errors"])
+
+
+@pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime/onnx not installed")
+def test_verification_catches_a_wrong_gate_order(monkeypatch):
+    monkeypatch.setattr(_bench, "_onnx_gates", lambda w, H: w)   # torch's order, unconverted
+    _, _, checks = verify(_bench.Case("unit"))
+    ort = [r for name, _, _, r in checks if name == "onnxruntime"]
+    assert ort and not any(r["ok"] for r in ort)
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+def test_torch_paths_are_told_apart():
+    impls, _, _ = verify(_bench.Case("unit"))
+    assert impls["torch"].uses_onednn == {"inference": True, "training": True}
+    assert impls["torch-native"].uses_onednn == {"inference": False, "training": False}
+    impls, _, _ = verify(_bench.Case("unit", "float64"))     # oneDNN: float32 only
+    assert impls["torch"].uses_onednn == {"inference": False, "training": False}
+
+
+def test_absent_peers_are_skipped_with_a_note(monkeypatch):
+    monkeypatch.setattr(_bench._Torch, "needs", "no_such_module_torch")
+    monkeypatch.setattr(_bench._Ort, "needs", "no_such_module_ort")
+    impls, skipped, _ = verify(_bench.Case("unit"))
+    assert set(impls) == {"cylstm", "reference"}
+    assert all("not installed" in skipped[p] for p in ("torch", "torch-native", "onnxruntime"))
+
+
+def fake_rows(ms):
+    """Rows as _time_cell makes them, from {(case, task, threads, impl): median ms}."""
+    rows = {}
+    for (case, task, n, impl), t in ms.items():
+        row = rows.setdefault((case, task, n), {"case": case, "task": task, "threads": n,
+                                                "stats": {}, "load": 0.0, "skipped": {},
+                                                "flops": 1e9})
+        row["stats"][impl] = {"median_ms": t, "p25_ms": t, "p75_ms": t, "reps": 3}
+    return list(rows.values())
+
+
+def test_targets_met_missed_and_unmeasured():
+    rows = fake_rows({("medium", "training", 2, "cylstm"): 10.0,
+                      ("medium", "training", 2, "torch"): 20.0,          # 2x: met (1.25)
+                      ("medium", "training", 2, "torch-native"): 11.0,   # faster path: 1.1x
+                      ("small", "inference", 2, "cylstm"): 10.0,
+                      ("small", "inference", 2, "onnxruntime"): 11.0,    # 1.1x < 1.2
+                      ("step", "inference", 2, "cylstm"): 0.008})        # 8 us
+    targets = {t["what"]: t for t in _bench.evaluate_targets(
+        rows, {2: 100.0}, [_bench.Case("medium"), _bench.Case("small")], [1, 2])}
+    assert targets["training vs torch, medium"]["met"] is False          # against 1.1x
+    assert targets["training vs torch, medium"]["measured"] == "1.10x"
+    assert targets["inference vs ONNX Runtime, small"]["met"] is False
+    assert targets["streaming step (B=1, H=256)"]["met"] is True
+    assert targets["training vs torch, large"]["met"] is None
+    lines = _bench._target_lines(list(targets.values()))
+    assert any("**MISSED**" in s for s in lines) and any("| MET |" in s for s in lines)
+    assert any(s.startswith("Not measured in this run:") for s in lines)
+
+
+def test_timing_table_has_a_ratio_per_peer():
+    rows = fake_rows({("unit", "inference", 1, "cylstm"): 2.0,
+                      ("unit", "inference", 1, "reference"): 8.0,
+                      ("unit", "inference", 1, "torch"): 1.0})
+    lines = _bench._timing_lines(rows, ["reference", "torch"], {1: 1000.0})
+    head = [s for s in lines if s.startswith("| case")][0]
+    assert "x NumPy ref" in head and "x torch" in head
+    body = [s for s in lines if s.startswith("| unit")][-1]
+    assert "| 4.00x |" in body and "| **0.50x** |" in body
+
+
+def test_onnx_gate_order():
+    H = 2
+    w = np.repeat(np.arange(4), H)[:, None]          # gate k's rows hold k: i=0 f=1 g=2 o=3
+    assert _bench._onnx_gates(w, H)[::H, 0].tolist() == [0, 3, 1, 2]   # ONNX: i o f c
+
+
+def test_memory_probe_reports_bytes():
+    got = _bench.measure_memory("cylstm", _bench.Case("tiny"), 1)
+    assert isinstance(got, int) and got >= 0, got
+
+
+def test_end_to_end_writes_report_json_and_chart(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(_bench, "QUICK", SMOKE)
+    rc = _bench.main(["--quick", "--configs", "unit,unitstep", "--variants", "varlen,bidir",
+                      "--variant-configs", "unit", "--threads", "1,2", "--no-memory",
+                      "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    md = (tmp_path / "latest.md").read_text()
+    assert md.strip() in out
+    for section in ("## Verification", "## Timings", "## Targets", "thread pools"):
+        assert section in md
+    records = [json.loads(s) for s in (tmp_path / "latest.jsonl").read_text().splitlines()]
+    types = {r["type"] for r in records}
+    assert {"header", "gemm_peak", "verification", "timing", "end"} <= types
+    timed = {(r["case"], r["task"], r["threads"], r["impl"]) for r in records
+             if r["type"] == "timing" and "skipped" not in r}
+    assert ("unit/bidir", "training", 2, "cylstm") in timed
+    assert ("unitstep", "inference", 1, "cylstm") in timed
+    assert all(r["ok"] for r in records if r["type"] == "verification")
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "latest.png").read_bytes()[:4] == b"\x89PNG"
