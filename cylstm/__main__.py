@@ -3,7 +3,7 @@
 Commands:
   train     train a character language model on a text (default: Python's own docs)
   generate  sample text from a model saved by train
-  bench     verify cylstm against its NumPy reference, then time both (see cylstm/_bench.py)
+  bench     verify, then time cylstm against NumPy, PyTorch and ONNX Runtime (cylstm/_bench.py)
 
 Each command is a subparser with its own ``--help``. To add one, write
 ``_add_<name>(subparsers)`` that registers the subparser with ``set_defaults(run=...)``
@@ -19,7 +19,7 @@ def _add_bench(subparsers):
 
     p = subparsers.add_parser(
         "bench",
-        help="verify, then time cylstm against the NumPy reference",
+        help="verify, then time cylstm against NumPy, PyTorch and ONNX Runtime",
         description=_bench.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,7 +1,7 @@
 """Benchmark cylstm against its NumPy reference, torch.nn.LSTM and ONNX Runtime:
 ``python -m cylstm bench [--quick]`` or, from a checkout, ``python bench/run.py``.
 
-It follows /work/shared/BENCH.md ("How") and STYLE.md point 17:
+It follows the project's measuring rules (BENCH.md, "How"):
 
 1. Cases: BENCH.md's configurations (tiny, small, medium, large, charrnn, step) in
    float32, plus variants of some of them: float64, variable lengths (uniform in 1..T),
