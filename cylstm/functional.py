@@ -41,6 +41,10 @@ def _shape(a):
 
 def _as_array(a, name, dtype, shape):
     """a as a C-contiguous `dtype` array of exactly `shape` (ints may be None = any)."""
+    if (type(a) is np.ndarray and a.dtype == dtype and a.ndim == len(shape)
+            and a.flags.c_contiguous
+            and all(exp is None or got == exp for got, exp in zip(a.shape, shape))):
+        return a                    # the common case, checked without building messages
     if not isinstance(a, np.ndarray):
         try:
             a = np.asarray(a)
