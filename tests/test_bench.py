@@ -4,6 +4,7 @@ end-to-end run. No timing is asserted (BENCH.md: speed is checked by bench/, not
 Peers that are not installed are skipped by the suite itself; these tests check that."""
 import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ from cylstm import _bench
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and \
     importlib.util.find_spec("onnx") is not None
+if os.environ.get("CYLSTM_REQUIRE_BENCH") and not HAVE_ORT:
+    # CI installs the bench extra: there a missing peer is an error, not a skip
+    raise ImportError("CYLSTM_REQUIRE_BENCH is set but onnx/onnxruntime are not installed")
 
 # Unit-sized stand-ins for BENCH.md's configurations: two layers (the ONNX graph chains
 # nodes), B > 1 (lengths differ), and a one-layer streaming step.

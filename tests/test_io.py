@@ -211,7 +211,9 @@ def test_a_process_killed_mid_save_leaves_a_loadable_file(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(cylstm.__file__)))
     for delay in (0.05, 0.13, 0.31):
         child = subprocess.Popen([sys.executable, "-c", _SAVER, str(path)], env=env,
-                                 stdout=subprocess.PIPE, text=True)
+                                 stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+        # (cwd: "-c" puts the working folder first on sys.path, and a source checkout
+        # there would shadow the installed, built package)
         assert child.stdout.readline().strip() == "ready"
         time.sleep(delay)
         child.send_signal(signal.SIGKILL)
