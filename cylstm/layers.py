@@ -99,6 +99,35 @@ def _load_into(params, state_dict, strict):
         np.copyto(params[name], a, casting="unsafe")
 
 
+def _ragged_order(lengths):
+    """A batch order for ragged lengths, or None when there is nothing to gain.
+
+    The kernels cut the batch into N_PARTS contiguous chunks (one per thread) and run a
+    step's products over a chunk's rows up to its last running row (_active_end in
+    _lstm.pyx). With each chunk sorted by decreasing length, those are exactly the
+    running rows, so finished sequences cost nothing; dealing the rows sorted by length
+    to the chunks in turn keeps the chunks' work equal. A row's numbers do not depend on
+    its place in the batch (tests/test_module.py checks outputs and states bitwise);
+    weight gradients sum the rows in another order, so they agree to rounding."""
+    B = lengths.shape[0]
+    if B < 2 or lengths.min() == lengths.max():
+        return None
+    n = min(B, N_PARTS)
+    bounds = [B * p // n for p in range(n + 1)]           # the kernels' _split
+    room = [bounds[p + 1] - bounds[p] for p in range(n)]
+    chunks = [[] for _ in range(n)]
+    p = 0
+    for b in np.argsort(-lengths, kind="stable"):
+        while len(chunks[p]) == room[p]:
+            p = (p + 1) % n
+        chunks[p].append(b)
+        p = (p + 1) % n
+    order = np.concatenate(chunks)
+    if np.array_equal(order, np.arange(B)):
+        return None
+    return order
+
+
 _pool = None
 _pool_lock = threading.Lock()
 
@@ -412,6 +441,11 @@ class LSTM(_Parametrised):
             xt = xt.copy()   # the cache keeps x: never alias the caller's array
         lengths = F._lengths(lengths, T, B)
         h0, c0 = self._state(state, "state", B, unbatched)
+        order = _ragged_order(lengths)
+        if order is not None:     # the kernels skip finished rows of length-sorted chunks
+            xt, lengths = xt[:, order], lengths[order]
+            if h0 is not None:
+                h0, c0 = h0[:, order], c0[:, order]
 
         L, D, H, Hp = self.num_layers, self.num_directions, self.hidden_size, self.state_size
         training = self.training
@@ -442,11 +476,14 @@ class LSTM(_Parametrised):
                     mask = (self._dropout_rng.random(inp.shape) < keep).astype(self.dtype) / keep
                     inp = inp * mask
                     masks.append(mask)
-            self._caches = (caches, masks, T, B, unbatched) if training else None
+            self._caches = (caches, masks, T, B, unbatched, order) if training else None
         finally:
             self._release_workspaces(wss)
 
         y = inp
+        if order is not None:
+            back = np.argsort(order)
+            y, h_n, c_n = y[:, back], h_n[:, back], c_n[:, back]
         if unbatched:
             y, h_n, c_n = y[:, 0, :], h_n[:, 0, :], c_n[:, 0, :]
         elif self.batch_first:
@@ -464,7 +501,7 @@ class LSTM(_Parametrised):
         if self._caches is None:
             raise RuntimeError("backward needs a forward in training mode first "
                                "(lstm.train(); y, state = lstm(x); lstm.backward(dy))")
-        caches, masks, T, B, unbatched = self._caches
+        caches, masks, T, B, unbatched, order = self._caches
         L, D, H, Hp = self.num_layers, self.num_directions, self.hidden_size, self.state_size
         if unbatched:
             dy = F._as_array(dy, "dy", self.dtype, (T, D * Hp))[:, None, :]
@@ -473,6 +510,10 @@ class LSTM(_Parametrised):
         else:
             dy = F._as_array(dy, "dy", self.dtype, (T, B, D * Hp))
         dh_n, dc_n = self._state(dstate, "dstate", B, unbatched)
+        if order is not None:     # the batch order of the forward's kernels
+            dy = dy[:, order]
+            if dh_n is not None:
+                dh_n, dc_n = dh_n[:, order], dc_n[:, order]
         wss = self._acquire_workspaces(True, "backward")
         try:
             dh0 = np.empty((L * D, B, Hp), self.dtype)
@@ -495,6 +536,9 @@ class LSTM(_Parametrised):
         finally:
             self._release_workspaces(wss)
         dx = dy
+        if order is not None:
+            back = np.argsort(order)
+            dx, dh0, dc0 = dx[:, back], dh0[:, back], dc0[:, back]
         if unbatched:
             return dx[:, 0, :], (dh0[:, 0, :], dc0[:, 0, :])
         if self.batch_first:

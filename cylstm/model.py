@@ -36,7 +36,7 @@ from . import optim as _optim
 from .callbacks import Callback
 from .embedding import Embedding
 from .layers import (LSTM, Dropout, LastStep, Linear, _arena, _Parametrised,
-                     _positive_int)
+                     _positive_int, _ragged_order)
 
 __all__ = ["Sequential", "History", "pad_sequences"]
 
@@ -467,9 +467,19 @@ class Sequential(_Parametrised):
         abs_err = float(err.sum() if mask is None else err[mask].sum())
         return loss, dout, count, 0, abs_err
 
-    def _batches(self, N, batch_size, shuffle):
+    def _batches(self, N, batch_size, shuffle, lengths=None):
+        """Row indices of each batch. A ragged batch comes in the order the LSTM kernels
+        run fastest (layers._ragged_order: finished rows are skipped), so the LSTMs need
+        not reorder it; results do not depend on the order of rows in a batch."""
         order = self._rng.permutation(N) if shuffle else np.arange(N)
-        return [order[i:i + batch_size] for i in range(0, N, batch_size)]
+        batches = [order[i:i + batch_size] for i in range(0, N, batch_size)]
+        if lengths is None:
+            return batches
+        out = []
+        for idx in batches:
+            ragged = _ragged_order(lengths[idx].astype(np.int32))
+            out.append(idx if ragged is None else idx[ragged])
+        return out
 
     def _take(self, idx, x, y, lengths):
         """Rows idx, cut to the longest sequence among them (less padding to compute)."""
@@ -553,7 +563,7 @@ class Sequential(_Parametrised):
             N = cut
 
         def epoch_batches(epoch):
-            for idx in self._batches(N, batch_size, shuffle):
+            for idx in self._batches(N, batch_size, shuffle, lengths):
                 yield self._take(idx, x, y, lengths)
 
         def validate():
@@ -620,7 +630,7 @@ class Sequential(_Parametrised):
     def _evaluate_arrays(self, x, y, lengths, batch_size):
         self.eval()
         stats = _Stats(self.loss)
-        for idx in self._batches(len(x), batch_size, shuffle=False):
+        for idx in self._batches(len(x), batch_size, False, lengths):
             loss, count, correct, abs_err, _ = self._eval_batch(*self._take(idx, x, y, lengths))
             stats.add(loss, count, correct, abs_err)
         return stats
@@ -639,18 +649,20 @@ class Sequential(_Parametrised):
         batch_size = _positive_int(batch_size, "batch_size")
         x, lengths = self._inputs(x, lengths)
         self.eval()
-        parts = []
-        for idx in self._batches(len(x), batch_size, shuffle=False):
+        out = None
+        for idx in self._batches(len(x), batch_size, False, lengths):
             xb, _, lb = self._take(idx, x, None, lengths)
-            parts.append(self._forward(xb, lb)[0])
-        if not self.sequence_output:
-            return np.concatenate(parts)
-        out = np.zeros((len(x), x.shape[1]) + parts[0].shape[2:], parts[0].dtype)
-        row = 0
-        for p in parts:
-            out[row:row + len(p), :p.shape[1]] = p
-            row += len(p)
-        if lengths is not None:          # layers after the LSTM (a bias) fill padding too
+            part = self._forward(xb, lb)[0]
+            if out is None:
+                shape = part.shape[1:] if not self.sequence_output else \
+                    (x.shape[1],) + part.shape[2:]
+                out = np.zeros((len(x),) + shape, part.dtype)
+            if self.sequence_output:
+                out[idx, :part.shape[1]] = part
+            else:
+                out[idx] = part
+        if self.sequence_output and lengths is not None:
+            # layers after the LSTM (a bias) fill padding too
             out[np.arange(out.shape[1])[None, :] >= lengths[:, None]] = 0
         return out
 

@@ -354,6 +354,19 @@ cdef inline void _forward_row(
         memcpy(m_cache + ho, mb, H * sizeof(floating))
 
 
+cdef inline int _active_end(const int* lengths, int r0, int r1, int s) noexcept nogil:
+    """End of the shortest prefix [r0, end) of rows holding every row still running at
+    iteration s (lengths[b] > s); r0 when none is. The per-step products run over that
+    prefix only. Rows past their length are never read again until the state they
+    froze is read at the end, so leaving their product rows stale is safe. With rows
+    sorted by decreasing length (cylstm.LSTM orders the batch so for ragged lengths)
+    the prefix is exactly the running rows, so finished sequences cost nothing."""
+    cdef int hi = r1
+    while hi > r0 and lengths[hi - 1] <= s:
+        hi -= 1
+    return hi
+
+
 cdef void _forward_chunk(
     floating* y,                # (T, B, Hp) OUT, rows [r0, r1)
     floating* h,                # (B, Hp) INOUT: in h0, out h_n
@@ -374,14 +387,12 @@ cdef void _forward_chunk(
 ) noexcept nogil:
     """The whole time loop for batch rows [r0, r1), run by one thread."""
     cdef int G = 4 * H, Hp = P if P > 0 else H
-    cdef int s, b, t, L, maxlen = 0
+    cdef int s, b, t, L, hi
     cdef floating* m = mbuf if P > 0 else h
-    for b in range(r0, r1):
-        if lengths[b] > maxlen:
-            maxlen = lengths[b]
     for s in range(T):
-        if s < maxlen:                 # rows past their length need no product  (1)
-            _rec_mm(r1 - r0, G, Hp, h + <Py_ssize_t> r0 * Hp, Hp, w_hh, Hp, True,
+        hi = _active_end(lengths, r0, r1, s)
+        if hi > r0:                    # rows past their length need no product  (1)
+            _rec_mm(hi - r0, G, Hp, h + <Py_ssize_t> r0 * Hp, Hp, w_hh, Hp, True,
                     whh_packed, hz + <Py_ssize_t> r0 * G, G)
         for b in range(r0, r1):
             L = lengths[b]
@@ -399,8 +410,8 @@ cdef void _forward_chunk(
             if P == 0:
                 memcpy(y + (<Py_ssize_t> t * B + b) * H, m + <Py_ssize_t> b * H,
                        H * sizeof(floating))
-        if P > 0 and s < maxlen:                                             # (5)
-            _rec_mm(r1 - r0, P, H, mbuf + <Py_ssize_t> r0 * H, H, w_hr, H, True,
+        if P > 0 and hi > r0:                                                # (5)
+            _rec_mm(hi - r0, P, H, mbuf + <Py_ssize_t> r0 * H, H, w_hr, H, True,
                     whr_packed, hp + <Py_ssize_t> r0 * P, P)
             for b in range(r0, r1):
                 L = lengths[b]
@@ -840,7 +851,7 @@ cdef void _backward_chunk(
 ) noexcept nogil:
     """BPTT for batch rows [r0, r1), run by one thread."""
     cdef int G = 4 * H, Hp = P if P > 0 else H
-    cdef int s, b, t, tp, j, L, maxlen = 0
+    cdef int s, b, t, tp, j, L, hi
     cdef Py_ssize_t zo, ho, hpo
     cdef const floating* z
     cdef const floating* cprev
@@ -848,9 +859,6 @@ cdef void _backward_chunk(
     cdef const floating* dmb
     cdef floating* dcb
     cdef floating* dzb
-    for b in range(r0, r1):
-        if lengths[b] > maxlen:
-            maxlen = lengths[b]
     memset(dzs + <Py_ssize_t> r0 * G, 0, (r1 - r0) * G * sizeof(floating))
     for s in range(T - 1, -1, -1):
         # dL/dh_t = dy_t + (this row's dz W_hh of the later step, or dh_n at its last step)
@@ -869,10 +877,11 @@ cdef void _backward_chunk(
                 dhbuf[<Py_ssize_t> b * Hp + j] = dy[hpo + j] + dhin[j]
             if P > 0:
                 memcpy(dhp + hpo, dhbuf + <Py_ssize_t> b * P, P * sizeof(floating))
-        if s >= maxlen:
+        hi = _active_end(lengths, r0, r1, s)
+        if hi == r0:
             continue
         if P > 0:                                                            # (5')
-            _rec_mm(r1 - r0, H, P, dhbuf + <Py_ssize_t> r0 * P, P, w_hr, H, False,
+            _rec_mm(hi - r0, H, P, dhbuf + <Py_ssize_t> r0 * P, P, w_hr, H, False,
                     whr_packed, dm + <Py_ssize_t> r0 * H, H)
         for b in range(r0, r1):
             L = lengths[b]
@@ -892,7 +901,7 @@ cdef void _backward_chunk(
             else:
                 cy_gate_grads_f64(dzb, dcb, z, tc_cache + ho, cprev, dmb, H)
             memcpy(dz + zo, dzb, G * sizeof(floating))
-        _rec_mm(r1 - r0, Hp, G, dzs + <Py_ssize_t> r0 * G, G, w_hh, Hp, False,    # (1')
+        _rec_mm(hi - r0, Hp, G, dzs + <Py_ssize_t> r0 * G, G, w_hh, Hp, False,    # (1')
                 whh_packed, dhs + <Py_ssize_t> r0 * Hp, Hp)
 
 
