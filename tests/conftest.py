@@ -205,3 +205,16 @@ def _restore_thread_setting():
     """No test leaks a process-wide thread setting into the next one."""
     yield
     cylstm.set_num_threads(None)
+
+
+@pytest.fixture(params=[0, 1, 2], ids=["blas", "avx2", "avx512"])
+def kernel_level(request):
+    """Run the test at one per-step kernel level (0 = BLAS, 1 = AVX2, 2 = AVX-512),
+    restored afterwards; skipped where the CPU lacks the instruction set."""
+    from cylstm import _lstm
+    if request.param > _lstm.rgemm_level():
+        pytest.skip("this CPU lacks the instruction set")
+    before = _lstm.rgemm_level()
+    _lstm._set_rgemm_level(request.param)
+    yield request.param
+    _lstm._set_rgemm_level(before)

@@ -22,15 +22,10 @@ from conftest import rel_err
 KERNEL_LEVELS = [lvl for lvl in (1, 2) if lvl <= _lstm.rgemm_level()]
 
 
-@pytest.fixture(params=[0, 1, 2], ids=["blas", "avx2", "avx512"])
-def level(request):
-    """Run the test at one per-step kernel level (0 = BLAS), restored afterwards."""
-    if request.param > _lstm.rgemm_level():
-        pytest.skip("this CPU lacks the instruction set")
-    before = _lstm.rgemm_level()
-    _lstm._set_rgemm_level(request.param)
-    yield request.param
-    _lstm._set_rgemm_level(before)
+@pytest.fixture
+def level(kernel_level):
+    """Every per-step kernel level (conftest's kernel_level)."""
+    return kernel_level
 
 
 # ---- the dot kernel -----------------------------------------------------------------------

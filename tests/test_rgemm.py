@@ -6,25 +6,19 @@ import pytest
 
 from cylstm import _lstm
 
-pytestmark = pytest.mark.skipif(_lstm.rgemm_level() == 0,
-                                reason="this CPU runs BLAS for the per-step products")
+pytestmark = [
+    pytest.mark.skipif(_lstm.rgemm_level() == 0,
+                       reason="this CPU runs BLAS for the per-step products"),
+    # the SIMD levels of conftest's kernel_level fixture (BLAS is the oracle here)
+    pytest.mark.parametrize("kernel_level", [1, 2], ids=["avx2", "avx512"], indirect=True),
+]
 
 SHAPES = [(M, N, K) for M in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17)
           for N, K in ((1, 1), (16, 3), (20, 7), (64, 32), (100, 13), (257, 40))]
 
 
-@pytest.fixture(params=[1, 2], ids=["avx2", "avx512"])
-def level(request):
-    if request.param > _lstm.rgemm_level():
-        pytest.skip("this CPU lacks the instruction set")
-    before = _lstm.rgemm_level()
-    _lstm._set_rgemm_level(request.param)
-    yield request.param
-    _lstm._set_rgemm_level(before)
-
-
 @pytest.mark.parametrize("trans", [True, False], ids=["W^T", "W"])
-def test_packed_kernel_matches_blas(level, trans):
+def test_packed_kernel_matches_blas(kernel_level, trans):
     rng = np.random.default_rng(0)
     for M, N, K in SHAPES:
         a = rng.standard_normal((M, K)).astype(np.float32)
@@ -37,7 +31,7 @@ def test_packed_kernel_matches_blas(level, trans):
         assert np.all(np.abs(got - want) <= bound + 1e-30), (M, N, K)
 
 
-def test_rows_do_not_depend_on_their_neighbours(level):
+def test_rows_do_not_depend_on_their_neighbours(kernel_level):
     """A row's result is the same whether it is computed alone or in any row block:
     what makes results independent of how threads split the batch."""
     rng = np.random.default_rng(1)
