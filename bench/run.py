@@ -1,8 +1,7 @@
 """Run the cylstm benchmark from a checkout: ``python bench/run.py [--quick] [options]``.
 
 The same benchmark as ``python -m cylstm bench`` (cylstm/_bench.py; see bench/README.md),
-run on this checkout's cylstm (build it first: ``python setup.py build_ext --inplace``),
-writing latest.md, latest.jsonl and latest.png to bench/results/ (git-ignored) unless
+run on the installed cylstm (``pip install .`` first), writing latest.md, latest.jsonl and latest.png to bench/results/ (git-ignored) unless
 ``--out`` says otherwise.
 """
 
@@ -10,11 +9,9 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 DEFAULT_OUT = os.path.join(HERE, "results")
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO)          # this checkout's cylstm, not an installed one
     from cylstm import _bench
 
     sys.exit(_bench.main(default_json="", default_out=DEFAULT_OUT, prog="python bench/run.py"))

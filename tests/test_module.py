@@ -486,9 +486,10 @@ def test_finite_differences_stacked_and_bidirectional(L, D):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_ragged_batches_run_length_sorted_with_the_same_results(dtype, monkeypatch):
-    """Ragged batches are reordered so that the kernels skip finished rows; the outputs,
-    states and input gradients are bitwise those of the batch in its own order, and the
-    weight gradients agree to rounding."""
+    """Ragged batches are reordered so that the kernels skip finished rows. The results
+    agree with the batch in its own order to rounding, not bitwise: a row's place in the
+    hoisted BLAS GEMMs changes which micro-kernel (and so which summation order) computes
+    it on some OpenBLAS kernels (Haswell's, for one)."""
     from cylstm import layers
     rng = np.random.default_rng(3)
     x = rng.standard_normal((12, 7, 5)).astype(dtype)
@@ -500,11 +501,10 @@ def test_ragged_batches_run_length_sorted_with_the_same_results(dtype, monkeypat
         lstm = cylstm.LSTM(5, 6, num_layers=2, bidirectional=True, seed=1, dtype=dtype)
         y, (h, c) = lstm(x, lengths=lengths)
         dx, (dh0, dc0) = lstm.backward(dy)
-        return (y, h, c, dx, dh0, dc0), lstm.flat_grads.copy()
-    sorted_run, g1 = run()
+        return (y, h, c, dx, dh0, dc0, lstm.flat_grads.copy())
+    sorted_run = run()
     monkeypatch.setattr(layers, "_ragged_order", lambda lengths: None)
-    plain_run, g2 = run()
+    plain_run = run()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=1e-12, atol=1e-13)
     for a, b in zip(sorted_run, plain_run):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(g1, g2, rtol=1e-5 if dtype == "float32" else 1e-12,
-                               atol=1e-6 if dtype == "float32" else 1e-13)
+        np.testing.assert_allclose(a, b, **tol)

@@ -470,7 +470,7 @@ class Sequential(_Parametrised):
     def _batches(self, N, batch_size, shuffle, lengths=None):
         """Row indices of each batch. A ragged batch comes in the order the LSTM kernels
         run fastest (layers._ragged_order: finished rows are skipped), so the LSTMs need
-        not reorder it; results do not depend on the order of rows in a batch."""
+        not reorder it; the order of rows in a batch changes results only by rounding."""
         order = self._rng.permutation(N) if shuffle else np.arange(N)
         batches = [order[i:i + batch_size] for i in range(0, N, batch_size)]
         if lengths is None:
