@@ -2,13 +2,16 @@
 
 The text is ``pydoc_data.topics`` from the standard library (about 465 KB). It is cut
 into parallel streams and trained with truncated BPTT (the LSTM state carried from
-batch to batch); validation bits/character are printed after every epoch, then a
-sample. This is what ``python -m cylstm train`` does, written out with the library.
+batch to batch), with a progress bar on a terminal and a line per epoch with the
+validation bits/character, then a sample. This is what ``python -m cylstm train`` does,
+written out with the library; Ctrl-C stops it cleanly and samples from the model as it
+is after the last completed step.
 
     python examples/char_lm.py --epochs 2
 """
 
 import argparse
+import sys
 
 import cylstm
 from cylstm import text
@@ -32,11 +35,15 @@ def main(argv=None):
                             seed=args.seed)
     model.compile(loss="cross_entropy", optimizer="adam", lr=3e-3, metrics=["bpc"],
                   clip_norm=5.0)
-    history = text.fit_text(model, ids[:-n_val], ids[-n_val:], batch_size=32, seq_len=64,
-                            epochs=args.epochs, verbose=0)
-    for epoch, (bpc, val_bpc) in enumerate(zip(history.history["bpc"],
-                                               history.history["val_bpc"])):
-        print(f"epoch {epoch + 1}: train {bpc:.3f} bits/char, validation {val_bpc:.3f}")
+    # verbose=1: a live bar on a terminal; 2: one line per epoch (logs, pipes).
+    verbose = 1 if sys.stdout.isatty() else 2
+    history = None
+    try:
+        history = text.fit_text(model, ids[:-n_val], ids[-n_val:], batch_size=32,
+                                seq_len=64, epochs=args.epochs, verbose=verbose)
+    except KeyboardInterrupt:
+        # fit leaves the weights of the last completed step; the model is usable.
+        print("\ninterrupted: sampling from the model as it is")
     print("The " + text.sample(model, vocab, prime="The ", length=200, temperature=0.8,
                                seed=args.seed))
     return history

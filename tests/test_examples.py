@@ -63,6 +63,29 @@ def test_sunspots_example_beats_persistence_and_is_near_ar9():
 
 def test_char_lm_example_reports_bits_per_character_per_epoch():
     out = _run("char_lm.py", "--epochs", "2", "--max-chars", "40000", "--hidden-size", "64")
-    bpc = [float(v) for v in re.findall(r"validation ([0-9.]+)", out)]
+    bpc = [float(v) for v in re.findall(r"val_bpc ([0-9.]+)", out)]   # a line per epoch
     assert len(bpc) == 2 and bpc[1] < bpc[0] < 7, out
+    assert "Epoch 1/2" in out and "Epoch 2/2" in out
     assert out.splitlines()[-1].startswith("The ") or "The " in out
+
+
+def test_char_lm_example_stops_cleanly_on_ctrl_c():
+    import signal
+    import time
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(cylstm.__file__)))
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "examples", "char_lm.py"),
+                             "--epochs", "50", "--max-chars", "20000", "--hidden-size", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        # Wait for the first epoch's line (training is under way), then press Ctrl-C.
+        first = proc.stdout.readline()
+        assert first.startswith("Epoch 1/50"), first
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    assert "interrupted" in out and "\nThe " in out.split("interrupted")[1]

@@ -225,3 +225,18 @@ def test_a_process_killed_mid_save_leaves_a_loadable_file(tmp_path):
         else:
             np.testing.assert_array_equal(model.flat_params, initial.flat_params)
         assert [f for f in os.listdir(tmp_path) if not f.endswith(".tmp")] == ["live.npz"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_saved_model_has_the_mode_of_any_new_file(tmp_path):
+    # mkstemp makes 0600 files; a model must be readable by whoever the umask allows
+    # (trained by one user, served by another).
+    old = os.umask(0o022)
+    try:
+        cylstm.save(cylstm.LSTM(2, 3), tmp_path / "m.npz")
+        assert (os.stat(tmp_path / "m.npz").st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        cylstm.save(cylstm.LSTM(2, 3), tmp_path / "private.npz")
+        assert (os.stat(tmp_path / "private.npz").st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)

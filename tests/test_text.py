@@ -122,3 +122,80 @@ def test_cli_help_and_errors(tmp_path):
     (tmp_path / "t.txt").write_text("abc")
     short = _cli("train", "--text", "t.txt", cwd=tmp_path)
     assert short.returncode == 2 and "too short" in short.stderr
+
+
+def _tiny_train(*extra, cwd, model="m.npz"):
+    return _cli("train", "--text", "tiny.txt", "--hidden-size", "16", "--embedding-dim", "4",
+                "--batch-size", "4", "--seq-len", "8", "--model", model, "--length", "5",
+                "--prime", "a st", *extra, cwd=cwd)
+
+
+def test_cli_train_never_replaces_a_model_it_was_not_told_to(tmp_path):
+    (tmp_path / "tiny.txt").write_text("a stitch in time saves nine. " * 40)
+    first = _tiny_train("--epochs", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = (tmp_path / "m.npz").read_bytes()
+    again = _tiny_train("--epochs", "0", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert "--resume" in again.stderr and "--overwrite" in again.stderr
+    assert (tmp_path / "m.npz").read_bytes() == before          # untouched
+    resumed = _tiny_train("--epochs", "1", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    model = cylstm.load(tmp_path / "m.npz")
+    assert model.metadata["epochs"] == 2 and model.optimizer.step_count > 0
+    replaced = _tiny_train("--epochs", "0", "--overwrite", cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert cylstm.load(tmp_path / "m.npz").metadata["epochs"] == 0
+    both = _tiny_train("--resume", "--overwrite", cwd=tmp_path)
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+    nothing = _tiny_train("--resume", cwd=tmp_path, model="none.npz")
+    assert nothing.returncode == 2 and "none.npz" in nothing.stderr
+    bad_prime = _cli("train", "--text", "tiny.txt", "--model", "new.npz", "--prime", "XYZ",
+                     cwd=tmp_path)
+    assert bad_prime.returncode == 2 and "--prime" in bad_prime.stderr
+    assert not (tmp_path / "new.npz").exists()
+
+
+@pytest.mark.parametrize("option,value", [("--epochs", "-1"), ("--batch-size", "0"),
+                                          ("--seq-len", "0"), ("--hidden-size", "0"),
+                                          ("--lr", "0"), ("--dropout", "1.5"),
+                                          ("--val-fraction", "1"), ("--threads", "-2"),
+                                          ("--temperature", "-1"), ("--top-k", "x")])
+def test_cli_train_checks_arguments_before_any_work(tmp_path, option, value):
+    # No --text: a late check would first load and encode Python's documentation and
+    # build the model; argparse answers before that, naming the option.
+    out = _cli("train", option, value, "--model", "m.npz", cwd=tmp_path)
+    assert out.returncode == 2 and option in out.stderr, out.stderr
+    assert not (tmp_path / "m.npz").exists()
+
+
+def test_cli_train_help_shows_each_default_once(tmp_path):
+    helped = _cli("train", "--help", cwd=tmp_path).stdout
+    assert "(default: None)" not in helped
+    assert "(default: 3)" in " ".join(helped.split())          # --epochs
+
+
+def test_cli_train_saves_every_epoch_so_a_killed_run_keeps_the_last_one(tmp_path):
+    import signal
+    import time
+    (tmp_path / "tiny.txt").write_text("a stitch in time saves nine. " * 400)
+    proc = subprocess.Popen([sys.executable, "-m", "cylstm", "train", "--text", "tiny.txt",
+                             "--hidden-size", "64", "--embedding-dim", "8", "--batch-size",
+                             "4", "--seq-len", "16", "--epochs", "1000", "--model", "m.npz",
+                             "--threads", "1", "--prime", "a st"], cwd=tmp_path, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if (tmp_path / "m.npz").exists():
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)                      # mid-way through a later epoch, or a save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    model = cylstm.load(tmp_path / "m.npz")  # whole and loadable
+    assert model.metadata["epochs"] >= 1

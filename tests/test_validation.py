@@ -501,3 +501,14 @@ def test_random_shapes_and_dtypes_never_crash(data):
         assert a.dtype == np.dtype(dtype) and np.all(np.isfinite(a))
     assert np.all(np.isfinite(lstm.flat_grads))
     lstm.zero_grad()
+
+
+@pytest.mark.parametrize("shape,batch_first", [((3, 5), False), ((3, 5), True),
+                                               ((2, 3, 5), False), ((2, 3, 5), True),
+                                               ((2, 3, 4, 4), False)])
+def test_lstm_input_error_names_the_shape_as_passed(shape, batch_first):
+    lstm = cylstm.LSTM(4, 8, batch_first=batch_first)
+    with pytest.raises(ValueError) as e:
+        lstm(np.zeros(shape, np.float32))
+    msg = str(e.value)
+    assert f"got {shape}" in msg and "input_size = 4" in msg, msg

@@ -87,6 +87,9 @@ def save(model, path, include_optimizer=True, metadata=None):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
                                suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; the model gets the mode any new file gets under
+        # the user's umask, so a model trained by one user can be served by another.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -106,6 +109,21 @@ def save(model, path, include_optimizer=True, metadata=None):
             os.close(dfd)
     except OSError:
         pass                          # not every platform can fsync a folder
+
+
+def _umask():
+    """The process's umask, read without changing it where the OS allows (setting and
+    restoring it would race with files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class _Bad(ValueError):

@@ -424,9 +424,11 @@ class LSTM(_Parametrised):
             raise TypeError(f"x must hold real numbers (float32/float64, or ints/bools to "
                             f"convert), got dtype {x.dtype}")
         unbatched = x.ndim == 2
-        if x.ndim not in (2, 3):
-            want = "(B, T, I)" if self.batch_first else "(T, B, I)"
-            raise ValueError(f"x must have shape {want} or unbatched (T, I), got {F._shape(x)}")
+        passed = F._shape(x)                 # every message names the shape as passed
+        want = "(B, T, I)" if self.batch_first else "(T, B, I)"
+        if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
+            raise ValueError(f"x must have shape {want} or unbatched (T, I) with "
+                             f"I = input_size = {self.input_size}, got {passed}")
         if unbatched:
             x = x[:, None, :]
             if lengths is not None:
@@ -436,7 +438,7 @@ class LSTM(_Parametrised):
         xt = F._as_array(x, "x", self.dtype, (None, None, self.input_size))
         T, B, _ = xt.shape
         if T < 1 or B < 1:
-            raise ValueError(f"x must have at least one step and one sequence, got {F._shape(x)}")
+            raise ValueError(f"x must have at least one step and one sequence, got {passed}")
         if self.training and np.may_share_memory(xt, x):
             xt = xt.copy()   # the cache keeps x: never alias the caller's array
         lengths = F._lengths(lengths, T, B)
