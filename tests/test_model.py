@@ -147,7 +147,7 @@ def test_sequential_gradient_matches_finite_differences(kind):
     assert np.abs(analytic).max() > 0
 
     def f():
-        return model._eval_batch(xb, yb, lb)[0]
+        return model.eval_step(xb, yb, lb).loss
     model.eval()
     idx = np.unique(np.linspace(0, model.flat_params.size - 1, 60).astype(int))
     num = numeric_grad(f, model.flat_params, idx)

@@ -4,6 +4,12 @@ Write your own by subclassing ``Callback`` and overriding any of
 
     on_train_begin(logs)            before the first epoch
     on_epoch_begin(epoch, logs)     epoch counts from 0
+    on_batch_begin(batch, logs)     logs: {"size": rows}
+    on_gradients(batch, logs)       after backward, before the optimiser step: the
+                                    gradients are in self.model.flat_grads (one array)
+                                    to all-reduce, clip or log; logs: {"loss", "count"
+                                    (positions counted), "size"}; a callback may change
+                                    logs["loss"] (e.g. to the mean over processes)
     on_batch_end(batch, logs)       logs: {"loss": this batch's mean loss, "size": rows}
     on_epoch_end(epoch, logs)       logs: the epoch's "loss", metrics, "val_..." entries
                                     and "lr"; a callback may add entries
@@ -34,6 +40,12 @@ class Callback:
     def on_epoch_begin(self, epoch, logs):
         pass
 
+    def on_batch_begin(self, batch, logs):
+        pass
+
+    def on_gradients(self, batch, logs):
+        pass
+
     def on_batch_end(self, batch, logs):
         pass
 
@@ -48,8 +60,8 @@ class LambdaCallback(Callback):
     """A callback from plain functions: ``LambdaCallback(on_epoch_end=lambda e, logs: ...)``;
     the keywords are the hook names of ``Callback``."""
 
-    _HOOKS = ("on_train_begin", "on_epoch_begin", "on_batch_end", "on_epoch_end",
-              "on_train_end")
+    _HOOKS = ("on_train_begin", "on_epoch_begin", "on_batch_begin", "on_gradients",
+              "on_batch_end", "on_epoch_end", "on_train_end")
 
     def __init__(self, **hooks):
         for name, fn in hooks.items():

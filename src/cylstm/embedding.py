@@ -21,16 +21,14 @@ import numpy as np
 
 from . import _ops
 from ._threads import N_PARTS, get_num_threads
-from .layers import _positive_int, _to_numpy   # one definition of each
+from ._check import FLOATS as _FLOATS
+from ._check import positive_int as _positive_int
+from ._check import float_dtype, shape_str as _shape
+from .base import Features, Parametrised
 
 __all__ = ["Embedding"]
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _KERNEL_INTS = (np.dtype(np.int32), np.dtype(np.int64))
-
-
-def _shape(shape):
-    return "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
 
 
 def _storage(a, name, shape, dtype):
@@ -46,7 +44,7 @@ def _storage(a, name, shape, dtype):
     return a
 
 
-class Embedding:
+class Embedding(Parametrised):
     """A (V, D) table of learned vectors looked up by integer index.
 
     ``Embedding(num_embeddings, embedding_dim, dtype="float32", seed=None,
@@ -69,13 +67,7 @@ class Embedding:
                  padding_idx=None, *, weight=None, grad=None):
         V = self.num_embeddings = _positive_int(num_embeddings, "num_embeddings")
         D = self.embedding_dim = _positive_int(embedding_dim, "embedding_dim")
-        try:
-            dt = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
-        if dt not in _FLOATS:
-            raise TypeError(f"dtype must be float32 or float64, got {dt}")
-        self.dtype = dt
+        self.dtype = dt = float_dtype(dtype)
         if padding_idx is not None:
             if isinstance(padding_idx, bool) or not isinstance(padding_idx, numbers.Integral):
                 raise TypeError(f"padding_idx must be an int or None, "
@@ -85,23 +77,21 @@ class Embedding:
                                  f"got {padding_idx}")
             padding_idx = int(padding_idx) % V
         self.padding_idx = padding_idx
-        if weight is None:
-            weight = np.empty((V, D), dt)
-        else:
+        if weight is not None:
             weight = _storage(weight, "weight", (V, D), dt)
-        if grad is None:
-            grad = np.empty((V, D), dt)
-        else:
+        if grad is not None:
             grad = _storage(grad, "grad", (V, D), dt)
-        if np.shares_memory(weight, grad):
+        if weight is not None and grad is not None and np.shares_memory(weight, grad):
             raise ValueError("weight and grad must not overlap in memory")
-        self.weight, self.grad = weight, grad
+        self._layout = [("weight", (V, D))]
+        self._make_arena()
+        if weight is not None or grad is not None:      # the caller's storage
+            self._bind(self.flat_params if weight is None else weight.reshape(-1),
+                       self.flat_grads if grad is None else grad.reshape(-1))
         # N(0, 1) like torch.nn.Embedding; drawn in float64 so float32 and float64 tables
         # of one seed agree to rounding.
-        weight[...] = np.random.default_rng(seed).standard_normal((V, D))
-        if padding_idx is not None:
-            weight[padding_idx] = 0
-        grad[...] = 0
+        self.weight[...] = np.random.default_rng(seed).standard_normal((V, D))
+        self.after_init()
         self.training = True
         self._indices = None            # flat int32/int64 copy of the last forward's
         self._indices_shape = None
@@ -110,76 +100,35 @@ class Embedding:
     # ---- parameters ----------------------------------------------------------------------
 
     @property
-    def params(self):
-        """{"weight": the (V, D) table} (the array itself, not a copy)."""
-        return {"weight": self.weight}
+    def weight(self):
+        """The (V, D) table (a view into ``flat_params``)."""
+        return self.params["weight"]
 
     @property
-    def grads(self):
-        """{"weight": the (V, D) gradient} (the array itself, accumulated by backward)."""
-        return {"weight": self.grad}
-
-    @property
-    def _layout(self):
-        return [("weight", (self.num_embeddings, self.embedding_dim))]
+    def grad(self):
+        """The (V, D) gradient (a view into ``flat_grads``, accumulated by backward)."""
+        return self.grads["weight"]
 
     def get_config(self):
         """The constructor's arguments (JSON-able), without seed and storage."""
         return dict(num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
                     dtype=self.dtype.name, padding_idx=self.padding_idx)
 
-    def _bind(self, flat_params, flat_grads):
-        """Move the table and its gradient into the given 1-D arrays (a model's arena
-        slices): values are copied, then the storage is rebound."""
-        shape = (self.num_embeddings, self.embedding_dim)
-        for new, old in ((flat_params, self.weight), (flat_grads, self.grad)):
-            if new.shape != (old.size,) or new.dtype != old.dtype:
-                raise ValueError(f"arena must be a {old.dtype} array of shape ({old.size},), "
-                                 f"got {new.dtype} {new.shape}")
-            new[...] = old.reshape(-1)
-        self.weight, self.grad = flat_params.reshape(shape), flat_grads.reshape(shape)
+    # ---- the layer interface (cylstm.base.Layer) --------------------------------------
 
-    def zero_grad(self):
-        """Set the gradient to zero (backward accumulates)."""
-        self.grad[...] = 0
+    takes_tokens = True
 
-    def train(self, mode=True):
-        """Training mode (the default). An embedding behaves the same in both modes; the
-        flag is kept for a uniform layer API."""
-        self.training = bool(mode)
-        return self
+    def connect(self, spec):
+        if spec is not None:
+            raise ValueError("an Embedding must be the first layer (it takes token ids)")
+        return Features(self.embedding_dim, 0, True)
 
-    def eval(self):
-        return self.train(False)
+    def init_roles(self):
+        return [("weight", "table")]
 
-    def state_dict(self):
-        """{"weight": a copy of the table} (torch.nn.Embedding's key)."""
-        return {"weight": self.weight.copy()}
-
-    def load_state_dict(self, state_dict, strict=True):
-        """Copy the table in from {"weight": array or torch tensor (torch is never
-        imported)}; it is copied into the existing storage, never rebound. Extra or
-        missing keys are errors when ``strict``."""
-        if not hasattr(state_dict, "keys"):
-            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
-        keys = set(state_dict.keys())
-        missing, unexpected = sorted({"weight"} - keys), sorted(keys - {"weight"})
-        if strict and (missing or unexpected):
-            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        if "weight" in keys:
-            a = _to_numpy(state_dict["weight"], "weight")
-            if a.dtype.kind not in "biuf":
-                raise TypeError(f"state dict entry 'weight' must be real numbers, got {a.dtype}")
-            if a.shape != self.weight.shape:
-                raise ValueError(f"state dict entry 'weight' has shape {_shape(a.shape)}, "
-                                 f"expected {_shape(self.weight.shape)}")
-            with np.errstate(over="ignore", invalid="ignore"):
-                a = a.astype(self.dtype)      # a copy: 1e300 becomes inf in float32
-            if not np.isfinite(a).all():
-                raise ValueError(f"state dict entry 'weight' has NaN or Inf values (as "
-                                 f"{self.dtype})")
-            np.copyto(self.weight, a)
-        return self
+    def after_init(self):
+        if self.padding_idx is not None:
+            self.weight[self.padding_idx] = 0
 
     # ---- forward / backward --------------------------------------------------------------
 

@@ -25,19 +25,16 @@ by reference in the cache: do not modify them between forward and backward.
 import numpy as np
 
 from . import _lstm
+from ._check import FLOATS as _FLOATS
+from ._check import shape_str as _shape
 from ._threads import N_PARTS, blas_single_threaded, get_num_threads
 
 __all__ = ["lstm_layer_forward", "lstm_layer_backward", "LayerCache", "Workspace"]
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _INT32_MAX = 2**31 - 1
 
 
 # ---- validation -----------------------------------------------------------------------------
-
-def _shape(a):
-    return "(" + ", ".join(str(d) for d in a.shape) + ")"
-
 
 def _as_array(a, name, dtype, shape):
     """a as a C-contiguous `dtype` array of exactly `shape` (ints may be None = any)."""

@@ -6,8 +6,10 @@
     init.apply(obj, scheme, seed=None)     by name: "pytorch", "keras", "normal",
                                            or ("normal", std)
 
-``obj`` is a layer (LSTM, Linear, Embedding) or anything with ``.layers`` (a Sequential);
-layers without parameters are skipped. A model's layers each get their own random stream
+``obj`` is a layer or anything with ``.layers`` (a Sequential); layers without parameters
+are skipped. A scheme fills each parameter by the role its layer gives it
+(``Layer.init_roles``: "table", "weight", "recurrent", "bias", "forget_bias"), so a new
+layer is initialised by every scheme without a change here. A model's layers each get their own random stream
 spawned from ``seed``, so the same seed gives the same parameters whatever the dtype
 (numbers are drawn in float64 and rounded once).
 
@@ -28,9 +30,6 @@ import math
 import numbers
 
 import numpy as np
-
-from .embedding import Embedding
-from .layers import LSTM, Linear
 
 __all__ = ["pytorch_default", "keras", "normal", "apply", "glorot_uniform", "orthogonal"]
 
@@ -57,55 +56,47 @@ def _layers(obj):
 
 
 def _each(obj, seed, fill):
-    """Call fill(layer, rng) for every layer with parameters, one stream per layer."""
+    """fill(role, shape, rng, layer) -> values for every parameter of every layer, one
+    random stream per layer (spawned from ``seed``), in the layer's arena order."""
     layers = _layers(obj)
     for layer, ss in zip(layers, np.random.SeedSequence(seed).spawn(len(layers))):
-        if isinstance(layer, (LSTM, Linear, Embedding)):
-            fill(layer, np.random.default_rng(ss))
-        elif getattr(layer, "params", None):
-            raise TypeError(f"no initialiser for {type(layer).__name__}")
+        roles = layer.init_roles() if hasattr(layer, "init_roles") else []
+        if not roles:
+            if getattr(layer, "_layout", None):
+                raise TypeError(f"{type(layer).__name__} has parameters but no init_roles()")
+            continue
+        rng = np.random.default_rng(ss)
+        for name, role in roles:
+            p = layer.params[name]
+            p[...] = fill(role, p.shape, rng, layer)
+        layer.after_init()
     return obj
-
-
-def _is_bias(name):
-    return name.startswith("bias")
 
 
 def pytorch_default(obj, seed=None):
     """torch.nn's default initialisation (see the module docstring). Returns obj."""
-    def fill(layer, rng):
-        if isinstance(layer, Embedding):
-            layer.weight[...] = rng.standard_normal(layer.weight.shape)
-            if layer.padding_idx is not None:
-                layer.weight[layer.padding_idx] = 0
-            return
-        size = layer.hidden_size if isinstance(layer, LSTM) else layer.in_features
-        k = 1.0 / math.sqrt(size)
-        for name, shape in layer._layout:
-            layer.params[name][...] = rng.uniform(-k, k, size=shape)
+    def fill(role, shape, rng, layer):
+        if role == "table":
+            return rng.standard_normal(shape)
+        k = 1.0 / math.sqrt(layer.init_fan)
+        return rng.uniform(-k, k, size=shape)
     return _each(obj, seed, fill)
 
 
 def keras(obj, seed=None):
     """Keras's defaults (see the module docstring). Returns obj."""
-    def fill(layer, rng):
-        if isinstance(layer, Embedding):
-            layer.weight[...] = rng.uniform(-0.05, 0.05, size=layer.weight.shape)
-            if layer.padding_idx is not None:
-                layer.weight[layer.padding_idx] = 0
-            return
-        for name, shape in layer._layout:
-            p = layer.params[name]
-            if name.startswith("weight_hh"):
-                p[...] = orthogonal(rng, shape)
-            elif name.startswith("weight"):
-                p[...] = glorot_uniform(rng, shape)
-            elif name.startswith("bias_ih"):          # forget gate (order i, f, g, o) = 1
-                H = shape[0] // 4
-                p[...] = 0
-                p[H:2 * H] = 1
-            else:
-                p[...] = 0
+    def fill(role, shape, rng, layer):
+        if role == "table":
+            return rng.uniform(-0.05, 0.05, size=shape)
+        if role == "recurrent":
+            return orthogonal(rng, shape)
+        if role == "weight":
+            return glorot_uniform(rng, shape)
+        out = np.zeros(shape)
+        if role == "forget_bias":                     # gates i, f, g, o: f starts at 1
+            H = shape[0] // 4
+            out[H:2 * H] = 1
+        return out
     return _each(obj, seed, fill)
 
 
@@ -115,14 +106,10 @@ def normal(obj, std=0.1, seed=None):
             or not math.isfinite(std):
         raise ValueError(f"std must be a finite number >= 0, got {std!r}")
 
-    def fill(layer, rng):
-        if isinstance(layer, Embedding):
-            layer.weight[...] = rng.normal(0.0, std, size=layer.weight.shape)
-            if layer.padding_idx is not None:
-                layer.weight[layer.padding_idx] = 0
-            return
-        for name, shape in layer._layout:
-            layer.params[name][...] = 0 if _is_bias(name) else rng.normal(0.0, std, size=shape)
+    def fill(role, shape, rng, layer):
+        if role in ("bias", "forget_bias"):
+            return np.zeros(shape)
+        return rng.normal(0.0, std, size=shape)
     return _each(obj, seed, fill)
 
 

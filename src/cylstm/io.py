@@ -25,7 +25,9 @@ import os
 import tempfile
 import numpy as np
 
+from . import __version__
 from . import optim as _optim
+from .base import registered
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
@@ -38,12 +40,10 @@ def _digest(a):
 
 
 def _kind_and_config(model):
-    from .model import LAYER_TYPES, Sequential
-    if isinstance(model, Sequential):
-        return "Sequential", model.get_config()
+    """(the model's registered class name, its config): a file names the class that
+    rebuilds it (``from_config``), so any layer class works without a change here."""
     name = type(model).__name__
-    if name in LAYER_TYPES and isinstance(model, LAYER_TYPES[name]) \
-            and getattr(model, "_layout", None):
+    if registered().get(name) is type(model) and getattr(model, "_layout", None):
         return name, model.get_config()
     raise TypeError(f"save takes a cylstm.Sequential or a layer with parameters "
                     f"(LSTM, Linear, Embedding), got {type(model).__name__}")
@@ -70,7 +70,6 @@ def save(model, path, include_optimizer=True, metadata=None):
             arrays.update({f"optim/{k}": v for k, v in state.items()})
         else:
             opt_config["step"] = 0
-    from . import __version__
     header = {
         "format": FORMAT, "version": FORMAT_VERSION, "cylstm": __version__,
         "kind": kind, "config": config, "optimizer": opt_config, "metadata": metadata,
@@ -188,20 +187,14 @@ def _check_header(h):
 
 
 def _build(header):
-    from .model import LAYER_TYPES, Sequential
     kind, config = header["kind"], header["config"]
+    cls = registered().get(kind)
+    if cls is None:
+        raise _Bad(f"unknown model kind {kind!r}")
     try:
-        if kind == "Sequential":
-            layers = []
-            for spec in config["layers"]:
-                cls = LAYER_TYPES[spec["type"]]
-                layers.append(cls(**spec["config"]))
-            return Sequential(layers)
-        if kind in LAYER_TYPES:
-            return LAYER_TYPES[kind](**config)
+        return cls.from_config(config)
     except (KeyError, TypeError, ValueError) as e:
         raise _Bad(f"its model config is invalid ({type(e).__name__}: {e})") from None
-    raise _Bad(f"unknown model kind {kind!r}")
 
 
 def _restore_optimizer(model, header, arrays):
@@ -247,7 +240,7 @@ def load(path):
             raise _Bad(f"unexpected parameters {extra}")
         for name, p in params.items():
             p[...] = arrays[f"param/{name}"]
-        if header["kind"] == "Sequential":
+        if hasattr(model, "compile"):            # a model, not a bare layer
             _restore_optimizer(model, header, arrays)
     except _Bad as e:
         raise ValueError(f"cannot load {path!r}: {e}") from None

@@ -1,7 +1,6 @@
 """The LSTM module: torch.nn.LSTM's API, parameters in one arena, NumPy in and out."""
 
 import math
-import numbers
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -10,93 +9,14 @@ import numpy as np
 
 from . import _lstm
 from . import functional as F
+from ._check import float_dtype as _dtype
+from ._check import positive_int as _positive_int
+from ._check import probability, shape_str
+from .base import Features, Layer, Parametrised
 from ._threads import (BLAS_THREAD_LOCAL, N_PARTS, blas_single_threaded, get_num_threads,
                        threads)
 
 __all__ = ["LSTM", "LSTMState", "Linear", "Dropout", "LastStep"]
-
-
-def _positive_int(value, name, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _to_numpy(value, key):
-    """A state-dict value as a NumPy array: arrays, torch tensors (.numpy()), __array__."""
-    if isinstance(value, np.ndarray):
-        return value
-    if hasattr(value, "detach") and hasattr(value, "cpu"):     # a torch tensor, duck-typed
-        value = value.detach().cpu()
-    if hasattr(value, "numpy"):
-        try:
-            return np.asarray(value.numpy())
-        except Exception:
-            pass
-    try:
-        return np.asarray(value)
-    except Exception as e:
-        raise TypeError(f"state dict entry {key!r} cannot be read as an array: {e}") from None
-
-
-def _arena(layout, dtype):
-    """(flat_params, flat_grads, params, grads): zeroed arenas for ``layout`` [(name, shape)]
-    and dicts of named views into them."""
-    total = sum(math.prod(shape) for _, shape in layout)
-    fp, fg = np.zeros(total, dtype), np.zeros(total, dtype)
-    return (fp, fg) + _views(layout, fp, fg)
-
-
-def _views(layout, fp, fg):
-    params, grads, offset = {}, {}, 0
-    for name, shape in layout:
-        n = math.prod(shape)
-        params[name] = fp[offset:offset + n].reshape(shape)
-        grads[name] = fg[offset:offset + n].reshape(shape)
-        offset += n
-    return params, grads
-
-
-def _bind_arena(layout, old_fp, old_fg, fp, fg):
-    """Copy a layer's arenas into new storage ``fp``/``fg`` (1-D, same size and dtype)
-    and return (fp, fg, params, grads) with the views rebuilt on it."""
-    for new, old in ((fp, old_fp), (fg, old_fg)):
-        if new.shape != old.shape or new.dtype != old.dtype:
-            raise ValueError(f"arena must be a {old.dtype} array of shape {old.shape}, got "
-                             f"{new.dtype} {new.shape}")
-        new[...] = old
-    return (fp, fg) + _views(layout, fp, fg)
-
-
-def _load_into(params, state_dict, strict):
-    """Copy a state dict into the named views ``params``. Every key is checked before
-    anything is copied, so a bad dict leaves the parameters unchanged."""
-    if not hasattr(state_dict, "keys"):
-        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
-    keys = set(state_dict.keys())
-    names = set(params)
-    missing, unexpected = sorted(names - keys), sorted(keys - names)
-    if strict and (missing or unexpected):
-        raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
-    staged = {}
-    for name in sorted(names & keys):
-        a = _to_numpy(state_dict[name], name)
-        if a.dtype.kind not in "biuf":
-            raise TypeError(f"state dict entry {name!r} must be real numbers, got {a.dtype}")
-        if a.shape != params[name].shape:
-            raise ValueError(f"state dict entry {name!r} has shape {a.shape}, "
-                             f"expected {params[name].shape}")
-        dtype = params[name].dtype
-        with np.errstate(over="ignore", invalid="ignore"):
-            a = a.astype(dtype)               # a copy: 1e300 becomes inf in float32
-        if not np.isfinite(a).all():
-            raise ValueError(f"state dict entry {name!r} has NaN or Inf values (as "
-                             f"{dtype}): a model with them computes only NaN")
-        staged[name] = a
-    for name, a in staged.items():
-        np.copyto(params[name], a, casting="unsafe")
 
 
 def _ragged_order(lengths):
@@ -177,45 +97,7 @@ def _both_directions(run):
     return [first, second]
 
 
-class _Parametrised:
-    """What every layer with parameters shares: ``_layout`` [(name, shape)] in order,
-    ``flat_params`` / ``flat_grads`` arenas, ``params`` / ``grads`` named views."""
-
-    def zero_grad(self):
-        """Set every gradient to zero (backward accumulates)."""
-        self.flat_grads[...] = 0
-
-    def state_dict(self):
-        """A dict of copies of the parameters, by name (PyTorch's), in arena order."""
-        return {name: self.params[name].copy() for name, _ in self._layout}
-
-    def load_state_dict(self, state_dict, strict=True):
-        """Copy parameters in from a dict of arrays (or torch tensors; torch is never
-        imported). Every key is checked before anything is copied, so a bad dict leaves
-        the model unchanged. Unknown or missing keys are errors when ``strict``."""
-        _load_into(self.params, state_dict, strict)
-        return self
-
-    def _bind(self, flat_params, flat_grads):
-        """Move parameters and gradients into the given arrays (a model's arena slices):
-        values are copied, then every view is rebuilt on the new storage."""
-        self.flat_params, self.flat_grads, self.params, self.grads = _bind_arena(
-            self._layout, self.flat_params, self.flat_grads, flat_params, flat_grads)
-
-    # copy.deepcopy and pickle copy each view as an array of its own; the copy rebuilds
-    # its named views on its own arenas, so the one-arena promise holds for copies too.
-    def __getstate__(self):
-        d = self.__dict__.copy()
-        d.pop("params", None)
-        d.pop("grads", None)
-        return d
-
-    def __setstate__(self, d):
-        self.__dict__.update(d)
-        self.params, self.grads = _views(self._layout, self.flat_params, self.flat_grads)
-
-
-class LSTM(_Parametrised):
+class LSTM(Parametrised):
     """A multi-layer LSTM with exactly ``torch.nn.LSTM``'s semantics, shapes and names.
 
     ``y, (h_n, c_n) = lstm(x, state=None, lengths=None)``
@@ -247,19 +129,11 @@ class LSTM(_Parametrised):
         if self.proj_size >= self.hidden_size:
             raise ValueError(f"proj_size must be smaller than hidden_size ({self.hidden_size}), "
                              f"got {self.proj_size}")
-        if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) \
-                or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        self.dropout = float(dropout)
+        self.dropout = probability(dropout, "dropout")
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.bidirectional = bool(bidirectional)
-        try:
-            self.dtype = np.dtype(dtype)
-        except TypeError:
-            raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from None
-        if self.dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be 'float32' or 'float64', got {self.dtype}")
+        self.dtype = _dtype(dtype)
         self.training = True
         init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
         self._init_rng = np.random.default_rng(init_seq)
@@ -278,8 +152,7 @@ class LSTM(_Parametrised):
                     self._layout += [(f"bias_ih{sfx}", (4 * H,)), (f"bias_hh{sfx}", (4 * H,))]
                 if P:
                     self._layout += [(f"weight_hr{sfx}", (P, H))]
-        self.flat_params, self.flat_grads, self.params, self.grads = _arena(
-            self._layout, self.dtype)
+        self._make_arena()
         self._workspaces = {}                  # (layer, direction) -> F.Workspace
         self._caches = None                    # what backward needs from the last forward
         # Inference calls take a set of workspaces from this pool and put it back, so
@@ -334,6 +207,42 @@ class LSTM(_Parametrised):
         for name, _ in self._layout:
             p = self.params[name]
             p[...] = self._init_rng.uniform(-k, k, size=p.shape)
+
+    # ---- the layer interface (cylstm.base.Layer) --------------------------------------
+
+    recurrent = True
+
+    @property
+    def init_fan(self):
+        return self.hidden_size
+
+    def init_roles(self):
+        roles = {"weight_ih": "weight", "weight_hh": "recurrent", "weight_hr": "weight",
+                 "bias_ih": "forget_bias", "bias_hh": "bias"}
+        return [(name, roles[name.split("_l")[0]]) for name, _ in self._layout]
+
+    def seed_streams(self, rng):
+        self._dropout_rng = rng
+
+    def connect(self, spec):
+        if spec is not None:
+            if not spec.per_step:
+                raise ValueError(f"{self!r} needs a sequence (B, T, F), but the layer before "
+                                 f"gives one vector per sequence")
+            if spec.size is not None and spec.size != self.input_size:
+                raise ValueError(f"{self!r} takes {self.input_size} features but the layer "
+                                 f"before gives {spec.size}")
+        Hp = self.state_size
+        return Features(self.num_directions * Hp, Hp if self.bidirectional else 0, True)
+
+    def forward_batch(self, x, lengths=None, state=None):
+        """Batch-first x (B, T, I) whatever ``batch_first`` says -> (y (B, T, D*Hp), (h, c))."""
+        y, hc = self.forward(x if self.batch_first else x.transpose(1, 0, 2), state, lengths)
+        return (y if self.batch_first else y.transpose(1, 0, 2)), hc
+
+    def backward_batch(self, dy):
+        dx, _ = self.backward(dy if self.batch_first else dy.transpose(1, 0, 2))
+        return dx if self.batch_first else dx.transpose(1, 0, 2)
 
     def train(self, mode=True):
         """Training mode: forward keeps the cache backward needs, dropout is active."""
@@ -424,7 +333,7 @@ class LSTM(_Parametrised):
             raise TypeError(f"x must hold real numbers (float32/float64, or ints/bools to "
                             f"convert), got dtype {x.dtype}")
         unbatched = x.ndim == 2
-        passed = F._shape(x)                 # every message names the shape as passed
+        passed = shape_str(x)                 # every message names the shape as passed
         want = "(B, T, I)" if self.batch_first else "(T, B, I)"
         if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
             raise ValueError(f"x must have shape {want} or unbatched (T, I) with "
@@ -635,16 +544,6 @@ class LSTMState:
 # (flat_params, flat_grads) with named views (params, grads) like the LSTM's.
 # ---------------------------------------------------------------------------------------
 
-def _dtype(dtype):
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be 'float32' or 'float64', got {dtype!r}") from None
-    if dt not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be 'float32' or 'float64', got {dt}")
-    return dt
-
-
 def _features(x, name, dtype, size):
     """x as a C-contiguous ``dtype`` array of shape (..., size), at least 1-D."""
     if not isinstance(x, np.ndarray):
@@ -655,11 +554,11 @@ def _features(x, name, dtype, size):
     if x.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != size:
-        raise ValueError(f"{name} must have shape (..., {size}), got {F._shape(x)}")
+        raise ValueError(f"{name} must have shape (..., {size}), got {shape_str(x)}")
     return np.ascontiguousarray(x, dtype=dtype)
 
 
-class Linear(_Parametrised):
+class Linear(Parametrised):
     """y = x W^T + b over the last axis, as ``torch.nn.Linear``: x (..., in) -> (..., out).
 
     ``params``/``grads``: {"weight" (out, in), "bias" (out,)} views into the arenas
@@ -677,8 +576,7 @@ class Linear(_Parametrised):
         self._layout = [("weight", (self.out_features, self.in_features))]
         if self.bias:
             self._layout.append(("bias", (self.out_features,)))
-        self.flat_params, self.flat_grads, self.params, self.grads = _arena(
-            self._layout, self.dtype)
+        self._make_arena()
         self._rng = np.random.default_rng(seed)
         self._x = None                    # (N, in): the last training forward's input
         self.reset_parameters()
@@ -692,6 +590,19 @@ class Linear(_Parametrised):
     def get_config(self):
         return dict(in_features=self.in_features, out_features=self.out_features,
                     bias=self.bias, dtype=self.dtype.name)
+
+    @property
+    def init_fan(self):
+        return self.in_features
+
+    def init_roles(self):
+        return [(name, "bias" if name == "bias" else "weight") for name, _ in self._layout]
+
+    def connect(self, spec):
+        if spec is not None and spec.size is not None and spec.size != self.in_features:
+            raise ValueError(f"{self!r} takes {self.in_features} features but the layer "
+                             f"before gives {spec.size}")
+        return Features(self.out_features, 0, True if spec is None else spec.per_step)
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -724,7 +635,7 @@ class Linear(_Parametrised):
         dy = _features(dy, "dy", self.dtype, self.out_features)
         if dy.shape != want:
             raise ValueError(f"dy must have shape {want} (the forward output's), "
-                             f"got {F._shape(dy)}")
+                             f"got {shape_str(dy)}")
         dy2 = dy.reshape(-1, self.out_features)
         self.grads["weight"] += dy2.T @ self._x
         if self.bias:
@@ -736,21 +647,22 @@ class Linear(_Parametrised):
                 f"{'' if self.bias else ', bias=False'}, dtype='{self.dtype}')")
 
 
-class Dropout:
+class Dropout(Layer):
     """Inverted dropout, as ``torch.nn.Dropout``: in training each element is zeroed with
     probability p and the rest scaled by 1/(1-p); in eval mode the identity. The mask
     comes from the layer's own generator (``seed``), so a seeded run repeats exactly."""
 
     def __init__(self, p=0.5, seed=None):
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-            raise ValueError(f"p must be a float in [0, 1), got {p!r}")
-        self.p = float(p)
+        self.p = probability(p, "p")
         self.training = True
         self._rng = np.random.default_rng(seed)
         self._mask = None
 
     def get_config(self):
         return dict(p=self.p)
+
+    def seed_streams(self, rng):
+        self._rng = rng
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -780,14 +692,14 @@ class Dropout:
             return dy
         if dy.shape != self._mask.shape:
             raise ValueError(f"dy must have shape {self._mask.shape} (the forward output's), "
-                             f"got {F._shape(dy)}")
+                             f"got {shape_str(dy)}")
         return dy * self._mask
 
     def __repr__(self):
         return f"Dropout(p={self.p})"
 
 
-class LastStep:
+class LastStep(Layer):
     """Each sequence's output at its last valid step: (B, T, F) + lengths -> (B, F).
 
     For sequence classification after an LSTM. With ``reverse_features`` = r > 0 (an
@@ -807,22 +719,29 @@ class LastStep:
     def get_config(self):
         return dict(reverse_features=self.reverse_features)
 
-    def train(self, mode=True):
-        self.training = bool(mode)
-        return self
+    def connect(self, spec):
+        if spec is not None and not spec.per_step:
+            raise ValueError("LastStep needs a sequence (B, T, F), but the layer before "
+                             "gives one vector per sequence")
+        if self.reverse_features is None:       # where the reverse direction ends: step 0
+            self.reverse_features = 0 if spec is None else spec.reverse
+        return Features(None if spec is None else spec.size, 0, False)
 
-    def eval(self):
-        return self.train(False)
+    def forward_batch(self, x, lengths=None, state=None):
+        return self.forward(x, lengths), None
+
+    def step(self, x_t, state=None):
+        return x_t                              # a stream's current step is its last
 
     def forward(self, x, lengths=None):
         x = np.asarray(x)
         if x.ndim != 3:
-            raise ValueError(f"LastStep needs x of shape (B, T, F), got {F._shape(x)}")
+            raise ValueError(f"LastStep needs x of shape (B, T, F), got {shape_str(x)}")
         B, T, Fe = x.shape
         lengths = F._lengths(lengths, T, B)
         r = self.reverse_features or 0
         if r > Fe:
-            raise ValueError(f"reverse_features ({r}) is more than the features of x {F._shape(x)}")
+            raise ValueError(f"reverse_features ({r}) is more than the features of x {shape_str(x)}")
         rows = np.arange(B)
         y = x[rows, lengths - 1]                       # a copy (fancy indexing)
         if r:
@@ -836,7 +755,7 @@ class LastStep:
         (B, T, Fe), dtype, lengths = self._saved
         dy = np.asarray(dy, dtype=dtype)
         if dy.shape != (B, Fe):
-            raise ValueError(f"dy must have shape ({B}, {Fe}), got {F._shape(dy)}")
+            raise ValueError(f"dy must have shape ({B}, {Fe}), got {shape_str(dy)}")
         r = self.reverse_features or 0
         dx = np.zeros((B, T, Fe), dtype)
         rows = np.arange(B)

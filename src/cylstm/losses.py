@@ -26,6 +26,8 @@ import numbers
 import numpy as np
 
 from . import _ops
+from ._check import FLOATS as _FLOATS
+from ._check import shape_str as _shape
 from ._threads import N_PARTS, get_num_threads
 
 __all__ = [
@@ -33,16 +35,11 @@ __all__ = [
     "CrossEntropyLoss", "MSELoss",
 ]
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _KERNEL_INTS = (np.dtype(np.int32), np.dtype(np.int64))
 _REDUCTIONS = ("mean", "sum", "none")
 
 
 # ---- validation -----------------------------------------------------------------------------
-
-def _shape(shape):
-    return "(" + ", ".join(str(d) for d in shape) + (",)" if len(shape) == 1 else ")")
-
 
 def _float_array(a, name):
     """a as a float32/float64 ndarray (a list or scalar becomes one); other dtypes are a

@@ -27,20 +27,22 @@ import math
 import numbers
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
 from . import init as _init
+from . import io as _io
 from . import losses as _losses
 from . import optim as _optim
+from ._check import positive_int as _positive_int
+from .base import Layer, Parametrised, arena, registered
 from .callbacks import Callback
-from .embedding import Embedding
-from .layers import (LSTM, Dropout, LastStep, Linear, _arena, _Parametrised,
-                     _positive_int, _ragged_order)
+from .layers import _ragged_order
 
-__all__ = ["Sequential", "History", "pad_sequences"]
+__all__ = ["Sequential", "History", "Stats", "StepResult", "pad_sequences"]
 
-LAYER_TYPES = {cls.__name__: cls for cls in (LSTM, Linear, Dropout, LastStep, Embedding)}
+_BUILTIN_LAYERS = ("Embedding", "LSTM", "Dropout", "LastStep", "Linear")
 _OPTIMIZERS = {"sgd": _optim.SGD, "adam": _optim.Adam, "adamw": _optim.AdamW,
                "rmsprop": _optim.RMSprop}
 _LOSSES = ("cross_entropy", "mse")
@@ -142,18 +144,30 @@ class _Progress:
             self.stream.flush()
 
 
-class _Stats:
-    """Running sums over batches for one epoch: the loss and each metric."""
+class StepResult(NamedTuple):
+    """One batch's figures: the mean ``loss`` over ``count`` counted positions, the
+    ``correct`` predictions and the summed ``abs_err`` among them, and ``states``: the
+    final state of each recurrent layer (for the next batch of a stream)."""
+    loss: float
+    count: int
+    correct: float
+    abs_err: float
+    states: list
+
+
+class Stats:
+    """Running sums over batches for one epoch: the loss and each metric. ``add`` takes
+    a ``StepResult``; ``logs(metrics, prefix)`` gives {"loss": mean, metric: value}."""
 
     def __init__(self, loss):
         self.loss = loss
         self.sum_loss = self.count = self.correct = self.abs_err = 0.0
 
-    def add(self, loss, count, correct, abs_err):
-        self.sum_loss += loss * count
-        self.count += count
-        self.correct += correct
-        self.abs_err += abs_err
+    def add(self, step):
+        self.sum_loss += step.loss * step.count
+        self.count += step.count
+        self.correct += step.correct
+        self.abs_err += step.abs_err
 
     def logs(self, metrics, prefix=""):
         mean = self.sum_loss / self.count if self.count else 0.0
@@ -173,7 +187,7 @@ class _Stats:
         return out
 
 
-class Sequential(_Parametrised):
+class Sequential(Parametrised):
     """Layers applied in order; see the module docstring.
 
     ``Sequential(layers, seed=None, init=None, loss=None, optimizer=None, metrics=(), **kw)``
@@ -189,10 +203,10 @@ class Sequential(_Parametrised):
         if not layers:
             raise ValueError("Sequential needs at least one layer")
         for i, layer in enumerate(layers):
-            if type(layer).__name__ not in LAYER_TYPES or not isinstance(
-                    layer, LAYER_TYPES[type(layer).__name__]):
+            if not isinstance(layer, Layer):
                 raise TypeError(f"layers[{i}] is a {type(layer).__name__}; Sequential takes "
-                                f"{', '.join(LAYER_TYPES)}")
+                                f"layers (cylstm.base.Layer: {', '.join(_BUILTIN_LAYERS)} "
+                                f"or your own)")
         self.layers = layers
         self.seed = seed
         self.init = init
@@ -204,10 +218,7 @@ class Sequential(_Parametrised):
         self._rng = np.random.default_rng(streams[0])          # shuffling, splits
         if seed is not None:
             for layer, ss in zip(layers, streams[1:]):
-                if isinstance(layer, LSTM):
-                    layer._dropout_rng = np.random.default_rng(ss)
-                elif isinstance(layer, Dropout):
-                    layer._rng = np.random.default_rng(ss)
+                layer.seed_streams(np.random.default_rng(ss))
         self.loss = self.optimizer = None
         self.metrics = ()
         self.stop_training = False
@@ -218,32 +229,20 @@ class Sequential(_Parametrised):
     # ---- structure -----------------------------------------------------------------------
 
     def _check_chain(self):
-        """Feature sizes agree from layer to layer; LastStep learns its reverse features."""
-        features, dtypes, last_lstm = None, set(), None
+        """Each layer takes what the one before gives (``Layer.connect``); one dtype."""
+        spec, dtypes = None, set()
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, Embedding):
-                if i != 0:
-                    raise ValueError(f"layers[{i}]: an Embedding must be the first layer")
-                features = layer.embedding_dim
-            elif isinstance(layer, (LSTM, Linear)):
-                size = layer.input_size if isinstance(layer, LSTM) else layer.in_features
-                if features is not None and size != features:
-                    raise ValueError(f"layers[{i}] ({layer!r}) takes {size} features but the "
-                                     f"layer before gives {features}")
-                if isinstance(layer, LSTM):
-                    features, last_lstm = layer.num_directions * layer.state_size, layer
-                else:
-                    features = layer.out_features
-            elif isinstance(layer, LastStep) and layer.reverse_features is None:
-                bi = last_lstm is not None and last_lstm.bidirectional
-                layer.reverse_features = last_lstm.state_size if bi else 0
-            if hasattr(layer, "dtype"):
+            try:
+                spec = layer.connect(spec)
+            except ValueError as e:
+                raise ValueError(f"layers[{i}]: {e}") from None
+            if layer.dtype is not None:
                 dtypes.add(np.dtype(layer.dtype))
         if len(dtypes) > 1:
             raise TypeError(f"all layers need one dtype, got {sorted(d.name for d in dtypes)}")
         self.dtype = dtypes.pop() if dtypes else np.dtype(np.float32)
-        self.sequence_output = not any(isinstance(l, LastStep) for l in self.layers)
-        self.token_input = isinstance(self.layers[0], Embedding)
+        self.sequence_output = spec.per_step
+        self.token_input = self.layers[0].takes_tokens
 
     def __getstate__(self):
         return self.__dict__.copy()
@@ -262,7 +261,7 @@ class Sequential(_Parametrised):
         for i, layer in enumerate(self.layers):
             layout += [(f"{i}.{name}", shape) for name, shape in getattr(layer, "_layout", [])]
         self._layout = layout
-        self.flat_params, self.flat_grads, _, _ = _arena(layout, self.dtype)
+        self.flat_params, self.flat_grads, _, _ = arena(layout, self.dtype)
         self._bind_layers()
 
     def _bind_layers(self):
@@ -294,6 +293,13 @@ class Sequential(_Parametrised):
                            for l in self.layers],
                 "loss": self.loss, "metrics": list(self.metrics)}
 
+    @classmethod
+    def from_config(cls, config):
+        """A model of the layers ``get_config`` names (registered Layer classes)."""
+        types = registered()
+        return cls([types[spec["type"]].from_config(spec["config"])
+                    for spec in config["layers"]])
+
     def train(self, mode=True):
         self.training = bool(mode)
         for layer in self.layers:
@@ -309,8 +315,7 @@ class Sequential(_Parametrised):
 
     def save(self, path, include_optimizer=True):
         """Write the model to one .npz file, atomically (see ``cylstm.io.save``)."""
-        from . import io
-        io.save(self, path, include_optimizer=include_optimizer)
+        _io.save(self, path, include_optimizer=include_optimizer)
 
     # ---- compile -------------------------------------------------------------------------
 
@@ -423,31 +428,21 @@ class Sequential(_Parametrised):
     # ---- forward / backward --------------------------------------------------------------
 
     def _forward(self, x, lengths, states=None):
-        """The stack on one batch; returns (output, [final (h, c) of each LSTM])."""
-        out, finals, k = x, [], 0
+        """The stack on one batch; returns (output, [final state of each recurrent layer]).
+        ``states``: None, or one state per recurrent layer, in order."""
+        out, finals = x, []
+        states = iter(()) if states is None else iter(states)
         for layer in self.layers:
-            if isinstance(layer, LSTM):
-                st = None if states is None else states[k]
-                k += 1
-                xin = out if layer.batch_first else out.transpose(1, 0, 2)
-                y, hc = layer.forward(xin, state=st, lengths=lengths)
-                out = y if layer.batch_first else y.transpose(1, 0, 2)
-                finals.append(hc)
-            elif isinstance(layer, LastStep):
-                out = layer.forward(out, lengths)
-            else:
-                out = layer.forward(out)
+            state = next(states, None) if layer.recurrent else None
+            out, final = layer.forward_batch(out, lengths, state)
+            if layer.recurrent:
+                finals.append(final)
         return out, finals
 
     def _backward(self, dout):
         for layer in reversed(self.layers):
-            if isinstance(layer, LSTM):
-                dy = dout if layer.batch_first else dout.transpose(1, 0, 2)
-                dx, _ = layer.backward(dy)
-                dout = dx if layer.batch_first else dx.transpose(1, 0, 2)
-            else:
-                dout = layer.backward(dout)
-            if dout is None:                       # an Embedding: nothing below it
+            dout = layer.backward_batch(dout)
+            if dout is None:                       # integer input: nothing below it
                 break
 
     def _loss(self, out, y, lengths):
@@ -490,23 +485,31 @@ class Sequential(_Parametrised):
             yb = yb[:, :T]
         return np.ascontiguousarray(x[idx, :T]), yb, lb
 
-    def _train_batch(self, xb, yb, lb, states=None):
-        """One optimiser step. Returns (loss, count, correct, abs_err, final states).
+    def train_step(self, x, y, lengths=None, states=None, callbacks=(), batch=0):
+        """One optimiser step on one prepared batch; returns a ``StepResult``.
 
-        The loss and the gradient norm are checked before the step: a NaN/Inf stops
-        training with the weights of the last good step untouched."""
+        x (B, T, ...) in the model's input dtype, y its targets, lengths (B,) or None,
+        states: the recurrent layers' initial states (None: zeros). The order is
+        forward, loss, backward, then every callback's ``on_gradients(batch, logs)``
+        (logs: "loss", "count", "size"), where gradients can be all-reduced across
+        processes, clipped or logged, then the finiteness check and the optimiser step.
+        A NaN/Inf loss or gradient raises FloatingPointError with the weights of the
+        last good step untouched."""
         self.zero_grad()
-        out, finals = self._forward(xb, lb, states)
+        out, finals = self._forward(x, lengths, states)
         if not np.isfinite(out).all():
             loss = float("nan")
         else:
-            loss, dout, count, correct, abs_err = self._loss(out, yb, lb)
+            loss, dout, count, correct, abs_err = self._loss(out, y, lengths)
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"the loss became {loss} at step {self.optimizer.step_count + 1}; training "
                 f"stopped and the model keeps the weights of the last good step (lower the "
                 f"learning rate, set clip_norm, or check the data for NaN/Inf)")
         self._backward(dout)
+        logs = {"loss": loss, "count": count, "size": len(x)}
+        for cb in callbacks:
+            cb.on_gradients(batch, logs)
         norm = _optim._norm(self.flat_grads)
         if not math.isfinite(norm):
             raise FloatingPointError(
@@ -514,12 +517,13 @@ class Sequential(_Parametrised):
                 f"(loss {loss:.4g}); training stopped and the model keeps the weights of "
                 f"the last good step (lower the learning rate or set clip_norm)")
         self.optimizer.step()
-        return loss, count, correct, abs_err, finals
+        return StepResult(logs["loss"], logs["count"], correct, abs_err, finals)
 
-    def _eval_batch(self, xb, yb, lb, states=None):
-        out, finals = self._forward(xb, lb, states)
-        loss, _, count, correct, abs_err = self._loss(out, yb, lb)
-        return loss, count, correct, abs_err, finals
+    def eval_step(self, x, y, lengths=None, states=None):
+        """The loss and metric sums on one prepared batch, no update; a ``StepResult``."""
+        out, finals = self._forward(x, lengths, states)
+        loss, _, count, correct, abs_err = self._loss(out, y, lengths)
+        return StepResult(loss, count, correct, abs_err, finals)
 
     # ---- the public loop -----------------------------------------------------------------
 
@@ -569,15 +573,17 @@ class Sequential(_Parametrised):
         def validate():
             return self._evaluate_arrays(*val, batch_size) if val is not None else None
 
-        return self._fit_loop(epoch_batches, -(-N // batch_size), epochs, validate,
-                              callbacks, verbose)
+        return self.fit_batches(epoch_batches, -(-N // batch_size), epochs, validate,
+                                callbacks, verbose)
 
-    def _fit_loop(self, epoch_batches, n_batches, epochs, validate, callbacks, verbose,
-                  stateful=False):
-        """The epoch loop shared by fit and the text trainer: batches from
-        ``epoch_batches(epoch)`` as (x, y, lengths); ``validate()`` -> a _Stats or None.
-        With ``stateful``, each batch starts from the LSTM states the last one ended
-        with (truncated BPTT over streams), reset at each epoch."""
+    def fit_batches(self, epoch_batches, n_batches, epochs, validate=None, callbacks=None,
+                    verbose=1, stateful=False):
+        """The epoch loop behind ``fit`` and ``cylstm.text.fit_text``, for trainers of
+        your own: ``epoch_batches(epoch)`` yields prepared batches (x, y, lengths), about
+        ``n_batches`` of them; ``validate()`` returns a ``Stats`` or None; callbacks and
+        verbose as in ``fit``. With ``stateful``, each batch starts from the recurrent
+        states the last one ended with (truncated BPTT over streams), reset at each
+        epoch. Returns a ``History``."""
         callbacks = list(callbacks or [])
         for cb in callbacks:
             if not isinstance(cb, Callback):
@@ -596,16 +602,18 @@ class Sequential(_Parametrised):
                 for cb in callbacks:
                     cb.on_epoch_begin(epoch, {})
                 self.train()
-                stats, states = _Stats(self.loss), None
+                stats, states = Stats(self.loss), None
                 bar.begin(epoch, epochs, n_batches)
                 for b, (xb, yb, lb) in enumerate(epoch_batches(epoch)):
-                    loss, count, correct, abs_err, finals = self._train_batch(xb, yb, lb, states)
-                    if stateful:
-                        states = [(h.copy(), c.copy()) for h, c in finals]
-                    stats.add(loss, count, correct, abs_err)
-                    bar.update(len(xb), loss, count)
                     for cb in callbacks:
-                        cb.on_batch_end(b, {"loss": loss, "size": len(xb)})
+                        cb.on_batch_begin(b, {"size": len(xb)})
+                    step = self.train_step(xb, yb, lb, states, callbacks, b)
+                    if stateful:
+                        states = [tuple(a.copy() for a in st) for st in step.states]
+                    stats.add(step)
+                    bar.update(len(xb), step.loss, step.count)
+                    for cb in callbacks:
+                        cb.on_batch_end(b, {"loss": step.loss, "size": len(xb)})
                 logs = stats.logs(self.metrics)
                 self.eval()
                 vstats = validate()
@@ -629,10 +637,9 @@ class Sequential(_Parametrised):
 
     def _evaluate_arrays(self, x, y, lengths, batch_size):
         self.eval()
-        stats = _Stats(self.loss)
+        stats = Stats(self.loss)
         for idx in self._batches(len(x), batch_size, False, lengths):
-            loss, count, correct, abs_err, _ = self._eval_batch(*self._take(idx, x, y, lengths))
-            stats.add(loss, count, correct, abs_err)
+            stats.add(self.eval_step(*self._take(idx, x, y, lengths)))
         return stats
 
     def evaluate(self, x, y, batch_size=256, lengths=None):
@@ -669,21 +676,15 @@ class Sequential(_Parametrised):
     # ---- streaming -----------------------------------------------------------------------
 
     def initial_state(self, batch):
-        """Streaming state for ``batch`` streams: one LSTMState per LSTM layer."""
-        return [l.initial_state(batch) for l in self.layers if isinstance(l, LSTM)]
+        """Streaming state for ``batch`` streams: one state per recurrent layer."""
+        return [l.initial_state(batch) for l in self.layers if l.recurrent]
 
     def step(self, x_t, states):
         """One step for every stream: x_t (B,) token ids or (B, F) -> output (B, ...).
         Updates ``states`` (from ``initial_state``) in place; eval mode."""
         if self.training:
             self.eval()
-        out, k = x_t, 0
+        out, states = x_t, iter(states)
         for layer in self.layers:
-            if isinstance(layer, LSTM):
-                out = layer.step(out, states[k])
-                k += 1
-            elif isinstance(layer, LastStep):
-                continue                            # a stream's current step is its last
-            else:
-                out = layer.forward(out)
+            out = layer.step(out, next(states) if layer.recurrent else None)
         return out

@@ -20,9 +20,10 @@ import numbers
 
 import numpy as np
 
+from ._check import positive_int as _positive_int
 from .embedding import Embedding
-from .layers import LSTM, Linear, _positive_int
-from .model import Sequential, _Stats
+from .layers import LSTM, Linear
+from .model import Sequential, Stats
 
 __all__ = ["CharVocab", "default_text", "char_model", "stream_batches", "fit_text",
            "evaluate_text", "sample"]
@@ -133,9 +134,9 @@ def stream_batches(ids, batch_size, seq_len):
 
 def _vocab_size(model):
     first = model.layers[0]
-    if not isinstance(first, Embedding) or not model.sequence_output:
-        raise TypeError("a text model starts with an Embedding and outputs every step "
-                        "(see char_model)")
+    if not model.token_input or not model.sequence_output:
+        raise TypeError("a text model takes token ids (its first layer is an Embedding) "
+                        "and outputs every step (see char_model)")
     return first.num_embeddings
 
 
@@ -148,10 +149,11 @@ def evaluate_text(model, ids, batch_size=32, seq_len=64):
 
 def _evaluate_streams(model, ids, batch_size, seq_len):
     model.eval()
-    stats, states = _Stats(model.loss), None
+    stats, states = Stats(model.loss), None
     for x, y in stream_batches(ids, batch_size, seq_len):
-        loss, count, correct, abs_err, states = model._eval_batch(x, y, None, states)
-        stats.add(loss, count, correct, abs_err)
+        step = model.eval_step(x, y, None, states)
+        stats.add(step)
+        states = step.states
     return stats
 
 
@@ -173,9 +175,9 @@ def fit_text(model, train_ids, val_ids=None, batch_size=32, seq_len=64, epochs=1
         stream_batches(val_ids, batch_size, seq_len)          # checks it is long enough
     validate = (lambda: _evaluate_streams(model, val_ids, batch_size, seq_len)) \
         if val_ids is not None else (lambda: None)
-    return model._fit_loop(lambda epoch: ((x, y, None) for x, y in batches), len(batches),
-                           _positive_int(epochs, "epochs", minimum=0), validate, callbacks,
-                           verbose, stateful=True)
+    return model.fit_batches(lambda epoch: ((x, y, None) for x, y in batches), len(batches),
+                             _positive_int(epochs, "epochs", minimum=0), validate, callbacks,
+                             verbose, stateful=True)
 
 
 def _next_id(logits, temperature, top_k, rng):
