@@ -8,7 +8,7 @@ import pytest
 
 import cylstm
 
-# Tolerances of LSTM_MATH.md ("What checks it"), relative to the largest magnitude.
+# Tolerances of docs/math.md ("What is bitwise and what agrees to rounding"), relative to the largest magnitude.
 KERNEL_TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 

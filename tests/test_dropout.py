@@ -1,4 +1,4 @@
-"""Dropout between stacked layers (LSTM_MATH.md: training only, inverted, keep with 1-p,
+"""Dropout between stacked layers (docs/math.md: training only, inverted, keep with 1-p,
 kept values scaled by 1/(1-p), none after the last layer): eval is deterministic and
 equals a dropout=0 model; training differs from eval; the masks come from the model's own
 seeded stream (same seed, same masks; a new mask every forward); the empirical keep rate

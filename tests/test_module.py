@@ -164,7 +164,7 @@ def check_against_composed_reference(lstm, x, state, lengths, dy, dstate, dtype)
 ])
 def test_module_matches_layerwise_reference(L, D, bias, state, ragged, dtype):
     """Stacking, directions, initial states and lengths are passed through exactly as
-    LSTM_MATH.md says: the module equals the reference composed by hand."""
+    docs/math.md says: the module equals the reference composed by hand."""
     T, B, I, H = 5, 4, 3, 4
     lstm = cylstm.LSTM(I, H, num_layers=L, bias=bias, bidirectional=D == 2, dtype=dtype,
                        seed=1)

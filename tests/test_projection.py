@@ -75,7 +75,7 @@ def test_reference_with_projection_matches_finite_differences(reverse, lengths, 
 
 
 def test_reference_projection_one_step_written_out():
-    """T=1: h = (o tanh(c)) W_hr^T with W_hh acting on the P-feature h0 (LSTM_MATH.md)."""
+    """T=1: h = (o tanh(c)) W_hr^T with W_hh acting on the P-feature h0 (docs/math.md)."""
     p = make_layer_problem(1, RB, RI, RH, proj_size=RP, seed=3)
     y, h_n, c_n, _ = ref.lstm_layer_forward(**p)
     z = p["x"][0] @ p["w_ih"].T + p["h0"] @ p["w_hh"].T + p["b_ih"] + p["b_hh"]

@@ -74,7 +74,7 @@ def test_missing_final_gradients_mean_zeros():
 # ---------------------------------------------------------------- forward math
 
 def test_one_step_matches_the_equations_written_out():
-    """T=1 against LSTM_MATH.md spelled out with the naive sigmoid (safe at these sizes)."""
+    """T=1 against docs/math.md spelled out with the naive sigmoid (safe at these sizes)."""
     p = make_problem(seed=5)
     x = p["x"][:1]
     y, h_n, c_n, _ = ref.lstm_layer_forward(x, p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], p["h0"], p["c0"])

@@ -18,7 +18,7 @@ import cylstm
 
 from conftest import rel_err
 
-# LSTM_MATH.md: float32 under 1e-5 relative to the largest magnitude, float64 under 1e-10.
+# docs/math.md: float32 under 1e-5 relative to the largest magnitude, float64 under 1e-10.
 TOL = {"float32": 1e-5, "float64": 1e-10}
 TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
 

@@ -27,7 +27,7 @@ import cylstm
 from conftest import rel_err, torch_names
 from test_torch_parity import TOL, TORCH_DTYPE, assert_matches_torch, cylstm_run, torch_run
 
-# TOL (test_torch_parity.py), from LSTM_MATH.md: float32 under 1e-5 relative to the
+# TOL (test_torch_parity.py), from docs/math.md: float32 under 1e-5 relative to the
 # largest magnitude, float64 under 1e-10.
 # torch warns (once) that oneDNN has no projection and it uses its default implementation.
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported")

@@ -1,4 +1,4 @@
-"""Input validation at the edge (STYLE.md point 14): bad input raises ValueError or
+"""Input validation at the edge: bad input raises ValueError or
 TypeError whose message names the argument; acceptable-but-unusual input (other real
 dtypes, non-contiguous, negative strides, Fortran order, read-only) gives exactly the
 result of the plain C-contiguous array; random shapes and dtypes never crash."""

@@ -2,7 +2,7 @@
 gradient-norm clipping.
 
 Every parameter of a model lives in one flat array and every gradient in another of the
-same layout (DESIGN.md, "Parameters live in one arena"), so a step is one compiled
+same layout (docs/architecture.md, "One arena"), so a step is one compiled
 kernel over one array (src/cylstm/_optim.pyx), not a loop over tensors::
 
     lstm = cylstm.LSTM(8, 32)
