@@ -8,7 +8,7 @@ import pytest
 
 import cylstm
 
-# Tolerances of LSTM_MATH.md ("What checks it"), relative to the largest magnitude.
+# Tolerances of docs/math.md, relative to the largest magnitude.
 KERNEL_TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 
@@ -205,6 +205,21 @@ def _restore_thread_setting():
     """No test leaks a process-wide thread setting into the next one."""
     yield
     cylstm.set_num_threads(None)
+
+
+@pytest.fixture
+def two_thread_teams():
+    """For thread-count invariance tests: inside the test every kernel call forms a real
+    OpenMP team of min(threads, N_PARTS) (cylstm._threads.force_parallel), and the test
+    fails unless a team of two actually ran. Skipped (reported, not passed) where two
+    threads cannot run: a serial build or a single usable core."""
+    from cylstm import _parallel, _threads
+    if not cylstm.openmp_enabled() or _threads.N_PARTS < 2:
+        pytest.skip("a team of two needs an OpenMP build and two usable cores")
+    _parallel._reset_max_team()
+    with _threads.force_parallel():
+        yield
+    assert _threads.max_team() >= 2, "no kernel call ran on a team of two threads"
 
 
 @pytest.fixture(params=[0, 1, 2], ids=["blas", "avx2", "avx512"])

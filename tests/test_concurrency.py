@@ -19,7 +19,7 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import cylstm
-from cylstm import _lstm, _threads
+from cylstm import _parallel, _threads
 from cylstm import functional as F
 from cylstm import layers
 
@@ -315,11 +315,11 @@ def test_kernels_use_the_fallback_pin_correctly(monkeypatch):
     address = _threads._find_local_setter(_threads._scipy_blas_libraries())
     before = _scipy_blas_threads()
     monkeypatch.setattr(F, "blas_single_threaded", _threads._GlobalBlasPin())
-    _lstm._register_blas_set_local(0)
+    _parallel._register_blas_set_local(0)
     try:
         y1, _ = lstm(x)
         dx1, _ = lstm.backward(np.ones_like(y1))
     finally:
-        _lstm._register_blas_set_local(address)
+        _parallel._register_blas_set_local(address)
     assert np.array_equal(y0, y1) and np.array_equal(dx0, dx1)
     assert _scipy_blas_threads() == before

@@ -2,7 +2,7 @@
 forward and backward, float32 and float64, over directions, ragged lengths, initial
 states, biases and edge sizes; batched vs step-by-step; thread-count invariance (bitwise);
 gradient accumulation; padding; cache immutability; workspace reuse; gate activations
-over a dense grid (STYLE.md points 13 and 16)."""
+over a dense grid (docs/math.md)."""
 import numpy as np
 import pytest
 
@@ -169,7 +169,7 @@ def test_padded_positions(reverse, dtype):
 def test_padded_input_values_are_never_read(fill):
     """Whatever x holds at padded positions (PyTorch's packed input has no values there
     at all), every output and every gradient is bitwise the same as with zero padding:
-    "no gradient flows through the padded steps" (LSTM_MATH.md)."""
+    "no gradient flows through the padded steps" (docs/math.md)."""
     T, B, I, H, lengths = SIZES["ragged"]
     p = make_layer_problem(T, B, I, H, seed=30)
     dy, dh_n, dc_n = output_grads(T, B, H, seed=31)
@@ -250,7 +250,8 @@ def test_batched_equals_step_by_step(reverse, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_results_are_bitwise_identical_for_any_thread_count(reverse, dtype):
+def test_results_are_bitwise_identical_for_any_thread_count(
+        reverse, dtype, two_thread_teams):
     """threads(1), threads(2) and the default give identical forward and gradients.
     Medium size, so that the batch really is chunked and the GEMMs are blocked."""
     T, B, I, H = 20, 9, 16, 32
@@ -274,7 +275,7 @@ def test_results_are_bitwise_identical_for_any_thread_count(reverse, dtype):
         assert_close(results[1][name], want[name], KERNEL_TOL[np.dtype(dtype)], name)
 
 
-def test_set_num_threads_does_not_change_results():
+def test_set_num_threads_does_not_change_results(two_thread_teams):
     """The process-wide setting (set_num_threads) is bitwise neutral too."""
     T, B, I, H = 12, 7, 8, 16
     p = make_layer_problem(T, B, I, H, seed=14, dtype=np.float32)
@@ -310,7 +311,7 @@ def test_fresh_and_zeroed_gradient_buffers_are_zero():
 def test_two_backward_calls_give_exactly_twice_the_gradient(reverse, state, bias):
     """float64: backward twice on one cache gives bitwise 2 * (one backward's gradient)
     in every buffer, the same dx/dh0/dc0 both times, and leaves the cache (and dy, dh_n,
-    dc_n) untouched (STYLE.md point 13)."""
+    dc_n) untouched."""
     T, B, I, H, lengths = SIZES["ragged"]
     p = make_layer_problem(T, B, I, H, seed=18, bias=bias, state=state)
     dy, dh_n, dc_n = output_grads(T, B, H, seed=19)

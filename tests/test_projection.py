@@ -75,7 +75,7 @@ def test_reference_with_projection_matches_finite_differences(reverse, lengths, 
 
 
 def test_reference_projection_one_step_written_out():
-    """T=1: h = (o tanh(c)) W_hr^T with W_hh acting on the P-feature h0 (LSTM_MATH.md)."""
+    """T=1: h = (o tanh(c)) W_hr^T with W_hh acting on the P-feature h0 (docs/math.md)."""
     p = make_layer_problem(1, RB, RI, RH, proj_size=RP, seed=3)
     y, h_n, c_n, _ = ref.lstm_layer_forward(**p)
     z = p["x"][0] @ p["w_ih"].T + p["h0"] @ p["w_hh"].T + p["b_ih"] + p["b_hh"]
@@ -145,7 +145,8 @@ def test_compiled_with_projection_no_bias(reverse, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_projection_results_are_bitwise_identical_for_any_thread_count(reverse, dtype):
+def test_projection_results_are_bitwise_identical_for_any_thread_count(
+        reverse, dtype, two_thread_teams):
     """threads(1), threads(2) and the default: identical y, states and every gradient,
     dw_hr included. Medium size so the batch is chunked and the GEMMs are blocked."""
     T, B, I, H, P = 20, 9, 16, 32, 8

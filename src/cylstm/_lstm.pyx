@@ -45,14 +45,13 @@ bitwise identical for any number of threads.
 
 from cython cimport floating
 from cython.parallel cimport prange
-from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
-                               PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBuffer_Release, PyObject_GetBuffer
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memcpy, memset
 
 from cylstm._blas cimport gemm
-from cylstm._openmp_helpers cimport CYLSTM_OPENMP, omp_get_max_threads
+from cylstm._parallel cimport (MIN_PARALLEL_MACS, blas_single_enter, blas_single_exit,
+                               note_team, split, team)
 
 
 # Time loop design, measured (bench/chunking.py in commit 3bee9f6; float32 forward, median
@@ -69,66 +68,6 @@ from cylstm._openmp_helpers cimport CYLSTM_OPENMP, omp_get_max_threads
 # chunked design's two GEMMs per step pack W_hh twice (OpenBLAS packs its operands on
 # every call; BENCH.md). Chunked it is; a recurrent product on weights packed once
 # removes that 1-thread cost and is the next step for speed.
-
-
-# BLAS threads. All of cylstm's parallelism is its own OpenMP threads, each calling a
-# single-threaded BLAS; a BLAS that spawned its own threads inside them would
-# oversubscribe the cores (measured: large forward 490 ms at 1 thread, 802 ms at 2).
-# OpenBLAS >= 0.3.27 has openblas_set_num_threads_local(), meant to hold only the
-# calling thread to n threads. In scipy's pthreads OpenBLAS 0.3.30 it acts on the whole
-# process (another thread reads the new count), so "each OpenMP thread sets 1 on entry
-# and restores on exit" raced: thread A saves 2 and sets 1, thread B saves that 1, A
-# restores 2, B restores 1, and the process was left at 1 (tests/test_concurrency.py
-# caught it). So the pin is reference-counted under one lock: the first thread in saves
-# the count and sets 1, the last one out restores it, whatever the interleaving of the
-# OpenMP threads of one call or of concurrent calls from several Python threads. While
-# any kernel runs, BLAS calls elsewhere in the process are single-threaded too.
-# cylstm._threads finds the symbol in the BLAS behind scipy.linalg.cython_blas and
-# registers it here; without it, _threads pins that BLAS to one thread around each call.
-ctypedef int (*_set_local_fn)(int) noexcept nogil
-cdef _set_local_fn _blas_set_local = NULL
-cdef PyThread_type_lock _pin_lock = PyThread_allocate_lock()
-cdef int _pin_count = 0           # threads inside a kernel region, under _pin_lock
-cdef int _pin_saved = 0           # the count the first of them found
-
-
-def _register_blas_set_local(size_t address):
-    """Register openblas_set_num_threads_local (its address), or 0 to unregister."""
-    global _blas_set_local
-    _blas_set_local = <_set_local_fn> address
-
-
-cdef inline int _blas_single_enter() noexcept nogil:
-    global _pin_count, _pin_saved
-    if _blas_set_local == NULL:
-        return 0
-    PyThread_acquire_lock(_pin_lock, WAIT_LOCK)
-    if _pin_count == 0:
-        _pin_saved = _blas_set_local(1)
-    _pin_count += 1
-    PyThread_release_lock(_pin_lock)
-    return 0
-
-
-cdef inline void _blas_single_exit(int previous) noexcept nogil:
-    global _pin_count
-    if _blas_set_local == NULL:
-        return
-    PyThread_acquire_lock(_pin_lock, WAIT_LOCK)
-    _pin_count -= 1
-    if _pin_count == 0:
-        _blas_set_local(_pin_saved)
-    PyThread_release_lock(_pin_lock)
-
-
-def openmp_enabled():
-    """True when the kernels were compiled with OpenMP (multicore), False if serial."""
-    return bool(CYLSTM_OPENMP)
-
-
-def openmp_max_threads():
-    """omp_get_max_threads(): OMP_NUM_THREADS if set, else the usable cores (1 if serial)."""
-    return omp_get_max_threads()
 
 
 # ----------------------------------------------------------------------------------------
@@ -286,26 +225,6 @@ cdef inline float* _pack(float* dst, const floating* w, int K, int N, int ldw,
     return NULL
 
 
-# Work below this many multiply-adds runs on one thread: waking a team costs more, and
-# on a busy machine a 2-thread region waits for the scheduler to run the second thread
-# (a B = 1 streaming step took 20 ms instead of 0.1 ms next to another busy process).
-# Only who computes a part changes, never the parts, so results stay bitwise the same.
-cdef enum:
-    _MIN_PARALLEL_MACS = 1 << 20
-
-
-cdef inline int _team(int n_threads, int n_parts, double macs) noexcept nogil:
-    """Threads worth waking for n_parts parts of `macs` multiply-adds in all."""
-    if macs < _MIN_PARALLEL_MACS:
-        return 1
-    return min(n_threads, n_parts)
-
-
-cdef inline int _split(int n, int parts, int p) noexcept nogil:
-    """Start of part p when n items are cut into `parts` near-equal contiguous parts."""
-    return <int> ((<long long> n * p) // parts)
-
-
 # ----------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------
@@ -453,7 +372,7 @@ def lstm_forward(
     cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2]
     cdef int G = w_hh.shape[0], H = w_hh.shape[0] // 4, Hp = w_hh.shape[1]
     cdef int P = 0 if w_hr is None else w_hr.shape[0]
-    cdef int p, n_chunks, prev
+    cdef int p, n_chunks
     cdef bint training = c_cache is not None
     cdef const floating* bias_p = NULL
     cdef const floating* w_hr_p = NULL
@@ -497,20 +416,24 @@ def lstm_forward(
         if P > 0 and whh_pk != NULL:
             whr_pk = _pack(whr_pk, w_hr_p, H, P, H, True)
         for p in prange(n_parts, schedule="static",
-                        num_threads=_team(n_threads, n_parts, <double> T * B * G * I)):
-            prev = _blas_single_enter()
+                        num_threads=team(n_threads, n_parts, <double> T * B * G * I,
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            blas_single_enter()
             _project_block(&gates[0, 0, 0], &x[0, 0, 0], &w_ih[0, 0], bias_p,
-                           _split(T * B, n_parts, p), _split(T * B, n_parts, p + 1), I, G)
-            _blas_single_exit(prev)
+                           split(T * B, n_parts, p), split(T * B, n_parts, p + 1), I, G)
+            blas_single_exit()
         for p in prange(n_chunks, schedule="static",
-                        num_threads=_team(n_threads, n_chunks, <double> T * B * G * (Hp + P))):
-            prev = _blas_single_enter()
+                        num_threads=team(n_threads, n_chunks, <double> T * B * G * (Hp + P),
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            blas_single_enter()
             _forward_chunk(&y[0, 0, 0], &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p, m_p,
                            &hz[0, 0], mbuf_p, hp_p, &w_hh[0, 0], w_hr_p, whh_pk,
                            whr_pk if P > 0 else NULL, &lengths[0],
-                           T, B, H, P, _split(B, n_chunks, p), _split(B, n_chunks, p + 1),
+                           T, B, H, P, split(B, n_chunks, p), split(B, n_chunks, p + 1),
                            reverse)
-            _blas_single_exit(prev)
+            blas_single_exit()
 
 
 # ----------------------------------------------------------------------------------------
@@ -600,7 +523,7 @@ cdef void _step_units(
 # A step reads every weight once (2 MiB at H = I = 256 float32): with few rows it is
 # bound by memory, and one core's 2 MiB L2 cannot hold it all. Split by hidden units,
 # each thread reads only its slice, which stays in its own L2 from one step to the next.
-# The split is used from the same size on as everything else (_MIN_PARALLEL_MACS), not
+# The split is used from the same size on as everything else (MIN_PARALLEL_MACS in _parallel.pxd), not
 # earlier: B = 1, I = H = 256 (0.5 M multiply-adds) took 19-27 us on 2 threads vs
 # 47-52 us on 1 (medians, busy 2-core machine), but in 2 of 8 runs the 2-thread median
 # was 8-12 ms: with another process on the other core, every region waited for the
@@ -611,22 +534,18 @@ cdef enum:
     _NPTR = 9                   # pointers per layer in StepRunner
 
 
-cdef inline bint _step_team_worth(int B, Py_ssize_t n_weights, size_t itemsize) noexcept nogil:
-    """Whether a layer step with B rows on n_weights weights is worth a thread team."""
-    return <double> B * n_weights >= _MIN_PARALLEL_MACS
-
-
 cdef inline void _step_part(floating* m, char** lp, floating* z, floating* hz,
                             floating* bsum, const floating* inp, const floating* h,
                             int B, int I, int H, int Hp, int n_parts, int p,
                             bint blas, bint back) noexcept nogil:
     """Part p of n_parts of a layer's hidden units; lp: the layer's pointers."""
-    cdef int prev = _blas_single_enter() if blas else 0
+    if blas:
+        blas_single_enter()
     _step_units(m, <floating*> lp[8], z, hz, bsum, inp, h, <const floating*> lp[0],
                 <const floating*> lp[1], <const floating*> lp[2], <const floating*> lp[3],
-                B, I, H, Hp, _split(H, n_parts, p), _split(H, n_parts, p + 1), back)
+                B, I, H, Hp, split(H, n_parts, p), split(H, n_parts, p + 1), back)
     if blas:
-        _blas_single_exit(prev)
+        blas_single_exit()
 
 
 cdef void _step_layers(
@@ -639,7 +558,7 @@ cdef void _step_layers(
     int L, int B, int I, int H, int P, int n_parts, int n_threads, bint back,
 ) noexcept nogil:
     """Every layer of one step; see StepRunner for the pointers of a layer."""
-    cdef int Hp = P if P > 0 else H, layer, p, pp, prev, Il, team
+    cdef int Hp = P if P > 0 else H, layer, p, pp, Il, nt
     cdef bint blas = True
     cdef char** lp
     cdef floating* y
@@ -656,20 +575,21 @@ cdef void _step_layers(
         Il = I if layer == 0 else Hp
         if blas:
             n_parts = 1             # BLAS: one call over all rows, as the sequence forward
-        team = min(n_threads, n_parts) if _step_team_worth(B, 4 * H * (Il + Hp),
-                                                           sizeof(floating)) else 1
-        if team > 1:
-            for p in prange(n_parts, schedule="static", num_threads=team):
+        nt = team(n_threads, n_parts, <double> B * 4 * H * (Il + Hp), MIN_PARALLEL_MACS)
+        if nt > 1:
+            for p in prange(n_parts, schedule="static", num_threads=nt):
+                note_team()
                 _step_part(m, lp, z, hz, bsum, inp, h, B, Il, H, Hp, n_parts, p, blas, back)
         else:                   # no OpenMP region: even a 1-thread one allocates a team
             for pp in range(n_parts):
                 p = n_parts - 1 - pp if back else pp
                 _step_part(m, lp, z, hz, bsum, inp, h, B, Il, H, Hp, n_parts, p, blas, back)
         if P > 0:                                                          # (5)
-            prev = _blas_single_enter() if blas else 0
+            if blas:
+                blas_single_enter()
             _rows_wt(B, P, H, mbuf, H, <const floating*> lp[4], y, P)
             if blas:
-                _blas_single_exit(prev)
+                blas_single_exit()
         memcpy(h, y, <size_t> B * Hp * sizeof(floating))
         inp = y
 
@@ -1017,7 +937,7 @@ def lstm_backward(
     cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2]
     cdef int G = w_hh.shape[0], H = w_hh.shape[0] // 4, Hp = w_hh.shape[1]
     cdef int P = 0 if w_hr is None else w_hr.shape[0]
-    cdef int p, n_chunks, prev
+    cdef int p, n_chunks
     cdef const floating* h0_p = NULL
     cdef const floating* w_hr_p = NULL
     cdef const floating* m_p = NULL
@@ -1071,28 +991,32 @@ def lstm_backward(
         if P > 0 and whh_pk != NULL:
             whr_pk = _pack(whr_pk, w_hr_p, P, H, H, False)
         for p in prange(n_chunks, schedule="static",
-                        num_threads=_team(n_threads, n_chunks, <double> T * B * G * (Hp + P))):
-            prev = _blas_single_enter()
+                        num_threads=team(n_threads, n_chunks, <double> T * B * G * (Hp + P),
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            blas_single_enter()
             _backward_chunk(&dz[0, 0, 0], dhp_p, &dzs[0, 0], &dh0[0, 0], &dc[0, 0],
                             &dhbuf[0, 0], dm_p, &dy[0, 0, 0], &dh_n[0, 0], &gates[0, 0, 0],
                             &c_cache[0, 0, 0], &tc_cache[0, 0, 0], &c0[0, 0], &w_hh[0, 0],
                             w_hr_p, whh_pk, whr_pk if P > 0 else NULL, &lengths[0], T, B, H, P,
-                            _split(B, n_chunks, p), _split(B, n_chunks, p + 1), reverse)
-            _blas_single_exit(prev)
+                            split(B, n_chunks, p), split(B, n_chunks, p + 1), reverse)
+            blas_single_exit()
         for p in prange(n_parts, schedule="static",
-                        num_threads=_team(n_threads, n_parts, <double> T * B * G * (I + Hp) * 2)):
-            prev = _blas_single_enter()
+                        num_threads=team(n_threads, n_parts, <double> T * B * G * (I + Hp) * 2,
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            blas_single_enter()
             _weight_grads_block(&dw_ih[0, 0], &dw_hh[0, 0], dw_hr_p, dbi_p, dbh_p,
                                 &dw_ih_tmp[0, 0], &dw_hh_tmp[0, 0], dw_hr_tmp_p, &db_tmp[0],
                                 &dz[0, 0, 0],
                                 &dzs[0, 0], dhp_p, m_p, &x[0, 0, 0], &y[0, 0, 0], h0_p,
-                                T, B, I, H, P, _split(G, n_parts, p), _split(G, n_parts, p + 1),
-                                _split(P, n_parts, p), _split(P, n_parts, p + 1), reverse)
+                                T, B, I, H, P, split(G, n_parts, p), split(G, n_parts, p + 1),
+                                split(P, n_parts, p), split(P, n_parts, p + 1), reverse)
             # dx = dz W_ih                                                   (1')
-            gemm(False, False, _split(T * B, n_parts, p + 1) - _split(T * B, n_parts, p),
-                 I, G, 1, &dz[0, 0, 0] + <Py_ssize_t> _split(T * B, n_parts, p) * G, G,
-                 &w_ih[0, 0], I, 0, &dx[0, 0, 0] + <Py_ssize_t> _split(T * B, n_parts, p) * I, I)
-            _blas_single_exit(prev)
+            gemm(False, False, split(T * B, n_parts, p + 1) - split(T * B, n_parts, p),
+                 I, G, 1, &dz[0, 0, 0] + <Py_ssize_t> split(T * B, n_parts, p) * G, G,
+                 &w_ih[0, 0], I, 0, &dx[0, 0, 0] + <Py_ssize_t> split(T * B, n_parts, p) * I, I)
+            blas_single_exit()
 
 
 cdef inline bint _is(Py_ssize_t* shape, Py_ssize_t a, Py_ssize_t b, Py_ssize_t c=-1) noexcept:

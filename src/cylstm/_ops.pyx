@@ -46,6 +46,9 @@ from libc.math cimport exp, log, isfinite
 from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memcpy, memset
 
+from cylstm._parallel cimport (MIN_PARALLEL_COPY, MIN_PARALLEL_XENT, note_team, split,
+                               team)
+
 
 ctypedef fused index_t:
     int32_t
@@ -136,26 +139,6 @@ cdef extern from *:
     double cy_ops_exp_sum_f64(double* e, const double* z, double m, int n) noexcept nogil
     void cy_ops_scale_f32(float* e, float a, int n) noexcept nogil
     void cy_ops_scale_f64(double* e, double a, int n) noexcept nogil
-
-
-# Work below these many elements runs on one thread: waking a team costs more than it
-# saves (same reasoning as _lstm.pyx's _MIN_PARALLEL_MACS). Only who computes a block
-# changes, never the blocks, so results stay bitwise the same.
-cdef enum:
-    _MIN_PARALLEL_XENT = 1 << 14     # logits: an exp, a max and a scale per element
-    _MIN_PARALLEL_COPY = 1 << 16     # gather / scatter: a load and a store per element
-
-
-cdef inline int _team(int n_threads, int n_parts, double work, double minimum) noexcept nogil:
-    """Threads worth waking for n_parts blocks of `work` elements in all."""
-    if work < minimum:
-        return 1
-    return min(n_threads, n_parts)
-
-
-cdef inline Py_ssize_t _split(Py_ssize_t n, int parts, int p) noexcept nogil:
-    """Start of block p when n items are cut into `parts` near-equal contiguous blocks."""
-    return (n * p) // parts
 
 
 # ----------------------------------------------------------------------------------------
@@ -294,11 +277,12 @@ def softmax_xent(
         scale = 1 / wsum
     with nogil:
         for p in prange(n_parts, schedule="static",
-                        num_threads=_team(n_threads, n_parts, <double> N * C,
-                                          _MIN_PARALLEL_XENT)):
+                        num_threads=team(n_threads, n_parts, <double> N * C,
+                                         MIN_PARALLEL_XENT)):
+            note_team()
             _xent_block(&dlogits[0, 0], rl_p, &block_loss[0], &block_stats[0, 0],
                         &logits[0, 0], &targets[0], w_p, ignore_index, scale,
-                        _split(N, n_parts, p), _split(N, n_parts, p + 1), C, p)
+                        split(N, n_parts, p), split(N, n_parts, p + 1), C, p)
     for p in range(n_parts):                        # fixed order: bitwise reproducible
         if block_stats[p, 1] >= 0:
             n = block_stats[p, 1]
@@ -367,10 +351,11 @@ def embedding_forward(
         _raise_bad_index(indices, bad, V)
     with nogil:
         for p in prange(n_parts, schedule="static",
-                        num_threads=_team(n_threads, n_parts, <double> N * D,
-                                          _MIN_PARALLEL_COPY)):
+                        num_threads=team(n_threads, n_parts, <double> N * D,
+                                         MIN_PARALLEL_COPY)):
+            note_team()
             _gather_block(&out[0, 0], &weight[0, 0], &indices[0],
-                          _split(N, n_parts, p), _split(N, n_parts, p + 1), D)
+                          split(N, n_parts, p), split(N, n_parts, p + 1), D)
 
 
 # The scatter-add sums each group of equal indices in a small array on the thread's own
@@ -470,7 +455,8 @@ def embedding_backward(
         return
     with nogil:
         for p in prange(n_parts, schedule="static",
-                        num_threads=_team(n_threads, n_parts, <double> N * D,
-                                          _MIN_PARALLEL_COPY)):
+                        num_threads=team(n_threads, n_parts, <double> N * D,
+                                         MIN_PARALLEL_COPY)):
+            note_team()
             _scatter_block(&dweight[0, 0], &dout[0, 0], &indices[0], &order[0], padding_idx,
                            N, D, _split_aligned(D, n_parts, p), _split_aligned(D, n_parts, p + 1))

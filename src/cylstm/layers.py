@@ -4,13 +4,14 @@ import math
 import numbers
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import _lstm
 from . import functional as F
-from ._threads import (BLAS_THREAD_LOCAL, N_PARTS, blas_single_threaded, get_num_threads,
+from ._threads import (N_PARTS, blas_single_threaded, get_num_threads,
                        threads)
 
 __all__ = ["LSTM", "LSTMState", "Linear", "Dropout", "LastStep"]
@@ -130,17 +131,24 @@ def _ragged_order(lengths):
 
 _pool = None
 _pool_lock = threading.Lock()
+_live_lstms = weakref.WeakSet()         # every LSTM, for the fork hook below
 
 
-def _forget_pool():
-    # A forked child inherits the executor object but not its thread: submitting to it
-    # would wait forever. The child makes its own on first use.
+def _after_fork_in_child():
+    # Only the forking thread exists in a forked child. The executor object survives
+    # without its thread (submitting to it would wait forever), and a lock another
+    # thread held at fork would never be released: the child starts both afresh, and
+    # drops the spare workspaces a call in such a thread may have been handing back.
     global _pool, _pool_lock
     _pool, _pool_lock = None, threading.Lock()
+    for lstm in list(_live_lstms):
+        lstm._workspaces_lock = threading.Lock()
+        lstm._training_lock = threading.Lock()
+        lstm._spare_workspaces = []
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _both_directions(run):
@@ -289,6 +297,7 @@ class LSTM(_Parametrised):
         self._spare_workspaces = []
         self._workspaces_lock = threading.Lock()
         self._training_lock = threading.Lock()
+        _live_lstms.add(self)
         self.reset_parameters()
 
     def __getstate__(self):
@@ -305,6 +314,7 @@ class LSTM(_Parametrised):
         super().__setstate__(d)
         self._workspaces_lock = threading.Lock()
         self._training_lock = threading.Lock()
+        _live_lstms.add(self)
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -568,15 +578,13 @@ class LSTM(_Parametrised):
         if self.bidirectional:
             raise ValueError("step() needs a unidirectional LSTM: the reverse direction "
                              "of a bidirectional one reads the future")
-        # One compiled call runs every layer (_lstm.StepRunner, built by the first step of a
-        # state), on the weights in place; it checks x_t itself. Measured (B = 1, I = H =
-        # 256, float32, medians of one run on a busy 2-core machine): 73-75 us before,
-        # when each layer went through lstm_forward (Python argument handling, two BLAS
-        # sgemv), 54-56 us now (one thread: see _lstm.pyx, "A step reads every weight");
-        # at H = I = 8, 10.2 -> 1.9 us.
+        # One compiled call runs every layer (_step.StepRunner, built by the first step
+        # of a state), on the weights in place; it checks x_t itself, so the common case
+        # costs no conversion here.
         runner = state._runner
-        if runner is not None and BLAS_THREAD_LOCAL:       # the kernels hold BLAS to 1 thread
-            y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
+        if runner is not None:
+            with blas_single_threaded:
+                y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
             if y is not None and y is not NotImplemented:
                 return y
         x_t = F._as_array(x_t, "x_t", self.dtype, state._x_shape)
