@@ -222,14 +222,13 @@ def two_thread_teams():
     assert _threads.max_team() >= 2, "no kernel call ran on a team of two threads"
 
 
-@pytest.fixture(params=[0, 1, 2], ids=["blas", "avx2", "avx512"])
+@pytest.fixture(params=[0, 1, 2], ids=["baseline", "avx2", "avx512"])
 def kernel_level(request):
-    """Run the test at one per-step kernel level (0 = BLAS, 1 = AVX2, 2 = AVX-512),
-    restored afterwards; skipped where the CPU lacks the instruction set."""
-    from cylstm import _lstm
-    if request.param > _lstm.rgemm_level():
-        pytest.skip("this CPU lacks the instruction set")
-    before = _lstm.rgemm_level()
-    _lstm._set_rgemm_level(request.param)
-    yield request.param
-    _lstm._set_rgemm_level(before)
+    """Run the test at one ISA level of the kernels (cylstm._isa: 0 baseline, with BLAS
+    for the per-step products; 1 AVX2+FMA; 2 AVX-512), restored afterwards; skipped
+    (reported) where the CPU lacks the instruction set."""
+    from cylstm import _isa
+    if request.param > _isa.cpu_level():
+        pytest.skip(f"this CPU lacks {_isa.NAMES[request.param]}")
+    with _isa.use_level(request.param):
+        yield request.param

@@ -29,6 +29,8 @@ cdef double _work_scale = 1.0
 # A forked child of a process whose OpenMP runtime had started a thread pool runs every
 # kernel on one thread: GNU libgomp's pool does not survive fork, and a team of two in
 # the child waits forever for threads that are not there (cylstm/_threads.py warns).
+# A one-thread region is safe there: libgomp's gomp_team_start returns before it
+# touches the pool when the team has one thread (tests/test_fork.py checks it).
 cdef bint _serial_only = False
 # The largest team any region has run with (omp_get_num_threads() inside the region).
 cdef int _max_team = 0

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import _lstm
+from . import _step
 from . import functional as F
 from ._threads import (N_PARTS, blas_single_threaded, get_num_threads,
                        threads)
@@ -597,7 +597,7 @@ class LSTM(_Parametrised):
             keys = [[k if k in self.params else None for k in (
                 f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}",
                 f"weight_hr{sfx}")] for sfx in (self._suffix(l, 0) for l in range(self.num_layers))]
-            state._runner = runner = _lstm.StepRunner(
+            state._runner = runner = _step.StepRunner(
                 keys, self.params, state.h, state.c, state._y, self.input_size,
                 self.hidden_size, self.proj_size, self.dtype)
             y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
@@ -620,7 +620,7 @@ class LSTMState:
             self.h[...], self.c[...] = h0, c0
         self._y = np.empty((L, 1, batch, Hp), dt)
         self._x_shape = (batch, model.input_size)
-        self._runner = None                    # _lstm.StepRunner, built by the first step
+        self._runner = None                    # _step.StepRunner, built by the first step
 
     def __getstate__(self):
         # copy/deepcopy/pickle: the runner holds raw pointers into this object's arrays,
