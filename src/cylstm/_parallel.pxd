@@ -53,6 +53,7 @@ cdef int team(int n_threads, int n_parts, double work, double minimum) noexcept 
 cdef void note_team() noexcept nogil
 cdef void blas_single_enter() noexcept nogil
 cdef void blas_single_exit() noexcept nogil
+cdef object fallback_pin()
 
 
 cdef inline Py_ssize_t split(Py_ssize_t n, int parts, int p) noexcept nogil:

@@ -126,6 +126,21 @@ def _register_blas_set_local(size_t address):
     _blas_set_local = <_set_local_fn> address
 
 
+# The threadpoolctl pin _threads.py uses when there is no thread-local setter, for the
+# entry points that pin BLAS themselves (StepRunner.run: a step is too short for a
+# Python `with` around it); None when the setter is registered.
+cdef object _fallback_pin = None
+
+
+def _register_fallback_pin(pin):
+    global _fallback_pin
+    _fallback_pin = pin
+
+
+cdef object fallback_pin():
+    return _fallback_pin
+
+
 def blas_set_local_registered():
     """True when the kernels hold BLAS to one thread themselves (thread-local setter)."""
     return _blas_set_local != NULL

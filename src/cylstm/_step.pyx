@@ -20,7 +20,7 @@ from libc.string cimport memcpy
 from cylstm._blas cimport gemm
 from cylstm._isa cimport on_level_change
 from cylstm._parallel cimport (MIN_PARALLEL_MACS, blas_single_enter, blas_single_exit,
-                               note_team, split, team)
+                               fallback_pin, note_team, split, team)
 
 
 cdef extern from "_activations.h" nogil:
@@ -382,6 +382,9 @@ cdef class StepRunner:
             PyObject_GetBuffer(x, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
         except (TypeError, BufferError, ValueError):
             return NotImplemented
+        pin = fallback_pin()         # BLAS held to one thread by threadpoolctl, or None
+        if pin is not None:
+            pin.__enter__()
         try:
             if not (view.itemsize == itemsize and view.format != NULL
                     and view.format[0] == fmt and view.format[1] == 0
@@ -400,6 +403,8 @@ cdef class StepRunner:
                                  <const double*> view.buf, self.nL, self.nB, self.nI,
                                  self.nH, self.nP, n_parts, n_threads, self.back)
         finally:
+            if pin is not None:
+                pin.__exit__(None, None, None)
             PyBuffer_Release(&view)
         self.back = _step_snake and not self.back
         return self.out

@@ -236,7 +236,9 @@ def _setup_blas():
     except Exception:  # threadpoolctl cannot inspect this BLAS: use the global pin
         address = 0
     _parallel._register_blas_set_local(address)
-    return contextlib.nullcontext() if address else _GlobalBlasPin()
+    pin = contextlib.nullcontext() if address else _GlobalBlasPin()
+    _parallel._register_fallback_pin(None if address else pin)
+    return pin
 
 
 #: ``with blas_single_threaded:`` around every kernel call (a no-op when the kernels

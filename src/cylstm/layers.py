@@ -11,8 +11,7 @@ import numpy as np
 
 from . import _step
 from . import functional as F
-from ._threads import (N_PARTS, blas_single_threaded, get_num_threads,
-                       threads)
+from ._threads import N_PARTS, get_num_threads, threads
 
 __all__ = ["LSTM", "LSTMState", "Linear", "Dropout", "LastStep"]
 
@@ -580,30 +579,28 @@ class LSTM(_Parametrised):
                              "of a bidirectional one reads the future")
         # One compiled call runs every layer (_step.StepRunner, built by the first step
         # of a state), on the weights in place; it checks x_t itself, so the common case
-        # costs no conversion here.
+        # costs no conversion here, and it holds BLAS to one thread itself.
         runner = state._runner
         if runner is not None:
-            with blas_single_threaded:
-                y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
+            y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
             if y is not None and y is not NotImplemented:
                 return y
         x_t = F._as_array(x_t, "x_t", self.dtype, state._x_shape)
-        with blas_single_threaded:
-            if runner is not None:
-                y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
-                if y is not None and y is not NotImplemented:
-                    return y
-            # first step, or a weight / h / c array was replaced: (re)build the runner
-            keys = [[k if k in self.params else None for k in (
-                f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}",
-                f"weight_hr{sfx}")] for sfx in (self._suffix(l, 0) for l in range(self.num_layers))]
-            state._runner = runner = _step.StepRunner(
-                keys, self.params, state.h, state.c, state._y, self.input_size,
-                self.hidden_size, self.proj_size, self.dtype)
+        if runner is not None:
             y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
-            if y is None or y is NotImplemented:       # a fresh runner on a converted x_t
-                raise RuntimeError("cylstm: the compiled step refused its own arguments")
-            return y
+            if y is not None and y is not NotImplemented:
+                return y
+        # first step, or a weight / h / c array was replaced: (re)build the runner
+        keys = [[k if k in self.params else None for k in (
+            f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}",
+            f"weight_hr{sfx}")] for sfx in (self._suffix(l, 0) for l in range(self.num_layers))]
+        state._runner = runner = _step.StepRunner(
+            keys, self.params, state.h, state.c, state._y, self.input_size,
+            self.hidden_size, self.proj_size, self.dtype)
+        y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
+        if y is None or y is NotImplemented:           # a fresh runner on a converted x_t
+            raise RuntimeError("cylstm: the compiled step refused its own arguments")
+        return y
 
 
 class LSTMState:
