@@ -45,10 +45,13 @@ N_PARTS = _usable_cores()
 PACK_MIN_STEPS = _parallel.thresholds()["PACK_MIN_STEPS"]
 
 _global_setting = None          # set_num_threads(); None = default
+_SERIAL = not _parallel.openmp_enabled()     # serial build, or a forked child (below)
 _fork_warning_due = False       # a forked child runs serially and has not said so yet
+
+
 class _Local(threading.local):
-    n = None                    # a class default: reading it never raises AttributeError,
-                                # which cost ~1 us per kernel call with getattr(..., None)
+    n = None                    # a class default, so reading it never raises: a
+                                # getattr(..., None) would cost ~1 us per kernel call
 
 
 _local = _Local()               # threads() overrides, per Python thread
@@ -110,9 +113,6 @@ def threads(n):
         yield
     finally:
         _local.n = previous
-
-
-_SERIAL = not _parallel.openmp_enabled()     # serial build, or a forked child (below)
 
 
 @contextlib.contextmanager
