@@ -105,7 +105,7 @@ extensions = [
         include_dirs=["src", "src/cylstm"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
-    for name in ("_lstm", "_optim", "_ops")
+    for name in ("_parallel", "_isa", "_lstm", "_step", "_optim", "_ops")
 ]
 
 setup(

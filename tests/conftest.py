@@ -8,7 +8,7 @@ import pytest
 
 import cylstm
 
-# Tolerances of docs/math.md ("What is bitwise and what agrees to rounding"), relative to the largest magnitude.
+# Tolerances of docs/math.md, relative to the largest magnitude.
 KERNEL_TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 
@@ -207,14 +207,28 @@ def _restore_thread_setting():
     cylstm.set_num_threads(None)
 
 
-@pytest.fixture(params=[0, 1, 2], ids=["blas", "avx2", "avx512"])
+@pytest.fixture
+def two_thread_teams():
+    """For thread-count invariance tests: inside the test every kernel call forms a real
+    OpenMP team of min(threads, N_PARTS) (cylstm._threads.force_parallel), and the test
+    fails unless a team of two actually ran. Skipped (reported, not passed) where two
+    threads cannot run: a serial build or a single usable core."""
+    from cylstm import _parallel, _threads
+    if not cylstm.openmp_enabled() or _threads.N_PARTS < 2:
+        pytest.skip("a team of two needs an OpenMP build and two usable cores")
+    _parallel._reset_max_team()
+    with _threads.force_parallel():
+        yield
+    assert _threads.max_team() >= 2, "no kernel call ran on a team of two threads"
+
+
+@pytest.fixture(params=[0, 1, 2], ids=["baseline", "avx2", "avx512"])
 def kernel_level(request):
-    """Run the test at one per-step kernel level (0 = BLAS, 1 = AVX2, 2 = AVX-512),
-    restored afterwards; skipped where the CPU lacks the instruction set."""
-    from cylstm import _lstm
-    if request.param > _lstm.rgemm_level():
-        pytest.skip("this CPU lacks the instruction set")
-    before = _lstm.rgemm_level()
-    _lstm._set_rgemm_level(request.param)
-    yield request.param
-    _lstm._set_rgemm_level(before)
+    """Run the test at one ISA level of the kernels (cylstm._isa: 0 baseline, with BLAS
+    for the per-step products; 1 AVX2+FMA; 2 AVX-512), restored afterwards; skipped
+    (reported) where the CPU lacks the instruction set."""
+    from cylstm import _isa
+    if request.param > _isa.cpu_level():
+        pytest.skip(f"this CPU lacks {_isa.NAMES[request.param]}")
+    with _isa.use_level(request.param):
+        yield request.param

@@ -19,7 +19,7 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import cylstm
-from cylstm import _lstm, _threads
+from cylstm import _isa, _parallel, _threads
 from cylstm import functional as F
 from cylstm import layers
 
@@ -314,12 +314,24 @@ def test_kernels_use_the_fallback_pin_correctly(monkeypatch):
     dx0, _ = lstm.backward(np.ones_like(y0))
     address = _threads._find_local_setter(_threads._scipy_blas_libraries())
     before = _scipy_blas_threads()
-    monkeypatch.setattr(F, "blas_single_threaded", _threads._GlobalBlasPin())
-    _lstm._register_blas_set_local(0)
+    with _isa.use_level(0):                                       # BLAS steps
+        s0 = lstm.eval().initial_state(3)
+        steps0 = [lstm.step(x[t], s0).copy() for t in range(5)]
+    lstm.train()
+    pin = _threads._GlobalBlasPin()
+    monkeypatch.setattr(F, "blas_single_threaded", pin)
+    _parallel._register_blas_set_local(0)
+    _parallel._register_fallback_pin(pin)                         # the step's own pin
     try:
         y1, _ = lstm(x)
         dx1, _ = lstm.backward(np.ones_like(y1))
+        with _isa.use_level(0):
+            s1 = lstm.eval().initial_state(3)
+            steps1 = [lstm.step(x[t], s1).copy() for t in range(5)]
     finally:
-        _lstm._register_blas_set_local(address)
+        _parallel._register_blas_set_local(address)
+        _parallel._register_fallback_pin(None if address else _threads.blas_single_threaded)
     assert np.array_equal(y0, y1) and np.array_equal(dx0, dx1)
+    assert all(np.array_equal(a, b) for a, b in zip(steps0, steps1))
+    assert pin._count == 0
     assert _scipy_blas_threads() == before

@@ -85,7 +85,7 @@ def test_backward_accumulates_and_zero_grad():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bitwise_identical_for_any_thread_count(dtype):
+def test_bitwise_identical_for_any_thread_count(dtype, two_thread_teams):
     # N*D above the kernels' one-thread threshold (2**16); D not a multiple of N_PARTS.
     V, D, N = 40, 67, 1501
     rng = np.random.default_rng(7)

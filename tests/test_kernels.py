@@ -2,7 +2,7 @@
 forward and backward, float32 and float64, over directions, ragged lengths, initial
 states, biases and edge sizes; batched vs step-by-step; thread-count invariance (bitwise);
 gradient accumulation; padding; cache immutability; workspace reuse; gate activations
-over a dense grid."""
+over a dense grid (docs/math.md)."""
 import numpy as np
 import pytest
 
@@ -250,7 +250,8 @@ def test_batched_equals_step_by_step(reverse, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_results_are_bitwise_identical_for_any_thread_count(reverse, dtype):
+def test_results_are_bitwise_identical_for_any_thread_count(
+        reverse, dtype, two_thread_teams, kernel_level):
     """threads(1), threads(2) and the default give identical forward and gradients.
     Medium size, so that the batch really is chunked and the GEMMs are blocked."""
     T, B, I, H = 20, 9, 16, 32
@@ -274,7 +275,7 @@ def test_results_are_bitwise_identical_for_any_thread_count(reverse, dtype):
         assert_close(results[1][name], want[name], KERNEL_TOL[np.dtype(dtype)], name)
 
 
-def test_set_num_threads_does_not_change_results():
+def test_set_num_threads_does_not_change_results(two_thread_teams):
     """The process-wide setting (set_num_threads) is bitwise neutral too."""
     T, B, I, H = 12, 7, 8, 16
     p = make_layer_problem(T, B, I, H, seed=14, dtype=np.float32)
@@ -412,7 +413,7 @@ def _exact_sigmoid(z):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_gate_activations_over_a_dense_grid(dtype):
+def test_gate_activations_over_a_dense_grid(dtype, kernel_level):
     """Activated gates (cache.gates) and tanh(c_t) (cache.tc) within a few ulps of the
     exact value, relative, over a dense grid of pre-activations, including both sides of
     every branch point of a fast implementation (0, 1e-4, 0.625, ...)."""
@@ -442,7 +443,7 @@ def test_gate_activations_over_a_dense_grid(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_gate_activations_saturate_without_nan_or_inf(dtype):
+def test_gate_activations_saturate_without_nan_or_inf(dtype, kernel_level):
     """Huge and infinite pre-activations saturate (sigmoid -> 0/1, tanh -> +-1) with no
     NaN or Inf; a NaN pre-activation gives NaN gates (it is not silently hidden)."""
     big = np.finfo(dtype).max

@@ -188,7 +188,8 @@ def test_nothing_counted_gives_zero_loss_and_zero_grad(reduction):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_cross_entropy_bitwise_identical_for_any_thread_count(dtype, reduction):
+def test_cross_entropy_bitwise_identical_for_any_thread_count(
+        dtype, reduction, two_thread_teams, kernel_level):
     # N*C above the kernel's one-thread threshold (2**14), N not a multiple of N_PARTS.
     z, t = problem((601,), 97, seed=9, dtype=dtype, ignore_frac=0.1)
     mask = np.random.default_rng(10).random(601) < 0.9

@@ -304,7 +304,7 @@ ALL = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bitwise_identical_for_any_thread_count(dtype):
+def test_bitwise_identical_for_any_thread_count(dtype, two_thread_teams):
     n = 100_003           # several parts (N_PARTS), well above the one-thread cut-off
     p0, grads = _problem(n, dtype, 3, seed=5)
     grads = [g * 100 for g in grads]

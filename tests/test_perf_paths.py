@@ -4,7 +4,7 @@
   float64 product, on shapes that exercise its edges (row pairs and their remainder, groups
   of 4 weight rows and the remainder, K tails of 1..31), at each ISA level; a row of C is
   the same bits whatever block it is computed in (what makes threads not matter).
-* LSTM.step (_lstm.StepRunner): every layer of one step against the reference
+* LSTM.step (_step.StepRunner): every layer of one step against the reference
   (cylstm.reference, float64 math) in float32 and float64, with and without biases and a
   projection, at a size whose weights are split across threads by hidden units, at each
   ISA level including BLAS; bitwise the same for 1 and 2 threads; and it always reads
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import cylstm
-from cylstm import _lstm, reference
+from cylstm import _isa, _lstm, _parallel, _step, _threads, reference
 
 from conftest import rel_err
 
@@ -44,7 +44,7 @@ def test_dot_kernel_matches_a_float64_product(lvl):
             a = rng.standard_normal((M, K)).astype(np.float32)
             w = rng.standard_normal((N, K)).astype(np.float32)
             want = a.astype(np.float64) @ w.T.astype(np.float64)
-            got = _lstm._dot_matmul_f32(a, w)
+            got = _step._dot_matmul_f32(a, w)
             assert got.shape == (M, N) and got.dtype == np.float32
             bound = 4 * K * np.finfo(np.float32).eps * (np.abs(a) @ np.abs(w.T))
             assert np.all(np.abs(got - want) <= bound + 1e-30), (M, N, K)
@@ -62,12 +62,12 @@ def test_dot_kernel_rows_do_not_depend_on_their_block(lvl):
         rng = np.random.default_rng(1)
         a = rng.standard_normal((5, 45)).astype(np.float32)
         w = rng.standard_normal((23, 45)).astype(np.float32)
-        full = _lstm._dot_matmul_f32(a, w)
+        full = _step._dot_matmul_f32(a, w)
         for i in range(5):
             for n0, n1 in ((0, 23), (3, 4), (5, 18), (22, 23)):
-                assert np.array_equal(_lstm._dot_matmul_f32(a[i:i + 1], w[n0:n1]),
+                assert np.array_equal(_step._dot_matmul_f32(a[i:i + 1], w[n0:n1]),
                                       full[i:i + 1, n0:n1])
-        assert np.array_equal(_lstm._dot_matmul_f32(a[1:4], w[2:21]), full[1:4, 2:21])
+        assert np.array_equal(_step._dot_matmul_f32(a[1:4], w[2:21]), full[1:4, 2:21])
     finally:
         _lstm._set_rgemm_level(before)
 
@@ -93,9 +93,9 @@ def test_dot_kernel_gives_the_same_bits_at_any_alignment(lvl):
         for M, N, K in ((1, 9, 64), (2, 8, 32), (3, 13, 80), (1, 4, 256), (2, 6, 45)):
             a = rng.standard_normal((M, K)).astype(np.float32)
             w = rng.standard_normal((N, K)).astype(np.float32)
-            want = _lstm._dot_matmul_f32(a, _at_offset(w, 0))
+            want = _step._dot_matmul_f32(a, _at_offset(w, 0))
             for offset in range(1, 16):
-                got = _lstm._dot_matmul_f32(a, _at_offset(w, offset))
+                got = _step._dot_matmul_f32(a, _at_offset(w, offset))
                 assert np.array_equal(got, want), (M, N, K, offset)
             exact = a.astype(np.float64) @ w.T.astype(np.float64)
             bound = 4 * K * np.finfo(np.float32).eps * (np.abs(a) @ np.abs(w.T))
@@ -151,8 +151,9 @@ def test_step_matches_the_reference(case, dtype, level):
     h0 = rng.standard_normal((L, B, P or H)).astype(dtype)
     c0 = rng.standard_normal((L, B, H)).astype(dtype)
     want_y, want_h, want_c = reference_steps(lstm, x, h0, c0)
+    _parallel._reset_max_team()
     for n in (1, 2):
-        with cylstm.threads(n):
+        with cylstm.threads(n), _threads.force_parallel():     # real teams, however small
             state = lstm.initial_state(B, state=(h0, c0))
             ys = np.stack([lstm.step(x[t], state).copy() for t in range(T)])
         assert ys.dtype == np.dtype(dtype)
@@ -163,6 +164,9 @@ def test_step_matches_the_reference(case, dtype, level):
         else:                          # bitwise the same on any number of threads
             assert np.array_equal(ys, first[0])
             assert np.array_equal(state.h, first[1]) and np.array_equal(state.c, first[2])
+    # the float32 kernels split a step by hidden units; BLAS steps are one call
+    if dtype == "float32" and level > 0 and _threads.N_PARTS >= 2 and cylstm.openmp_enabled():
+        assert _threads.max_team() == 2
 
 
 # ---- LSTM.step always reads the current weights and state ---------------------------------
@@ -257,9 +261,9 @@ def test_step_weight_order_changes_no_bit():
     outs = []
     try:
         for snake in (True, False):
-            _lstm._set_step_snake(snake)
+            _step._set_step_snake(snake)
             state = lstm.initial_state(3)
             outs.append(np.stack([lstm.step(x[t], state).copy() for t in range(5)]))
     finally:
-        _lstm._set_step_snake(True)
+        _step._set_step_snake(True)
     assert np.array_equal(outs[0], outs[1])

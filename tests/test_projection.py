@@ -145,7 +145,8 @@ def test_compiled_with_projection_no_bias(reverse, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_projection_results_are_bitwise_identical_for_any_thread_count(reverse, dtype):
+def test_projection_results_are_bitwise_identical_for_any_thread_count(
+        reverse, dtype, two_thread_teams, kernel_level):
     """threads(1), threads(2) and the default: identical y, states and every gradient,
     dw_hr included. Medium size so the batch is chunked and the GEMMs are blocked."""
     T, B, I, H, P = 20, 9, 16, 32, 8

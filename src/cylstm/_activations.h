@@ -16,20 +16,7 @@
 #include <stdint.h>
 #include <string.h>
 
-/* The row loops are compiled for AVX-512 and AVX2+FMA as well as the baseline, and the
- * best one the CPU has is chosen at load time (GCC function multi-versioning, x86-64
- * ELF only), so a wheel built for any x86-64 still runs the wide vectors. The clones may
- * round differently from each other (FMA), never from one run to the next. */
-#if defined(__GNUC__) || defined(__clang__)
-#define CY_INLINE static inline __attribute__((always_inline))
-#else
-#define CY_INLINE static inline
-#endif
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
-#define CY_ROWS __attribute__((target_clones("avx512f", "arch=haswell", "default"))) static
-#else
-#define CY_ROWS static inline
-#endif
+#include "_isa.h"
 
 /* e^x for x in [-87.3, 0] (clamped below, so the result stays a normal float).
  * Rounding x/ln2 to an integer by adding 1.5*2^23 keeps the loop free of float->int
@@ -79,84 +66,26 @@ CY_INLINE float cy_tanh_f32(float x)
     return x != x ? x : t;
 }
 
+/* The row functions, one version per instruction-set level (_isa.h); the kernels call
+ * them through pointers chosen by the level (cy_act_select). */
+
 /* z[j] = sigmoid(z[j] + hz[j]), j < n */
-CY_ROWS void cy_sigmoid_add_f32(float *restrict z, const float *restrict hz, int n)
-{
-    for (int j = 0; j < n; j++) z[j] = cy_sigmoid_f32(z[j] + hz[j]);
-}
+CY_PER_LEVEL(void, cy_sigmoid_add_f32, (float *restrict z, const float *restrict hz, int n),
+    for (int j = 0; j < n; j++) z[j] = cy_sigmoid_f32(z[j] + hz[j]);)
 
 /* z[j] = tanh(z[j] + hz[j]), j < n */
-CY_ROWS void cy_tanh_add_f32(float *restrict z, const float *restrict hz, int n)
+CY_PER_LEVEL(void, cy_tanh_add_f32, (float *restrict z, const float *restrict hz, int n),
+    for (int j = 0; j < n; j++) z[j] = cy_tanh_f32(z[j] + hz[j]);)
+
+typedef struct {
+    void (*sigmoid_add)(float *restrict, const float *restrict, int);
+    void (*tanh_add)(float *restrict, const float *restrict, int);
+} cy_act_f32;
+
+static inline cy_act_f32 cy_act_select(int level)
 {
-    for (int j = 0; j < n; j++) z[j] = cy_tanh_f32(z[j] + hz[j]);
-}
-
-/* out[j] = tanh(in[j]), j < n */
-CY_ROWS void cy_tanh_f32_array(float *restrict out, const float *restrict in, int n)
-{
-    for (int j = 0; j < n; j++) out[j] = cy_tanh_f32(in[j]);
-}
-
-/* (3) (4) of the forward for one batch row: c = f * c + i * g; tc = tanh(c); m = o * tc.
- * z: the activated gates [i|f|g|o], each block H long, blocks gs apart (gs = H for a
- * whole row; the streaming step passes a slice of units); c (H,) INOUT; m (H,) OUT;
- * tc (H,) OUT or NULL.
- * In C for the same reasons as cy_gate_grads below: in Cython these loops ran scalar. */
-#define CY_CELL_BODY(T, TANH)                                                       \
-    const T *zi = z, *zf = z + gs, *zg = z + 2 * (size_t) gs, *zo = z + 3 * (size_t) gs;  \
-    for (int j = 0; j < H; j++)                                                     \
-        c[j] = zf[j] * c[j] + zi[j] * zg[j];                                        \
-    for (int j = 0; j < H; j++)                                                     \
-        m[j] = TANH(c[j]);                                                          \
-    if (tc != NULL)                                                                 \
-        memcpy(tc, m, (size_t) H * sizeof(T));                                      \
-    for (int j = 0; j < H; j++)                                                     \
-        m[j] = zo[j] * m[j];
-
-CY_ROWS void cy_cell_f32(float *restrict c, float *restrict m, float *restrict tc,
-                         const float *restrict z, int H, int gs)
-{
-    CY_CELL_BODY(float, cy_tanh_f32)
-}
-
-CY_ROWS void cy_cell_f64(double *restrict c, double *restrict m, double *restrict tc,
-                         const double *restrict z, int H, int gs)
-{
-    CY_CELL_BODY(double, tanh)
-}
-
-/* The backward's gate derivatives for one batch row (_lstm.pyx, (4') (3') (2')):
- * dc (H,) INOUT dL/dc_t in, dL/dc_{t-1} out; dz (4H,) OUT; z (4H,) the activated gates
- * [i|f|g|o]; tc (H,) tanh(c_t); cprev (H,) c_{t-1}; dm (H,) dL/dm_t. In C with restrict
- * so that it vectorises (clones for AVX-512 / AVX2): in Cython, gcc could not rule out
- * aliasing and ran it scalar, SSE2 at best. */
-#define CY_GATE_GRADS_BODY(T)                                                       \
-    /* gate blocks as pointers: with -fwrapv (Python's flags) an index H + j may    \
-     * wrap, and gcc would not vectorise the loop */                                \
-    const T *zi = z, *zf = z + H, *zg = z + 2 * (size_t) H, *zo = z + 3 * (size_t) H;  \
-    T *dzi = dz, *dzf = dz + H, *dzg = dz + 2 * (size_t) H, *dzo = dz + 3 * (size_t) H;  \
-    for (int j = 0; j < H; j++) {                                                   \
-        T ig = zi[j], fg = zf[j], gg = zg[j], og = zo[j], t = tc[j], dh = dm[j];    \
-        T dcj = dc[j] + dh * og * (1 - t * t);                          /* (4') */  \
-        dzi[j] = dcj * gg * ig * (1 - ig);                         /* (3') (2') */  \
-        dzf[j] = dcj * cprev[j] * fg * (1 - fg);                                    \
-        dzg[j] = dcj * ig * (1 - gg * gg);                                          \
-        dzo[j] = dh * t * og * (1 - og);                                            \
-        dc[j] = dcj * fg;                                                           \
-    }
-
-CY_ROWS void cy_gate_grads_f32(float *restrict dz, float *restrict dc, const float *restrict z,
-                               const float *restrict tc, const float *restrict cprev,
-                               const float *restrict dm, int H)
-{
-    CY_GATE_GRADS_BODY(float)
-}
-
-CY_ROWS void cy_gate_grads_f64(double *restrict dz, double *restrict dc,
-                               const double *restrict z, const double *restrict tc,
-                               const double *restrict cprev, const double *restrict dm, int H)
-{
-    CY_GATE_GRADS_BODY(double)
+    cy_act_f32 t = {cy_sigmoid_add_f32_by_level[level], cy_tanh_add_f32_by_level[level]};
+    return t;
 }
 
 static inline double cy_sigmoid_f64(double x)
@@ -174,11 +103,6 @@ static inline void cy_sigmoid_add_f64(double *z, const double *hz, int n)
 static inline void cy_tanh_add_f64(double *z, const double *hz, int n)
 {
     for (int j = 0; j < n; j++) z[j] = tanh(z[j] + hz[j]);
-}
-
-static inline void cy_tanh_f64_array(double *out, const double *in, int n)
-{
-    for (int j = 0; j < n; j++) out[j] = tanh(in[j]);
 }
 
 #endif

@@ -252,7 +252,7 @@ def _header(args, mode):
     from threadpoolctl import threadpool_info
 
     model, flags = _cpu_info()
-    ext = cylstm._threads._lstm.__file__
+    ext = cylstm._lstm.__file__
     env = {k: os.environ[k] for k in (
         "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
         "OMP_PROC_BIND", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT") if k in os.environ}

@@ -1,4 +1,6 @@
-"""Compiled LSTM kernels: one layer, one direction, the whole sequence.
+"""Compiled LSTM kernels: one layer, one direction, the whole sequence, forward and
+backward. The streaming step (T = 1, every layer) is _step.pyx; the cell math is
+_cell.h; the thread policy is _parallel.pxd; the ISA levels are _isa.h.
 
 Dimension legend (used in every shape comment):
     T  time steps      B  batch rows      I  input features
@@ -10,7 +12,8 @@ Every array is C-contiguous and time-major (T, B, .). Outputs come first, then i
 then sizes. The Python layer (cylstm/functional.py) validates and allocates; the kernels
 here trust their arguments, allocate nothing and run without the GIL.
 
-Forward, per step t (the backward refers to these numbers):
+Forward, per step t, numbered as in docs/math.md and cylstm/reference.py (the backward
+refers to these numbers):
     (1) z_t = (x_t W_ih^T + b) + h_{t-1} W_hh^T             (B, G)
     (2) i = sigmoid(z[i])  f = sigmoid(z[f])  g = tanh(z[g])  o = sigmoid(z[o])
     (3) c_t = f * c_{t-1} + i * g
@@ -32,130 +35,103 @@ is frozen and y[t=s, b] = 0 (for s >= L, t = s walks exactly the padded position
 Parallel structure. Batch rows are independent sequences, so the batch is cut into fixed
 chunks and each OpenMP thread runs the *whole* time loop of its chunks: per step one
 single-threaded GEMM h_{t-1} W_hh^T on its own rows, then its fused gate math. There is no
-barrier between steps at all. The alternative the design asked to measure, one
-multithreaded GEMM per step followed by a prange over the gates, needs two barriers per
-step; the figures that decided it are in the comment below.
+barrier between steps at all (why not one multithreaded GEMM per step: the comment below).
 The large GEMMs (input projection before the loop; dW_ih, dW_hh, db, dx after it) run
 over fixed row blocks in a prange, each block one single-threaded GEMM.
 Chunk and block boundaries depend only on the shapes and on `n_parts` (fixed per process
 by the Python layer from the machine's core count, never from the thread count), and
 shared gradients are written only by the block that owns their rows, so results are
-bitwise identical for any number of threads.
+bitwise identical for any number of threads (team sizes and thresholds: _parallel.pxd).
 """
 
 from cython cimport floating
 from cython.parallel cimport prange
-from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
-                               PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
-from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBuffer_Release, PyObject_GetBuffer
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memcpy, memset
 
 from cylstm._blas cimport gemm
-from cylstm._openmp_helpers cimport CYLSTM_OPENMP, omp_get_max_threads
+from cylstm._isa cimport on_level_change
+from cylstm._parallel cimport (MIN_PARALLEL_MACS, blas_single_enter, blas_single_exit,
+                               note_team, split, team)
 
 
-# Time loop design, measured (bench/chunking.py in commit 3bee9f6; float32 forward, median
-# ms, 2-core Xeon, OpenBLAS 0.3.30; blocks of reps alternating with pauses):
-#   chunked = per-thread batch chunks, each its own GEMM + gates, no per-step barrier
-#   shared  = one OpenBLAS GEMM over all B rows per step, then a prange over the gates
-#             config     1 thread: chunked / shared     2 threads: chunked / shared
-#             tiny           0.111 / 0.161                  0.135 / 0.229
-#             small          11.3  / 7.80                   6.29  / 972
-#             medium         57.5  / 42.1                   33.1  / 1031
-#             large          298   / 267                    214   / 1110
-# At 2 threads the shared design collapses: OpenBLAS's threads and the OpenMP team
-# fight for the cores at two barriers per step. At 1 thread it wins 10-30%, because the
-# chunked design's two GEMMs per step pack W_hh twice (OpenBLAS packs its operands on
-# every call; BENCH.md). Chunked it is; a recurrent product on weights packed once
-# removes that 1-thread cost and is the next step for speed.
-
-
-# BLAS threads. All of cylstm's parallelism is its own OpenMP threads, each calling a
-# single-threaded BLAS; a BLAS that spawned its own threads inside them would
-# oversubscribe the cores (measured: large forward 490 ms at 1 thread, 802 ms at 2).
-# OpenBLAS >= 0.3.27 has openblas_set_num_threads_local(), meant to hold only the
-# calling thread to n threads. In scipy's pthreads OpenBLAS 0.3.30 it acts on the whole
-# process (another thread reads the new count), so "each OpenMP thread sets 1 on entry
-# and restores on exit" raced: thread A saves 2 and sets 1, thread B saves that 1, A
-# restores 2, B restores 1, and the process was left at 1 (tests/test_concurrency.py
-# caught it). So the pin is reference-counted under one lock: the first thread in saves
-# the count and sets 1, the last one out restores it, whatever the interleaving of the
-# OpenMP threads of one call or of concurrent calls from several Python threads. While
-# any kernel runs, BLAS calls elsewhere in the process are single-threaded too.
-# cylstm._threads finds the symbol in the BLAS behind scipy.linalg.cython_blas and
-# registers it here; without it, _threads pins that BLAS to one thread around each call.
-ctypedef int (*_set_local_fn)(int) noexcept nogil
-cdef _set_local_fn _blas_set_local = NULL
-cdef PyThread_type_lock _pin_lock = PyThread_allocate_lock()
-cdef int _pin_count = 0           # threads inside a kernel region, under _pin_lock
-cdef int _pin_saved = 0           # the count the first of them found
-
-
-def _register_blas_set_local(size_t address):
-    """Register openblas_set_num_threads_local (its address), or 0 to unregister."""
-    global _blas_set_local
-    _blas_set_local = <_set_local_fn> address
-
-
-cdef inline int _blas_single_enter() noexcept nogil:
-    global _pin_count, _pin_saved
-    if _blas_set_local == NULL:
-        return 0
-    PyThread_acquire_lock(_pin_lock, WAIT_LOCK)
-    if _pin_count == 0:
-        _pin_saved = _blas_set_local(1)
-    _pin_count += 1
-    PyThread_release_lock(_pin_lock)
-    return 0
-
-
-cdef inline void _blas_single_exit(int previous) noexcept nogil:
-    global _pin_count
-    if _blas_set_local == NULL:
-        return
-    PyThread_acquire_lock(_pin_lock, WAIT_LOCK)
-    _pin_count -= 1
-    if _pin_count == 0:
-        _blas_set_local(_pin_saved)
-    PyThread_release_lock(_pin_lock)
-
-
-def openmp_enabled():
-    """True when the kernels were compiled with OpenMP (multicore), False if serial."""
-    return bool(CYLSTM_OPENMP)
-
-
-def openmp_max_threads():
-    """omp_get_max_threads(): OMP_NUM_THREADS if set, else the usable cores (1 if serial)."""
-    return omp_get_max_threads()
+# Why each thread runs the whole time loop of its own batch chunk ("chunked") instead of
+# one multithreaded GEMM over all B rows per step followed by a prange over the gates
+# ("shared"): the shared design needs two barriers per step, and at 2 threads
+# OpenBLAS's threads and the OpenMP team fight for the cores at each of them (medium
+# float32 forward on 2 cores: 33 ms chunked, about 1 s shared). At 1 thread the shared
+# design would win 10-30%, because OpenBLAS packs its operands on every call and the
+# chunked design's GEMMs re-pack W_hh; the per-step kernel on weights packed once per
+# call (_rgemm.h) removes that cost. See docs/benchmarking.md.
 
 
 # ----------------------------------------------------------------------------------------
-# Elementwise pieces
+# Per-level kernels (_isa.h): activations, cell, per-step products
 # ----------------------------------------------------------------------------------------
 
 cdef extern from "_activations.h" nogil:
-    void cy_sigmoid_add_f32(float* z, const float* hz, int n)
-    void cy_tanh_add_f32(float* z, const float* hz, int n)
-    void cy_tanh_f32_array(float* out, const float* x, int n)
+    ctypedef struct cy_act_f32:
+        void (*sigmoid_add)(float* z, const float* hz, int n) noexcept nogil
+        void (*tanh_add)(float* z, const float* hz, int n) noexcept nogil
+    cy_act_f32 cy_act_select(int level)
     void cy_sigmoid_add_f64(double* z, const double* hz, int n)
     void cy_tanh_add_f64(double* z, const double* hz, int n)
-    void cy_tanh_f64_array(double* out, const double* x, int n)
-    void cy_cell_f32(float* c, float* m, float* tc, const float* z, int H, int gs)
-    void cy_cell_f64(double* c, double* m, double* tc, const double* z, int H, int gs)
-    void cy_gate_grads_f32(float* dz, float* dc, const float* z, const float* tc,
-                           const float* cprev, const float* dm, int H)
-    void cy_gate_grads_f64(double* dz, double* dc, const double* z, const double* tc,
-                           const double* cprev, const double* dm, int H)
+
+cdef extern from "_cell.h" nogil:
+    ctypedef struct cy_cell_fns:
+        void (*cell_f32)(float* c, float* m, float* tc, const float* z, int H,
+                         int gs) noexcept nogil
+        void (*cell_f64)(double* c, double* m, double* tc, const double* z, int H,
+                         int gs) noexcept nogil
+        void (*gate_grads_f32)(float* dz, float* dc, const float* z, const float* tc,
+                               const float* cprev, const float* dm, int H) noexcept nogil
+        void (*gate_grads_f64)(double* dz, double* dc, const double* z, const double* tc,
+                               const double* cprev, const double* dm, int H) noexcept nogil
+    cy_cell_fns cy_cell_select(int level)
+
+cdef extern from "_rgemm.h" nogil:
+    ctypedef void (*cy_gemm_packed_fn)(int, int, int, const float*, int, const float*,
+                                       float*, int) noexcept nogil
+    size_t cy_packed_size(int K, int N)
+    void cy_pack_f32(float* packed, const float* w, int K, int N, int ldw, int trans)
+    cy_gemm_packed_fn cy_rgemm_select(int level)
+
+cdef cy_act_f32 _act
+cdef cy_cell_fns _cell
+cdef cy_gemm_packed_fn _rgemm = NULL       # NULL at level 0: BLAS
+cdef int _level = 0
+
+
+cdef void _use_level(int level) noexcept nogil:
+    global _act, _cell, _rgemm, _level
+    _act = cy_act_select(level)
+    _cell = cy_cell_select(level)
+    _rgemm = cy_rgemm_select(level)
+    _level = level
+
+
+on_level_change(_use_level)
+
+
+def _kernel_levels():
+    """Test hook: the level of each per-level kernel this module calls now."""
+    levels = {}
+    for lvl in range(3):
+        act, cell, rg = cy_act_select(lvl), cy_cell_select(lvl), cy_rgemm_select(lvl)
+        if act.sigmoid_add == _act.sigmoid_add and act.tanh_add == _act.tanh_add:
+            levels["activations"] = lvl
+        if cell.cell_f32 == _cell.cell_f32 and cell.gate_grads_f32 == _cell.gate_grads_f32:
+            levels["cell"] = lvl
+        if rg == _rgemm:
+            levels.setdefault("rgemm", lvl)     # level 0 has none (BLAS)
+    return levels
 
 
 cdef inline void _activate_gates(floating* z, const floating* hz, int H) noexcept nogil:
     """z (G,) := [sigmoid, sigmoid, tanh, sigmoid](z + hz), gate blocks [i|f|g|o]   (1)(2)"""
     if floating is float:
-        cy_sigmoid_add_f32(z, hz, 2 * H)
-        cy_tanh_add_f32(z + 2 * H, hz + 2 * H, H)
-        cy_sigmoid_add_f32(z + 3 * H, hz + 3 * H, H)
+        _act.sigmoid_add(z, hz, 2 * H)
+        _act.tanh_add(z + 2 * H, hz + 2 * H, H)
+        _act.sigmoid_add(z + 3 * H, hz + 3 * H, H)
     else:
         cy_sigmoid_add_f64(z, hz, 2 * H)
         cy_tanh_add_f64(z + 2 * H, hz + 2 * H, H)
@@ -171,42 +147,20 @@ def _activations_f32(const float[::1] x):
     th = np.array(x, dtype=np.float32)
     cdef float[::1] s = sig, t = th, z = zeros
     if n:
-        cy_sigmoid_add_f32(&s[0], &z[0], n)
-        cy_tanh_add_f32(&t[0], &z[0], n)
+        _act.sigmoid_add(&s[0], &z[0], n)
+        _act.tanh_add(&t[0], &z[0], n)
     return sig, th
-
-
-# ----------------------------------------------------------------------------------------
-# Per-step products: float32 on weights packed once per call (_rgemm.h), else BLAS
-# ----------------------------------------------------------------------------------------
-
-cdef extern from "_rgemm.h" nogil:
-    ctypedef void (*cy_gemm_packed_fn)(int, int, int, const float*, int, const float*,
-                                       float*, int) noexcept nogil
-    size_t cy_packed_size(int K, int N)
-    void cy_pack_f32(float* packed, const float* w, int K, int N, int ldw, int trans)
-    int cy_rgemm_level()
-    cy_gemm_packed_fn cy_rgemm_select(int level)
-    ctypedef void (*cy_dot_rows_fn)(int, int, int, const float*, int, const float*, int,
-                                    float*, int) noexcept nogil
-    cy_dot_rows_fn cy_dot_select(int level)
-
-cdef int _rgemm_lvl = cy_rgemm_level()
-cdef cy_gemm_packed_fn _rgemm = cy_rgemm_select(_rgemm_lvl)
-cdef cy_dot_rows_fn _dot = cy_dot_select(_rgemm_lvl)    # the streaming step's products
 
 
 def rgemm_level():
     """Which per-step float32 kernel runs: 2 AVX-512, 1 AVX2+FMA, 0 BLAS."""
-    return _rgemm_lvl if _rgemm != NULL else 0
+    return _level if _rgemm != NULL else 0
 
 
 def _set_rgemm_level(int level):
-    """Test hook: force a kernel level (0 = BLAS); never above what the CPU supports."""
-    global _rgemm_lvl, _rgemm, _dot
-    _rgemm_lvl = min(level, cy_rgemm_level())
-    _rgemm = cy_rgemm_select(_rgemm_lvl)
-    _dot = cy_dot_select(_rgemm_lvl)
+    """Test hook: cylstm._isa.set_level(level), capped at what the CPU supports."""
+    from cylstm import _isa
+    _isa.set_level(min(level, _isa.cpu_level()))
 
 
 # Packed panels start on a 64-byte boundary, so that the kernel's 64-byte loads never
@@ -240,20 +194,6 @@ def _packed_matmul_f32(const float[:, ::1] a, const float[:, ::1] w, bint trans)
     return out
 
 
-def _dot_matmul_f32(const float[:, ::1] a, const float[:, ::1] w):
-    """Test hook: A (M, K) @ W^T, W (N, K), through the streaming step's dot kernel on
-    unpacked weights. Raises if this CPU has no such kernel."""
-    import numpy as np
-    cdef int M = a.shape[0], K = a.shape[1], N = w.shape[0]
-    if _dot == NULL:
-        raise RuntimeError("no dot kernel on this CPU (rgemm_level() == 0)")
-    if w.shape[1] != K or M < 1 or N < 1 or K < 1:
-        raise ValueError("shapes do not match")
-    out = np.empty((M, N), np.float32)
-    cdef float[:, ::1] c = out
-    _dot(M, N, K, &a[0, 0], K, &w[0, 0], K, &c[0, 0], N)
-    return out
-
 
 cdef float* _wpack_slot(float[::1] wpack, int K, int N, int Kr, int Nr) except? NULL:
     """Start of the packed (K, N) recurrent weight in the caller's scratch (the packed
@@ -284,26 +224,6 @@ cdef inline float* _pack(float* dst, const floating* w, int K, int N, int ldw,
             cy_pack_f32(dst, w, K, N, ldw, trans)
             return dst
     return NULL
-
-
-# Work below this many multiply-adds runs on one thread: waking a team costs more, and
-# on a busy machine a 2-thread region waits for the scheduler to run the second thread
-# (a B = 1 streaming step took 20 ms instead of 0.1 ms next to another busy process).
-# Only who computes a part changes, never the parts, so results stay bitwise the same.
-cdef enum:
-    _MIN_PARALLEL_MACS = 1 << 20
-
-
-cdef inline int _team(int n_threads, int n_parts, double macs) noexcept nogil:
-    """Threads worth waking for n_parts parts of `macs` multiply-adds in all."""
-    if macs < _MIN_PARALLEL_MACS:
-        return 1
-    return min(n_threads, n_parts)
-
-
-cdef inline int _split(int n, int parts, int p) noexcept nogil:
-    """Start of part p when n items are cut into `parts` near-equal contiguous parts."""
-    return <int> ((<long long> n * p) // parts)
 
 
 # ----------------------------------------------------------------------------------------
@@ -345,9 +265,9 @@ cdef inline void _forward_row(
     cdef floating* cb = c + <Py_ssize_t> b * H
     _activate_gates(z, hz + <Py_ssize_t> b * 4 * H, H)                       # (1) (2)
     if floating is float:                                                    # (3) (4)
-        cy_cell_f32(cb, mb, tc_cache + ho if c_cache != NULL else NULL, z, H, H)
+        _cell.cell_f32(cb, mb, tc_cache + ho if c_cache != NULL else NULL, z, H, H)
     else:
-        cy_cell_f64(cb, mb, tc_cache + ho if c_cache != NULL else NULL, z, H, H)
+        _cell.cell_f64(cb, mb, tc_cache + ho if c_cache != NULL else NULL, z, H, H)
     if c_cache != NULL:
         memcpy(c_cache + ho, cb, H * sizeof(floating))
     if m_cache != NULL:
@@ -453,7 +373,7 @@ def lstm_forward(
     cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2]
     cdef int G = w_hh.shape[0], H = w_hh.shape[0] // 4, Hp = w_hh.shape[1]
     cdef int P = 0 if w_hr is None else w_hr.shape[0]
-    cdef int p, n_chunks, prev
+    cdef int p, n_chunks
     cdef bint training = c_cache is not None
     cdef const floating* bias_p = NULL
     cdef const floating* w_hr_p = NULL
@@ -497,330 +417,24 @@ def lstm_forward(
         if P > 0 and whh_pk != NULL:
             whr_pk = _pack(whr_pk, w_hr_p, H, P, H, True)
         for p in prange(n_parts, schedule="static",
-                        num_threads=_team(n_threads, n_parts, <double> T * B * G * I)):
-            prev = _blas_single_enter()
+                        num_threads=team(n_threads, n_parts, <double> T * B * G * I,
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            blas_single_enter()
             _project_block(&gates[0, 0, 0], &x[0, 0, 0], &w_ih[0, 0], bias_p,
-                           _split(T * B, n_parts, p), _split(T * B, n_parts, p + 1), I, G)
-            _blas_single_exit(prev)
+                           split(T * B, n_parts, p), split(T * B, n_parts, p + 1), I, G)
+            blas_single_exit()
         for p in prange(n_chunks, schedule="static",
-                        num_threads=_team(n_threads, n_chunks, <double> T * B * G * (Hp + P))):
-            prev = _blas_single_enter()
+                        num_threads=team(n_threads, n_chunks, <double> T * B * G * (Hp + P),
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            blas_single_enter()
             _forward_chunk(&y[0, 0, 0], &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p, m_p,
                            &hz[0, 0], mbuf_p, hp_p, &w_hh[0, 0], w_hr_p, whh_pk,
                            whr_pk if P > 0 else NULL, &lengths[0],
-                           T, B, H, P, _split(B, n_chunks, p), _split(B, n_chunks, p + 1),
+                           T, B, H, P, split(B, n_chunks, p), split(B, n_chunks, p + 1),
                            reverse)
-            _blas_single_exit(prev)
-
-
-# ----------------------------------------------------------------------------------------
-# Streaming step: T = 1, every layer, the weights read in place
-# ----------------------------------------------------------------------------------------
-
-cdef inline void _rows_wt(int m, int n, int k, const floating* a, int lda,
-                          const floating* w, floating* c, int ldc) noexcept nogil:
-    """C (m, n) = A (m, k) @ W^T, W (n, k) read in place: the dot kernel for float32 on
-    a CPU that has it, else BLAS."""
-    if floating is float:
-        if _dot != NULL:
-            _dot(m, n, k, a, lda, w, k, c, ldc)
-            return
-    gemm(False, True, m, n, k, 1, a, lda, w, k, 0, c, ldc)
-
-
-cdef void _step_units(
-    floating* m,                # (B, H) OUT units [u0, u1) of m_t = o * tanh(c_t)
-    floating* c,                # (B, H) INOUT units [u0, u1) of c
-    floating* z,                # (B, G) scratch: x W_ih^T, then the activated gates
-    floating* hz,               # (B, G) scratch: h W_hh^T + b
-    floating* bsum,             # (G,) scratch: b_ih + b_hh
-    const floating* x,          # (B, I)
-    const floating* h,          # (B, Hp) h_{t-1}
-    const floating* w_ih,       # (G, I)
-    const floating* w_hh,       # (G, Hp)
-    const floating* b_ih,       # (G,) or NULL
-    const floating* b_hh,       # (G,) or NULL
-    int B, int I, int H, int Hp, int u0, int u1, bint back,
-) noexcept nogil:
-    """One step (1)-(4) for hidden units [u0, u1) of every batch row: the rows of the
-    four gates that belong to those units, so a thread owns its slice of the weights.
-    back: read the weight blocks in the reverse order (see StepRunner.run)."""
-    cdef int G = 4 * H, n = u1 - u0, qq, q, b, j, r0
-    cdef bint blas = True
-    cdef floating* zb
-    cdef floating* cb
-    cdef floating* mb
-    if floating is float:
-        blas = _dot == NULL
-    # (1) as the sequence forward computes it, (x W_ih^T + b) + h W_hh^T, so that with
-    # BLAS (float64) a step equals a sequence bitwise; BLAS gets whole rows [0, G)
-    for qq in range(1 if blas else 4):
-        q = 3 - qq if back and not blas else qq
-        r0 = q * H + u0
-        if blas:
-            n = G
-        for j in range(r0, r0 + n):
-            bsum[j] = b_ih[j] + b_hh[j] if b_ih != NULL else 0
-        if blas:
-            for b in range(B):
-                memcpy(z + <Py_ssize_t> b * G, bsum, G * sizeof(floating))
-            gemm(False, True, B, G, I, 1, x, I, w_ih, I, 1 if b_ih != NULL else 0, z, G)
-            gemm(False, True, B, G, Hp, 1, h, Hp, w_hh, Hp, 0, hz, G)
-        else:
-            if back:
-                _rows_wt(B, n, Hp, h, Hp, w_hh + <Py_ssize_t> r0 * Hp, hz + r0, G)
-                _rows_wt(B, n, I, x, I, w_ih + <Py_ssize_t> r0 * I, z + r0, G)
-            else:
-                _rows_wt(B, n, I, x, I, w_ih + <Py_ssize_t> r0 * I, z + r0, G)
-                _rows_wt(B, n, Hp, h, Hp, w_hh + <Py_ssize_t> r0 * Hp, hz + r0, G)
-            for b in range(B):
-                for j in range(r0, r0 + n):
-                    z[<Py_ssize_t> b * G + j] += bsum[j]
-    n = u1 - u0
-    for b in range(B):
-        zb = z + <Py_ssize_t> b * G
-        cb = c + <Py_ssize_t> b * H
-        mb = m + <Py_ssize_t> b * H
-        if floating is float:                                              # (2)
-            cy_sigmoid_add_f32(zb + u0, hz + <Py_ssize_t> b * G + u0, n)
-            cy_sigmoid_add_f32(zb + H + u0, hz + <Py_ssize_t> b * G + H + u0, n)
-            cy_tanh_add_f32(zb + 2 * H + u0, hz + <Py_ssize_t> b * G + 2 * H + u0, n)
-            cy_sigmoid_add_f32(zb + 3 * H + u0, hz + <Py_ssize_t> b * G + 3 * H + u0, n)
-        else:
-            cy_sigmoid_add_f64(zb + u0, hz + <Py_ssize_t> b * G + u0, n)
-            cy_sigmoid_add_f64(zb + H + u0, hz + <Py_ssize_t> b * G + H + u0, n)
-            cy_tanh_add_f64(zb + 2 * H + u0, hz + <Py_ssize_t> b * G + 2 * H + u0, n)
-            cy_sigmoid_add_f64(zb + 3 * H + u0, hz + <Py_ssize_t> b * G + 3 * H + u0, n)
-        if floating is float:                                              # (3) (4)
-            cy_cell_f32(cb + u0, mb + u0, NULL, zb + u0, n, H)
-        else:
-            cy_cell_f64(cb + u0, mb + u0, NULL, zb + u0, n, H)
-
-
-# A step reads every weight once (2 MiB at H = I = 256 float32): with few rows it is
-# bound by memory, and one core's 2 MiB L2 cannot hold it all. Split by hidden units,
-# each thread reads only its slice, which stays in its own L2 from one step to the next.
-# The split is used from the same size on as everything else (_MIN_PARALLEL_MACS), not
-# earlier: B = 1, I = H = 256 (0.5 M multiply-adds) took 19-27 us on 2 threads vs
-# 47-52 us on 1 (medians, busy 2-core machine), but in 2 of 8 runs the 2-thread median
-# was 8-12 ms: with another process on the other core, every region waited for the
-# scheduler to run the second thread. A helper that the caller never waits for (it
-# takes the parts the helper has not claimed) would keep the gain without the stall.
-# A B = 128, H = 32 step took 12 ms on 2 threads next to other processes, 20 us on one.
-cdef enum:
-    _NPTR = 9                   # pointers per layer in StepRunner
-
-
-cdef inline bint _step_team_worth(int B, Py_ssize_t n_weights, size_t itemsize) noexcept nogil:
-    """Whether a layer step with B rows on n_weights weights is worth a thread team."""
-    return <double> B * n_weights >= _MIN_PARALLEL_MACS
-
-
-cdef inline void _step_part(floating* m, char** lp, floating* z, floating* hz,
-                            floating* bsum, const floating* inp, const floating* h,
-                            int B, int I, int H, int Hp, int n_parts, int p,
-                            bint blas, bint back) noexcept nogil:
-    """Part p of n_parts of a layer's hidden units; lp: the layer's pointers."""
-    cdef int prev = _blas_single_enter() if blas else 0
-    _step_units(m, <floating*> lp[8], z, hz, bsum, inp, h, <const floating*> lp[0],
-                <const floating*> lp[1], <const floating*> lp[2], <const floating*> lp[3],
-                B, I, H, Hp, _split(H, n_parts, p), _split(H, n_parts, p + 1), back)
-    if blas:
-        _blas_single_exit(prev)
-
-
-cdef void _step_layers(
-    char** ptrs,                # per layer, _NPTR pointers (see StepRunner)
-    floating* z,                # (B, G) scratch
-    floating* hz,               # (B, G) scratch
-    floating* bsum,             # (G,) scratch
-    floating* mbuf,             # (B, H) scratch (P > 0 only)
-    const floating* x,          # (B, I) layer 0's input
-    int L, int B, int I, int H, int P, int n_parts, int n_threads, bint back,
-) noexcept nogil:
-    """Every layer of one step; see StepRunner for the pointers of a layer."""
-    cdef int Hp = P if P > 0 else H, layer, p, pp, prev, Il, team
-    cdef bint blas = True
-    cdef char** lp
-    cdef floating* y
-    cdef floating* h
-    cdef floating* m
-    cdef const floating* inp = x
-    if floating is float:
-        blas = _dot == NULL
-    for layer in range(L):
-        lp = ptrs + layer * _NPTR
-        y = <floating*> lp[6]
-        h = <floating*> lp[7]
-        m = mbuf if P > 0 else y
-        Il = I if layer == 0 else Hp
-        if blas:
-            n_parts = 1             # BLAS: one call over all rows, as the sequence forward
-        team = min(n_threads, n_parts) if _step_team_worth(B, 4 * H * (Il + Hp),
-                                                           sizeof(floating)) else 1
-        if team > 1:
-            for p in prange(n_parts, schedule="static", num_threads=team):
-                _step_part(m, lp, z, hz, bsum, inp, h, B, Il, H, Hp, n_parts, p, blas, back)
-        else:                   # no OpenMP region: even a 1-thread one allocates a team
-            for pp in range(n_parts):
-                p = n_parts - 1 - pp if back else pp
-                _step_part(m, lp, z, hz, bsum, inp, h, B, Il, H, Hp, n_parts, p, blas, back)
-        if P > 0:                                                          # (5)
-            prev = _blas_single_enter() if blas else 0
-            _rows_wt(B, P, H, mbuf, H, <const floating*> lp[4], y, P)
-            if blas:
-                _blas_single_exit(prev)
-        memcpy(h, y, <size_t> B * Hp * sizeof(floating))
-        inp = y
-
-
-# Successive steps read the weights in alternating order, so that the blocks read last
-# by one step, still in L2, are read first by the next (with 2 MiB of weights in a 2 MiB
-# L2, one order always evicts what the next step reads first). Each element is computed
-# the same way in either order. Measured (B = 1, I = H = 256 float32, 1 thread, one
-# process alternating the two, medians of 10 x 500 steps): 49.3 us one order, 38.7 us
-# alternating.
-cdef bint _step_snake = True
-
-
-def _set_step_snake(bint on):
-    """Test/benchmark hook: alternate the step's weight order (True) or not."""
-    global _step_snake
-    _step_snake = on
-
-
-cdef class StepRunner:
-    """The compiled body of ``LSTM.step`` for one ``LSTMState``.
-
-    Built once per state from the arrays it uses, each checked here (dtype, shape,
-    C-contiguity); it keeps them alive and holds their data pointers, so a step costs no
-    argument parsing. Weights are read in place, never copied, so in-place changes
-    (optimisers, load_state_dict) are always seen; ``run`` returns None instead of
-    stepping when any weight, h or c array is no longer the object it was built on
-    (the caller then builds a new runner). Per layer: w_ih (G, I_l), w_hh (G, Hp),
-    b_ih, b_hh (G,) or None, w_hr (P, H) or None, y (B, Hp) OUT, h (B, Hp) INOUT,
-    c (B, H) INOUT.
-    """
-    cdef list keys              # the parameter names it reads
-    cdef list weights           # the arrays they named when it was built
-    cdef list keep              # every array a pointer points into
-    cdef object h_all, c_all, out
-    cdef char** ptrs
-    cdef int nL, nB, nI, nH, nP, f32
-    cdef bint back              # read this step's weight blocks in reverse order
-    cdef void* z                # (B, G) scratch
-    cdef void* hz               # (B, G) scratch
-    cdef void* bsum             # (G,) scratch
-    cdef void* mbuf             # (B, H) scratch
-
-    def __cinit__(self):
-        self.ptrs = NULL
-
-    def __dealloc__(self):
-        if self.ptrs != NULL:
-            PyMem_Free(self.ptrs)
-
-    def __init__(self, list keys, dict params, h_all, c_all, y_all, int I, int H, int P,
-                 dtype):
-        import numpy as np
-        cdef int L = len(keys), B = h_all.shape[1], Hp = P if P > 0 else H, G = 4 * H
-        cdef int layer, k
-        self.nL, self.nB, self.nI, self.nH, self.nP = L, B, I, H, P
-        dtype = np.dtype(dtype)
-        self.f32 = dtype == np.float32
-        _check(dtype in (np.float32, np.float64), "dtype")
-        self.keys, self.weights, self.keep = keys, [], []
-        self.h_all, self.c_all = h_all, c_all
-        self.ptrs = <char**> PyMem_Malloc(L * _NPTR * sizeof(char*))
-        if self.ptrs == NULL:
-            raise MemoryError()
-
-        def arr(a, shape, what):
-            ok = (isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == shape
-                  and a.flags.c_contiguous)
-            if not ok:
-                raise ValueError(f"StepRunner: {what} must be a C-contiguous {dtype} "
-                                 f"array of shape {shape}")
-            self.keep.append(a)
-            return a
-
-        for a, shape, what in ((h_all, (L, B, Hp), "h"), (c_all, (L, B, H), "c"),
-                               (y_all, (L, 1, B, Hp), "y")):
-            arr(a, shape, what)
-            if not a.flags.writeable:
-                raise ValueError(f"StepRunner: {what} must be writeable")
-        for layer in range(L):
-            Il = I if layer == 0 else Hp
-            shapes = ((G, Il), (G, Hp), (G,), (G,), (P, H))
-            ws = []
-            for k in range(5):
-                key = keys[layer][k]
-                w = None if key is None else params[key]
-                if w is not None:
-                    arr(w, shapes[k], key)
-                ws.append(w)
-            _check((ws[2] is None) == (ws[3] is None) and (ws[4] is None) == (P == 0),
-                   "bias/projection")
-            self.weights.append(ws)
-            for k in range(5):
-                self.ptrs[layer * _NPTR + k] = NULL if ws[k] is None else \
-                    <char*> <size_t> ws[k].ctypes.data
-            self.ptrs[layer * _NPTR + 6] = <char*> <size_t> y_all[layer].ctypes.data
-            self.ptrs[layer * _NPTR + 7] = <char*> <size_t> h_all[layer].ctypes.data
-            self.ptrs[layer * _NPTR + 8] = <char*> <size_t> c_all[layer].ctypes.data
-            self.ptrs[layer * _NPTR + 5] = NULL
-        self.out = y_all[L - 1, 0]
-        scratch = [np.empty(n, dtype) for n in (B * G, B * G, G, B * H)]
-        self.keep += scratch
-        addr = [<size_t> a.ctypes.data for a in scratch]
-        self.z, self.hz = <void*> <size_t> addr[0], <void*> <size_t> addr[1]
-        self.bsum, self.mbuf = <void*> <size_t> addr[2], <void*> <size_t> addr[3]
-        flat = [(name, w) for names, ws in zip(keys, self.weights)
-                for name, w in zip(names, ws) if name is not None]
-        self.keys = [name for name, _ in flat]
-        self.weights = [w for _, w in flat]
-
-    def run(self, x, dict params, h_all, c_all, int n_parts, int n_threads):
-        """Step every layer on x (B, I); returns the last layer's y (B, Hp) (a buffer of
-        the state), None when the runner is stale, or NotImplemented when x is not a
-        C-contiguous (B, I) buffer of the dtype (convert it and call again); in both
-        cases nothing has been touched."""
-        cdef Py_ssize_t i
-        cdef Py_buffer view
-        cdef int itemsize = 4 if self.f32 else 8
-        cdef char fmt = 102 if self.f32 else 100      # 'f' or 'd', the buffer's format
-        if h_all is not self.h_all or c_all is not self.c_all:
-            return None
-        for i in range(len(self.keys)):
-            if params.get(self.keys[i]) is not self.weights[i]:
-                return None
-        _check(n_parts >= 1 and n_threads >= 1, "n_parts/n_threads")
-        # x's buffer directly: a typed memoryview would cost more than a small step
-        try:
-            PyObject_GetBuffer(x, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
-        except (TypeError, BufferError, ValueError):
-            return NotImplemented
-        try:
-            if not (view.itemsize == itemsize and view.format != NULL
-                    and view.format[0] == fmt and view.format[1] == 0
-                    and view.ndim == 2 and view.shape[0] == self.nB
-                    and view.shape[1] == self.nI):
-                return NotImplemented
-            with nogil:
-                if self.f32:
-                    _step_layers(self.ptrs, <float*> self.z, <float*> self.hz,
-                                 <float*> self.bsum, <float*> self.mbuf,
-                                 <const float*> view.buf, self.nL, self.nB, self.nI,
-                                 self.nH, self.nP, n_parts, n_threads, self.back)
-                else:
-                    _step_layers(self.ptrs, <double*> self.z, <double*> self.hz,
-                                 <double*> self.bsum, <double*> self.mbuf,
-                                 <const double*> view.buf, self.nL, self.nB, self.nI,
-                                 self.nH, self.nP, n_parts, n_threads, self.back)
-        finally:
-            PyBuffer_Release(&view)
-        self.back = _step_snake and not self.back
-        return self.out
+            blas_single_exit()
 
 
 # ----------------------------------------------------------------------------------------
@@ -897,9 +511,9 @@ cdef void _backward_chunk(
             dcb = dc + <Py_ssize_t> b * H
             dzb = dzs + <Py_ssize_t> b * G
             if floating is float:                                            # (4') (3') (2')
-                cy_gate_grads_f32(dzb, dcb, z, tc_cache + ho, cprev, dmb, H)
+                _cell.gate_grads_f32(dzb, dcb, z, tc_cache + ho, cprev, dmb, H)
             else:
-                cy_gate_grads_f64(dzb, dcb, z, tc_cache + ho, cprev, dmb, H)
+                _cell.gate_grads_f64(dzb, dcb, z, tc_cache + ho, cprev, dmb, H)
             memcpy(dz + zo, dzb, G * sizeof(floating))
         _rec_mm(hi - r0, Hp, G, dzs + <Py_ssize_t> r0 * G, G, w_hh, Hp, False,    # (1')
                 whh_packed, dhs + <Py_ssize_t> r0 * Hp, Hp)
@@ -1017,7 +631,7 @@ def lstm_backward(
     cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2]
     cdef int G = w_hh.shape[0], H = w_hh.shape[0] // 4, Hp = w_hh.shape[1]
     cdef int P = 0 if w_hr is None else w_hr.shape[0]
-    cdef int p, n_chunks, prev
+    cdef int p, n_chunks
     cdef const floating* h0_p = NULL
     cdef const floating* w_hr_p = NULL
     cdef const floating* m_p = NULL
@@ -1071,28 +685,32 @@ def lstm_backward(
         if P > 0 and whh_pk != NULL:
             whr_pk = _pack(whr_pk, w_hr_p, P, H, H, False)
         for p in prange(n_chunks, schedule="static",
-                        num_threads=_team(n_threads, n_chunks, <double> T * B * G * (Hp + P))):
-            prev = _blas_single_enter()
+                        num_threads=team(n_threads, n_chunks, <double> T * B * G * (Hp + P),
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            blas_single_enter()
             _backward_chunk(&dz[0, 0, 0], dhp_p, &dzs[0, 0], &dh0[0, 0], &dc[0, 0],
                             &dhbuf[0, 0], dm_p, &dy[0, 0, 0], &dh_n[0, 0], &gates[0, 0, 0],
                             &c_cache[0, 0, 0], &tc_cache[0, 0, 0], &c0[0, 0], &w_hh[0, 0],
                             w_hr_p, whh_pk, whr_pk if P > 0 else NULL, &lengths[0], T, B, H, P,
-                            _split(B, n_chunks, p), _split(B, n_chunks, p + 1), reverse)
-            _blas_single_exit(prev)
+                            split(B, n_chunks, p), split(B, n_chunks, p + 1), reverse)
+            blas_single_exit()
         for p in prange(n_parts, schedule="static",
-                        num_threads=_team(n_threads, n_parts, <double> T * B * G * (I + Hp) * 2)):
-            prev = _blas_single_enter()
+                        num_threads=team(n_threads, n_parts, <double> T * B * G * (I + Hp) * 2,
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            blas_single_enter()
             _weight_grads_block(&dw_ih[0, 0], &dw_hh[0, 0], dw_hr_p, dbi_p, dbh_p,
                                 &dw_ih_tmp[0, 0], &dw_hh_tmp[0, 0], dw_hr_tmp_p, &db_tmp[0],
                                 &dz[0, 0, 0],
                                 &dzs[0, 0], dhp_p, m_p, &x[0, 0, 0], &y[0, 0, 0], h0_p,
-                                T, B, I, H, P, _split(G, n_parts, p), _split(G, n_parts, p + 1),
-                                _split(P, n_parts, p), _split(P, n_parts, p + 1), reverse)
+                                T, B, I, H, P, split(G, n_parts, p), split(G, n_parts, p + 1),
+                                split(P, n_parts, p), split(P, n_parts, p + 1), reverse)
             # dx = dz W_ih                                                   (1')
-            gemm(False, False, _split(T * B, n_parts, p + 1) - _split(T * B, n_parts, p),
-                 I, G, 1, &dz[0, 0, 0] + <Py_ssize_t> _split(T * B, n_parts, p) * G, G,
-                 &w_ih[0, 0], I, 0, &dx[0, 0, 0] + <Py_ssize_t> _split(T * B, n_parts, p) * I, I)
-            _blas_single_exit(prev)
+            gemm(False, False, split(T * B, n_parts, p + 1) - split(T * B, n_parts, p),
+                 I, G, 1, &dz[0, 0, 0] + <Py_ssize_t> split(T * B, n_parts, p) * G, G,
+                 &w_ih[0, 0], I, 0, &dx[0, 0, 0] + <Py_ssize_t> split(T * B, n_parts, p) * I, I)
+            blas_single_exit()
 
 
 cdef inline bint _is(Py_ssize_t* shape, Py_ssize_t a, Py_ssize_t b, Py_ssize_t c=-1) noexcept:
@@ -1103,3 +721,4 @@ cdef inline bint _is(Py_ssize_t* shape, Py_ssize_t a, Py_ssize_t b, Py_ssize_t c
 cdef inline void _check(bint ok, str what) except *:
     if not ok:
         raise ValueError(f"cylstm._lstm: inconsistent shapes in kernel arguments ({what})")
+

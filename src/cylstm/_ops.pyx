@@ -46,6 +46,10 @@ from libc.math cimport exp, log, isfinite
 from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memcpy, memset
 
+from cylstm._isa cimport on_level_change
+from cylstm._parallel cimport (MIN_PARALLEL_COPY, MIN_PARALLEL_XENT, note_team, split,
+                               team)
+
 
 ctypedef fused index_t:
     int32_t
@@ -57,6 +61,7 @@ cdef extern from *:
     #if defined(__GNUC__)   /* the gate row functions it also defines are unused here */
     #pragma GCC diagnostic push
     #pragma GCC diagnostic ignored "-Wunused-function"
+    #pragma GCC diagnostic ignored "-Wunused-variable"
     #endif
     #include "_activations.h"
     #if defined(__GNUC__)
@@ -64,12 +69,12 @@ cdef extern from *:
     #endif
     /* Row pieces of the softmax, in C so that they vectorise: the max and the sum run
      * in 8 fixed lanes (an order that is part of the code, not of the vector width, so
-     * every clone and every thread count gives the same bits; no FMA can enter a max or
-     * a sum), and the float32 exponential is the Cephes-based cy_exp_nonpos_f32 of
-     * _activations.h (a few float32 ulps; its argument z - m is <= 0). float64 keeps
-     * libm's exp. Measured on the 2-core Xeon, float32 logits (2000, 500), whole kernel:
-     * 2.37 ms with plain scalar loops in Cython (glibc expf, a latency-bound float64
-     * sum); 0.74-1.0 ms with these on one thread, 0.52 ms on two. */
+     * every ISA level and every thread count gives the same bits; no FMA can enter a
+     * max or a sum), and the float32 exponential is the Cephes-based cy_exp_nonpos_f32
+     * of _activations.h (a few float32 ulps; its argument z - m is <= 0), compiled per
+     * ISA level (_isa.h). float64 keeps libm's exp. With plain scalar loops in Cython
+     * (glibc expf, a latency-bound float64 sum) the whole kernel was about three times
+     * slower on float32 logits (2000, 500). */
     #define CY_OPS_LANES 8
     #if defined(__SSE2__) || defined(_M_X64)
     #include <emmintrin.h>
@@ -97,10 +102,8 @@ cdef extern from *:
     #define CY_OPS_MAX_LANES_float CY_OPS_MAX_LANES_PLAIN(float)
     #define CY_OPS_MAX_LANES_double CY_OPS_MAX_LANES_PLAIN(double)
     #endif
-    #define CY_OPS_ROW_FUNCS(T, SFX, EXP, ATTR)                                          \
-    /* max_j z[j], n >= 1 (NaN may or may not survive: the caller detects it later) */   \
-    ATTR T cy_ops_max_##SFX(const T *restrict z, int n)                                  \
-    {                                                                                    \
+    /* max_j z[j], n >= 1 (NaN may or may not survive: the caller detects it later) */
+    #define CY_OPS_MAX_BODY(T)                                                           \
         T m = z[0];                                                                      \
         int j = 0, k;                                                                    \
         if (n >= CY_OPS_LANES) {                                                         \
@@ -108,11 +111,9 @@ cdef extern from *:
             for (k = 0; k < CY_OPS_LANES; k++) m = tmp[k] > m ? tmp[k] : m;              \
         }                                                                                \
         for (; j < n; j++) m = z[j] > m ? z[j] : m;                                      \
-        return m;                                                                        \
-    }                                                                                    \
-    /* e[j] = exp(z[j] - m) for j < n; returns sum_j e[j] in float64 (fixed lanes) */    \
-    ATTR double cy_ops_exp_sum_##SFX(T *restrict e, const T *restrict z, T m, int n)    \
-    {                                                                                    \
+        return m;
+    /* e[j] = exp(z[j] - m) for j < n; returns sum_j e[j] in float64 (fixed lanes) */
+    #define CY_OPS_EXP_SUM_BODY(EXP)                                                     \
         double lane[CY_OPS_LANES] = {0}, s = 0;                                          \
         int j, k;                                                                        \
         for (j = 0; j < n; j++) e[j] = EXP(z[j] - m);                                    \
@@ -120,42 +121,62 @@ cdef extern from *:
             for (k = 0; k < CY_OPS_LANES; k++) lane[k] += (double) e[j + k];             \
         for (k = 0; k < CY_OPS_LANES; k++) s += lane[k];                                 \
         for (; j < n; j++) s += (double) e[j];                                           \
-        return s;                                                                        \
-    }                                                                                    \
-    /* e[j] *= a, j < n */                                                               \
-    ATTR void cy_ops_scale_##SFX(T *restrict e, T a, int n)                              \
-    {                                                                                    \
-        for (int j = 0; j < n; j++) e[j] *= a;                                           \
+        return s;
+    /* e[j] *= a, j < n */
+    #define CY_OPS_SCALE_BODY for (int j = 0; j < n; j++) e[j] *= a;
+    CY_PER_LEVEL(float, cy_ops_max_f32, (const float *restrict z, int n),
+                 CY_OPS_MAX_BODY(float))
+    CY_PER_LEVEL(double, cy_ops_exp_sum_f32,
+                 (float *restrict e, const float *restrict z, float m, int n),
+                 CY_OPS_EXP_SUM_BODY(cy_exp_nonpos_f32))
+    CY_PER_LEVEL(void, cy_ops_scale_f32, (float *restrict e, float a, int n),
+                 CY_OPS_SCALE_BODY)
+    static inline double cy_ops_max_f64(const double *restrict z, int n)
+    { CY_OPS_MAX_BODY(double) }
+    static inline double cy_ops_exp_sum_f64(double *restrict e, const double *restrict z,
+                                            double m, int n)
+    { CY_OPS_EXP_SUM_BODY(exp) }
+    static inline void cy_ops_scale_f64(double *restrict e, double a, int n)
+    { CY_OPS_SCALE_BODY }
+    typedef struct {
+        float (*max)(const float *restrict, int);
+        double (*exp_sum)(float *restrict, const float *restrict, float, int);
+        void (*scale)(float *restrict, float, int);
+    } cy_ops_rows_f32;
+    static inline cy_ops_rows_f32 cy_ops_select(int level)
+    {
+        cy_ops_rows_f32 t = {cy_ops_max_f32_by_level[level],
+                             cy_ops_exp_sum_f32_by_level[level],
+                             cy_ops_scale_f32_by_level[level]};
+        return t;
     }
-    CY_OPS_ROW_FUNCS(float, f32, cy_exp_nonpos_f32, CY_ROWS)
-    CY_OPS_ROW_FUNCS(double, f64, exp, static inline)
     """
-    float cy_ops_max_f32(const float* z, int n) noexcept nogil
+    ctypedef struct cy_ops_rows_f32:
+        float (*max)(const float* z, int n) noexcept nogil
+        double (*exp_sum)(float* e, const float* z, float m, int n) noexcept nogil
+        void (*scale)(float* e, float a, int n) noexcept nogil
+    cy_ops_rows_f32 cy_ops_select(int level) noexcept nogil
     double cy_ops_max_f64(const double* z, int n) noexcept nogil
-    double cy_ops_exp_sum_f32(float* e, const float* z, float m, int n) noexcept nogil
     double cy_ops_exp_sum_f64(double* e, const double* z, double m, int n) noexcept nogil
-    void cy_ops_scale_f32(float* e, float a, int n) noexcept nogil
     void cy_ops_scale_f64(double* e, double a, int n) noexcept nogil
 
 
-# Work below these many elements runs on one thread: waking a team costs more than it
-# saves (same reasoning as _lstm.pyx's _MIN_PARALLEL_MACS). Only who computes a block
-# changes, never the blocks, so results stay bitwise the same.
-cdef enum:
-    _MIN_PARALLEL_XENT = 1 << 14     # logits: an exp, a max and a scale per element
-    _MIN_PARALLEL_COPY = 1 << 16     # gather / scatter: a load and a store per element
+cdef cy_ops_rows_f32 _rows
 
 
-cdef inline int _team(int n_threads, int n_parts, double work, double minimum) noexcept nogil:
-    """Threads worth waking for n_parts blocks of `work` elements in all."""
-    if work < minimum:
-        return 1
-    return min(n_threads, n_parts)
+cdef void _use_level(int level) noexcept nogil:
+    global _rows
+    _rows = cy_ops_select(level)
 
 
-cdef inline Py_ssize_t _split(Py_ssize_t n, int parts, int p) noexcept nogil:
-    """Start of block p when n items are cut into `parts` near-equal contiguous blocks."""
-    return (n * p) // parts
+on_level_change(_use_level)
+
+
+def _kernel_levels():
+    """Test hook: the level of the softmax row functions this module calls now."""
+    for lvl in range(3):
+        if cy_ops_select(lvl).exp_sum == _rows.exp_sum:
+            return {"softmax": lvl}
 
 
 # ----------------------------------------------------------------------------------------
@@ -192,8 +213,8 @@ cdef void _xent_block(
                 row_loss[n] = 0
             continue
         if floating is float:
-            m = cy_ops_max_f32(z, <int> C)                                  # (1)
-            s = cy_ops_exp_sum_f32(dz, z, m, <int> C)                       # (2)
+            m = _rows.max(z, <int> C)                                       # (1)
+            s = _rows.exp_sum(dz, z, m, <int> C)                            # (2)
         else:
             m = cy_ops_max_f64(z, <int> C)
             s = cy_ops_exp_sum_f64(dz, z, m, <int> C)
@@ -213,7 +234,7 @@ cdef void _xent_block(
             row_loss[n] = <floating> (w * loss)
         inv = <floating> (w * scale / s)                                    # (4')
         if floating is float:
-            cy_ops_scale_f32(dz, inv, <int> C)
+            _rows.scale(dz, inv, <int> C)
         else:
             cy_ops_scale_f64(dz, inv, <int> C)
         dz[t] = dz[t] - <floating> (w * scale)
@@ -294,11 +315,12 @@ def softmax_xent(
         scale = 1 / wsum
     with nogil:
         for p in prange(n_parts, schedule="static",
-                        num_threads=_team(n_threads, n_parts, <double> N * C,
-                                          _MIN_PARALLEL_XENT)):
+                        num_threads=team(n_threads, n_parts, <double> N * C,
+                                         MIN_PARALLEL_XENT)):
+            note_team()
             _xent_block(&dlogits[0, 0], rl_p, &block_loss[0], &block_stats[0, 0],
                         &logits[0, 0], &targets[0], w_p, ignore_index, scale,
-                        _split(N, n_parts, p), _split(N, n_parts, p + 1), C, p)
+                        split(N, n_parts, p), split(N, n_parts, p + 1), C, p)
     for p in range(n_parts):                        # fixed order: bitwise reproducible
         if block_stats[p, 1] >= 0:
             n = block_stats[p, 1]
@@ -367,20 +389,21 @@ def embedding_forward(
         _raise_bad_index(indices, bad, V)
     with nogil:
         for p in prange(n_parts, schedule="static",
-                        num_threads=_team(n_threads, n_parts, <double> N * D,
-                                          _MIN_PARALLEL_COPY)):
+                        num_threads=team(n_threads, n_parts, <double> N * D,
+                                         MIN_PARALLEL_COPY)):
+            note_team()
             _gather_block(&out[0, 0], &weight[0, 0], &indices[0],
-                          _split(N, n_parts, p), _split(N, n_parts, p + 1), D)
+                          split(N, n_parts, p), split(N, n_parts, p + 1), D)
 
 
 # The scatter-add sums each group of equal indices in a small array on the thread's own
 # stack, _SCATTER_COLS columns at a time, and column blocks start at multiples of
 # _SCATTER_ALIGN elements (whole cache lines of the rows when D is a multiple of it).
 # Who sums a column never changes its value: every element's sum runs over the same
-# groups in the same order. Measured (2-core Xeon, float32, V=65, D=128, N=6400): a
-# shared (D,) scratch row for the sums took 0.26 ms on one thread and 0.45 ms on two
-# (both threads wrote one cache line at every group); the stack arrays take 0.26 / 0.20
-# ms. np.add.at takes 6.6 ms.
+# groups in the same order. A shared (D,) scratch row for the sums instead made two
+# threads slower than one (both wrote one cache line at every group); with the stack
+# arrays, float32 V=65, D=128, N=6400 takes about 0.2 ms on two threads of a 2-core
+# Xeon (np.add.at: 30 times that).
 cdef enum:
     _SCATTER_COLS = 64
     _SCATTER_ALIGN = 16
@@ -470,7 +493,8 @@ def embedding_backward(
         return
     with nogil:
         for p in prange(n_parts, schedule="static",
-                        num_threads=_team(n_threads, n_parts, <double> N * D,
-                                          _MIN_PARALLEL_COPY)):
+                        num_threads=team(n_threads, n_parts, <double> N * D,
+                                         MIN_PARALLEL_COPY)):
+            note_team()
             _scatter_block(&dweight[0, 0], &dout[0, 0], &indices[0], &order[0], padding_idx,
                            N, D, _split_aligned(D, n_parts, p), _split_aligned(D, n_parts, p + 1))

@@ -2,7 +2,7 @@
 
 Dimension legend (used in every shape comment):
     N  elements of the arena: params, grads and every state buffer are flat (N,)
-       C-contiguous arrays of one dtype (DESIGN.md, "Parameters live in one arena")
+       C-contiguous arrays of one dtype (docs/architecture.md)
     P  fixed work parts (n_parts, cylstm._threads.N_PARTS); part p is [lo_p, hi_p)
 Outputs come first (INOUT: state read and written in place), then inputs, then scalars
 and sizes. The Python layer (cylstm/optim.py) validates, allocates the state once, and
@@ -44,21 +44,16 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
-from cylstm._openmp_helpers cimport CYLSTM_OPENMP
+from cylstm._parallel cimport MIN_PARALLEL_ELEMS, note_team, split, team
 
 
-# Below this many elements an update runs on one thread: waking an OpenMP team costs
-# more than the loop (the same rule as _lstm.pyx's _MIN_PARALLEL_MACS). Only who runs a
-# part changes, never the parts, so results stay bitwise the same.
-# The norm's part sums live on the stack: at most _MAX_PARTS parts.
 # The SGD and scale loops vectorise; the Adam and RMSprop loops do not (without
 # -fno-math-errno, sqrt keeps a branch that sets errno). Vectorising them (a
 # `#pragma GCC optimize("no-math-errno")` build) changed nothing measurable: Adam on 1M
-# float32 took 4.7 ms vs 4.5 ms on one thread (2-core Xeon), bound by the ~16 MB it reads
-# and writes, so the build flags stay as they are. The 2-thread gain and this cut-off
-# were not measured (the machine was busy); the cut-off follows _lstm.pyx.
+# float32 is bound by the ~16 MB it reads and writes (4.5 ms on one thread, 2-core Xeon),
+# so the build flags stay as they are.
+# The norm's part sums live on the stack: at most _MAX_PARTS parts.
 cdef enum:
-    _MIN_PARALLEL = 1 << 15
     _MAX_PARTS = 256
 
 
@@ -67,25 +62,12 @@ cdef inline int _parts(int n_parts) noexcept nogil:
 
 
 cdef inline int _team(int n_threads, int parts, Py_ssize_t n) noexcept nogil:
-    """Threads worth waking for `parts` parts of n elements in all."""
-    if n < _MIN_PARALLEL or n_threads < 2:
-        return 1
-    return min(n_threads, parts)
-
-
-cdef inline Py_ssize_t _split(Py_ssize_t n, int parts, int p) noexcept nogil:
-    """Start of part p when n items are cut into `parts` near-equal contiguous parts."""
-    return (n * p) // parts
+    return team(n_threads, parts, <double> n, MIN_PARALLEL_ELEMS)
 
 
 cdef inline void _check(bint ok, str what) except *:
     if not ok:
         raise ValueError(f"cylstm._optim: inconsistent kernel arguments ({what})")
-
-
-def openmp_enabled():
-    """True when these kernels were compiled with OpenMP."""
-    return bool(CYLSTM_OPENMP)
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,9 +120,10 @@ def sgd_step(
         return
     with nogil:
         for q in prange(parts, schedule="static", num_threads=_team(n_threads, parts, N)):
+            note_team()
             _sgd_part(&param[0], bp, &grad[0], <floating> -lr, <floating> momentum,
                       <floating> weight_decay, nesterov, first,
-                      _split(N, parts, q), _split(N, parts, q + 1))
+                      split(N, parts, q), split(N, parts, q + 1))
 
 
 # ----------------------------------------------------------------------------------------
@@ -193,11 +176,12 @@ cdef void _adam_run(
         return
     with nogil:
         for q in prange(parts, schedule="static", num_threads=_team(n_threads, parts, N)):
+            note_team()
             _adam_part(&param[0], &exp_avg[0], &exp_avg_sq[0], &grad[0],
                        <floating> (1 - beta1), <floating> beta2, <floating> (1 - beta2),
                        <floating> bias_correction2_sqrt, <floating> eps,
                        <floating> -step_size, <floating> weight_decay, <floating> decay,
-                       decoupled, _split(N, parts, q), _split(N, parts, q + 1))
+                       decoupled, split(N, parts, q), split(N, parts, q + 1))
 
 
 def adam_step(
@@ -288,10 +272,11 @@ def rmsprop_step(
         return
     with nogil:
         for q in prange(parts, schedule="static", num_threads=_team(n_threads, parts, N)):
+            note_team()
             _rmsprop_part(&param[0], &square_avg[0], bp, &grad[0], <floating> alpha,
                           <floating> (1 - alpha), <floating> eps, <floating> -lr,
                           <floating> momentum, <floating> weight_decay,
-                          _split(N, parts, q), _split(N, parts, q + 1))
+                          split(N, parts, q), split(N, parts, q + 1))
 
 
 # ----------------------------------------------------------------------------------------
@@ -337,7 +322,8 @@ def sumsq(
         return 0.0
     with nogil:
         for q in prange(parts, schedule="static", num_threads=_team(n_threads, parts, N)):
-            part_sums[q] = _sumsq_part(&x[0], _split(N, parts, q), _split(N, parts, q + 1))
+            note_team()
+            part_sums[q] = _sumsq_part(&x[0], split(N, parts, q), split(N, parts, q + 1))
         for q in range(parts):
             total = total + part_sums[q]
     return total
@@ -362,4 +348,5 @@ def scale(
         return
     with nogil:
         for q in prange(parts, schedule="static", num_threads=_team(n_threads, parts, N)):
-            _scale_part(&x[0], <floating> factor, _split(N, parts, q), _split(N, parts, q + 1))
+            note_team()
+            _scale_part(&x[0], <floating> factor, split(N, parts, q), split(N, parts, q + 1))

@@ -13,16 +13,18 @@
  *
  * Determinism: every element of C is one FMA chain over k = 0..K-1 in order, whatever M
  * and however the rows are grouped, so results never depend on the thread count. The
- * AVX-512 and AVX2 versions are alike; one machine always runs the same one. CPUs with
- * neither (and non-x86 ones) get NULL from cy_rgemm_select and the kernels use BLAS.
+ * AVX-512 and AVX2 versions are alike; the ISA level (_isa.h) chooses one. Level 0 (and
+ * non-x86 CPUs) gets NULL from cy_rgemm_select, and the kernels use BLAS.
  *
- * Measured alone (gcc 12, 1 thread, M=16 N=1024 K=256, the medium config's step):
- * AVX-512 61 us/call = 137 GFLOP/s; AVX2 105 us = 80 GFLOP/s. */
+ * The medium config's step alone (M=16 N=1024 K=256, 1 thread, AVX-512) runs at about
+ * 137 GFLOP/s. */
 #ifndef CYLSTM_RGEMM_H
 #define CYLSTM_RGEMM_H
 
 #include <stddef.h>
 #include <string.h>
+
+#include "_isa.h"
 
 #define CY_NR 16
 
@@ -34,7 +36,7 @@ static inline size_t cy_packed_size(int K, int N)
 
 /* Pack W (K, N) for cy_gemm_packed_f32. trans = 0: w is W, row-major (K, N), row stride
  * ldw. trans = 1: w is W^T, row-major (N, K), row stride ldw (PyTorch's weight layout). */
-static void cy_pack_f32(float *packed, const float *w, int K, int N, int ldw, int trans)
+static inline void cy_pack_f32(float *packed, const float *w, int K, int N, int ldw, int trans)
 {
     int np = (N + CY_NR - 1) / CY_NR;
     for (int p = 0; p < np; p++) {
@@ -56,7 +58,7 @@ static void cy_pack_f32(float *packed, const float *w, int K, int N, int ldw, in
 
 /* AVX-512: MR rows x NP panels (16*NP columns) in MR*NP zmm accumulators. Few rows get
  * more panels, so that enough independent FMA chains hide the FMA latency (one row and
- * two panels would wait on each FMA: B = 1 ran 0.66x BLAS's speed before). */
+ * two panels would wait on each FMA, and B = 1 would run slower than BLAS). */
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
 cy_block_avx512(const int MR, const int NP, int K, const float *A, int lda,
                 const float *panel, size_t pstride, float *C, int ldc, const __mmask16 *mask)
@@ -207,14 +209,14 @@ cy_gemm_packed_avx2(int M, int N, int K, const float *A, int lda, const float *B
  *   C (M, N) = A (M, K) @ W^T,   W (N, K) row-major, PyTorch's layout, read in place
  *
  * A streaming step (T = 1, B small) reads every weight once, so packing would copy the
- * whole matrix to use it once (a packed T = 1 step took 183 us vs 66 us with BLAS, H =
- * 256), and a copy packed once and kept could go stale when the weights change. This
+ * whole matrix to use it once (a packed T = 1 step is several times slower than BLAS
+ * at H = 256), and a copy packed once and kept could go stale when the weights change. This
  * kernel dots rows of W with rows of A: W streams from memory contiguously, once per
  * two rows of A. Each C element is the same computation whatever M and N and however
  * rows are grouped (two accumulators, even and odd 16-float blocks of k, then a fixed
  * reduction), so splitting N across threads never changes a bit.
- * Measured alone (1 thread, M = 1, N = 1024, K = 256 = 1 MiB in L2): 8.1 us, 128 GB/s;
- * OpenBLAS sgemv on the same: 23 us. */
+ * Alone (1 thread, M = 1, N = 1024, K = 256 = 1 MiB in L2) it streams about 128 GB/s,
+ * nearly three times OpenBLAS's sgemv on the same. */
 #ifdef CY_HAVE_X86_KERNELS
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
 cy_dot_block_avx512(const int MR, const int NR, int K, const float *A, int lda,
@@ -266,10 +268,9 @@ cy_dot_block_avx512(const int MR, const int NR, int K, const float *A, int lda,
  * the same values as the unaligned load, so the same bits. The first load holds the
  * row's first float and the last one its last float of the main loop, so nothing is
  * read from a line without data of the row.
- * Measured (1 thread, M = 1, N = 1024, K = 256 = 1 MiB, through _dot_matmul_f32,
- * medians of two interleaved runs): 16 bytes past a boundary 17.4 -> 13.5 us; on a
- * 64-byte boundary (the unshifted block) 9.6-10 us either way. Software prefetching
- * the next rows made the C version slower (9.2-10.5 vs 8.1-8.6 us). */
+ * On weights 16 bytes past a boundary this makes the M = 1, N = 1024, K = 256 product
+ * about a quarter faster than unaligned loads; on aligned weights it changes nothing.
+ * Software prefetching of the next rows is left out: it made the kernel slower. */
 __attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
 cy_dot_block_avx512_shifted(const int MR, int K, const float *A, int lda, const float *W,
                             int ldw, float *C, int ldc)
@@ -443,7 +444,7 @@ typedef void (*cy_dot_rows_fn)(int, int, int, const float *, int, const float *,
                                float *, int);
 
 /* The dot kernel of a level (NULL for 0: use BLAS). */
-static cy_dot_rows_fn cy_dot_select(int level)
+static inline cy_dot_rows_fn cy_dot_select(int level)
 {
 #ifdef CY_HAVE_X86_KERNELS
     if (level >= 2)
@@ -457,21 +458,8 @@ static cy_dot_rows_fn cy_dot_select(int level)
 
 typedef void (*cy_gemm_packed_fn)(int, int, int, const float *, int, const float *, float *, int);
 
-/* The best version this CPU runs: 2 = AVX-512, 1 = AVX2+FMA, 0 = none (BLAS). */
-static int cy_rgemm_level(void)
-{
-#ifdef CY_HAVE_X86_KERNELS
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f"))
-        return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        return 1;
-#endif
-    return 0;
-}
-
 /* The kernel of a level (NULL for 0: use BLAS). */
-static cy_gemm_packed_fn cy_rgemm_select(int level)
+static inline cy_gemm_packed_fn cy_rgemm_select(int level)
 {
 #ifdef CY_HAVE_X86_KERNELS
     if (level >= 2)

@@ -1,4 +1,4 @@
-"""cylstm's one thread policy.
+"""cylstm's one thread policy: the Python half (the compiled half is ``_parallel.pyx``).
 
 * ``n_threads`` means one thing everywhere: how many OpenMP threads a kernel call may
   use. ``None`` (the default) means all usable cores, honouring ``OMP_NUM_THREADS``;
@@ -7,9 +7,16 @@
 * The work is cut into ``N_PARTS`` fixed parts (the usable cores of the machine, read
   once at import). Part boundaries never depend on the thread setting, so results are
   bitwise identical for 1, 2 or any number of threads. More threads than parts would
-  only idle, so the effective count is capped at ``N_PARTS``.
+  only idle, so the effective count is capped at ``N_PARTS``. Below a work size named
+  in ``_parallel.pxd`` (``MIN_PARALLEL_*``) a call runs on one thread whatever the
+  setting; ``force_parallel()`` lowers those sizes to zero (for tests).
 * BLAS never adds threads of its own inside cylstm's: every BLAS call a kernel makes is
-  single-threaded (see ``_lstm.pyx``, "BLAS threads"), so cores are never oversubscribed.
+  single-threaded (``_parallel.pyx``, "BLAS threads"), so cores are never oversubscribed.
+* A child forked after the kernels ran a thread team runs every kernel on one thread
+  (GNU OpenMP's thread pool does not survive fork) and warns once; start children with
+  "spawn" or "forkserver" to use every core in them.
+
+See docs/architecture.md, "Thread policy".
 """
 
 import contextlib
@@ -17,8 +24,9 @@ import ctypes
 import operator
 import os
 import threading
+import warnings
 
-from . import _lstm
+from . import _parallel
 
 __all__ = ["set_num_threads", "get_num_threads", "threads", "openmp_enabled"]
 
@@ -33,10 +41,17 @@ def _usable_cores():
 #: Fixed number of work parts (batch chunks, GEMM row blocks) per kernel call.
 N_PARTS = _usable_cores()
 
+#: Fewest time steps for which a float32 sequence call packs its recurrent weights.
+PACK_MIN_STEPS = _parallel.thresholds()["PACK_MIN_STEPS"]
+
 _global_setting = None          # set_num_threads(); None = default
+_SERIAL = not _parallel.openmp_enabled()     # serial build, or a forked child (below)
+_fork_warning_due = False       # a forked child runs serially and has not said so yet
+
+
 class _Local(threading.local):
-    n = None                    # a class default: reading it never raises AttributeError,
-                                # which cost ~1 us per kernel call with getattr(..., None)
+    n = None                    # a class default, so reading it never raises: a
+                                # getattr(..., None) would cost ~1 us per kernel call
 
 
 _local = _Local()               # threads() overrides, per Python thread
@@ -44,7 +59,7 @@ _local = _Local()               # threads() overrides, per Python thread
 
 def openmp_enabled():
     """True if the compiled kernels use OpenMP; False for a serial build."""
-    return _lstm.openmp_enabled()
+    return _parallel.openmp_enabled()
 
 
 def _validate(n, name="n"):
@@ -62,7 +77,7 @@ def _validate(n, name="n"):
 
 
 def _default_threads():
-    return max(1, _lstm.openmp_max_threads())
+    return max(1, _parallel.openmp_max_threads())
 
 
 def set_num_threads(n):
@@ -73,12 +88,14 @@ def set_num_threads(n):
 
 def get_num_threads():
     """The number of threads the next kernel call from this Python thread will use."""
+    if _fork_warning_due:
+        _warn_serial_after_fork()
     n = _local.n
     if n is None:
         n = _global_setting
     if n is None:
         n = _default_threads()
-    if not _lstm.openmp_enabled():
+    if _SERIAL:
         return 1
     return min(n, N_PARTS)
 
@@ -96,6 +113,49 @@ def threads(n):
         yield
     finally:
         _local.n = previous
+
+
+@contextlib.contextmanager
+def force_parallel():
+    """Inside the block every kernel call forms a team of ``min(get_num_threads(),
+    N_PARTS)`` threads, however small its work (the ``MIN_PARALLEL_*`` sizes are
+    scaled to 0). For tests: thread-count invariance is only tested when a team of two
+    really runs. Process-wide; results are the same as without it."""
+    previous = _parallel.set_min_work_scale(0.0)
+    try:
+        yield
+    finally:
+        _parallel.set_min_work_scale(previous)
+
+
+def max_team():
+    """The largest OpenMP team any kernel region has run with in this process."""
+    return _parallel.max_team()
+
+
+# ---- fork ----------------------------------------------------------------------------------
+
+def _warn_serial_after_fork():
+    global _fork_warning_due
+    _fork_warning_due = False
+    warnings.warn(
+        "cylstm: this process was forked after cylstm ran an OpenMP thread team, and "
+        "GNU OpenMP's thread pool does not survive fork, so cylstm runs on one thread "
+        "here. Start worker processes with multiprocessing's 'spawn' or 'forkserver' "
+        "method to use every core in them.", RuntimeWarning, stacklevel=3)
+
+
+def _after_fork_in_child():
+    # Only the forking thread exists in the child: locks other threads held at fork
+    # would never be released, so the pins get fresh ones.
+    global _SERIAL, _fork_warning_due
+    _parallel._after_fork_in_child()
+    if isinstance(blas_single_threaded, _GlobalBlasPin):
+        blas_single_threaded._after_fork_in_child()
+    if _parallel.max_team() > 1 and not _SERIAL:
+        _SERIAL = True
+        _parallel._set_serial_only(True)
+        _fork_warning_due = True
 
 
 # ---- BLAS: single-threaded inside cylstm's OpenMP threads ---------------------------------
@@ -162,17 +222,30 @@ class _GlobalBlasPin:
                 self._limiter = None
         return False
 
+    def _after_fork_in_child(self):
+        self._lock = threading.Lock()
+        if self._count:                 # other threads' calls do not go on in the child
+            self._count = 0
+            self._limiter.restore_original_limits()
+            self._limiter = None
+
 
 def _setup_blas():
     try:
         address = _find_local_setter(_scipy_blas_libraries())
     except Exception:  # threadpoolctl cannot inspect this BLAS: use the global pin
         address = 0
-    _lstm._register_blas_set_local(address)
-    return contextlib.nullcontext() if address else _GlobalBlasPin()
+    _parallel._register_blas_set_local(address)
+    pin = contextlib.nullcontext() if address else _GlobalBlasPin()
+    _parallel._register_fallback_pin(None if address else pin)
+    return pin
 
 
 #: ``with blas_single_threaded:`` around every kernel call (a no-op when the kernels
 #: hold BLAS to one thread themselves, thread-locally).
 blas_single_threaded = _setup_blas()
-BLAS_THREAD_LOCAL = isinstance(blas_single_threaded, contextlib.nullcontext)
+#: True when the kernels hold BLAS to one thread themselves (thread-locally).
+BLAS_THREAD_LOCAL = _parallel.blas_set_local_registered()
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

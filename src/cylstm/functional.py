@@ -27,7 +27,7 @@ import numpy as np
 from . import _lstm
 from ._check import FLOATS as _FLOATS
 from ._check import shape_str as _shape
-from ._threads import N_PARTS, blas_single_threaded, get_num_threads
+from ._threads import N_PARTS, PACK_MIN_STEPS, blas_single_threaded, get_num_threads
 
 __all__ = ["lstm_layer_forward", "lstm_layer_backward", "LayerCache", "Workspace"]
 
@@ -139,14 +139,6 @@ def _finite_padding(x, lengths):
     x = x.copy()
     x[pad] = 0
     return x
-
-
-#: Fewest time steps for which a float32 call packs its recurrent weights for the
-#: per-step kernel (_rgemm.h). Packing copies the whole weight once; below this many
-#: steps BLAS is cheaper (a streaming step, T = 1, took 183 us packed vs 66 us with BLAS
-#: at B = 1, H = 256). Depends on T only, never on threads, so results stay bitwise
-#: reproducible.
-PACK_MIN_STEPS = 4
 
 
 def _wpack(ws, dtype, shapes, T):

@@ -3,18 +3,18 @@
 import math
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import _lstm
+from . import _step
 from . import functional as F
 from ._check import float_dtype as _dtype
 from ._check import positive_int as _positive_int
 from ._check import probability, shape_str
 from .base import Features, Layer, Parametrised
-from ._threads import (BLAS_THREAD_LOCAL, N_PARTS, blas_single_threaded, get_num_threads,
-                       threads)
+from ._threads import N_PARTS, get_num_threads, threads
 
 __all__ = ["LSTM", "LSTMState", "Linear", "Dropout", "LastStep"]
 
@@ -50,17 +50,24 @@ def _ragged_order(lengths):
 
 _pool = None
 _pool_lock = threading.Lock()
+_live_lstms = weakref.WeakSet()         # every LSTM, for the fork hook below
 
 
-def _forget_pool():
-    # A forked child inherits the executor object but not its thread: submitting to it
-    # would wait forever. The child makes its own on first use.
+def _after_fork_in_child():
+    # Only the forking thread exists in a forked child. The executor object survives
+    # without its thread (submitting to it would wait forever), and a lock another
+    # thread held at fork would never be released: the child starts both afresh, and
+    # drops the spare workspaces a call in such a thread may have been handing back.
     global _pool, _pool_lock
     _pool, _pool_lock = None, threading.Lock()
+    for lstm in list(_live_lstms):
+        lstm._workspaces_lock = threading.Lock()
+        lstm._training_lock = threading.Lock()
+        lstm._spare_workspaces = []
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _both_directions(run):
@@ -160,6 +167,7 @@ class LSTM(Parametrised):
         self._spare_workspaces = []
         self._workspaces_lock = threading.Lock()
         self._training_lock = threading.Lock()
+        _live_lstms.add(self)
         self.reset_parameters()
 
     def __getstate__(self):
@@ -176,6 +184,7 @@ class LSTM(Parametrised):
         super().__setstate__(d)
         self._workspaces_lock = threading.Lock()
         self._training_lock = threading.Lock()
+        _live_lstms.add(self)
 
     # ---- bookkeeping ---------------------------------------------------------------------
 
@@ -477,34 +486,30 @@ class LSTM(Parametrised):
         if self.bidirectional:
             raise ValueError("step() needs a unidirectional LSTM: the reverse direction "
                              "of a bidirectional one reads the future")
-        # One compiled call runs every layer (_lstm.StepRunner, built by the first step of a
-        # state), on the weights in place; it checks x_t itself. Measured (B = 1, I = H =
-        # 256, float32, medians of one run on a busy 2-core machine): 73-75 us before,
-        # when each layer went through lstm_forward (Python argument handling, two BLAS
-        # sgemv), 54-56 us now (one thread: see _lstm.pyx, "A step reads every weight");
-        # at H = I = 8, 10.2 -> 1.9 us.
+        # One compiled call runs every layer (_step.StepRunner, built by the first step
+        # of a state), on the weights in place; it checks x_t itself, so the common case
+        # costs no conversion here, and it holds BLAS to one thread itself.
         runner = state._runner
-        if runner is not None and BLAS_THREAD_LOCAL:       # the kernels hold BLAS to 1 thread
+        if runner is not None:
             y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
             if y is not None and y is not NotImplemented:
                 return y
         x_t = F._as_array(x_t, "x_t", self.dtype, state._x_shape)
-        with blas_single_threaded:
-            if runner is not None:
-                y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
-                if y is not None and y is not NotImplemented:
-                    return y
-            # first step, or a weight / h / c array was replaced: (re)build the runner
-            keys = [[k if k in self.params else None for k in (
-                f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}",
-                f"weight_hr{sfx}")] for sfx in (self._suffix(l, 0) for l in range(self.num_layers))]
-            state._runner = runner = _lstm.StepRunner(
-                keys, self.params, state.h, state.c, state._y, self.input_size,
-                self.hidden_size, self.proj_size, self.dtype)
+        if runner is not None:
             y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
-            if y is None or y is NotImplemented:       # a fresh runner on a converted x_t
-                raise RuntimeError("cylstm: the compiled step refused its own arguments")
-            return y
+            if y is not None and y is not NotImplemented:
+                return y
+        # first step, or a weight / h / c array was replaced: (re)build the runner
+        keys = [[k if k in self.params else None for k in (
+            f"weight_ih{sfx}", f"weight_hh{sfx}", f"bias_ih{sfx}", f"bias_hh{sfx}",
+            f"weight_hr{sfx}")] for sfx in (self._suffix(l, 0) for l in range(self.num_layers))]
+        state._runner = runner = _step.StepRunner(
+            keys, self.params, state.h, state.c, state._y, self.input_size,
+            self.hidden_size, self.proj_size, self.dtype)
+        y = runner.run(x_t, self.params, state.h, state.c, N_PARTS, get_num_threads())
+        if y is None or y is NotImplemented:           # a fresh runner on a converted x_t
+            raise RuntimeError("cylstm: the compiled step refused its own arguments")
+        return y
 
 
 class LSTMState:
@@ -521,7 +526,7 @@ class LSTMState:
             self.h[...], self.c[...] = h0, c0
         self._y = np.empty((L, 1, batch, Hp), dt)
         self._x_shape = (batch, model.input_size)
-        self._runner = None                    # _lstm.StepRunner, built by the first step
+        self._runner = None                    # _step.StepRunner, built by the first step
 
     def __getstate__(self):
         # copy/deepcopy/pickle: the runner holds raw pointers into this object's arrays,

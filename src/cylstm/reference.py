@@ -3,8 +3,11 @@
 This is the slow, obviously-correct twin of the compiled kernels: every test of
 the kernels compares against it, and it is itself checked against finite
 differences. The math, gate order and weight layout are PyTorch's
-torch.nn.LSTM (see LSTM_MATH.md); equation numbers (1)-(7) below are used by the
-backward pass.
+torch.nn.LSTM (see docs/math.md). Equation numbers are the kernels' (_lstm.pyx, _cell.h):
+    (1) z = (x W_ih^T + b) + h_{t-1} W_hh^T     (2) the gates i, f, g, o
+    (3) c_t = f c_{t-1} + i g                    (4) m_t = o tanh(c_t)
+    (5) h_t = m_t W_hr^T with a projection, else h_t = m_t
+and the backward's (5')-(1') take the same steps in reverse.
 
 Dimensions: T time steps, B batch, I input features, H hidden units, G = 4H.
 Gate order of every (.., 4H) array: [i | f | g | o] = [0:H | H:2H | 2H:3H | 3H:4H].
@@ -92,13 +95,13 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
         m = live[s][:, None]  # (B, 1)
         z = zx[s] + h @ w_hh.T  # (1) z = x W_ih^T + h W_hh^T + b_ih + b_hh
         i = _sigmoid(z[:, 0:H])  # (2) input gate
-        f = _sigmoid(z[:, H:2 * H])  # (3) forget gate
-        g = np.tanh(z[:, 2 * H:3 * H])  # (4) candidate
-        o = _sigmoid(z[:, 3 * H:4 * H])  # (5) output gate
-        c = np.where(m, f * c + i * g, c)  # (6) c_t = f c_{t-1} + i g   (frozen when padded)
-        mt = o * np.tanh(c)  # (7) m_t = o tanh(c_t)
+        f = _sigmoid(z[:, H:2 * H])  # (2) forget gate
+        g = np.tanh(z[:, 2 * H:3 * H])  # (2) candidate
+        o = _sigmoid(z[:, 3 * H:4 * H])  # (2) output gate
+        c = np.where(m, f * c + i * g, c)  # (3) c_t = f c_{t-1} + i g   (frozen when padded)
+        mt = o * np.tanh(c)  # (4) m_t = o tanh(c_t)
         if w_hr is not None:
-            mt = mt @ w_hr.T  # (8) projection h_t = m_t W_hr^T
+            mt = mt @ w_hr.T  # (5) projection h_t = m_t W_hr^T
         h = np.where(m, mt, h)  # h_t                          (frozen when padded)
         gates[s] = np.concatenate([i, f, g, o], axis=1)
         hs[s + 1], cs[s + 1] = h, c
@@ -143,26 +146,26 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
         tc = np.tanh(cs[s + 1])
         dm = dh  # dL/dm_t
         if w_hr is not None:
-            dwhr += np.where(m, dh, 0).T @ (o * tc)  # (8) dW_hr += dh^T m_t (live rows)
-            dm = dh @ w_hr  # (8)
-        do = dm * tc  # (7)
-        dct = dc + dm * o * (1 - tc * tc)  # (7) through tanh(c_t)
-        di = dct * g  # (6)
-        dg = dct * i  # (6)
-        df = dct * cs[s]  # (6)
-        dzs = np.concatenate([di * i * (1 - i),  # (2) sigmoid' = i (1 - i)
-                              df * f * (1 - f),  # (3)
-                              dg * (1 - g * g),  # (4) tanh' = 1 - g^2
-                              do * o * (1 - o)], axis=1)  # (5)
+            dwhr += np.where(m, dh, 0).T @ (o * tc)  # (5') dW_hr += dh^T m_t (live rows)
+            dm = dh @ w_hr  # (5')
+        do = dm * tc  # (4')
+        dct = dc + dm * o * (1 - tc * tc)  # (4') through tanh(c_t)
+        di = dct * g  # (3')
+        dg = dct * i  # (3')
+        df = dct * cs[s]  # (3')
+        dzs = np.concatenate([di * i * (1 - i),  # (2') sigmoid' = i (1 - i)
+                              df * f * (1 - f),  # (2')
+                              dg * (1 - g * g),  # (2') tanh' = 1 - g^2
+                              do * o * (1 - o)], axis=1)  # (2')
         dz[s] = np.where(m, dzs, 0)  # padded step: no gradient into z
-        dh = np.where(m, dz[s] @ w_hh, dh)  # (1) dh_{t-1}; padded step passes dh through
-        dc = np.where(m, dct * f, dc)  # (6) dc_{t-1}; padded step passes dc through
+        dh = np.where(m, dz[s] @ w_hh, dh)  # (1') dh_{t-1}; padded step passes dh through
+        dc = np.where(m, dct * f, dc)  # (3') dc_{t-1}; padded step passes dc through
 
     # weight gradients: one GEMM / reduction over all T*B rows (padded rows have dz = 0)
     dz2 = dz.reshape(T * B, 4 * H)
     xs = np.where(live[:, :, None], x[tidx, cols], 0)  # padding is never read, even NaN
-    dw_ih += dz2.T @ xs.reshape(T * B, I)  # (1)
-    dw_hh += dz2.T @ hs[:-1].reshape(T * B, Hp)  # (1)
+    dw_ih += dz2.T @ xs.reshape(T * B, I)  # (1')
+    dw_hh += dz2.T @ hs[:-1].reshape(T * B, Hp)  # (1')
     if w_hr is not None:
         dw_hr += dwhr
     if db_ih is not None:
@@ -170,5 +173,5 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
         db_ih += db
         db_hh += db
     dx = np.empty((T, B, I), dt)
-    dx[tidx, cols] = dz @ w_ih  # (1) back to time order; padded rows are 0 since dz is
+    dx[tidx, cols] = dz @ w_ih  # (1') back to time order; padded rows are 0 since dz is
     return dx, dh, dc
