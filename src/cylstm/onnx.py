@@ -1,0 +1,427 @@
+"""ONNX in and out: ``export(model, path)`` writes an ONNX graph, ``load(path)`` reads one.
+
+    import cylstm.onnx
+    cylstm.onnx.export(model, "model.onnx")          # an LSTM or a Sequential
+    model = cylstm.onnx.load("model.onnx")           # ours, or torch.onnx.export's nn.LSTM
+
+Needs the ``onnx`` package (``pip install "cylstm[onnx]"``); ``import cylstm`` never
+imports it. This module is ``cylstm.onnx``: the ``import onnx`` inside its functions
+is an absolute import and gets the onnx package, never this file.
+
+The graph (opset 17; T and B/N are symbolic, so any batch and any length run):
+
+* An ``LSTM`` becomes one ONNX ``LSTM`` node per layer (both directions in one node).
+  Inputs: ``x`` (T, B, I), or (B, T, I) when ``batch_first``; with ``lengths=True``
+  ``lengths`` (B,) int64 (the node's ``sequence_lens``, PyTorch's packed semantics);
+  with ``initial_state=True`` ``h0`` (L*D, B, H) and ``c0`` (L*D, B, H). Outputs ``y``
+  (as cylstm's, zeros past each length), ``h_n`` and ``c_n`` (L*D, B, H).
+* A ``Sequential`` takes ``x`` (N, T, F) floats, or (N, T) int64 token ids when it starts
+  with an Embedding, and ``lengths`` (N,) int64 (unless ``lengths=False``); its one
+  output ``y`` is what ``predict`` returns: (N, K) after a LastStep, else (N, T, K)
+  with zeros past each length. Embedding is a ``Gather``, Linear ``MatMul`` + ``Add``,
+  Dropout an ONNX ``Dropout`` (the identity at inference; its ratio is kept so the
+  graph loads back as the same layer), LastStep a ``GatherElements`` at ``lengths - 1``.
+
+ONNX's LSTM orders the gates i, o, f, c where PyTorch (and cylstm) use i, f, g, o, so
+the rows of every weight and bias are permuted on the way out and back on the way in;
+W (D, 4H, I), R (D, 4H, H), B (D, 8H) = [b_ih, b_hh]. The operator has no projection:
+an LSTM with ``proj_size`` is refused, naming the layer. ONNX Runtime runs its LSTM
+operator in float32 only; a float64 graph is valid ONNX (it passes the checker) but
+ONNX Runtime cannot execute it (see ``lstm_op`` in ``export`` for a graph that it can).
+"""
+
+import numpy as np
+
+from .embedding import Embedding
+from .layers import LSTM, Dropout, LastStep, Linear
+
+__all__ = ["export", "load", "OPSET"]
+
+OPSET = 17
+
+# ONNX gate order [i o f c] from PyTorch's [i f g o] (row blocks of H), and back
+_TO_ONNX = (0, 3, 1, 2)
+_FROM_ONNX = (0, 2, 3, 1)
+
+
+def _require_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError("cylstm.onnx needs the onnx package: pip install \"cylstm[onnx]\""
+                          ) from None
+    return onnx
+
+
+def _gates(w, H, order):
+    return np.concatenate([w[k * H:(k + 1) * H] for k in order])
+
+
+class _Graph:
+    """Nodes, initializers and unique names for one graph being built."""
+
+    def __init__(self, dtype):
+        from onnx import helper, numpy_helper, TensorProto
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.DOUBLE
+        self.dtype = dtype
+        self.nodes, self.inits, self._n = [], [], 0
+
+    def name(self, base):
+        self._n += 1
+        return f"{base}_{self._n}"
+
+    def const(self, value, base, dtype=None):
+        a = np.asarray(value, dtype=dtype)
+        name = self.name(base)
+        self.inits.append(self.numpy_helper.from_array(np.array(a, order="C"), name))
+        return name
+
+    def raw_const(self, value, name):
+        """An initializer under exactly ``name`` (a parameter's own name)."""
+        self.inits.append(self.numpy_helper.from_array(np.array(value, order="C"), name))
+        return name
+
+    def node(self, op, inputs, base, n_out=1, name=None, **attrs):
+        outs = [self.name(f"{base}_out{k}" if n_out > 1 else base) for k in range(n_out)]
+        self.nodes.append(self.helper.make_node(op, list(inputs), outs,
+                                                name=name or self.name(op), **attrs))
+        return outs if n_out > 1 else outs[0]
+
+
+def _lstm_nodes(g, lstm, x, lengths32, h0, c0, prefix, lstm_op):
+    """Every layer of ``lstm`` on time-major x (T, B, I); returns (y (T, B, D*Hp),
+    [h_n of each layer and direction (1, B, Hp)], [c_n ... (1, B, H)])."""
+    name = prefix.rstrip(".")
+    where = f"layers[{name}] " if name else ""
+    if lstm_op is None:
+        lstm_op = lstm.dtype == np.float32 and not lstm.proj_size
+    if lstm_op and lstm.proj_size:
+        raise ValueError(f"{where}{lstm!r}: ONNX's LSTM operator has no projection "
+                         f"(proj_size={lstm.proj_size}); export it with lstm_op=False (a "
+                         "Scan of basic operators) instead")
+    build = _lstm_op_layer if lstm_op else _scan_layer
+    inp, hs, cs = x, [], []
+    for layer in range(lstm.num_layers):
+        inp, h, c = build(g, lstm, layer, inp, lengths32, h0, c0, prefix)
+        hs += h
+        cs += c
+    return inp, hs, cs
+
+
+def _lstm_op_layer(g, lstm, layer, inp, lengths32, h0, c0, prefix):
+    """One ONNX LSTM node for both directions of ``layer``."""
+    D, H, p = lstm.num_directions, lstm.hidden_size, lstm.params
+    sfx = [lstm._suffix(layer, d) for d in range(D)]
+    W = np.stack([_gates(p["weight_ih" + s], H, _TO_ONNX) for s in sfx])
+    R = np.stack([_gates(p["weight_hh" + s], H, _TO_ONNX) for s in sfx])
+    ins = [inp, g.const(W, f"{prefix}W_l{layer}"), g.const(R, f"{prefix}R_l{layer}")]
+    if lstm.bias:
+        B = np.stack([np.concatenate([_gates(p["bias_ih" + s], H, _TO_ONNX),
+                                      _gates(p["bias_hh" + s], H, _TO_ONNX)]) for s in sfx])
+        ins.append(g.const(B, f"{prefix}B_l{layer}"))
+    else:
+        ins.append("")
+    ins.append(lengths32 or "")
+    if h0 is not None:
+        rows = [g.const([layer * D], "start", np.int64),
+                g.const([(layer + 1) * D], "end", np.int64)]
+        ins += [g.node("Slice", [h0] + rows, "h0_l"), g.node("Slice", [c0] + rows, "c0_l")]
+    while ins[-1] == "":
+        ins.pop()
+    Y, Yh, Yc = g.node("LSTM", ins, f"{prefix}lstm_l{layer}", n_out=3,
+                       name=f"{prefix}lstm_l{layer}", hidden_size=H,
+                       direction="bidirectional" if D == 2 else "forward")
+    # Y (T, D, B, H) -> (T, B, D*H), the directions side by side as torch has them
+    Yt = g.node("Transpose", [Y], "Yt", perm=[0, 2, 1, 3])
+    y = g.node("Reshape", [Yt, g.const([0, 0, -1], "shape", np.int64)], "y")
+    return y, [Yh], [Yc]
+
+
+def _scan_layer(g, lstm, layer, inp, lengths32, h0, c0, prefix):
+    """Both directions of ``layer`` as Scan loops of basic operators (MatMul, Add,
+    Sigmoid, Tanh, Mul, Where), which ONNX Runtime runs in float64 too and which can
+    project h. The weights are initializers under their PyTorch names (prefixed in a
+    Sequential), so ``load`` reads them back by name."""
+    from onnx import helper
+    D, H, Hp, p = lstm.num_directions, lstm.hidden_size, lstm.state_size, lstm.params
+    if lengths32 is not None and not hasattr(g, "step_mask"):
+        # (T, B, 1) bool: step t of sequence b is valid; made once per graph
+        T = g.node("Gather", [g.node("Shape", [inp], "xshape"),
+                              g.const(np.array(0, np.int64), "zero")], "T", axis=0)
+        steps = g.node("Range", [g.const(np.array(0, np.int32), "zero"),
+                                 g.node("Cast", [T], "T32", to=6),
+                                 g.const(np.array(1, np.int32), "one")], "steps")
+        valid = g.node("Less", [g.node("Unsqueeze", [steps, g.const([1], "ax", np.int64)],
+                                       "steps_t1"),
+                                g.node("Unsqueeze", [lengths32, g.const([0], "ax", np.int64)],
+                                       "lengths_1b")], "valid")
+        g.step_mask = g.node("Unsqueeze", [valid, g.const([2], "ax", np.int64)], "step_mask")
+    mask = g.step_mask if lengths32 is not None else None
+    ys, hs, cs = [], [], []
+    for d in range(D):
+        sfx = lstm._suffix(layer, d)
+        k = layer * D + d
+        names = {n: f"{prefix}{n}{sfx}" for n in ("weight_ih", "weight_hh", "bias_ih",
+                                                   "bias_hh", "weight_hr")}
+        w_ih = g.raw_const(p["weight_ih" + sfx], names["weight_ih"])
+        w_hh = g.raw_const(p["weight_hh" + sfx], names["weight_hh"])
+        xw = g.node("MatMul", [inp, g.node("Transpose", [w_ih], "w_ih_t", perm=[1, 0])], "xw")
+        if lstm.bias:
+            b = g.node("Add", [g.raw_const(p["bias_ih" + sfx], names["bias_ih"]),
+                               g.raw_const(p["bias_hh" + sfx], names["bias_hh"])], "b")
+            xw = g.node("Add", [xw, b], "xwb")
+        w_hh_t = g.node("Transpose", [w_hh], "w_hh_t", perm=[1, 0])
+        w_hr_t = None
+        if lstm.proj_size:
+            w_hr_t = g.node("Transpose", [g.raw_const(p["weight_hr" + sfx],
+                                                      names["weight_hr"])], "w_hr_t",
+                            perm=[1, 0])
+        if h0 is not None:
+            kk = g.const(np.array(k, np.int64), "k")
+            hk = g.node("Gather", [h0, kk], "h0_k", axis=0)
+            ck = g.node("Gather", [c0, kk], "c0_k", axis=0)
+        else:
+            B1 = g.node("Slice", [g.node("Shape", [inp], "xshape"), g.const([1], "s", np.int64),
+                                  g.const([2], "e", np.int64)], "B1")
+            hk = g.node("Expand", [g.const(np.zeros((1, Hp), g.dtype), "zeros"),
+                                   g.node("Concat", [B1, g.const([Hp], "Hp", np.int64)],
+                                          "BHp", axis=0)], "h0_k")
+            ck = g.node("Expand", [g.const(np.zeros((1, H), g.dtype), "zeros"),
+                                   g.node("Concat", [B1, g.const([H], "H", np.int64)],
+                                          "BH", axis=0)], "c0_k")
+        body = _scan_body(g, H, Hp, w_hh_t, w_hr_t, mask is not None, f"{prefix}l{k}")
+        scan_in = [xw] + ([mask] if mask is not None else [])
+        hN, cN, Y = g.node("Scan", [hk, ck] + scan_in, f"{prefix}lstm_l{layer}{'_r' if d else ''}",
+                           n_out=3, name=f"{prefix}lstm_l{layer}{'_reverse' if d else ''}",
+                           body=body, num_scan_inputs=len(scan_in),
+                           scan_input_directions=[d] * len(scan_in),
+                           scan_output_directions=[d])
+        ys.append(Y)
+        hs.append(g.node("Unsqueeze", [hN, g.const([0], "ax", np.int64)], "h_n"))
+        cs.append(g.node("Unsqueeze", [cN, g.const([0], "ax", np.int64)], "c_n"))
+    y = ys[0] if D == 1 else g.node("Concat", ys, "y", axis=2)
+    return y, hs, cs
+
+
+def _scan_body(g, H, Hp, w_hh_t, w_hr_t, masked, tag):
+    """The step of one direction: (h, c, xw_t[, valid_t]) -> (h', c', y_t), gates in
+    PyTorch's order i, f, g, o. Past a sequence's length the state is carried as it is
+    and y_t is zero (Where picks, so nothing is rounded on the way)."""
+    from onnx import helper
+    h = helper
+    n = lambda base: f"{tag}.{base}"                       # noqa: E731 (names in this body)
+    vi = lambda name, shape, elem=g.elem: h.make_tensor_value_info(name, elem, shape)  # noqa
+    inputs = [vi(n("h"), ["B", Hp]), vi(n("c"), ["B", H]), vi(n("xw"), ["B", 4 * H])]
+    nodes = [h.make_node("MatMul", [n("h"), w_hh_t], [n("hr")]),
+             h.make_node("Add", [n("xw"), n("hr")], [n("gates")]),
+             h.make_node("Split", [n("gates"), n("split")], [n(k) for k in "ifgo"], axis=1),
+             h.make_node("Sigmoid", [n("i")], [n("si")]),
+             h.make_node("Sigmoid", [n("f")], [n("sf")]),
+             h.make_node("Tanh", [n("g")], [n("tg")]),
+             h.make_node("Sigmoid", [n("o")], [n("so")]),
+             h.make_node("Mul", [n("sf"), n("c")], [n("fc")]),
+             h.make_node("Mul", [n("si"), n("tg")], [n("ig")]),
+             h.make_node("Add", [n("fc"), n("ig")], [n("c1")]),
+             h.make_node("Tanh", [n("c1")], [n("tc")]),
+             h.make_node("Mul", [n("so"), n("tc")], [n("h1") if w_hr_t is None else n("hh")])]
+    if w_hr_t is not None:
+        nodes.append(h.make_node("MatMul", [n("hh"), w_hr_t], [n("h1")]))
+    inits = [g.numpy_helper.from_array(np.array([H] * 4, np.int64), n("split"))]
+    if masked:
+        from onnx import TensorProto
+        inputs.append(vi(n("valid"), ["B", 1], TensorProto.BOOL))
+        inits.append(g.numpy_helper.from_array(np.zeros((), g.dtype), n("zero")))
+        nodes += [h.make_node("Where", [n("valid"), n("h1"), n("h")], [n("h_out")]),
+                  h.make_node("Where", [n("valid"), n("c1"), n("c")], [n("c_out")]),
+                  h.make_node("Where", [n("valid"), n("h1"), n("zero")], [n("y")])]
+    else:
+        nodes += [h.make_node("Identity", [n("h1")], [n("h_out")]),
+                  h.make_node("Identity", [n("c1")], [n("c_out")]),
+                  h.make_node("Identity", [n("h1")], [n("y")])]
+    outputs = [vi(n("h_out"), ["B", Hp]), vi(n("c_out"), ["B", H]), vi(n("y"), ["B", Hp])]
+    return h.make_graph(nodes, f"{tag}.step", inputs, outputs, initializer=inits)
+
+
+def _check_model(model, name):
+    if isinstance(model, (LSTM, Linear, Dropout, LastStep, Embedding)) \
+            and not isinstance(model, LSTM):
+        raise TypeError(f"{name} must be a cylstm.LSTM or a cylstm.Sequential; wrap the "
+                        f"{type(model).__name__} in a Sequential")
+
+
+def export(model, path, *, lengths=None, initial_state=False, lstm_op=None, opset=OPSET):
+    """Write ``model`` (a ``cylstm.LSTM`` or a ``cylstm.Sequential`` of Embedding, LSTM,
+    Dropout, LastStep and Linear layers) to ``path`` as an ONNX graph; returns the
+    ``onnx.ModelProto`` (checked with ``onnx.checker.check_model``).
+
+    ``lengths``: give the graph a ``lengths`` input (default: yes for a Sequential, no
+    for an LSTM). ``initial_state``: give an LSTM's graph ``h0`` / ``c0`` inputs (an
+    LSTM only). ``lstm_op``: True writes each LSTM layer as ONNX's LSTM operator (the
+    form other tools read; no projection), False as Scan loops of basic operators (any
+    dtype and proj_size, run by ONNX Runtime in float64 too); None (default) picks the
+    operator for float32 LSTMs without projection, since ONNX Runtime runs its LSTM
+    operator in float32 only. ``opset``: 14 or later.
+    See the module docstring for the inputs and outputs.
+    """
+    onnx = _require_onnx()
+    from .model import Sequential
+    from onnx import TensorProto, helper
+
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 14:
+        raise ValueError(f"opset must be an int >= 14, got {opset!r}")
+    if isinstance(model, LSTM):
+        layers, is_lstm = [model], True
+    elif isinstance(model, Sequential):
+        layers, is_lstm = list(model.layers), False
+    else:
+        raise TypeError(f"model must be a cylstm.LSTM or a cylstm.Sequential, got "
+                        f"{type(model).__name__}")
+    if lengths is None:
+        lengths = not is_lstm
+    lengths, initial_state = bool(lengths), bool(initial_state)
+    if initial_state and not is_lstm:
+        raise ValueError("initial_state=True is for an LSTM; a Sequential's graph starts "
+                         "from zero states, as its predict does")
+    dtype = np.dtype(model.dtype)
+    g = _Graph(dtype)
+    inputs = []
+    sym_b, sym_t = ("N", "T") if not is_lstm else ("B", "T")
+
+    if is_lstm:
+        m = model
+        D, H, L = m.num_directions, m.hidden_size, m.num_layers
+        xshape = [sym_b, sym_t, m.input_size] if m.batch_first else [sym_t, sym_b, m.input_size]
+        inputs.append(helper.make_tensor_value_info("x", g.elem, xshape))
+    elif isinstance(layers[0], Embedding):
+        inputs.append(helper.make_tensor_value_info("x", TensorProto.INT64, [sym_b, sym_t]))
+    else:
+        first = next((l for l in layers if isinstance(l, (LSTM, Linear))), None)
+        feats = None if first is None else (
+            first.input_size if isinstance(first, LSTM) else first.in_features)
+        inputs.append(helper.make_tensor_value_info("x", g.elem, [sym_b, sym_t, feats]))
+    lengths32 = None
+    if lengths:
+        inputs.append(helper.make_tensor_value_info("lengths", TensorProto.INT64, [sym_b]))
+        lengths32 = g.node("Cast", ["lengths"], "lengths_int32", to=TensorProto.INT32)
+    h0 = c0 = None
+    if initial_state:
+        h0, c0 = "h0", "c0"
+        inputs += [helper.make_tensor_value_info("h0", g.elem, [L * D, sym_b, m.state_size]),
+                   helper.make_tensor_value_info("c0", g.elem, [L * D, sym_b, H])]
+
+    outputs = []
+    if is_lstm:
+        x = "x" if not m.batch_first else g.node("Transpose", ["x"], "x_tbi", perm=[1, 0, 2])
+        y, hs, cs = _lstm_nodes(g, m, x, lengths32, h0, c0, "", lstm_op)
+        if m.batch_first:
+            y = g.node("Transpose", [y], "y_bti", perm=[1, 0, 2])
+        g.nodes.append(helper.make_node("Identity", [y], ["y"], name="y"))
+        for s, parts in (("h_n", hs), ("c_n", cs)):
+            g.nodes.append(helper.make_node("Concat", parts, [s], name=s, axis=0)
+                           if len(parts) > 1 else helper.make_node("Identity", parts, [s],
+                                                                   name=s))
+        outputs = [helper.make_tensor_value_info("y", g.elem, [
+            *([sym_b, sym_t] if m.batch_first else [sym_t, sym_b]), D * m.state_size]),
+                   helper.make_tensor_value_info("h_n", g.elem, [L * D, sym_b, m.state_size]),
+                   helper.make_tensor_value_info("c_n", g.elem, [L * D, sym_b, H])]
+    else:
+        out, features, per_step = "x", None, True   # out is batch-first (N, T, F)
+        for i, layer in enumerate(layers):
+            prefix = f"{i}."
+            if isinstance(layer, Embedding):
+                out = g.node("Gather", [g.const(layer.weight, f"{i}.weight"), out],
+                             f"{i}.embedded", name=f"{i}.embedding", axis=0)
+                features = layer.embedding_dim
+            elif isinstance(layer, LSTM):
+                xt = g.node("Transpose", [out], f"{i}.x_tbf", perm=[1, 0, 2])
+                y, _, _ = _lstm_nodes(g, layer, xt, lengths32, None, None, prefix, lstm_op)
+                out = g.node("Transpose", [y], f"{i}.y_btf", perm=[1, 0, 2])
+                features = layer.num_directions * layer.state_size
+            elif isinstance(layer, Linear):
+                out = g.node("MatMul", [out, g.const(layer.params["weight"].T,
+                                                     f"{i}.weight_t")],
+                             f"{i}.matmul", name=f"{i}.linear")
+                if layer.bias:
+                    out = g.node("Add", [out, g.const(layer.params["bias"], f"{i}.bias")],
+                                 f"{i}.linear_bias", name=f"{i}.linear_bias")
+                features = layer.out_features
+            elif isinstance(layer, Dropout):
+                out = g.node("Dropout", [out, g.const(np.array(layer.p, dtype), f"{i}.ratio")],
+                             f"{i}.dropout", name=f"{i}.dropout")
+            elif isinstance(layer, LastStep):
+                out = _last_step_nodes(g, layer, out, features, i)
+                per_step = False
+            else:   # pragma: no cover - Sequential admits only the types above
+                raise TypeError(f"layers[{i}]: cannot export a {type(layer).__name__}")
+        if per_step and lengths:
+            out = _mask_nodes(g, out, "lengths")
+        g.nodes.append(helper.make_node("Identity", [out], ["y"], name="y"))
+        shape = [sym_b, sym_t, features] if per_step else [sym_b, features]
+        if not isinstance(layers[-1], (LSTM, Linear, Embedding)) and features is None:
+            shape[-1] = None
+        outputs = [helper.make_tensor_value_info("y", g.elem, shape)]
+
+    graph = helper.make_graph(g.nodes, "cylstm", inputs, outputs, initializer=g.inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="cylstm")
+    proto.ir_version = min(proto.ir_version, 8)     # readable by older runtimes too
+    onnx.checker.check_model(proto)
+    onnx.save(proto, path)
+    return proto
+
+
+def _last_step_nodes(g, layer, x, features, i):
+    """LastStep on batch-first x (N, T, F): the step lengths - 1 of each row (the last,
+    T - 1, without a lengths input), and step 0 for the last r (reverse) features."""
+    from onnx import TensorProto
+    r = layer.reverse_features or 0
+    if features is None:
+        raise ValueError(f"layers[{i}]: LastStep needs a layer with a known feature count "
+                         "before it to be exported")
+    if _has_lengths(g):
+        last = g.node("Sub", ["lengths", g.const(np.array(1, np.int64), "one")], f"{i}.last")
+    else:
+        shape = g.node("Shape", [x], f"{i}.shape")
+        t = g.node("Gather", [shape, g.const(np.array(1, np.int64), "one")], f"{i}.T", axis=0)
+        n = g.node("Gather", [shape, g.const(np.array(0, np.int64), "zero")], f"{i}.N", axis=0)
+        t1 = g.node("Sub", [t, g.const(np.array(1, np.int64), "one")], f"{i}.T1")
+        last = g.node("Expand", [t1, g.node("Unsqueeze", [n, g.const([0], "ax", np.int64)],
+                                             f"{i}.N1")], f"{i}.last")
+    idx = g.node("Unsqueeze", [last, g.const([1, 2], "axes", np.int64)], f"{i}.idx")
+    shape = g.node("Shape", [x], f"{i}.xshape")
+    n1f = g.node("Concat", [g.node("Slice", [shape, g.const([0], "s", np.int64),
+                                              g.const([1], "e", np.int64)], f"{i}.n"),
+                            g.const([1, features], "1f", np.int64)], f"{i}.n1f", axis=0)
+    idx = g.node("Expand", [idx, n1f], f"{i}.idx_nf")
+    picked = g.node("GatherElements", [x, idx], f"{i}.picked", name=f"{i}.laststep", axis=1)
+    y = g.node("Squeeze", [picked, g.const([1], "ax", np.int64)], f"{i}.laststep_y")
+    if r:
+        first = g.node("Gather", [x, g.const(np.array(0, np.int64), "zero")], f"{i}.first",
+                       name=f"{i}.laststep_reverse", axis=1)
+        fwd = g.node("Slice", [y, g.const([0], "s", np.int64), g.const([features - r], "e",
+                                                                       np.int64),
+                               g.const([1], "ax", np.int64)], f"{i}.fwd")
+        rev = g.node("Slice", [first, g.const([features - r], "s", np.int64),
+                               g.const([features], "e", np.int64),
+                               g.const([1], "ax", np.int64)], f"{i}.rev")
+        y = g.node("Concat", [fwd, rev], f"{i}.laststep_both", axis=1)
+    return y
+
+
+def _has_lengths(g):
+    return any(n.op_type == "Cast" and list(n.input) == ["lengths"] for n in g.nodes)
+
+
+def _mask_nodes(g, y, lengths):
+    """Zeros at steps t >= lengths[n] of batch-first y (N, T, K), as predict returns."""
+    shape = g.node("Shape", [y], "yshape")
+    t = g.node("Gather", [shape, g.const(np.array(1, np.int64), "one")], "T", axis=0)
+    steps = g.node("Range", [g.const(np.array(0, np.int64), "zero"), t,
+                             g.const(np.array(1, np.int64), "one")], "steps")
+    valid = g.node("Less", [g.node("Unsqueeze", [steps, g.const([0], "ax", np.int64)], "s1t"),
+                            g.node("Unsqueeze", [lengths, g.const([1], "ax", np.int64)],
+                                   "ln1")], "valid")
+    valid = g.node("Unsqueeze", [valid, g.const([2], "ax", np.int64)], "valid3")
+    zero = g.const(np.array(0, g.dtype), "zero")
+    return g.node("Where", [valid, y, zero], "masked", name="mask")
