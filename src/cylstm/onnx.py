@@ -66,6 +66,7 @@ class _Graph:
         self.elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.DOUBLE
         self.dtype = dtype
         self.nodes, self.inits, self._n = [], [], 0
+        self.scope = ""           # a prefix for node names: load skips a Scan layer's nodes
 
     def name(self, base):
         self._n += 1
@@ -85,7 +86,8 @@ class _Graph:
     def node(self, op, inputs, base, n_out=1, name=None, **attrs):
         outs = [self.name(f"{base}_out{k}" if n_out > 1 else base) for k in range(n_out)]
         self.nodes.append(self.helper.make_node(op, list(inputs), outs,
-                                                name=name or self.name(op), **attrs))
+                                                name=name or self.scope + self.name(op),
+                                                **attrs))
         return outs if n_out > 1 else outs[0]
 
 
@@ -162,6 +164,7 @@ def _scan_layer(g, lstm, layer, inp, lengths32, h0, c0, prefix):
     for d in range(D):
         sfx = lstm._suffix(layer, d)
         k = layer * D + d
+        g.scope = f"{prefix}lstm{sfx}/"
         names = {n: f"{prefix}{n}{sfx}" for n in ("weight_ih", "weight_hh", "bias_ih",
                                                    "bias_hh", "weight_hr")}
         w_ih = g.raw_const(p["weight_ih" + sfx], names["weight_ih"])
@@ -192,11 +195,12 @@ def _scan_layer(g, lstm, layer, inp, lengths32, h0, c0, prefix):
                                           "BH", axis=0)], "c0_k")
         body = _scan_body(g, H, Hp, w_hh_t, w_hr_t, mask is not None, f"{prefix}l{k}")
         scan_in = [xw] + ([mask] if mask is not None else [])
-        hN, cN, Y = g.node("Scan", [hk, ck] + scan_in, f"{prefix}lstm_l{layer}{'_r' if d else ''}",
-                           n_out=3, name=f"{prefix}lstm_l{layer}{'_reverse' if d else ''}",
+        hN, cN, Y = g.node("Scan", [hk, ck] + scan_in, f"{prefix}lstm{sfx}", n_out=3,
+                           name=f"{prefix}lstm{sfx}",
                            body=body, num_scan_inputs=len(scan_in),
                            scan_input_directions=[d] * len(scan_in),
                            scan_output_directions=[d])
+        g.scope = ""
         ys.append(Y)
         hs.append(g.node("Unsqueeze", [hN, g.const([0], "ax", np.int64)], "h_n"))
         cs.append(g.node("Unsqueeze", [cN, g.const([0], "ax", np.int64)], "c_n"))
@@ -347,7 +351,7 @@ def export(model, path, *, lengths=None, initial_state=False, lstm_op=None, opse
                                  f"{i}.linear_bias", name=f"{i}.linear_bias")
                 features = layer.out_features
             elif isinstance(layer, Dropout):
-                out = g.node("Dropout", [out, g.const(np.array(layer.p, dtype), f"{i}.ratio")],
+                out = g.node("Dropout", [out, g.const(np.array(layer.p, np.float64), f"{i}.ratio")],
                              f"{i}.dropout", name=f"{i}.dropout")
             elif isinstance(layer, LastStep):
                 out = _last_step_nodes(g, layer, out, features, i)
@@ -425,3 +429,395 @@ def _mask_nodes(g, y, lengths):
     valid = g.node("Unsqueeze", [valid, g.const([2], "ax", np.int64)], "valid3")
     zero = g.const(np.array(0, g.dtype), "zero")
     return g.node("Where", [valid, y, zero], "masked", name="mask")
+
+
+# ---- load -------------------------------------------------------------------------------
+
+# Operators that only move, reshape, cast or pick data around the layers (torch's exporter
+# adds them for batch_first, for the zero initial states and to merge directions), and
+# the shape arithmetic feeding them. A graph with any other operator on its data path is
+# refused, naming the node.
+_GLUE = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast", "Concat",
+         "Shape", "Constant", "ConstantOfShape", "Expand", "Slice", "Gather", "Range",
+         "Less", "Sub", "Add", "Mul", "Div", "Equal", "Where", "Size"}
+_OURS = __import__("re").compile(r"^(?:(\d+)\.)?lstm_l(\d+)(_reverse)?$")
+
+
+def _node_label(node):
+    return f"node {node.name or '(unnamed)'!r} (op {node.op_type})"
+
+
+class _Reader:
+    """What a graph's nodes compute, as a list of cylstm layer records."""
+
+    def __init__(self, proto):
+        from onnx import numpy_helper
+        self.graph = g = proto.graph
+        self.consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        for n in g.node:
+            if n.op_type == "Constant":
+                self.consts[n.output[0]] = self._constant_value(n)
+        self.inputs = [i for i in g.input if i.name not in self.consts]
+        if not self.inputs:
+            raise ValueError("the graph has no input")
+        # kind of every tensor: "data" (from x), "lengths", "state", "zeros", "const"
+        self.kind = {name: "const" for name in self.consts}
+        self.x = self.inputs[0].name
+        self.kind[self.x] = "data"
+        self.lengths = self.states = None
+        states = []
+        for i in self.inputs[1:]:
+            elem = i.type.tensor_type.elem_type
+            if elem in (6, 7):                            # INT32, INT64
+                if self.lengths is not None:
+                    raise ValueError(f"graph input {i.name!r}: a second integer input "
+                                     f"(after {self.lengths!r}) is not understood")
+                self.lengths = i.name
+                self.kind[i.name] = "lengths"
+            else:
+                states.append(i.name)
+                self.kind[i.name] = "state"
+        if states and len(states) != 2:
+            raise ValueError(f"graph inputs {states}: expected none, or h0 and c0")
+        self.states = states or None
+        self.scan_scopes = tuple(f"{n.name}/" for n in g.node if n.op_type == "Scan")
+
+    @staticmethod
+    def _constant_value(n):
+        from onnx import numpy_helper
+        for a in n.attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+            if a.name in ("value_float", "value_int"):
+                return np.array(a.f if a.name == "value_float" else a.i)
+            if a.name in ("value_floats", "value_ints"):
+                return np.array(list(a.floats if a.name == "value_floats" else a.ints))
+        raise ValueError(f"{_node_label(n)}: a Constant of a kind not understood")
+
+    def const(self, name, node, what):
+        if name not in self.consts:
+            raise ValueError(f"{_node_label(node)}: its {what} ({name!r}) must be a constant "
+                             f"(an initializer), not computed in the graph")
+        return self.consts[name]
+
+    def read(self):
+        records = []
+        for node in self.graph.node:
+            kinds = [self.kind.get(t, "const") for t in node.input if t]
+            op = node.op_type
+            if node.name.startswith(self.scan_scopes):
+                self._set(node, "skip")                   # a cylstm Scan layer's own nodes
+                continue
+            if op == "LSTM":
+                records.append(("lstm", node))
+                self._set(node, "data")
+            elif op == "Scan":
+                m = _OURS.match(node.name)
+                if not m:
+                    raise ValueError(f"{_node_label(node)}: only the Scan loops that "
+                                     "cylstm.onnx.export writes for an LSTM are understood")
+                records.append(("scan", node))
+                self._set(node, "data")
+            elif op in ("Shape", "Size"):
+                self._set(node, "const")                   # sizes only, not values
+            elif "data" not in kinds:
+                self._set(node, self._quiet_kind(node, kinds))
+            elif op == "Gather" and self.kind.get(node.input[0]) != "data" \
+                    and node.input[0] in self.consts:
+                records.append(("embedding", node))
+                self._set(node, "data")
+            elif op == "MatMul" and node.input[1] in self.consts:
+                records.append(("linear", node))
+                self._set(node, "data")
+            elif op == "Gemm" and node.input[1] in self.consts:
+                records.append(("gemm", node))
+                self._set(node, "data")
+            elif op == "Add" and records and records[-1][0] == "linear" \
+                    and len(records[-1]) == 2 and records[-1][1].output[0] in node.input \
+                    and any(t in self.consts for t in node.input):
+                records[-1] = ("linear", records[-1][1], node)
+                self._set(node, "data")
+            elif op == "Dropout":
+                records.append(("dropout", node))
+                self._set(node, "data")
+            elif op == "GatherElements" and node.name.endswith(".laststep"):
+                records.append(("laststep", node))
+                self._set(node, "data")
+            elif op == "Gather" and node.name.endswith(".laststep_reverse"):
+                records[-1] = records[-1] + (node,)
+                self._set(node, "data")
+            elif op in ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast",
+                        "Concat", "Where") or (op == "Slice" and records and
+                                               records[-1][0] == "laststep"):
+                self._set(node, "data")
+            else:
+                raise ValueError(f"{_node_label(node)} is not supported: cylstm.onnx.load "
+                                 "reads LSTM layers (ONNX's LSTM operator or cylstm's Scan "
+                                 "loops), Embedding (Gather), Linear (MatMul + Add, Gemm), "
+                                 "Dropout and cylstm's LastStep, joined by reshaping nodes")
+        return records
+
+    def _quiet_kind(self, node, kinds):
+        """The kind of a node's outputs that do not come from x."""
+        op = node.op_type
+        if op not in _GLUE and op != "Constant":
+            raise ValueError(f"{_node_label(node)} is not supported (outside the data path: "
+                             "only shape arithmetic and the initial states are understood)")
+        if op == "Shape":
+            return "const"
+        if op == "ConstantOfShape":
+            value = [a.t for a in node.attribute if a.name == "value"]
+            from onnx import numpy_helper
+            v = numpy_helper.to_array(value[0]) if value else np.zeros(1)
+            return "zeros" if not np.any(v) else "const"
+        first = self.kind.get(node.input[0], "const") if node.input else "const"
+        if first in ("state", "zeros", "lengths"):
+            if first == "zeros" or (first == "const" and node.input[0] in self.consts
+                                    and not np.any(self.consts[node.input[0]])):
+                return "zeros"
+            return first
+        if op == "Expand" and node.input[0] in self.consts \
+                and not np.any(self.consts[node.input[0]]):
+            return "zeros"
+        if "lengths" in kinds:
+            return "lengths"
+        return "const"
+
+    def _set(self, node, kind):
+        for t in node.output:
+            self.kind[t] = kind
+
+
+def _attrs(node):
+    from onnx import helper
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _lstm_op_params(r, node):
+    """(direction count, hidden size, input size, {suffix-less names per direction},
+    has lengths, initial state source) of one ONNX LSTM node, in PyTorch's layout."""
+    a = _attrs(node)
+    label = _node_label(node)
+    direction = a.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    if direction not in ("forward", "bidirectional"):
+        raise ValueError(f"{label}: direction {direction!r} is not supported (a cylstm LSTM "
+                         "runs forward, or both ways when bidirectional)")
+    acts = [x.decode() if isinstance(x, bytes) else x for x in a.get("activations", [])]
+    if acts and [x.lower() for x in acts] != ["sigmoid", "tanh", "tanh"] * (len(acts) // 3):
+        raise ValueError(f"{label}: activations {acts} are not supported (only Sigmoid, "
+                         "Tanh, Tanh, as in PyTorch)")
+    for key in ("clip", "activation_alpha", "activation_beta"):
+        if key in a:
+            raise ValueError(f"{label}: the attribute {key!r} is not supported")
+    if a.get("input_forget", 0):
+        raise ValueError(f"{label}: input_forget=1 (coupled gates) is not supported")
+    if a.get("layout", 0):
+        raise ValueError(f"{label}: layout=1 (batch-major) is not supported; time-major "
+                         "graphs (layout 0, what torch.onnx.export writes) are")
+    ins = list(node.input) + [""] * (8 - len(node.input))
+    if ins[7] and np.any(r.const(ins[7], node, "peephole weights P")):
+        raise ValueError(f"{label}: peephole weights (input P) are not supported")
+    W = r.const(ins[1], node, "W")
+    R = r.const(ins[2], node, "R")
+    D = W.shape[0]
+    H = int(a.get("hidden_size", R.shape[-1]))
+    if W.ndim != 3 or R.shape != (D, 4 * H, H) or W.shape[1] != 4 * H:
+        raise ValueError(f"{label}: W {W.shape} / R {R.shape} do not fit hidden_size {H}")
+    per_dir = []
+    for d in range(D):
+        p = {"weight_ih": _gates(W[d], H, _FROM_ONNX), "weight_hh": _gates(R[d], H, _FROM_ONNX)}
+        if ins[3]:
+            B = r.const(ins[3], node, "B")
+            p["bias_ih"] = _gates(B[d, :4 * H], H, _FROM_ONNX)
+            p["bias_hh"] = _gates(B[d, 4 * H:], H, _FROM_ONNX)
+        per_dir.append(p)
+    lengths = bool(ins[4]) and r.kind.get(ins[4]) == "lengths"
+    if ins[4] and not lengths:
+        raise ValueError(f"{label}: its sequence_lens must come from an integer graph input")
+    state = []
+    for t in ins[5:7]:
+        kind = r.kind.get(t, "const") if t else "zeros"
+        if kind not in ("zeros", "state"):
+            raise ValueError(f"{label}: its initial state must be zeros or a graph input")
+        state.append(kind)
+    if len(set(state)) != 1:
+        raise ValueError(f"{label}: give both initial_h and initial_c, or neither")
+    return D, H, W.shape[2], per_dir, lengths, state[0] == "state", 0
+
+
+def _scan_params(r, node):
+    """The same for one direction of a cylstm Scan layer, read by parameter name."""
+    prefix, layer, rev = _OURS.match(node.name).groups()
+    prefix = f"{prefix}." if prefix is not None else ""
+    sfx = f"_l{layer}" + (rev or "")
+    p = {}
+    for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"):
+        if prefix + n + sfx in r.consts:
+            p[n] = r.consts[prefix + n + sfx]
+    if "weight_ih" not in p or "weight_hh" not in p:
+        raise ValueError(f"{_node_label(node)}: the initializers {prefix}weight_ih{sfx} and "
+                         f"{prefix}weight_hh{sfx} it needs are missing")
+    H = p["weight_ih"].shape[0] // 4
+    P = p["weight_hr"].shape[0] if "weight_hr" in p else 0
+    lengths = len(node.input) > 3
+    state = _source(r, node.input[0])
+    return 2 if rev else 1, H, p["weight_ih"].shape[1], [p], lengths, state == "state", P
+
+
+def _source(r, tensor):
+    """'state' if ``tensor`` is computed from a graph input h0/c0, else 'zeros'."""
+    producers = {o: n for n in r.graph.node for o in n.output}
+    seen, todo = set(), [tensor]
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if r.kind.get(t) == "state":
+            return "state"
+        if t in producers:
+            todo += [i for i in producers[t].input if i]
+    return "zeros"
+
+
+def _group_key(node):
+    m = _OURS.match(node.name)
+    if m:
+        return ("cylstm", m.group(1))
+    return ("other", node.name.rsplit("/", 1)[0] if "/" in node.name else "")
+
+
+def _build_lstm(r, nodes, dtype, batch_first):
+    """One cylstm LSTM from consecutive LSTM/Scan records (its layers, in order)."""
+    layers = []                              # [(D, H, I, [per direction], lengths, state, P)]
+    for kind, node in nodes:
+        info = (_lstm_op_params if kind == "lstm" else _scan_params)(r, node)
+        if kind == "scan" and info[0] == 2:             # the reverse half of a layer
+            if not layers or layers[-1][0] != 1 or len(layers[-1][3]) != 1:
+                raise ValueError(f"{_node_label(node)}: a reverse Scan without its forward")
+            prev = layers[-1]
+            layers[-1] = (2, prev[1], prev[2], prev[3] + info[3], prev[4], prev[5], prev[6])
+        else:
+            layers.append(info)
+    first = layers[0]
+    D, H, I, P = first[0], first[1], first[2], first[6]
+    for k, (d, h, i, _, ln, st, p) in enumerate(layers):
+        if (d, h, p) != (D, H, P) or (k and i != D * (P or H)) or ln != first[4] \
+                or st != first[5]:
+            raise ValueError(f"{_node_label(nodes[0][1])} and the LSTM layers after it "
+                             "differ in size, direction, lengths or initial state, so "
+                             "they cannot be one cylstm LSTM")
+    bias = any("bias_ih" in p for lay in layers for p in lay[3])
+    lstm = LSTM(I, H, num_layers=len(layers), bias=bias, batch_first=batch_first,
+                bidirectional=D == 2, proj_size=P, dtype=dtype)
+    sd = {}
+    for k, lay in enumerate(layers):
+        for d, p in enumerate(lay[3]):
+            sfx = lstm._suffix(k, d)
+            for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"):
+                if f"{n}{sfx}" in lstm.params:
+                    sd[f"{n}{sfx}"] = p.get(n, np.zeros(lstm.params[f"{n}{sfx}"].shape))
+    lstm.load_state_dict(sd)
+    return lstm, first[4], first[5]
+
+
+def load(path, dtype=None):
+    """Read an ONNX graph into a cylstm model: a ``cylstm.LSTM`` when the graph is LSTM
+    layers only, else a ``cylstm.Sequential`` (Embedding, LSTM, Dropout, LastStep,
+    Linear). Reads what ``export`` writes (parameters come back bitwise) and what
+    ``torch.onnx.export`` writes for a ``torch.nn.LSTM`` (with linear layers after it).
+    ``path``: a file name or an ``onnx.ModelProto``. ``dtype``: float32 or float64
+    (default: the graph's). Anything else in the graph is a ValueError naming the node.
+
+    A loaded Sequential takes batch-first input and lengths, as ``predict`` always does;
+    a loaded LSTM is batch-first if the graph's input is (B, T, I). The layers are left
+    in eval mode (as the graph computes).
+    """
+    onnx = _require_onnx()
+    from .model import Sequential
+    proto = path if isinstance(path, onnx.ModelProto) else onnx.load(path)
+    r = _Reader(proto)
+    records = r.read()
+    if not records:
+        raise ValueError("the graph has no layer that cylstm.onnx.load understands")
+    floats = [a.dtype for a in r.consts.values() if a.dtype.kind == "f" and a.size > 1]
+    if dtype is None:
+        dtype = floats[0] if floats else np.float32
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype} (the graph's "
+                        "parameters are converted to it)")
+    batch_first = any(n.op_type == "Transpose" and list(n.input) == [r.x]
+                      and list(_attrs(n).get("perm", [])) == [1, 0, 2] for n in r.graph.node)
+
+    # consecutive LSTM records of one group make one LSTM
+    groups = []
+    for rec in records:
+        if rec[0] in ("lstm", "scan") and groups and groups[-1][0] == "lstm_group" and \
+                _group_key(groups[-1][1][-1][1]) == _group_key(rec[1]):
+            groups[-1][1].append(rec)
+        elif rec[0] in ("lstm", "scan"):
+            groups.append(("lstm_group", [rec]))
+        else:
+            groups.append(rec)
+    only_lstm = len(groups) == 1 and groups[0][0] == "lstm_group"
+    layers, features, with_lengths, with_state = [], None, False, False
+    for i, rec in enumerate(groups):
+        kind = rec[0]
+        if kind == "lstm_group":
+            layer, ln, st = _build_lstm(r, rec[1], dtype, batch_first if only_lstm else True)
+            with_lengths |= ln
+            with_state |= st
+            features = layer.num_directions * layer.state_size
+        elif kind == "embedding":
+            w = r.consts[rec[1].input[0]]
+            if w.ndim != 2 or _attrs(rec[1]).get("axis", 0) != 0 or i:
+                raise ValueError(f"{_node_label(rec[1])}: an embedding lookup must be the "
+                                 "first layer and gather rows of a (V, D) table")
+            layer = Embedding(w.shape[0], w.shape[1], dtype=dtype)
+            layer.load_state_dict({"weight": w})
+            features = w.shape[1]
+        elif kind in ("linear", "gemm"):
+            node = rec[1]
+            w = r.consts[node.input[1]]
+            b = None
+            if kind == "gemm":
+                a = _attrs(node)
+                if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+                    raise ValueError(f"{_node_label(node)}: only Gemm(x, W, b) with "
+                                     "transA=0, alpha=beta=1 is a Linear")
+                w = w if a.get("transB", 0) else w.T
+                if len(node.input) > 2 and node.input[2]:
+                    b = r.const(node.input[2], node, "C (the bias)")
+            else:
+                w = w.T
+                if len(rec) > 2:
+                    b = next(r.consts[t] for t in rec[2].input if t in r.consts)
+            if w.ndim != 2 or (b is not None and b.shape != (w.shape[0],)):
+                raise ValueError(f"{_node_label(node)}: weight {w.shape} / bias "
+                                 f"{None if b is None else b.shape} are not a Linear's")
+            layer = Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=dtype)
+            layer.load_state_dict({"weight": w, **({"bias": b} if b is not None else {})})
+            features = w.shape[0]
+        elif kind == "dropout":
+            node = rec[1]
+            p = float(r.const(node.input[1], node, "ratio")) if len(node.input) > 1 \
+                and node.input[1] else 0.5
+            layer = Dropout(p)
+        else:                                               # laststep
+            rev = 0
+            if len(rec) > 2 and features is not None:
+                rev_node = rec[2]
+                sl = [n for n in r.graph.node if n.op_type == "Slice"
+                      and list(n.input)[:1] == [rev_node.output[0]]]
+                rev = features - int(r.const(sl[0].input[1], sl[0], "starts")[0]) if sl else 0
+            layer = LastStep(reverse_features=rev)
+        layer.eval()
+        layers.append(layer)
+    if only_lstm:
+        return layers[0]
+    if with_state:
+        raise ValueError("the graph has initial-state inputs and layers besides the LSTM; "
+                         "a cylstm Sequential starts from zero states")
+    return Sequential(layers).eval()
