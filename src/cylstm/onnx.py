@@ -10,24 +10,33 @@ is an absolute import and gets the onnx package, never this file.
 
 The graph (opset 17; T and B/N are symbolic, so any batch and any length run):
 
-* An ``LSTM`` becomes one ONNX ``LSTM`` node per layer (both directions in one node).
-  Inputs: ``x`` (T, B, I), or (B, T, I) when ``batch_first``; with ``lengths=True``
-  ``lengths`` (B,) int64 (the node's ``sequence_lens``, PyTorch's packed semantics);
-  with ``initial_state=True`` ``h0`` (L*D, B, H) and ``c0`` (L*D, B, H). Outputs ``y``
-  (as cylstm's, zeros past each length), ``h_n`` and ``c_n`` (L*D, B, H).
+* An ``LSTM``'s inputs: ``x`` (T, B, I), or (B, T, I) when ``batch_first``; with
+  ``lengths=True`` ``lengths`` (B,) int64 (PyTorch's packed semantics); with
+  ``initial_state=True`` ``h0`` (L*D, B, Hp) and ``c0`` (L*D, B, H). Outputs ``y`` (as
+  cylstm's, zeros past each length), ``h_n`` (L*D, B, Hp) and ``c_n`` (L*D, B, H).
 * A ``Sequential`` takes ``x`` (N, T, F) floats, or (N, T) int64 token ids when it starts
   with an Embedding, and ``lengths`` (N,) int64 (unless ``lengths=False``); its one
   output ``y`` is what ``predict`` returns: (N, K) after a LastStep, else (N, T, K)
   with zeros past each length. Embedding is a ``Gather``, Linear ``MatMul`` + ``Add``,
   Dropout an ONNX ``Dropout`` (the identity at inference; its ratio is kept so the
-  graph loads back as the same layer), LastStep a ``GatherElements`` at ``lengths - 1``.
+  graph loads back as the same layer), LastStep a ``GatherElements`` at ``lengths - 1``
+  (step T - 1 without lengths; step 0 for a bidirectional LSTM's reverse features).
 
-ONNX's LSTM orders the gates i, o, f, c where PyTorch (and cylstm) use i, f, g, o, so
-the rows of every weight and bias are permuted on the way out and back on the way in;
-W (D, 4H, I), R (D, 4H, H), B (D, 8H) = [b_ih, b_hh]. The operator has no projection:
-an LSTM with ``proj_size`` is refused, naming the layer. ONNX Runtime runs its LSTM
-operator in float32 only; a float64 graph is valid ONNX (it passes the checker) but
-ONNX Runtime cannot execute it (see ``lstm_op`` in ``export`` for a graph that it can).
+Each LSTM layer is written in one of two forms (``export``'s ``lstm_op``):
+
+* ONNX's ``LSTM`` operator, one node per layer, both directions in it, ``lengths`` as
+  its ``sequence_lens``: the form other tools read, and the default for float32 LSTMs
+  without projection. ONNX orders the gates i, o, f, c where PyTorch (and cylstm) use
+  i, f, g, o, so the rows of every weight and bias are permuted on the way out and back
+  on the way in; W (D, 4H, I), R (D, 4H, H), B (D, 8H) = [b_ih, b_hh]. With
+  ``sequence_lens``, ONNX Runtime's reverse direction starts at each sequence's last
+  valid step and the padded outputs are zero, as in PyTorch (the tests check this).
+* ``Scan`` loops of basic operators (MatMul, Add, Split, Sigmoid, Tanh, Mul, Where), one
+  per direction, holding the weights under their PyTorch names: the default for float64
+  (ONNX Runtime runs its LSTM operator in float32 only) and for ``proj_size`` (the
+  operator has no projection; ``lstm_op=True`` with one is refused, naming the layer).
+
+An LSTM's inter-layer ``dropout`` acts in training only and is not written.
 """
 
 import numpy as np
@@ -245,13 +254,6 @@ def _scan_body(g, H, Hp, w_hh_t, w_hr_t, masked, tag):
                   h.make_node("Identity", [n("h1")], [n("y")])]
     outputs = [vi(n("h_out"), ["B", Hp]), vi(n("c_out"), ["B", H]), vi(n("y"), ["B", Hp])]
     return h.make_graph(nodes, f"{tag}.step", inputs, outputs, initializer=inits)
-
-
-def _check_model(model, name):
-    if isinstance(model, (LSTM, Linear, Dropout, LastStep, Embedding)) \
-            and not isinstance(model, LSTM):
-        raise TypeError(f"{name} must be a cylstm.LSTM or a cylstm.Sequential; wrap the "
-                        f"{type(model).__name__} in a Sequential")
 
 
 def export(model, path, *, lengths=None, initial_state=False, lstm_op=None, opset=OPSET):
@@ -543,7 +545,8 @@ class _Reader:
             elif op == "GatherElements" and node.name.endswith(".laststep"):
                 records.append(("laststep", node))
                 self._set(node, "data")
-            elif op == "Gather" and node.name.endswith(".laststep_reverse"):
+            elif op == "Gather" and node.name.endswith(".laststep_reverse") and records \
+                    and records[-1][0] == "laststep":
                 records[-1] = records[-1] + (node,)
                 self._set(node, "data")
             elif op in ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast",
