@@ -225,6 +225,38 @@ def test_load_torch_onnx_export(tmp_path, dtype, num_layers, bidirectional, batc
         assert rel_err(a.numpy(), b) < TOL[dtype]
 
 
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (2, True)])
+def test_load_torch_export_with_initial_state(tmp_path, num_layers, bidirectional):
+    torch = _torch()
+    torch.manual_seed(4)
+    tm = torch.nn.LSTM(I, H, num_layers=num_layers, bidirectional=bidirectional).eval()
+    LD = num_layers * (2 if bidirectional else 1)
+    x, h0, c0 = torch.randn(T, B, I), torch.randn(LD, B, H), torch.randn(LD, B, H)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tm, (x, (h0, c0)), str(tmp_path / "s.onnx"), dynamo=False,
+                          input_names=["x", "h0", "c0"], output_names=["y", "h_n", "c_n"],
+                          dynamic_axes={"x": {0: "T", 1: "B"}, "h0": {1: "B"},
+                                        "c0": {1: "B"}}, opset_version=17)
+    m = connx.load(tmp_path / "s.onnx")
+    with torch.no_grad():
+        ty, (th, tc) = tm(x, (h0, c0))
+    cy, (ch, cc) = m(x.numpy(), (h0.numpy(), c0.numpy()))
+    for a, b in ((ty, cy), (th, ch), (tc, cc)):
+        assert rel_err(a.numpy(), b) < 1e-5
+
+
+def test_load_refuses_initial_state_rows_out_of_order(tmp_path):
+    m = cylstm.LSTM(I, H, num_layers=2, seed=0)
+    proto = connx.export(m, tmp_path / "m.onnx", initial_state=True)
+    lstm1 = next(n for n in proto.graph.node if n.name == "lstm_l1")
+    h_slice = next(n for n in proto.graph.node if n.output[0] == lstm1.input[5])
+    start = next(t for t in proto.graph.initializer if t.name == h_slice.input[1])
+    start.CopyFrom(onnx.numpy_helper.from_array(np.array([0], np.int64), start.name))
+    with pytest.raises(ValueError, match="node 'lstm_l1'.*rows 1..1 of the h0/c0"):
+        connx.load(proto)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_load_torch_lstm_then_linear(tmp_path, bidirectional):
     torch = _torch()

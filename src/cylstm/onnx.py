@@ -684,6 +684,36 @@ def _source(r, tensor):
     return "zeros"
 
 
+def _check_state_rows(r, nodes, D):
+    """Each layer's initial state must be its own rows of h0/c0 (L*D, B, H), in
+    PyTorch's order (layer by layer, forward then reverse), as cylstm takes them."""
+    producers = {o: n for n in r.graph.node for o in n.output}
+    k = 0                                          # the first row the next node should get
+    for kind, node in nodes:
+        n_dirs = D if kind == "lstm" else 1
+        for t in (node.input[5:7] if kind == "lstm" else node.input[:2]):
+            rows = None
+            src = producers.get(t)
+            if r.kind.get(t) == "state" and src is None:
+                rows = (0, None)                   # the whole input: one node, all rows
+            elif src is not None and src.op_type == "Slice" and len(src.input) >= 3 and \
+                    all(i in r.consts for i in src.input[1:]):
+                starts, ends = r.consts[src.input[1]], r.consts[src.input[2]]
+                axes = r.consts[src.input[3]] if len(src.input) > 3 and src.input[3] else [0]
+                if list(np.ravel(axes)) == [0] and len(np.ravel(starts)) == 1:
+                    rows = (int(np.ravel(starts)[0]), int(np.ravel(ends)[0]))
+            elif src is not None and src.op_type == "Gather" and src.input[1] in r.consts \
+                    and _attrs(src).get("axis", 0) == 0 and r.consts[src.input[1]].ndim == 0:
+                rows = (int(r.consts[src.input[1]]), int(r.consts[src.input[1]]) + 1)
+            if rows is None or rows[0] != k or (rows[1] is not None and
+                                                rows[1] != k + n_dirs) \
+                    or (rows[1] is None and len(nodes) * n_dirs != n_dirs):
+                raise ValueError(f"{_node_label(node)}: its initial state is not rows "
+                                 f"{k}..{k + n_dirs - 1} of the h0/c0 inputs, as a cylstm "
+                                 "(and PyTorch) LSTM takes them")
+        k += n_dirs
+
+
 def _group_key(node):
     m = _OURS.match(node.name)
     if m:
@@ -711,6 +741,8 @@ def _build_lstm(r, nodes, dtype, batch_first):
             raise ValueError(f"{_node_label(nodes[0][1])} and the LSTM layers after it "
                              "differ in size, direction, lengths or initial state, so "
                              "they cannot be one cylstm LSTM")
+    if first[5]:
+        _check_state_rows(r, nodes, D)
     bias = any("bias_ih" in p for lay in layers for p in lay[3])
     lstm = LSTM(I, H, num_layers=len(layers), bias=bias, batch_first=batch_first,
                 bidirectional=D == 2, proj_size=P, dtype=dtype)
