@@ -300,6 +300,32 @@ def test_load_refuses_torch_graph_that_selects_a_step(tmp_path):
         connx.load(tmp_path / "n.onnx")
 
 
+@pytest.mark.parametrize("variant", ["skip", "two_heads", "final_state"])
+def test_load_refuses_graphs_that_are_not_a_chain(tmp_path, variant):
+    """A skip connection, two heads on one output or a head on h_n: the layers are all
+    known, but no cylstm model computes these graphs, so loading must refuse them."""
+    torch = _torch()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(I, H, batch_first=True)
+            self.fc = torch.nn.Linear(H + I if variant == "skip" else H, 2)
+            self.fc2 = torch.nn.Linear(H, 2)
+
+        def forward(self, x):
+            y, (h_n, _) = self.lstm(x)
+            if variant == "skip":
+                return self.fc(torch.cat([y, x], dim=-1))
+            if variant == "two_heads":
+                return self.fc(y) + self.fc2(y)
+            return self.fc(h_n[-1])
+
+    torch_export(torch, Net().eval(), torch.randn(B, T, I), tmp_path / "n.onnx", ["y"])
+    with pytest.raises(ValueError, match=r"node '.*' \(op \w+\)"):
+        connx.load(tmp_path / "n.onnx")
+
+
 # ---- refusals ---------------------------------------------------------------------------
 
 def test_export_refusals(tmp_path):

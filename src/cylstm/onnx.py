@@ -503,55 +503,107 @@ class _Reader:
         return self.consts[name]
 
     def read(self):
+        """The layer records in order, checking that they form one chain: each layer reads
+        the output of the one before it (x for the first). Every data tensor carries the
+        key of the layer that made it (``stamp``); a branch, a skip connection or a
+        layer reading a final state breaks the chain and is refused, naming the node."""
         records = []
+        self.stamp = {self.x: "input"}
+        heads = ["input"]                      # the chain's layer keys so far
+        scan_inputs = {}                       # a Scan's scope -> the stamp of its x
+
+        def chain(node, t, want=None):
+            want = heads[-1] if want is None else want
+            if self.stamp.get(t) != want:
+                raise ValueError(f"{_node_label(node)} reads {t!r}, which is not the output "
+                                 "of the layer before it: branches, skip connections and "
+                                 "layers reading a final state are not a cylstm model")
+
+        def new_layer(record, node, key=None, states=()):
+            key = key or f"{record[0]}#{len(records)}"
+            records.append(record)
+            heads.append(key)
+            for k, t in enumerate(node.output):
+                self.stamp[t] = ("state", key) if k in states else key
+            self._set(node, "data")
+
         for node in self.graph.node:
             kinds = [self.kind.get(t, "const") for t in node.input if t]
             op = node.op_type
+            data_in = [t for t in node.input if t and self.kind.get(t) == "data"]
             if node.name.startswith(self.scan_scopes):
                 self._set(node, "skip")                   # a cylstm Scan layer's own nodes
+                if op == "MatMul" and node.input[0] in self.stamp:
+                    scan_inputs[node.name.split("/")[0]] = self.stamp[node.input[0]]
                 continue
             if op == "LSTM":
-                records.append(("lstm", node))
-                self._set(node, "data")
+                chain(node, node.input[0])
+                new_layer(("lstm", node), node, states=(1, 2))
             elif op == "Scan":
                 m = _OURS.match(node.name)
                 if not m:
                     raise ValueError(f"{_node_label(node)}: only the Scan loops that "
                                      "cylstm.onnx.export writes for an LSTM are understood")
-                records.append(("scan", node))
-                self._set(node, "data")
+                key = "scan#" + node.name[:-len("_reverse")] if m.group(3) else \
+                    "scan#" + node.name
+                reverse_of_head = m.group(3) and heads[-1] == key
+                want = heads[-2] if reverse_of_head else heads[-1]
+                if scan_inputs.get(node.name) != want:
+                    raise ValueError(f"{_node_label(node)}: its input is not the output of "
+                                     "the layer before it")
+                if reverse_of_head:
+                    records.append(("scan", node))
+                    for k, t in enumerate(node.output):
+                        self.stamp[t] = ("state", key) if k < 2 else key
+                    self._set(node, "data")
+                else:
+                    new_layer(("scan", node), node, key, states=(0, 1))
             elif op in ("Shape", "Size"):
                 self._set(node, "const")                   # sizes only, not values
-            elif "data" not in kinds:
+            elif not data_in:
                 self._set(node, self._quiet_kind(node, kinds))
-            elif op == "Gather" and self.kind.get(node.input[0]) != "data" \
-                    and node.input[0] in self.consts:
-                records.append(("embedding", node))
-                self._set(node, "data")
-            elif op == "MatMul" and node.input[1] in self.consts:
-                records.append(("linear", node))
-                self._set(node, "data")
-            elif op == "Gemm" and node.input[1] in self.consts:
-                records.append(("gemm", node))
-                self._set(node, "data")
+            elif op == "Gather" and node.input[0] in self.consts:
+                chain(node, node.input[1])
+                new_layer(("embedding", node), node)
+            elif op in ("MatMul", "Gemm") and node.input[1] in self.consts:
+                chain(node, node.input[0])
+                new_layer(("linear" if op == "MatMul" else "gemm", node), node)
             elif op == "Add" and records and records[-1][0] == "linear" \
                     and len(records[-1]) == 2 and records[-1][1].output[0] in node.input \
                     and any(t in self.consts for t in node.input):
                 records[-1] = ("linear", records[-1][1], node)
+                self.stamp[node.output[0]] = heads[-1]
                 self._set(node, "data")
             elif op == "Dropout":
-                records.append(("dropout", node))
-                self._set(node, "data")
+                chain(node, node.input[0])
+                new_layer(("dropout", node), node)
             elif op == "GatherElements" and node.name.endswith(".laststep"):
-                records.append(("laststep", node))
-                self._set(node, "data")
+                chain(node, node.input[0])
+                new_layer(("laststep", node), node)
             elif op == "Gather" and node.name.endswith(".laststep_reverse") and records \
                     and records[-1][0] == "laststep":
+                chain(node, node.input[0], heads[-2])
                 records[-1] = records[-1] + (node,)
+                self.stamp[node.output[0]] = heads[-1]
                 self._set(node, "data")
             elif op in ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast",
                         "Concat", "Where") or (op == "Slice" and records and
                                                records[-1][0] == "laststep"):
+                if op == "Where" and not (node.input[2] in self.consts and not np.any(
+                        self.consts[node.input[2]]) and node.input[1] in data_in
+                        and self.kind.get(node.input[0]) != "data"):
+                    raise ValueError(f"{_node_label(node)} is not supported: a Where on the "
+                                     "data is read only as zeroing the steps past lengths")
+                stamps = {self.stamp.get(t) for t in data_in}
+                if len(stamps) == 1:
+                    stamp = stamps.pop()
+                elif op == "Concat" and all(isinstance(x, tuple) for x in stamps):
+                    stamp = ("state", "stacked")           # final states of several layers
+                else:
+                    raise ValueError(f"{_node_label(node)} joins the outputs of different "
+                                     "layers, which a cylstm model does not do")
+                for t in node.output:
+                    self.stamp[t] = stamp
                 self._set(node, "data")
             else:
                 raise ValueError(f"{_node_label(node)} is not supported: cylstm.onnx.load "
