@@ -167,9 +167,9 @@ def load_lstm_weights(lstm, weights, layer=0, ignore_go_backwards=False):
     sd = state_dict(weights, layer, ignore_go_backwards)
     D = 2 if any(k.endswith("_reverse") for k in sd) else 1
     if D != lstm.num_directions:
-        raise ValueError(f"weights: {'bidirectional' if D == 2 else 'one-directional'} Keras "
-                         f"weights for a {'bidirectional' if lstm.bidirectional else 'one-directional'} "
-                         f"cylstm LSTM")
+        kinds = ("one-directional", "bidirectional")
+        raise ValueError(f"weights: {kinds[D - 1]} Keras weights for a "
+                         f"{kinds[lstm.num_directions - 1]} cylstm LSTM")
     has_bias = any(k.startswith("bias") for k in sd)
     if has_bias != lstm.bias:
         raise ValueError(f"weights: use_bias={has_bias} in Keras but bias={lstm.bias} in "

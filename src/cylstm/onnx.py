@@ -353,8 +353,9 @@ def export(model, path, *, lengths=None, initial_state=False, lstm_op=None, opse
                                  f"{i}.linear_bias", name=f"{i}.linear_bias")
                 features = layer.out_features
             elif isinstance(layer, Dropout):
-                out = g.node("Dropout", [out, g.const(np.array(layer.p, np.float64), f"{i}.ratio")],
-                             f"{i}.dropout", name=f"{i}.dropout")
+                # the ratio in float64 (any float type is allowed) so p loads back exactly
+                ratio = g.const(np.array(layer.p, np.float64), f"{i}.ratio")
+                out = g.node("Dropout", [out, ratio], f"{i}.dropout", name=f"{i}.dropout")
             elif isinstance(layer, LastStep):
                 out = _last_step_nodes(g, layer, out, features, i)
                 per_step = False
@@ -364,14 +365,13 @@ def export(model, path, *, lengths=None, initial_state=False, lstm_op=None, opse
             out = _mask_nodes(g, out, "lengths")
         g.nodes.append(helper.make_node("Identity", [out], ["y"], name="y"))
         shape = [sym_b, sym_t, features] if per_step else [sym_b, features]
-        if not isinstance(layers[-1], (LSTM, Linear, Embedding)) and features is None:
-            shape[-1] = None
         outputs = [helper.make_tensor_value_info("y", g.elem, shape)]
 
     graph = helper.make_graph(g.nodes, "cylstm", inputs, outputs, initializer=g.inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                               producer_name="cylstm")
-    proto.ir_version = min(proto.ir_version, 8)     # readable by older runtimes too
+    # the oldest IR version that has this opset, so older runtimes read the file too
+    proto.ir_version = helper.find_min_ir_version_for(list(proto.opset_import))
     onnx.checker.check_model(proto)
     onnx.save(proto, path)
     return proto
