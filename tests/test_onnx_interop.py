@@ -341,6 +341,15 @@ def test_export_refusals(tmp_path):
         connx.export(seq, tmp_path / "s.onnx", initial_state=True)
     with pytest.raises(ValueError, match="opset"):
         connx.export(proj, tmp_path / "p.onnx", opset=9)
+    with pytest.raises(TypeError, match="path must be a file name"):
+        connx.export(cylstm.LSTM(I, H), 3)
+    with pytest.raises(TypeError, match="lstm_op"):
+        connx.export(cylstm.LSTM(I, H), tmp_path / "m.onnx", lstm_op="yes")
+    with pytest.raises(TypeError, match="path must be a file name or an onnx.ModelProto"):
+        connx.load(b"bytes")
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        connx.export(cylstm.LSTM(I, H), tmp_path / "m.onnx")
+        connx.load(tmp_path / "m.onnx", dtype="float16")
 
 
 def _one_lstm_graph(tmp_path, **attrs):

@@ -39,6 +39,8 @@ Each LSTM layer is written in one of two forms (``export``'s ``lstm_op``):
 An LSTM's inter-layer ``dropout`` acts in training only and is not written.
 """
 
+import os
+
 import numpy as np
 
 from .embedding import Embedding
@@ -276,6 +278,11 @@ def export(model, path, *, lengths=None, initial_state=False, lstm_op=None, opse
 
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 14:
         raise ValueError(f"opset must be an int >= 14, got {opset!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name (str or os.PathLike), got "
+                        f"{type(path).__name__}")
+    if lstm_op not in (None, True, False):
+        raise TypeError(f"lstm_op must be None, True or False, got {lstm_op!r}")
     if isinstance(model, LSTM):
         layers, is_lstm = [model], True
     elif isinstance(model, Sequential):
@@ -823,7 +830,13 @@ def load(path, dtype=None):
     """
     onnx = _require_onnx()
     from .model import Sequential
-    proto = path if isinstance(path, onnx.ModelProto) else onnx.load(path)
+    if isinstance(path, onnx.ModelProto):
+        proto = path
+    elif isinstance(path, (str, os.PathLike)):
+        proto = onnx.load(path)
+    else:
+        raise TypeError(f"path must be a file name or an onnx.ModelProto, got "
+                        f"{type(path).__name__}")
     r = _Reader(proto)
     records = r.read()
     if not records:
