@@ -180,8 +180,12 @@ def test_refusals():
         cylstm.LSTM(I, H).load_keras_weights(layer, layer=1)
     with pytest.raises(TypeError, match="Keras LSTM or Bidirectional layer"):
         cylstm.LSTM(I, H).load_keras_weights("kernel")
-    with pytest.raises(TypeError, match="not a Keras LSTM"):
+    with pytest.raises(TypeError, match="Dense is not a Keras LSTM"):
         ckeras.from_keras(keras.layers.Dense(3))
+    gru = keras.layers.GRU(H)
+    gru.build((None, T, I))
+    with pytest.raises(TypeError, match="GRU is not a Keras LSTM"):
+        ckeras.from_keras(gru)
     with pytest.raises(ValueError, match="recurrent_kernel must be"):
         ckeras.state_dict([np.zeros((I, 4 * H)), np.zeros((H, 3 * H))])
     unbuilt = keras.layers.LSTM(H)

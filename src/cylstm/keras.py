@@ -112,7 +112,8 @@ def _directions(weights, what="weights", allow_backwards=False):
             # wrapper turns its outputs back: a cylstm reverse direction
             return _directions(fwd, f"{what}.forward_layer", allow_backwards) + \
                 _directions(bwd, f"{what}.backward_layer", True)
-        if "units" not in cfg or "recurrent_activation" not in cfg:
+        # by class: a GRU or SimpleRNN has the same config keys but other weights
+        if not any(c.__name__ == "LSTM" for c in type(weights).__mro__) or "units" not in cfg:
             raise TypeError(f"{what}: {type(weights).__name__} is not a Keras LSTM layer")
         _check_activations(cfg, what)
         if cfg.get("go_backwards") and not allow_backwards:
