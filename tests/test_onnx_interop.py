@@ -389,6 +389,23 @@ def test_load_reads_a_plain_lstm_node_and_refuses_other_ops(tmp_path):
         connx.load(proto)
 
 
+def test_load_refuses_a_state_computed_from_h0(tmp_path):
+    """initial_h = h0 + 1 is neither h0's rows nor zeros: refused, not read as h0."""
+    from onnx import TensorProto, helper, numpy_helper
+    proto = _one_lstm_graph(tmp_path)
+    g = proto.graph
+    g.input.extend([helper.make_tensor_value_info(s, TensorProto.FLOAT, [1, "B", H])
+                    for s in ("h0", "c0")])
+    g.initializer.append(numpy_helper.from_array(np.ones((), np.float32), "one"))
+    g.node.insert(0, helper.make_node("Add", ["h0", "one"], ["h0_plus"], name="shift"))
+    g.node[1].input.extend(["", "", "h0_plus", "c0"])
+    with pytest.raises(ValueError, match="initial state must be zeros or a graph input"):
+        connx.load(proto)
+    g.node[1].input[5] = "h0"                    # h0 itself is fine
+    m = connx.load(proto)
+    assert isinstance(m, cylstm.LSTM)
+
+
 @pytest.mark.parametrize("opset", [14, 17, 18, 20])
 def test_opsets(tmp_path, opset):
     m = cylstm.LSTM(I, H, bidirectional=True, seed=0).eval()

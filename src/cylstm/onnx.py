@@ -449,6 +449,9 @@ def _mask_nodes(g, y, lengths):
 _GLUE = {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Cast", "Concat",
          "Shape", "Constant", "ConstantOfShape", "Expand", "Slice", "Gather", "Range",
          "Less", "Sub", "Add", "Mul", "Div", "Equal", "Where", "Size"}
+# ... of which these keep every value as it is (they select, repeat or reshape)
+_KEEPS_VALUES = {"Slice", "Gather", "Expand", "Reshape", "Squeeze", "Unsqueeze", "Transpose",
+                 "Identity", "Cast", "Concat"}
 _OURS = __import__("re").compile(r"^(?:(\d+)\.)?lstm_l(\d+)(_reverse)?$")
 
 
@@ -620,29 +623,34 @@ class _Reader:
         return records
 
     def _quiet_kind(self, node, kinds):
-        """The kind of a node's outputs that do not come from x."""
+        """The kind of a node's outputs that do not come from x: "zeros" and "state" (a
+        graph's h0/c0) pass only through nodes that keep every value as it is (so a
+        state computed from h0 is not mistaken for h0's rows), "lengths" only through
+        casts and reshapes (so sequence_lens is the lengths input itself); anything else
+        is "const" or, from the lengths, "derived" (which only cylstm's own LastStep
+        and padding mask read)."""
         op = node.op_type
-        if op not in _GLUE and op != "Constant":
+        if op not in _GLUE:
             raise ValueError(f"{_node_label(node)} is not supported (outside the data path: "
                              "only shape arithmetic and the initial states are understood)")
-        if op == "Shape":
-            return "const"
         if op == "ConstantOfShape":
             value = [a.t for a in node.attribute if a.name == "value"]
             from onnx import numpy_helper
             v = numpy_helper.to_array(value[0]) if value else np.zeros(1)
             return "zeros" if not np.any(v) else "const"
-        first = self.kind.get(node.input[0], "const") if node.input else "const"
-        if first in ("state", "zeros", "lengths"):
-            if first == "zeros" or (first == "const" and node.input[0] in self.consts
-                                    and not np.any(self.consts[node.input[0]])):
-                return "zeros"
-            return first
-        if op == "Expand" and node.input[0] in self.consts \
-                and not np.any(self.consts[node.input[0]]):
-            return "zeros"
-        if "lengths" in kinds:
+        first = node.input[0] if node.input else ""
+        kind = self.kind.get(first, "const")
+        if kind == "const" and first in self.consts and not np.any(self.consts[first]) \
+                and op == "Expand":
+            kind = "zeros"
+        if kind in ("zeros", "state") and op in _KEEPS_VALUES:
+            if op != "Concat" or all(self.kind.get(t) == kind for t in node.input if t):
+                return kind
+        if kind == "lengths" and op in ("Cast", "Identity", "Reshape", "Squeeze",
+                                        "Unsqueeze"):
             return "lengths"
+        if any(k in ("lengths", "derived") for k in kinds):
+            return "derived"
         return "const"
 
     def _set(self, node, kind):
