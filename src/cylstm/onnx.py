@@ -664,8 +664,9 @@ def _attrs(node):
 
 
 def _lstm_op_params(r, node):
-    """(direction count, hidden size, input size, {suffix-less names per direction},
-    has lengths, initial state source) of one ONNX LSTM node, in PyTorch's layout."""
+    """(directions, hidden size, input size, [per direction: {"weight_ih": ..., ...} in
+    PyTorch's layout], reads the lengths, starts from the h0/c0 inputs, proj size 0)
+    of one ONNX LSTM node."""
     a = _attrs(node)
     label = _node_label(node)
     direction = a.get("direction", b"forward")
@@ -828,9 +829,13 @@ def load(path, dtype=None):
     """Read an ONNX graph into a cylstm model: a ``cylstm.LSTM`` when the graph is LSTM
     layers only, else a ``cylstm.Sequential`` (Embedding, LSTM, Dropout, LastStep,
     Linear). Reads what ``export`` writes (parameters come back bitwise) and what
-    ``torch.onnx.export`` writes for a ``torch.nn.LSTM`` (with linear layers after it).
-    ``path``: a file name or an ``onnx.ModelProto``. ``dtype``: float32 or float64
-    (default: the graph's). Anything else in the graph is a ValueError naming the node.
+    ``torch.onnx.export`` (``dynamo=False``) writes for a ``torch.nn.LSTM``, with
+    initial states or Linear layers after it. ``path``: a file name or an
+    ``onnx.ModelProto``. ``dtype``: float32 or float64 (default: the graph's).
+    Anything else is a ValueError naming the node: an operator that is not one of
+    these layers or reshaping between them, layers that do not form one chain (a skip
+    connection, two heads, a head on h_n), initial states other than zeros or the
+    h0/c0 inputs' own rows.
 
     A loaded Sequential takes batch-first input and lengths, as ``predict`` always does;
     a loaded LSTM is batch-first if the graph's input is (B, T, I). The layers are left
