@@ -511,6 +511,12 @@ class LSTM(Parametrised):
             raise RuntimeError("cylstm: the compiled step refused its own arguments")
         return y
 
+    def load_keras_weights(self, weights, layer=0, ignore_go_backwards=False):
+        """``load_state_dict``'s sibling for Keras 3: a Keras LSTM or Bidirectional layer
+        (or its ``get_weights()`` list) into layer ``layer``; see ``cylstm.keras``."""
+        from .keras import load_lstm_weights
+        return load_lstm_weights(self, weights, layer, ignore_go_backwards)
+
 
 class LSTMState:
     """Streaming state of an LSTM: ``h`` (L, B, Hp) and ``c`` (L, B, H), updated in place
