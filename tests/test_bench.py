@@ -1,15 +1,29 @@
-"""Smoke tests of the benchmark suite (cylstm/_bench.py) on tiny configurations:
-its verification, its ONNX graph, its tables and targets, its memory probe and one
-end-to-end run. No timing is asserted (BENCH.md: speed is checked by bench/, not tests).
-Peers that are not installed are skipped by the suite itself; these tests check that."""
+"""Smoke tests of the benchmark suite in the repository's bench/ folder, on tiny
+configurations: its verification, its ONNX graph, its tables and targets, its GEMM peak,
+its memory probe and one whole run. No timing is asserted: speed is measured by bench/,
+never by tests (docs/benchmarking.md). Peers that are not installed are skipped by the
+suite itself; these tests check that."""
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 
-from cylstm import _bench
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)       # bench/ is not a package: its modules import each other
+
+import cases  # noqa: E402
+import peer_onnxruntime  # noqa: E402
+import peer_torch  # noqa: E402
+import peers  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+import targets  # noqa: E402
+import timing  # noqa: E402
+from memprobe import measure_memory  # noqa: E402
+from problem import make_problem  # noqa: E402
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and \
@@ -20,29 +34,30 @@ if os.environ.get("CYLSTM_REQUIRE_BENCH") and not HAVE_ORT:
 
 # Unit-sized stand-ins for BENCH.md's configurations: two layers (the ONNX graph chains
 # nodes), B > 1 (lengths differ), and a one-layer streaming step.
-UNIT = _bench.Config(3, 7, 5, 6, 2, "unit")
-UNIT_STEP = _bench.Config(2, 1, 5, 6, 1, "unit step", state=True)
-# Keep the end-to-end run short: one tiny rep per block, no settling, a small GEMM.
-SMOKE = _bench.QUICK._replace(target=0.001, warm=0.0, rounds=1, settle=0.0, gemm_reps=1)
+UNIT = cases.Config(3, 7, 5, 6, 2, "unit")
+UNIT_STEP = cases.Config(2, 1, 5, 6, 1, "unit step", state=True)
+# Keep the whole run short: one tiny rep per block, no settling, small GEMMs.
+SMOKE = cases.QUICK._replace(target=0.001, warm=0.0, rounds=1, settle=0.0, gemm_reps=1,
+                             gemm_seconds=0.0)
 
 
 @pytest.fixture(autouse=True)
 def unit_configs(monkeypatch):
-    monkeypatch.setitem(_bench.CONFIGS, "unit", UNIT)
-    monkeypatch.setitem(_bench.CONFIGS, "unitstep", UNIT_STEP)
-    monkeypatch.setattr(_bench, "GEMM_SIZE", 64)
+    monkeypatch.setitem(cases.CONFIGS, "unit", UNIT)
+    monkeypatch.setitem(cases.CONFIGS, "unitstep", UNIT_STEP)
+    monkeypatch.setattr(cases, "GEMM_SIZES", (32, 64))
 
 
 def verify(case):
-    prob = _bench._problem(case)
-    impls, skipped = _bench._build_impls(case, prob, list(_bench.PEERS), _bench._Sink(None))
-    checks = _bench._verify_case(case, impls, prob.data, [1, 2], _bench.TASKS,
-                                 _bench.TOLERANCE[case.dtype])
+    prob = make_problem(case)
+    impls, skipped = peers.build_impls(case, prob, list(peers.PEERS), report.Sink(None))
+    checks = peers.verify_case(case, impls, prob.data, [1, 2], cases.TASKS,
+                               cases.TOLERANCE[case.dtype])
     return impls, skipped, checks
 
 
-@pytest.mark.parametrize("case", [_bench.Case("unit"), _bench.Case("unitstep")] +
-                         [_bench.Case("unit", v) for v in _bench.VARIANTS], ids=str)
+@pytest.mark.parametrize("case", [cases.Case("unit"), cases.Case("unitstep")] +
+                         [cases.Case("unit", v) for v in cases.VARIANTS], ids=str)
 def test_every_implementation_verifies(case):
     impls, skipped, checks = verify(case)
     assert not [c for c in checks if not c[3]["ok"]]
@@ -62,25 +77,25 @@ def test_every_implementation_verifies(case):
 
 @pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime/onnx not installed")
 def test_verification_catches_a_wrong_gate_order(monkeypatch):
-    monkeypatch.setattr(_bench, "_onnx_gates", lambda w, H: w)   # torch's order, unconverted
-    _, _, checks = verify(_bench.Case("unit"))
+    monkeypatch.setattr(peer_onnxruntime, "onnx_gates", lambda w, H: w)   # torch's order, unconverted
+    _, _, checks = verify(cases.Case("unit"))
     ort = [r for name, _, _, r in checks if name == "onnxruntime"]
     assert ort and not any(r["ok"] for r in ort)
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
 def test_torch_paths_are_told_apart():
-    impls, _, _ = verify(_bench.Case("unit"))
+    impls, _, _ = verify(cases.Case("unit"))
     assert impls["torch"].uses_onednn == {"inference": True, "training": True}
     assert impls["torch-native"].uses_onednn == {"inference": False, "training": False}
-    impls, _, _ = verify(_bench.Case("unit", "float64"))     # oneDNN: float32 only
+    impls, _, _ = verify(cases.Case("unit", "float64"))     # oneDNN: float32 only
     assert impls["torch"].uses_onednn == {"inference": False, "training": False}
 
 
 def test_absent_peers_are_skipped_with_a_note(monkeypatch):
-    monkeypatch.setattr(_bench._Torch, "needs", "no_such_module_torch")
-    monkeypatch.setattr(_bench._Ort, "needs", "no_such_module_ort")
-    impls, skipped, _ = verify(_bench.Case("unit"))
+    monkeypatch.setattr(peer_torch.Torch, "needs", "no_such_module_torch")
+    monkeypatch.setattr(peer_onnxruntime.Ort, "needs", "no_such_module_ort")
+    impls, skipped, _ = verify(cases.Case("unit"))
     assert set(impls) == {"cylstm", "reference"}
     assert all("not installed" in skipped[p] for p in ("torch", "torch-native", "onnxruntime"))
 
@@ -103,14 +118,14 @@ def test_targets_met_missed_and_unmeasured():
                       ("small", "inference", 2, "cylstm"): 10.0,
                       ("small", "inference", 2, "onnxruntime"): 11.0,    # 1.1x < 1.2
                       ("step", "inference", 2, "cylstm"): 0.008})        # 8 us
-    targets = {t["what"]: t for t in _bench.evaluate_targets(
-        rows, {2: 100.0}, [_bench.Case("medium"), _bench.Case("small")], [1, 2])}
-    assert targets["training vs torch, medium"]["met"] is False          # against 1.1x
-    assert targets["training vs torch, medium"]["measured"] == "1.10x"
-    assert targets["inference vs ONNX Runtime, small"]["met"] is False
-    assert targets["streaming step (B=1, H=256)"]["met"] is True
-    assert targets["training vs torch, large"]["met"] is None
-    lines = _bench._target_lines(list(targets.values()))
+    met = {t["what"]: t for t in targets.evaluate_targets(
+        rows, {2: 100.0}, [cases.Case("medium"), cases.Case("small")], [1, 2])}
+    assert met["training vs torch, medium"]["met"] is False          # against 1.1x
+    assert met["training vs torch, medium"]["measured"] == "1.10x"
+    assert met["inference vs ONNX Runtime, small"]["met"] is False
+    assert met["streaming step (B=1, H=256)"]["met"] is True
+    assert met["training vs torch, large"]["met"] is None
+    lines = report._target_lines(list(met.values()))
     assert any("**MISSED**" in s for s in lines) and any("| MET |" in s for s in lines)
     assert any(s.startswith("Not measured in this run:") for s in lines)
 
@@ -119,7 +134,7 @@ def test_timing_table_has_a_ratio_per_peer():
     rows = fake_rows({("unit", "inference", 1, "cylstm"): 2.0,
                       ("unit", "inference", 1, "reference"): 8.0,
                       ("unit", "inference", 1, "torch"): 1.0})
-    lines = _bench._timing_lines(rows, ["reference", "torch"], {1: 1000.0})
+    lines = report._timing_lines(rows, ["reference", "torch"], {1: 1000.0})
     head = [s for s in lines if s.startswith("| case")][0]
     assert "x NumPy ref" in head and "x torch" in head
     body = [s for s in lines if s.startswith("| unit")][-1]
@@ -129,17 +144,17 @@ def test_timing_table_has_a_ratio_per_peer():
 def test_onnx_gate_order():
     H = 2
     w = np.repeat(np.arange(4), H)[:, None]          # gate k's rows hold k: i=0 f=1 g=2 o=3
-    assert _bench._onnx_gates(w, H)[::H, 0].tolist() == [0, 3, 1, 2]   # ONNX: i o f c
+    assert peer_onnxruntime.onnx_gates(w, H)[::H, 0].tolist() == [0, 3, 1, 2]   # ONNX: i o f c
 
 
 def test_memory_probe_reports_bytes():
-    got = _bench.measure_memory("cylstm", _bench.Case("tiny"), 1)
+    got = measure_memory("cylstm", cases.Case("tiny"), 1)
     assert isinstance(got, int) and got >= 0, got
 
 
 def test_end_to_end_writes_report_json_and_chart(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(_bench, "QUICK", SMOKE)
-    rc = _bench.main(["--quick", "--configs", "unit,unitstep", "--variants", "varlen,bidir",
+    monkeypatch.setattr(cases, "QUICK", SMOKE)
+    rc = run.main(["--quick", "--configs", "unit,unitstep", "--variants", "varlen,bidir",
                       "--variant-configs", "unit", "--threads", "1,2", "--no-memory",
                       "--out", str(tmp_path)])
     assert rc == 0
@@ -158,3 +173,24 @@ def test_end_to_end_writes_report_json_and_chart(tmp_path, monkeypatch, capsys):
     assert all(r["ok"] for r in records if r["type"] == "verification")
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "latest.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gemm_peak_is_the_best_over_sizes_and_routes():
+    got = timing.gemm_peak(np.float32, 1, reps=2, sizes=(32, 64), seconds=0.0)
+    assert {(r["size"], r["route"]) for r in got["runs"]} == \
+        {(32, "scipy"), (32, "numpy"), (64, "scipy"), (64, "numpy")}
+    assert got["gflops"] == max(r["gflops"] for r in got["runs"]) > 0
+    assert all(r["reps"] >= 2 for r in got["runs"])
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+def test_torch_profiler_check_prints_nothing(capfd):
+    impls, _, _ = verify(cases.Case("unit"))          # runs the profiler check
+    out, err = capfd.readouterr()
+    assert "USDT" not in out + err and "profiler" not in out + err
+
+
+def test_results_go_next_to_the_script_by_default():
+    assert run.DEFAULT_OUT == os.path.join(BENCH, "results")
+    args = run.add_arguments(__import__("argparse").ArgumentParser()).parse_args([])
+    assert args.out == run.DEFAULT_OUT
