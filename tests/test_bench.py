@@ -194,3 +194,50 @@ def test_results_go_next_to_the_script_by_default():
     assert run.DEFAULT_OUT == os.path.join(BENCH, "results")
     args = run.add_arguments(__import__("argparse").ArgumentParser()).parse_args([])
     assert args.out == run.DEFAULT_OUT
+
+
+# ---- bench/e2e.py: end-to-end throughput, on tiny models (--smoke) --------------------------
+
+import e2e  # noqa: E402
+
+
+def test_e2e_smoke_writes_every_section(tmp_path, capsys):
+    assert e2e.main(["--smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    md = (tmp_path / "e2e.md").read_text()
+    assert md.strip() in out
+    for section in ("## Throughput", "## python -m cylstm train", "BLAS kernels"):
+        assert section in md
+    assert "Did not run" not in md                     # the train subprocess worked
+    run_rec = json.loads((tmp_path / "e2e.jsonl").read_text().splitlines()[0])
+    res = run_rec["results"]
+    for key in ("fit_char", "fit_cls", "predict_char", "predict_cls", "evaluate_char",
+                "evaluate_cls", "sample"):
+        assert res[key]["cylstm"]["median"] > 0
+        assert ("torch" in res[key]) == HAVE_TORCH
+    assert res["train"]["chars_per_s"] > 0
+    owners = {k["owner"] for k in run_rec["header"]["blas_kernels"]}
+    assert {"numpy", "scipy"} <= owners and ("torch" in owners) == HAVE_TORCH
+    if HAVE_TORCH:
+        assert "## Targets" in md and len(run_rec["targets"]) == len(e2e.TARGETS)
+
+
+def test_e2e_profile_groups_fit_by_piece(tmp_path, capsys):
+    assert e2e.main(["--smoke", "--profile", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "e2e_profile.md").read_text()
+    rec = json.loads((tmp_path / "e2e_profile.jsonl").read_text().splitlines()[0])
+    pieces = {r["piece"]: r for r in rec["profile"]["rows"]}
+    assert len(pieces) == 6 and "LSTM forward + backward" in md
+    for r in pieces.values():                  # every piece was found inside fit
+        assert r["calls_per_update"] >= 1 and r["inside_ms"] > 0 and r["alone_ms"] > 0
+
+
+def test_e2e_runs_each_blas_environment_in_a_child(tmp_path, capsys):
+    assert e2e.main(["--smoke", "--no-train", "--no-torch", "--blas-env", "unset,haswell",
+                     "--out", str(tmp_path)]) == 0
+    recs = [json.loads(s) for s in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    env = {r["blas_env"]: r["header"]["env"] for r in recs}
+    assert env["unset"]["OPENBLAS_CORETYPE"] is None
+    assert env["haswell"] == dict(env["haswell"], OPENBLAS_CORETYPE="Haswell",
+                                  OPENBLAS_L2_SIZE="512")
+    assert "# BLAS environments compared" in (tmp_path / "e2e.md").read_text()
