@@ -13,9 +13,9 @@ Measured, at --threads (default 2) for cylstm, its BLAS and torch alike:
   LSTM 64->256, Linear 256->V; Adam lr 2e-3, clip norm 1.0) on batches of 32 windows of
   100 characters of cylstm.text.default_text(), V its distinct characters;
   (2) a sequence classifier (12 features, lengths uniform in 7..29, 9 classes,
-  LSTM 64, LastStep, Linear; torch: pack_padded_sequence), batches of 32.
+  LSTM 64, LastStep, Linear; torch: pack_padded_sequence), batches of 16.
 - predict and evaluate: sequences/s of ``predict`` / ``evaluate`` (batches of 256)
-  against torch under inference_mode, on both models.
+  against torch under inference_mode, on both models (the classifier: 10,000 sequences).
 - sample: characters/s of ``cylstm.text.sample`` against a torch loop feeding one
   character at a time (state carried, softmax with temperature, torch.multinomial).
 - train: characters/s of ``python -m cylstm train`` run as a subprocess (its defaults,
@@ -69,7 +69,6 @@ TARGETS = (
     ("fit, char model: updates/s vs torch", "fit_char", 1.5),
     ("fit, classifier: updates/s vs torch", "fit_cls", 1.5),
     ("sample: characters/s vs torch", "sample", 3.0),
-    ("predict, char model: sequences/s vs torch", "predict_char", 1.2),
     ("predict, classifier: sequences/s vs torch", "predict_cls", 1.2),
 )
 
@@ -87,14 +86,15 @@ class Sizes(NamedTuple):
     embed: int = 64
     hidden: int = 256
     window: int = 100
-    batch: int = 32
+    batch: int = 32          # char model: windows per batch
+    cls_batch: int = 16      # classifier: sequences per batch
     cls_hidden: int = 64
     cls_features: int = 12
     cls_classes: int = 9
     cls_lengths: tuple = (7, 29)
 
 
-FULL = Sizes(reps=5, char_updates=20, cls_updates=200, predict_seqs=8192,
+FULL = Sizes(reps=5, char_updates=20, cls_updates=200, predict_seqs=10_000,
              predict_windows=1024, sample_chars=1000, train_chars=300_000,
              profile_updates=100)
 QUICK = Sizes(reps=3, char_updates=8, cls_updates=80, predict_seqs=2048,
@@ -103,7 +103,7 @@ QUICK = Sizes(reps=3, char_updates=8, cls_updates=80, predict_seqs=2048,
 # For the tests: every code path on tiny models; the figures mean nothing.
 SMOKE = Sizes(reps=1, char_updates=2, cls_updates=2, predict_seqs=16, predict_windows=8,
               sample_chars=5, train_chars=3_000, profile_updates=3, embed=4, hidden=8,
-              window=12, batch=4, cls_hidden=5, cls_features=3, cls_classes=4,
+              window=12, batch=4, cls_batch=4, cls_hidden=5, cls_features=3, cls_classes=4,
               cls_lengths=(2, 6))
 
 
@@ -321,7 +321,7 @@ def measure_fit(sz, torch, n, log):
     V_vocab, cx, cy = char_data(sz, sz.char_updates * sz.batch)
     V = V_vocab.size
     cm, clm = cy_char_model(sz, V), cy_cls_model(sz)
-    x, lengths, y = cls_data(sz, sz.cls_updates * sz.batch)
+    x, lengths, y = cls_data(sz, sz.cls_updates * sz.cls_batch)
     tm = None
     if torch is not None:
         tchar, tcls = torch_models(torch, sz, V, cm, clm)
@@ -332,19 +332,21 @@ def measure_fit(sz, torch, n, log):
         tx, tl, ty = torch.from_numpy(x), torch.from_numpy(lengths), torch.from_numpy(y)
         tm = (tchar, tcls)
     losses = {}
-    for key, model, data, updates in (("fit_char", cm, (cx, cy, None), sz.char_updates),
-                                      ("fit_cls", clm, (x, y, lengths), sz.cls_updates)):
+    for key, model, data, updates, bs in (
+            ("fit_char", cm, (cx, cy, None), sz.char_updates, sz.batch),
+            ("fit_cls", clm, (x, y, lengths), sz.cls_updates, sz.cls_batch)):
         xa, ya, la = data
-        fns = {"cylstm": lambda m=model, xa=xa, ya=ya, la=la: losses.__setitem__(
-            ("cylstm", key), m.fit(xa, ya, batch_size=sz.batch, epochs=1, verbose=0,
-                                   lengths=la).history["loss"][-1])}
+        fns = {"cylstm": lambda m=model, xa=xa, ya=ya, la=la, bs=bs, key=key:
+               losses.__setitem__(("cylstm", key), m.fit(
+                   xa, ya, batch_size=bs, epochs=1, verbose=0,
+                   lengths=la).history["loss"][-1])}
         if torch is not None:
             if key == "fit_char":
                 args = (tchar, topt["char"], _char_out, tcx, tcy, None)
             else:
                 args = (tcls, topt["cls"], _cls_out, tx, ty, tl)
-            fns["torch"] = lambda a=args: losses.__setitem__(("torch", key), torch_fit(
-                torch, a[0], a[1], a[2], a[3], a[4], a[5], len(a[3]), sz.batch, gen))
+            fns["torch"] = lambda a=args, bs=bs, key=key: losses.__setitem__(
+                ("torch", key), torch_fit(torch, *a, len(a[3]), bs, gen))
         times = alternate(fns, sz.reps)
         res[key] = {k: dict(rate(t, updates), unit="updates/s",
                             last_loss=losses.get((k, key))) for k, t in times.items()}
@@ -606,7 +608,7 @@ def markdown(run):
               f"- classifier: LSTM({h['sizes']['cls_features']}, {h['sizes']['cls_hidden']}) "
               f"-> LastStep -> Linear({h['sizes']['cls_hidden']}, {h['sizes']['cls_classes']}),"
               f" lengths uniform in {h['sizes']['cls_lengths'][0]}.."
-              f"{h['sizes']['cls_lengths'][1]}, batches of {h['sizes']['batch']}; "
+              f"{h['sizes']['cls_lengths'][1]}, batches of {h['sizes']['cls_batch']}; "
               "torch packs them (pack_padded_sequence)",
               f"- {h['sizes']['reps']} timed reps per figure after one untimed, cylstm and "
               "torch alternating; median [slowest-fastest rep]",

@@ -32,7 +32,7 @@ if os.environ.get("CYLSTM_REQUIRE_BENCH") and not HAVE_ORT:
     # CI installs the bench extra: there a missing peer is an error, not a skip
     raise ImportError("CYLSTM_REQUIRE_BENCH is set but onnx/onnxruntime are not installed")
 
-# Unit-sized stand-ins for BENCH.md's configurations: two layers (the ONNX graph chains
+# Unit-sized stand-ins for the benchmark's configurations: two layers (the ONNX graph chains
 # nodes), B > 1 (lengths differ), and a one-layer streaming step.
 UNIT = cases.Config(3, 7, 5, 6, 2, "unit")
 UNIT_STEP = cases.Config(2, 1, 5, 6, 1, "unit step", state=True)
