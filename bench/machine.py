@@ -65,7 +65,8 @@ def usable_cores():
 
 
 def git_commit():
-    """The commit of the checkout holding this bench/ folder, read from .git (no git process), or None if not a checkout.
+    """The commit of the checkout holding this bench/ folder, read from .git (no git
+    process), or None if not a checkout.
     In a worktree .git is a file naming the real git directory."""
     git = os.path.join(REPO, ".git")
     try:

@@ -34,8 +34,8 @@ class Results:
 
 
 def evaluate_targets(rows, peak, cases, thread_counts):
-    """The project's targets (docs/benchmarking.md) that this run's cells can evaluate: [{what, wanted, measured,
-    met}], met None when a cell it needs was not measured."""
+    """The targets (docs/benchmarking.md) that this run's cells can evaluate:
+    [{what, wanted, measured, met}], met None when a cell it needs was not measured."""
     res = Results(rows)
     n = 2 if 2 in thread_counts else max(thread_counts)
     out = []

@@ -119,10 +119,10 @@ def measure(fns, n_threads, mode):
     OpenBLAS keeps its workers spinning for about 2**28 cycles after a call (~0.13 s at
     2.1 GHz); on this 2-core machine that made a cylstm call right after a reference call
     take 40-60 ms instead of 21 ms (medium inference, 2 threads). ONNX Runtime's and
-    torch's OpenMP workers spin too. A block whose calls take < cases.SLOW_CALL starts with one
-    untimed call (warm caches after the other implementation). A block stops after
-    cases.BLOCK_BUDGET times its planned duration: on a busy machine a 2-thread call estimated at
-    0.1 ms during warm-up went on to take ~1 s per call (a descheduled OpenMP worker at
+    torch's OpenMP workers spin too. A block whose calls take < SLOW_CALL starts with
+    one untimed call (warm caches after the other implementation). A block stops after
+    BLOCK_BUDGET times its planned duration (both in cases.py): on a busy machine a
+    2-thread call estimated at 0.1 ms during warm-up went on to take ~1 s per call (a descheduled OpenMP worker at
     each of T barriers), and its 3000 planned reps took 45 s. An implementation one of
     whose timed calls took longer than max_call gets no further blocks (a 51 s cell of
     --quick was 2-thread torch and NumPy calls of 1-4 s each under load).

@@ -28,9 +28,13 @@ from problem import make_problem  # noqa: E402
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and \
     importlib.util.find_spec("onnx") is not None
-if os.environ.get("CYLSTM_REQUIRE_BENCH") and not HAVE_ORT:
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+if os.environ.get("CYLSTM_REQUIRE_BENCH") and not (HAVE_ORT and HAVE_MPL):
     # CI installs the bench extra: there a missing peer is an error, not a skip
-    raise ImportError("CYLSTM_REQUIRE_BENCH is set but onnx/onnxruntime are not installed")
+    raise ImportError("CYLSTM_REQUIRE_BENCH is set but onnx/onnxruntime/matplotlib are "
+                      "not installed")
+if os.environ.get("CYLSTM_REQUIRE_TORCH", "") not in ("", "0") and not HAVE_TORCH:
+    raise ImportError("CYLSTM_REQUIRE_TORCH is set but torch is not installed")
 
 # Unit-sized stand-ins for the benchmark's configurations: two layers (the ONNX graph chains
 # nodes), B > 1 (lengths differ), and a one-layer streaming step.
@@ -171,7 +175,7 @@ def test_end_to_end_writes_report_json_and_chart(tmp_path, monkeypatch, capsys):
     assert ("unit/bidir", "training", 2, "cylstm") in timed
     assert ("unitstep", "inference", 1, "cylstm") in timed
     assert all(r["ok"] for r in records if r["type"] == "verification")
-    if importlib.util.find_spec("matplotlib"):
+    if HAVE_MPL:
         assert (tmp_path / "latest.png").read_bytes()[:4] == b"\x89PNG"
 
 
