@@ -30,6 +30,7 @@ default bench/results/ next to this script); --profile writes <out>/e2e_profile.
 """
 
 import argparse
+import contextlib
 import cProfile
 import datetime
 import importlib.util
@@ -596,7 +597,9 @@ def markdown(run):
              f"{h['time'][:10]}", "",
              f"- command: `{h['command']}`",
              f"- CPU: {h['cpu']}, {h['cores']} usable cores; {h['threads']} threads for "
-             f"cylstm, its BLAS and torch",
+             f"cylstm, its BLAS and torch ("
+             + ("pools limited to that through cylstm.threads and threadpoolctl"
+                if h.get("pools_limited") else "their defaults: nothing limited") + ")",
              f"- versions: Python {h['python']}, cylstm {h['cylstm']}, numpy {h['numpy']}, "
              f"torch {h['torch'] or 'absent'}"]
     lines += blas_lines(h["blas_kernels"], h["env"])
@@ -726,10 +729,23 @@ def header(args, sz, torch):
             "blas_kernels": blas_kernels()}
 
 
+@contextlib.contextmanager
+def pools_at(n):
+    """cylstm's and the BLAS libraries' thread pools at n threads. Where they already
+    are (n = the usable cores, the defaults) nothing is touched, so the run is what a
+    user's is; yields whether any pool had to be limited."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    if cylstm.get_num_threads() == n and all(k == n for k in blas):
+        yield False
+        return
+    with cylstm.threads(n), threadpool_limits(n, user_api="blas"):
+        yield True
+
+
 def run_here(args, log):
     """Every measurement in this process; returns the run's record."""
-    from threadpoolctl import threadpool_limits
-
     sz = SMOKE if args.smoke else QUICK if args.quick else FULL
     torch = None
     if not args.no_torch and importlib.util.find_spec("torch"):
@@ -738,7 +754,8 @@ def run_here(args, log):
     h = header(args, sz, torch)
     t0, w0 = _load(), time.perf_counter()
     results = {}
-    with cylstm.threads(args.threads), threadpool_limits(args.threads, user_api="blas"):
+    with pools_at(args.threads) as limited:
+        h["pools_limited"] = limited
         if args.profile:
             p = profile_fit(sz, args.threads, log)
             h.update(elapsed_s=time.perf_counter() - w0, load=_other_load(t0, _load()),
