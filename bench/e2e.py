@@ -272,18 +272,25 @@ def torch_sample(torch, model, prime_ids, length, temperature, gen):
 
 # ---- timing ---------------------------------------------------------------------------------
 
-def alternate(fns, reps):
+LOADS = {}      # figure -> cores' worth of CPU other processes used while it was timed
+
+
+def alternate(fns, reps, figure=None):
     """{name: [seconds of each timed rep]}: one untimed call each, then `reps` rounds
-    in which every fn runs once, the order reversed every other round."""
+    in which every fn runs once, the order reversed every other round. The other load
+    meanwhile goes to LOADS[figure]."""
+    t0 = _load()
     names = list(fns)
     for k in names:
         fns[k]()
     times = {k: [] for k in names}
     for r in range(reps):
         for k in (names if r % 2 == 0 else names[::-1]):
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             fns[k]()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(time.perf_counter() - t1)
+    if figure:
+        LOADS[figure] = _other_load(t0, _load())
     return times
 
 
@@ -348,7 +355,7 @@ def measure_fit(sz, torch, n, log):
                 args = (tcls, topt["cls"], _cls_out, tx, ty, tl)
             fns["torch"] = lambda a=args, bs=bs, key=key: losses.__setitem__(
                 ("torch", key), torch_fit(torch, *a, len(a[3]), bs, gen))
-        times = alternate(fns, sz.reps)
+        times = alternate(fns, sz.reps, key)
         res[key] = {k: dict(rate(t, updates), unit="updates/s",
                             last_loss=losses.get((k, key))) for k, t in times.items()}
         log(f"[{key}] " + ", ".join(f"{k} {v['median']:.1f} updates/s" for k, v in
@@ -382,7 +389,7 @@ def measure_inference(sz, torch, models, log):
         if torch is not None:
             fns["torch"] = t_fn
         res[key] = {k: dict(rate(t, work), unit="sequences/s")
-                    for k, t in alternate(fns, sz.reps).items()}
+                    for k, t in alternate(fns, sz.reps, key).items()}
         log(f"[{key}] " + ", ".join(f"{k} {v['median']:.0f} sequences/s" for k, v in
                                     res[key].items()))
     prime = "The "
@@ -393,7 +400,7 @@ def measure_inference(sz, torch, models, log):
         pids = vocab.encode(prime)
         fns["torch"] = lambda: torch_sample(torch, tchar, pids, sz.sample_chars, 0.8, gen)
     res["sample"] = {k: dict(rate(t, sz.sample_chars), unit="characters/s")
-                     for k, t in alternate(fns, sz.reps).items()}
+                     for k, t in alternate(fns, sz.reps, "sample").items()}
     log("[sample] " + ", ".join(f"{k} {v['median']:.0f} characters/s" for k, v in
                                 res["sample"].items()))
     return res
@@ -626,17 +633,28 @@ def markdown(run):
         c, t = v.get("cylstm"), v.get("torch")
         cell = lambda s: f"{_f(s['median'])} [{_f(s['lo'])}-{_f(s['hi'])}]" if s else "-"
         ratio = c["median"] / t["median"] if c and t else None
+        load = res.get("load", {}).get(key)
         body.append([label, cell(c), cell(t), "-" if ratio is None else
-                     (f"**{ratio:.2f}x**" if ratio < 1 else f"{ratio:.2f}x")])
-    lines += table(["what", "cylstm", "torch", "cylstm / torch"], body)
-    lines += ["", "Ratios above 1: cylstm is faster (**bold**: slower)."]
+                     (f"**{ratio:.2f}x**" if ratio < 1 else f"{ratio:.2f}x"),
+                     "-" if load is None else f"{load:.2f}"])
+    lines += table(["what", "cylstm", "torch", "cylstm / torch", "load"], body)
+    lines += ["", "Ratios above 1: cylstm is faster (**bold**: slower). 'load': cores' worth "
+              "of CPU other processes used while the figure was timed."]
+    worst = max((v for v in res.get("load", {}).values() if v is not None), default=None)
+    if worst is not None and worst > 0.3:
+        lines += ["", f"**WARNING: other processes used up to {worst:.2f} cores during "
+                  "this run.** With a second core taken, every 2-thread barrier (OpenMP, "
+                  "OpenBLAS) waits for a descheduled worker, and libraries with many small "
+                  "parallel regions per step (torch's per-operator OpenMP) lose far more "
+                  "than the others: these ratios say little about an idle machine. Rerun "
+                  "when the load column reads below ~0.2."]
     fl = {k: (res[k]["cylstm"].get("last_loss"), res[k].get("torch", {}).get("last_loss"))
           for k in ("fit_char", "fit_cls") if k in res}
     if fl:
-        lines.append("Mean training loss of the last timed epoch (the same data and "
+        lines += ["", "Mean training loss of the last timed epoch (the same data and "
                      "starting weights; similar values say the loops do the same work): "
                      + "; ".join(f"{k} cylstm {_f(a)} torch {_f(b)}" for k, (a, b) in
-                                 fl.items()) + ".")
+                                 fl.items()) + "."]
     tr = res.get("train")
     if tr:
         lines += ["", "## python -m cylstm train", ""]
@@ -766,6 +784,7 @@ def run_here(args, log):
         results.update(measure_inference(sz, torch, models, log))
     if not args.no_train:
         results["train"] = measure_train_cli(sz, args.threads, log)
+    results["load"] = dict(LOADS)
     h.update(elapsed_s=time.perf_counter() - w0, load=_other_load(t0, _load()),
              vocab=models[2].size)
     return {"header": h, "results": results,
