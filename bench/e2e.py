@@ -1,7 +1,7 @@
 """End-to-end throughput: what users run, cylstm and torch side by side in one run.
 
-    python bench/e2e.py --quick          # ~1-2 min on 2 cores
-    python bench/e2e.py                  # the figures to quote (~5-8 min)
+    python bench/e2e.py --quick          # ~1-2 min on 2 idle cores
+    python bench/e2e.py                  # the figures to quote (a few minutes)
     python bench/e2e.py --profile        # where ~100 fit updates of the char model go
     python bench/e2e.py --blas-env as-is,unset,haswell   # each in a child process
 
@@ -95,8 +95,8 @@ class Sizes(NamedTuple):
     cls_lengths: tuple = (7, 29)
 
 
-FULL = Sizes(reps=5, char_updates=20, cls_updates=200, predict_seqs=10_000,
-             predict_windows=1024, sample_chars=1000, train_chars=300_000,
+FULL = Sizes(reps=5, char_updates=12, cls_updates=120, predict_seqs=10_000,
+             predict_windows=512, sample_chars=600, train_chars=200_000,
              profile_updates=100)
 QUICK = Sizes(reps=3, char_updates=8, cls_updates=80, predict_seqs=2048,
               predict_windows=256, sample_chars=300, train_chars=60_000,
