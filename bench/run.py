@@ -1,7 +1,7 @@
 """Verify, then time cylstm against its NumPy reference, torch.nn.LSTM and ONNX Runtime.
 
     pip install .                  # from the repository root: the benchmark runs the
-    python bench/run.py --quick    # INSTALLED cylstm; < 2 min on 2 cores
+    python bench/run.py --quick    # INSTALLED cylstm; ~2 min on 2 idle cores
     python bench/run.py            # every case
 
 docs/benchmarking.md says what is measured, how, and what every column means.
@@ -54,7 +54,7 @@ def add_arguments(p, default_json="", default_out=DEFAULT_OUT):
                    help="~0.3 s of timed reps per implementation and cell instead of ~1 s, "
                         f"configurations {','.join(cases.QUICK.configs)} and the variants on "
                         f"{','.join(cases.QUICK.variant_configs)} at the largest thread count "
-                        "(< 2 minutes on 2 cores)")
+                        "(about 2 minutes on 2 idle cores)")
     p.add_argument("--configs", default=None,
                    help=f"comma-separated subset of {','.join(cases.CONFIGS)} run in float32 "
                         "(default: all; --quick: " + ",".join(cases.QUICK.configs) + ")")
