@@ -582,11 +582,24 @@ def ratios(res):
             for k, v in res.items() if isinstance(v, dict) and "torch" in v and "cylstm" in v}
 
 
+DISTURBED = 0.3     # cores of other load above which a verdict is marked disturbed
+
+
 def evaluate_targets(res, n):
-    r = ratios(res)
+    r, loads = ratios(res), res.get("load", {})
     return [{"what": what, "wanted": f">= {need:g}x", "value": r.get(key),
-             "met": None if r.get(key) is None or n != 2 else r[key] >= need}
+             "met": None if r.get(key) is None or n != 2 else r[key] >= need,
+             "load": loads.get(key)}
             for what, key, need in TARGETS]
+
+
+def _verdict(t):
+    if t["met"] is None:
+        return "-"
+    v = "MET" if t["met"] else "**MISSED**"
+    if t.get("load") is not None and t["load"] > DISTURBED:
+        v += " (disturbed: do not quote)"
+    return v
 
 
 def blas_lines(kernels, env):
@@ -641,7 +654,7 @@ def markdown(run):
     lines += ["", "Ratios above 1: cylstm is faster (**bold**: slower). 'load': cores' worth "
               "of CPU other processes used while the figure was timed."]
     worst = max((v for v in res.get("load", {}).values() if v is not None), default=None)
-    if worst is not None and worst > 0.3:
+    if worst is not None and worst > DISTURBED:
         lines += ["", f"**WARNING: other processes used up to {worst:.2f} cores during "
                   "this run.** With a second core taken, every 2-thread barrier (OpenMP, "
                   "OpenBLAS) waits for a descheduled worker, and libraries with many small "
@@ -673,10 +686,10 @@ def markdown(run):
         lines += ["", f"## Targets ({h['threads']} threads; {n_met} of {len(done)} met)", ""]
         if h["threads"] != 2:
             lines.append("The targets are defined at 2 threads: not evaluated here.")
-        lines += table(["target", "wanted", "measured", "result"],
+        lines += table(["target", "wanted", "measured", "result", "load"],
                        [[t["what"], t["wanted"], "-" if t["value"] is None else
-                         f"{t['value']:.2f}x", "-" if t["met"] is None else
-                         ("MET" if t["met"] else "**MISSED**")] for t in tg])
+                         f"{t['value']:.2f}x", _verdict(t), "-" if t.get("load") is None
+                         else f"{t['load']:.2f}"] for t in tg])
     return lines
 
 
