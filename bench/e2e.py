@@ -616,7 +616,8 @@ def markdown(run):
     lines = [f"# cylstm end-to-end benchmark{' (quick)' if h['quick'] else ''}, "
              f"{h['time'][:10]}", "",
              f"- command: `{h['command']}`",
-             f"- CPU: {h['cpu']}, {h['cores']} usable cores; {h['threads']} threads for "
+             f"- CPU: {h['cpu']}, {h['cores']} usable cores; {h['threads']} "
+             f"thread{'s' if h['threads'] > 1 else ''} for "
              f"cylstm, its BLAS and torch ("
              + ("pools limited to that through cylstm.threads and threadpoolctl"
                 if h.get("pools_limited") else "their defaults: nothing limited") + ")",
@@ -683,9 +684,10 @@ def markdown(run):
     if tg:
         n_met = sum(1 for t in tg if t["met"])
         done = [t for t in tg if t["met"] is not None]
-        lines += ["", f"## Targets ({h['threads']} threads; {n_met} of {len(done)} met)", ""]
+        lines += ["", f"## Targets ({h['threads']} thread{'s' if h['threads'] > 1 else ''}; "
+                  f"{n_met} of {len(done)} met)", ""]
         if h["threads"] != 2:
-            lines.append("The targets are defined at 2 threads: not evaluated here.")
+            lines += ["The targets are defined at 2 threads: not evaluated here.", ""]
         lines += table(["target", "wanted", "measured", "result", "load"],
                        [[t["what"], t["wanted"], "-" if t["value"] is None else
                          f"{t['value']:.2f}x", _verdict(t), "-" if t.get("load") is None
