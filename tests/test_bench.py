@@ -1,48 +1,67 @@
-"""Smoke tests of the benchmark suite (cylstm/_bench.py) on tiny configurations:
-its verification, its ONNX graph, its tables and targets, its memory probe and one
-end-to-end run. No timing is asserted (BENCH.md: speed is checked by bench/, not tests).
-Peers that are not installed are skipped by the suite itself; these tests check that."""
+"""Smoke tests of the benchmark suite in the repository's bench/ folder, on tiny
+configurations: its verification, its ONNX graph, its tables and targets, its GEMM peak,
+its memory probe and one whole run. No timing is asserted: speed is measured by bench/,
+never by tests (docs/benchmarking.md). Peers that are not installed are skipped by the
+suite itself; these tests check that."""
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 
-from cylstm import _bench
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)       # bench/ is not a package: its modules import each other
+
+import cases  # noqa: E402
+import peer_onnxruntime  # noqa: E402
+import peer_torch  # noqa: E402
+import peers  # noqa: E402
+import report  # noqa: E402
+import run  # noqa: E402
+import targets  # noqa: E402
+import timing  # noqa: E402
+from memprobe import measure_memory  # noqa: E402
+from problem import make_problem  # noqa: E402
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None and \
     importlib.util.find_spec("onnx") is not None
-if os.environ.get("CYLSTM_REQUIRE_BENCH") and not HAVE_ORT:
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+if os.environ.get("CYLSTM_REQUIRE_BENCH") and not (HAVE_ORT and HAVE_MPL):
     # CI installs the bench extra: there a missing peer is an error, not a skip
-    raise ImportError("CYLSTM_REQUIRE_BENCH is set but onnx/onnxruntime are not installed")
+    raise ImportError("CYLSTM_REQUIRE_BENCH is set but onnx/onnxruntime/matplotlib are "
+                      "not installed")
+if os.environ.get("CYLSTM_REQUIRE_TORCH", "") not in ("", "0") and not HAVE_TORCH:
+    raise ImportError("CYLSTM_REQUIRE_TORCH is set but torch is not installed")
 
-# Unit-sized stand-ins for BENCH.md's configurations: two layers (the ONNX graph chains
+# Unit-sized stand-ins for the benchmark's configurations: two layers (the ONNX graph chains
 # nodes), B > 1 (lengths differ), and a one-layer streaming step.
-UNIT = _bench.Config(3, 7, 5, 6, 2, "unit")
-UNIT_STEP = _bench.Config(2, 1, 5, 6, 1, "unit step", state=True)
-# Keep the end-to-end run short: one tiny rep per block, no settling, a small GEMM.
-SMOKE = _bench.QUICK._replace(target=0.001, warm=0.0, rounds=1, settle=0.0, gemm_reps=1)
+UNIT = cases.Config(3, 7, 5, 6, 2, "unit")
+UNIT_STEP = cases.Config(2, 1, 5, 6, 1, "unit step", state=True)
+# Keep the whole run short: one tiny rep per block, no settling, small GEMMs.
+SMOKE = cases.QUICK._replace(target=0.001, warm=0.0, rounds=1, settle=0.0, gemm_reps=1,
+                             gemm_seconds=0.0)
 
 
 @pytest.fixture(autouse=True)
 def unit_configs(monkeypatch):
-    monkeypatch.setitem(_bench.CONFIGS, "unit", UNIT)
-    monkeypatch.setitem(_bench.CONFIGS, "unitstep", UNIT_STEP)
-    monkeypatch.setattr(_bench, "GEMM_SIZE", 64)
+    monkeypatch.setitem(cases.CONFIGS, "unit", UNIT)
+    monkeypatch.setitem(cases.CONFIGS, "unitstep", UNIT_STEP)
+    monkeypatch.setattr(cases, "GEMM_SIZES", (32, 64))
 
 
 def verify(case):
-    prob = _bench._problem(case)
-    impls, skipped = _bench._build_impls(case, prob, list(_bench.PEERS), _bench._Sink(None))
-    checks = _bench._verify_case(case, impls, prob.data, [1, 2], _bench.TASKS,
-                                 _bench.TOLERANCE[case.dtype])
+    prob = make_problem(case)
+    impls, skipped = peers.build_impls(case, prob, list(peers.PEERS), report.Sink(None))
+    checks = peers.verify_case(case, impls, prob.data, [1, 2], cases.TASKS,
+                               cases.TOLERANCE[case.dtype])
     return impls, skipped, checks
 
 
-@pytest.mark.parametrize("case", [_bench.Case("unit"), _bench.Case("unitstep")] +
-                         [_bench.Case("unit", v) for v in _bench.VARIANTS], ids=str)
+@pytest.mark.parametrize("case", [cases.Case("unit"), cases.Case("unitstep")] +
+                         [cases.Case("unit", v) for v in cases.VARIANTS], ids=str)
 def test_every_implementation_verifies(case):
     impls, skipped, checks = verify(case)
     assert not [c for c in checks if not c[3]["ok"]]
@@ -62,25 +81,25 @@ def test_every_implementation_verifies(case):
 
 @pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime/onnx not installed")
 def test_verification_catches_a_wrong_gate_order(monkeypatch):
-    monkeypatch.setattr(_bench, "_onnx_gates", lambda w, H: w)   # torch's order, unconverted
-    _, _, checks = verify(_bench.Case("unit"))
+    monkeypatch.setattr(peer_onnxruntime, "onnx_gates", lambda w, H: w)   # torch's order, unconverted
+    _, _, checks = verify(cases.Case("unit"))
     ort = [r for name, _, _, r in checks if name == "onnxruntime"]
     assert ort and not any(r["ok"] for r in ort)
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
 def test_torch_paths_are_told_apart():
-    impls, _, _ = verify(_bench.Case("unit"))
+    impls, _, _ = verify(cases.Case("unit"))
     assert impls["torch"].uses_onednn == {"inference": True, "training": True}
     assert impls["torch-native"].uses_onednn == {"inference": False, "training": False}
-    impls, _, _ = verify(_bench.Case("unit", "float64"))     # oneDNN: float32 only
+    impls, _, _ = verify(cases.Case("unit", "float64"))     # oneDNN: float32 only
     assert impls["torch"].uses_onednn == {"inference": False, "training": False}
 
 
 def test_absent_peers_are_skipped_with_a_note(monkeypatch):
-    monkeypatch.setattr(_bench._Torch, "needs", "no_such_module_torch")
-    monkeypatch.setattr(_bench._Ort, "needs", "no_such_module_ort")
-    impls, skipped, _ = verify(_bench.Case("unit"))
+    monkeypatch.setattr(peer_torch.Torch, "needs", "no_such_module_torch")
+    monkeypatch.setattr(peer_onnxruntime.Ort, "needs", "no_such_module_ort")
+    impls, skipped, _ = verify(cases.Case("unit"))
     assert set(impls) == {"cylstm", "reference"}
     assert all("not installed" in skipped[p] for p in ("torch", "torch-native", "onnxruntime"))
 
@@ -103,14 +122,14 @@ def test_targets_met_missed_and_unmeasured():
                       ("small", "inference", 2, "cylstm"): 10.0,
                       ("small", "inference", 2, "onnxruntime"): 11.0,    # 1.1x < 1.2
                       ("step", "inference", 2, "cylstm"): 0.008})        # 8 us
-    targets = {t["what"]: t for t in _bench.evaluate_targets(
-        rows, {2: 100.0}, [_bench.Case("medium"), _bench.Case("small")], [1, 2])}
-    assert targets["training vs torch, medium"]["met"] is False          # against 1.1x
-    assert targets["training vs torch, medium"]["measured"] == "1.10x"
-    assert targets["inference vs ONNX Runtime, small"]["met"] is False
-    assert targets["streaming step (B=1, H=256)"]["met"] is True
-    assert targets["training vs torch, large"]["met"] is None
-    lines = _bench._target_lines(list(targets.values()))
+    met = {t["what"]: t for t in targets.evaluate_targets(
+        rows, {2: 100.0}, [cases.Case("medium"), cases.Case("small")], [1, 2])}
+    assert met["training vs torch, medium"]["met"] is False          # against 1.1x
+    assert met["training vs torch, medium"]["measured"] == "1.10x"
+    assert met["inference vs ONNX Runtime, small"]["met"] is False
+    assert met["streaming step (B=1, H=256)"]["met"] is True
+    assert met["training vs torch, large"]["met"] is None
+    lines = report._target_lines(list(met.values()))
     assert any("**MISSED**" in s for s in lines) and any("| MET |" in s for s in lines)
     assert any(s.startswith("Not measured in this run:") for s in lines)
 
@@ -119,7 +138,7 @@ def test_timing_table_has_a_ratio_per_peer():
     rows = fake_rows({("unit", "inference", 1, "cylstm"): 2.0,
                       ("unit", "inference", 1, "reference"): 8.0,
                       ("unit", "inference", 1, "torch"): 1.0})
-    lines = _bench._timing_lines(rows, ["reference", "torch"], {1: 1000.0})
+    lines = report._timing_lines(rows, ["reference", "torch"], {1: 1000.0})
     head = [s for s in lines if s.startswith("| case")][0]
     assert "x NumPy ref" in head and "x torch" in head
     body = [s for s in lines if s.startswith("| unit")][-1]
@@ -129,17 +148,17 @@ def test_timing_table_has_a_ratio_per_peer():
 def test_onnx_gate_order():
     H = 2
     w = np.repeat(np.arange(4), H)[:, None]          # gate k's rows hold k: i=0 f=1 g=2 o=3
-    assert _bench._onnx_gates(w, H)[::H, 0].tolist() == [0, 3, 1, 2]   # ONNX: i o f c
+    assert peer_onnxruntime.onnx_gates(w, H)[::H, 0].tolist() == [0, 3, 1, 2]   # ONNX: i o f c
 
 
 def test_memory_probe_reports_bytes():
-    got = _bench.measure_memory("cylstm", _bench.Case("tiny"), 1)
+    got = measure_memory("cylstm", cases.Case("tiny"), 1)
     assert isinstance(got, int) and got >= 0, got
 
 
 def test_end_to_end_writes_report_json_and_chart(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(_bench, "QUICK", SMOKE)
-    rc = _bench.main(["--quick", "--configs", "unit,unitstep", "--variants", "varlen,bidir",
+    monkeypatch.setattr(cases, "QUICK", SMOKE)
+    rc = run.main(["--quick", "--configs", "unit,unitstep", "--variants", "varlen,bidir",
                       "--variant-configs", "unit", "--threads", "1,2", "--no-memory",
                       "--out", str(tmp_path)])
     assert rc == 0
@@ -156,5 +175,73 @@ def test_end_to_end_writes_report_json_and_chart(tmp_path, monkeypatch, capsys):
     assert ("unit/bidir", "training", 2, "cylstm") in timed
     assert ("unitstep", "inference", 1, "cylstm") in timed
     assert all(r["ok"] for r in records if r["type"] == "verification")
-    if importlib.util.find_spec("matplotlib"):
+    if HAVE_MPL:
         assert (tmp_path / "latest.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gemm_peak_is_the_best_over_sizes_and_routes():
+    got = timing.gemm_peak(np.float32, 1, reps=2, sizes=(32, 64), seconds=0.0)
+    assert {(r["size"], r["route"]) for r in got["runs"]} == \
+        {(32, "scipy"), (32, "numpy"), (64, "scipy"), (64, "numpy")}
+    assert got["gflops"] == max(r["gflops"] for r in got["runs"]) > 0
+    assert all(r["reps"] >= 2 for r in got["runs"])
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="torch not installed")
+def test_torch_profiler_check_prints_nothing(capfd):
+    impls, _, _ = verify(cases.Case("unit"))          # runs the profiler check
+    out, err = capfd.readouterr()
+    assert "USDT" not in out + err and "profiler" not in out + err
+
+
+def test_results_go_next_to_the_script_by_default():
+    assert run.DEFAULT_OUT == os.path.join(BENCH, "results")
+    args = run.add_arguments(__import__("argparse").ArgumentParser()).parse_args([])
+    assert args.out == run.DEFAULT_OUT
+
+
+# ---- bench/e2e.py: end-to-end throughput, on tiny models (--smoke) --------------------------
+
+import e2e  # noqa: E402
+
+
+def test_e2e_smoke_writes_every_section(tmp_path, capsys):
+    assert e2e.main(["--smoke", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    md = (tmp_path / "e2e.md").read_text()
+    assert md.strip() in out
+    for section in ("## Throughput", "## python -m cylstm train", "BLAS kernels"):
+        assert section in md
+    assert "Did not run" not in md                     # the train subprocess worked
+    run_rec = json.loads((tmp_path / "e2e.jsonl").read_text().splitlines()[0])
+    res = run_rec["results"]
+    for key in ("fit_char", "fit_cls", "predict_char", "predict_cls", "evaluate_char",
+                "evaluate_cls", "sample"):
+        assert res[key]["cylstm"]["median"] > 0
+        assert ("torch" in res[key]) == HAVE_TORCH
+    assert res["train"]["chars_per_s"] > 0
+    owners = {k["owner"] for k in run_rec["header"]["blas_kernels"]}
+    assert {"numpy", "scipy"} <= owners and ("torch" in owners) == HAVE_TORCH
+    if HAVE_TORCH:
+        assert "## Targets" in md and len(run_rec["targets"]) == len(e2e.TARGETS)
+
+
+def test_e2e_profile_groups_fit_by_piece(tmp_path, capsys):
+    assert e2e.main(["--smoke", "--profile", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "e2e_profile.md").read_text()
+    rec = json.loads((tmp_path / "e2e_profile.jsonl").read_text().splitlines()[0])
+    pieces = {r["piece"]: r for r in rec["profile"]["rows"]}
+    assert len(pieces) == 6 and "LSTM forward + backward" in md
+    for r in pieces.values():                  # every piece was found inside fit
+        assert r["calls_per_update"] >= 1 and r["inside_ms"] > 0 and r["alone_ms"] > 0
+
+
+def test_e2e_runs_each_blas_environment_in_a_child(tmp_path, capsys):
+    assert e2e.main(["--smoke", "--no-train", "--no-torch", "--blas-env", "unset,haswell",
+                     "--out", str(tmp_path)]) == 0
+    recs = [json.loads(s) for s in (tmp_path / "e2e.jsonl").read_text().splitlines()]
+    env = {r["blas_env"]: r["header"]["env"] for r in recs}
+    assert env["unset"]["OPENBLAS_CORETYPE"] is None
+    assert env["haswell"] == dict(env["haswell"], OPENBLAS_CORETYPE="Haswell",
+                                  OPENBLAS_L2_SIZE="512")
+    assert "# BLAS environments compared" in (tmp_path / "e2e.md").read_text()

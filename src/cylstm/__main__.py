@@ -3,7 +3,9 @@
 Commands:
   train     train a character language model on a text (default: Python's own docs)
   generate  sample text from a model saved by train
-  bench     verify, then time cylstm against NumPy, PyTorch and ONNX Runtime (cylstm/_bench.py)
+
+The benchmarks are not part of the installed package: they live in the repository's
+bench/ folder (``python bench/run.py``, see docs/benchmarking.md).
 
 Each command is a subparser with its own ``--help``. To add one, write
 ``_add_<name>(subparsers)`` that registers the subparser with ``set_defaults(run=...)``
@@ -12,19 +14,6 @@ Each command is a subparser with its own ``--help``. To add one, write
 
 import argparse
 import sys
-
-
-def _add_bench(subparsers):
-    from . import _bench
-
-    p = subparsers.add_parser(
-        "bench",
-        help="verify, then time cylstm against NumPy, PyTorch and ONNX Runtime",
-        description=_bench.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _bench.add_arguments(p, default_json="")     # tables only, unless --json PATH or -
-    p.set_defaults(run=_bench.run)
 
 
 class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -310,7 +299,6 @@ def _parser():
     sub = p.add_subparsers(title="commands", dest="command", metavar="<command>")
     _add_train(sub)
     _add_generate(sub)
-    _add_bench(sub)
     return p
 
 
