@@ -479,7 +479,7 @@ def profile_fit(sz, n, log):
     fit_ct, _ = ct(type(m).fit)
     inside = {
         "LSTM forward + backward": [ct(LSTM.forward), ct(LSTM.backward)],
-        "gradient norm (NaN/Inf check)": [ct(cy_optim._norm, type(m)._train_batch)],
+        "gradient norm (NaN/Inf check)": [ct(cy_optim._norm, type(m).train_step)],
         "optimiser step (clip + Adam)": [ct(step_fn)],
         "Linear forward + backward": [ct(Linear.forward), ct(Linear.backward)],
         "Embedding forward + backward": [ct(Embedding.forward), ct(Embedding.backward)],

@@ -114,7 +114,8 @@ def make_header(args, mode):
 
     model, flags = cpu_info()
     pools = threadpool_info()
-    ext = cylstm._threads._lstm.__file__
+    from cylstm import _lstm
+    ext = _lstm.__file__
     env = {k: os.environ[k] for k in (
         "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
         "OMP_PROC_BIND", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT",
