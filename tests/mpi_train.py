@@ -152,6 +152,25 @@ def main():
                   callbacks=[ModelCheckpoint(os.path.join(out, "ckpt-{epoch}.npz")),
                              LambdaCallback(on_batch_begin=fail)])
 
+    elif case == "forever":
+        # Trains until interrupted from outside (Ctrl-C to mpiexec), saving every epoch.
+        model.fit(x, y, batch_size=BATCH, epochs=10 ** 6, lengths=lengths, verbose=0,
+                  distributed="mpi",
+                  callbacks=[ModelCheckpoint(os.path.join(out, "last.npz"))])
+
+    elif case == "diverge":
+        # Rank 1 nudges one weight behind the others' backs: the epoch-end checksum
+        # must catch it on every rank.
+        def nudge(batch, logs):
+            if rank == 1 and batch == 0:
+                model.flat_params[0] += 1e-12
+        try:
+            model.fit(x, y, batch_size=BATCH, epochs=2, lengths=lengths, verbose=0,
+                      distributed="mpi", callbacks=[LambdaCallback(on_batch_end=nudge)])
+            result["error"] = None
+        except RuntimeError as e:
+            result["error"] = str(e)
+
     elif case == "resume":
         # Load the checkpoint of epoch k and run epochs k..EPOCHS-1 across the ranks.
         k = int(extra[0])

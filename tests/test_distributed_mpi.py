@@ -8,6 +8,7 @@ Skipped when mpi4py or mpiexec is missing, unless CYLSTM_REQUIRE_DISTRIBUTED is 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -129,6 +130,12 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert len({r["checksum"] for r in results}) == 1
 
 
+def test_ranks_holding_different_weights_raise_everywhere(tmp_path):
+    mpirun(2, "diverge", tmp_path)
+    assert all("ranks hold different weights" in (r["error"] or "")
+               for r in ranks(tmp_path, 2))
+
+
 @pytest.mark.parametrize("case, shown", [("raise", "ValueError: a bad batch on purpose"),
                                           ("interrupt", "KeyboardInterrupt")])
 def test_error_on_one_rank_stops_all_with_its_message(case, shown, tmp_path):
@@ -140,6 +147,32 @@ def test_error_on_one_rank_stops_all_with_its_message(case, shown, tmp_path):
     assert model.optimizer.step_count == -(-M.N_ROWS // M.BATCH)
     assert not (tmp_path / "ckpt-2.npz").exists()
     print(f"{case}: every rank stopped {took:.1f} s after the start")
+
+
+def test_ctrl_c_to_mpiexec_stops_every_rank(tmp_path):
+    """SIGINT to mpiexec (Ctrl-C in a terminal) mid-training: every rank ends within
+    seconds, and rank 0's last checkpoint loads."""
+    p = subprocess.Popen([MPIEXEC, "-n", "3", sys.executable,
+                          os.path.join(HERE, "mpi_train.py"), "forever", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         cwd=str(tmp_path))
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (tmp_path / "last.npz").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[0]
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        out, _ = p.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode != 0
+    assert took < 30
+    assert cylstm.load(tmp_path / "last.npz").optimizer.step_count > 0
+    print(f"Ctrl-C: every rank stopped {took:.2f} s after the signal")
 
 
 def test_killed_run_resumes_bitwise(tmp_path):
