@@ -152,6 +152,13 @@ def main():
                   callbacks=[ModelCheckpoint(os.path.join(out, "ckpt-{epoch}.npz")),
                              LambdaCallback(on_batch_begin=fail)])
 
+    elif case == "unseeded":
+        # No seed: each rank initialises differently; rank 0's weights and shuffling
+        # stream are broadcast at the start, so the ranks train one model.
+        model = build(seed=None)
+        model.fit(x, y, batch_size=BATCH, epochs=2, lengths=lengths, verbose=0,
+                  distributed="mpi")
+
     elif case == "forever":
         # Trains until interrupted from outside (Ctrl-C to mpiexec), saving every epoch.
         model.fit(x, y, batch_size=BATCH, epochs=10 ** 6, lengths=lengths, verbose=0,

@@ -130,6 +130,11 @@ def test_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert len({r["checksum"] for r in results}) == 1
 
 
+def test_unseeded_model_starts_from_rank_0(tmp_path):
+    mpirun(3, "unseeded", tmp_path)
+    assert len({r["checksum"] for r in ranks(tmp_path, 3)}) == 1
+
+
 def test_ranks_holding_different_weights_raise_everywhere(tmp_path):
     mpirun(2, "diverge", tmp_path)
     assert all("ranks hold different weights" in (r["error"] or "")

@@ -45,6 +45,7 @@ Inference (needs the ``dask`` extra): ``predict(model, x)`` with x a dask array.
 
 import math
 import sys
+import time
 import traceback
 import zlib
 
@@ -234,9 +235,9 @@ class _Run(Callback):
             g *= g.dtype.type(count / C)      # this share's weight in the global mean
         else:
             g[...] = 0                        # a stand-in row: contributes nothing
-        t0 = _now()
+        t0 = time.perf_counter()
         self.comm.Allreduce(_mpi().IN_PLACE, g, op=_mpi().SUM)
-        self.allreduce_seconds += _now() - t0
+        self.allreduce_seconds += time.perf_counter() - t0
         self.steps += 1
         logs.update(loss=sum_loss / C, count=C, correct=correct, abs_err=abs_err, size=rows)
 
@@ -270,8 +271,20 @@ class _Run(Callback):
 
     # ---- the loop -----------------------------------------------------------------------
 
+    def _start(self):
+        """Every rank starts from rank 0's weights and shuffling stream: a no-op for a
+        seeded model (they agree already), and what makes an unseeded one train as one
+        model (its dropout masks then differ per rank: valid, but not one process's)."""
+        if self.size == 1:
+            return
+        model = self.model
+        self.comm.Bcast(model.flat_params, root=0)
+        state = self.comm.bcast(model._rng.bit_generator.state, root=0)
+        model._rng.bit_generator.state = state
+
     def _loop(self, epoch_batches, n_batches, epochs, validate, callbacks, verbose,
               stateful, initial_epoch):
+        self._start()
         callbacks = list(callbacks or [])
         if verbose not in (0, 1, 2):          # checked before rank 0 alone keeps it
             raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
@@ -431,11 +444,6 @@ def _abort_on_uncaught(comm):
         sys.stderr.flush()
         comm.Abort(1)
     sys.excepthook = hook
-
-
-def _now():
-    import time
-    return time.perf_counter()
 
 
 # ---- Dask batch inference ---------------------------------------------------------------
