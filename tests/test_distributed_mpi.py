@@ -193,12 +193,24 @@ def test_killed_run_resumes_bitwise(tmp_path):
                                   np.load(tmp_path / "plain-weights.npy"))
 
 
-def test_cli_trains_across_ranks(tmp_path):
-    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "cylstm", "train", "--distributed",
-           "mpi", "--max-chars", "4000", "--epochs", "1", "--batch-size", "8",
-           "--seq-len", "16", "--hidden-size", "16", "--embedding-dim", "8",
-           "--length", "20", "--model", str(tmp_path / "m.npz")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert p.stdout.count("--- sample") == 1           # rank 0 alone prints
-    assert cylstm.load(tmp_path / "m.npz").metadata["epochs"] == 1
+def test_cli_trains_across_ranks_and_resumes_bitwise(tmp_path):
+    """mpiexec -n 2 python -m cylstm train --distributed mpi: rank 0 alone prints and
+    saves; 1 epoch + --resume 1 epoch ends bitwise where --epochs 2 ends."""
+    def train(model, epochs, *more):
+        cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "cylstm", "train",
+               "--distributed", "mpi", "--max-chars", "4000", "--epochs", str(epochs),
+               "--batch-size", "8", "--seq-len", "16", "--hidden-size", "16",
+               "--embedding-dim", "8", "--num-layers", "2", "--dropout", "0.2",
+               "--length", "20", "--model", str(tmp_path / model), *more]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT,
+                           cwd=tmp_path)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+    out = train("straight.npz", 2)
+    assert out.count("--- sample") == 1                # rank 0 alone prints
+    assert out.count("validation bits/character") == 1
+    train("resumed.npz", 1)
+    train("resumed.npz", 1, "--resume")
+    a, b = cylstm.load(tmp_path / "straight.npz"), cylstm.load(tmp_path / "resumed.npz")
+    assert a.metadata["epochs"] == b.metadata["epochs"] == 2
+    np.testing.assert_array_equal(a.flat_params, b.flat_params)
