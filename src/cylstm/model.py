@@ -214,12 +214,7 @@ class Sequential(Parametrised):
         self._build_arena()
         if seed is not None or init is not None:
             _init.apply(self, "pytorch" if init is None else init, seed)
-        streams = np.random.SeedSequence(seed).spawn(len(layers) + 1)
-        self._rng = np.random.default_rng(streams[0])          # one key per epoch
-        self._epoch_rng = self._rng                            # this epoch's shuffling
-        if seed is not None:
-            for layer, ss in zip(layers, streams[1:]):
-                layer.seed_streams(np.random.default_rng(ss))
+        self._seed_streams(seed)
         self.loss = self.optimizer = None
         self.metrics = ()
         self.stop_training = False
@@ -303,14 +298,18 @@ class Sequential(Parametrised):
         types = registered()
         model = cls([types[spec["type"]].from_config(spec["config"])
                      for spec in config["layers"]])
-        seed = config.get("seed")
-        if seed is not None:      # the streams only: the weights come from the file
-            model.seed = seed
-            streams = np.random.SeedSequence(seed).spawn(len(model.layers) + 1)
-            model._rng = model._epoch_rng = np.random.default_rng(streams[0])
-            for layer, ss in zip(model.layers, streams[1:]):
-                layer.seed_streams(np.random.default_rng(ss))
+        if config.get("seed") is not None:   # the streams only: weights come from the file
+            model.seed = config["seed"]
+            model._seed_streams(model.seed)
         return model
+
+    def _seed_streams(self, seed):
+        streams = np.random.SeedSequence(seed).spawn(len(self.layers) + 1)
+        self._rng = np.random.default_rng(streams[0])          # one key per epoch
+        self._epoch_rng = self._rng                            # this epoch's shuffling
+        if seed is not None:
+            for layer, ss in zip(self.layers, streams[1:]):
+                layer.seed_streams(np.random.default_rng(ss))
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -503,8 +502,9 @@ class Sequential(Parametrised):
         x (B, T, ...) in the model's input dtype, y its targets, lengths (B,) or None,
         states: the recurrent layers' initial states (None: zeros). The order is
         forward, loss, backward, then every callback's ``on_gradients(batch, logs)``
-        (logs: "loss", "count", "size", "correct", "abs_err"; a callback may change them),
-        where gradients can be all-reduced across processes, clipped or logged, then the finiteness check and the optimiser step.
+        (logs: "loss", "count", "size", "correct", "abs_err"; a callback may change
+        them), where gradients can be all-reduced across processes, clipped or logged,
+        then the finiteness check and the optimiser step.
         A NaN/Inf loss or gradient raises FloatingPointError with the weights of the
         last good step untouched."""
         self.zero_grad()
@@ -683,8 +683,6 @@ class Sequential(Parametrised):
 
     def _epoch_streams(self):
         """Start an epoch's random streams from one key of the model's stream."""
-        if not hasattr(self, "_epoch_rng"):      # a model pickled before epoch streams
-            self._epoch_rng = self._rng
         key = np.random.SeedSequence(int(self._rng.integers(2 ** 63)))
         children = key.spawn(len(self.layers) + 1)
         self._epoch_rng = np.random.default_rng(children[0])
