@@ -110,11 +110,13 @@ def main():
             vrows = cylstm.distributed.shard_rows(len(val[0]), rank, size)
             x, y, lengths = x[rows], y[rows], lengths[rows]
             val = tuple(a[vrows] for a in val)
+        ckpt = ModelCheckpoint(os.path.join(out, "best.npz"), save_best_only=True)
         hist = model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, lengths=lengths,
-                         validation_data=val, callbacks=callbacks(), verbose=0,
+                         validation_data=val, callbacks=callbacks() + [ckpt], verbose=0,
                          distributed=dist)
         result["history"] = hist.history
         result["epochs_run"] = len(hist.epoch)
+        result["saved"] = len(ckpt.saved)            # rank 0 alone writes files
 
     elif case == "text":
         _, train, vids = text_data()

@@ -77,6 +77,7 @@ def test_n_ranks_match_one_process(n, reference, tmp_path):
     assert len({r["checksum"] for r in results}) == 1
     assert all(r["history"] == results[0]["history"] for r in results)
     assert results[0]["epochs_run"] == len(hist.epoch)
+    assert results[0]["saved"] > 0 and all(r["saved"] == 0 for r in results[1:])
     if n == 1:
         np.testing.assert_array_equal(w, w1)
         assert results[0]["history"] == hist.history

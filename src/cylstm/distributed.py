@@ -474,8 +474,10 @@ def predict(model, x, batch_size=256, lengths=None, threads=None):
     chunk), so each chunk forms exactly the batches ``model.predict(x, batch_size)``
     forms on the whole array: the result is bitwise the one-process result whatever
     the BLAS kernel does with a row's place in a batch. ``lengths``: (N,) integers for
-    ragged data (a dask or NumPy array; rechunked alike). The model is shipped to each
-    worker once (scattered with broadcast under a Client, else one graph key);
+    ragged data (a dask or NumPy array; rechunked alike). Under a Client the model is
+    scattered to every worker once (broadcast); otherwise it is one graph key (the
+    threaded scheduler shares it; the local "processes" scheduler pickles a task's
+    inputs with each task, so prefer a Client for many chunks of a large model);
     ``threads``: the cylstm thread count each task uses (None: all usable cores)."""
     import dask
     import dask.array as da
