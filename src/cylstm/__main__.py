@@ -102,6 +102,11 @@ def _add_train(subparsers):
     p.add_argument("--seed", type=int, default=0, help="random seed (weights, sampling)")
     p.add_argument("--threads", type=_int_at_least(0), default=0,
                    help="threads for cylstm's kernels (0: all usable cores)")
+    p.add_argument("--distributed", choices=["mpi"],
+                   help="train data-parallel across the ranks of 'mpiexec -n N python -m "
+                        "cylstm train --distributed mpi' (--batch-size streams in all, "
+                        "split among the ranks; rank 0 prints and saves; needs the mpi "
+                        "extra)")
     _add_sampling(p, default_prime="The ")
     p.add_argument("--quiet", action="store_true", help="print only the final sample")
     p.set_defaults(run=_run_train)
@@ -147,6 +152,17 @@ def _run_train(args):
     from cylstm.callbacks import LambdaCallback
 
     # Every check that needs no training comes first: a mistake costs nothing.
+    rank = 0
+    if args.distributed:
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            return _fail("--distributed mpi needs mpi4py and an MPI library: "
+                         "pip install \"cylstm[mpi]\"")
+        rank, n_ranks = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+        if args.batch_size < n_ranks:
+            return _fail(f"--batch-size {args.batch_size} streams cannot be split among "
+                         f"{n_ranks} ranks (each rank needs at least one)")
     exists = os.path.exists(args.model)
     if exists and not (args.resume or args.overwrite):
         return _fail(f"--model {args.model!r} already exists; pass --resume to continue "
@@ -199,7 +215,7 @@ def _run_train(args):
     missing = sorted(set(args.prime) - set(vocab.chars))
     if missing:
         return _fail(f"--prime {args.prime!r} has characters the text lacks: {missing!r}")
-    quiet = args.quiet
+    quiet = args.quiet or rank != 0          # one voice: rank 0's
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     if resumed is not None:
         model = resumed
@@ -226,8 +242,11 @@ def _run_train(args):
 
     def save_epoch(epoch, logs):
         # After every epoch, atomically: a run killed later keeps this epoch's model.
-        model.metadata["epochs"] = done + epoch + 1
-        model.save(args.model)
+        # Epochs count from the first run, so a resumed run draws the streams an
+        # uninterrupted one would (fit_text's initial_epoch).
+        model.metadata["epochs"] = epoch + 1
+        if rank == 0:
+            model.save(args.model)
 
     verbose = 0 if quiet else (1 if sys.stdout.isatty() else 2)
     t0 = time.perf_counter()
@@ -235,9 +254,13 @@ def _run_train(args):
     with (cylstm.threads(args.threads) if args.threads > 0 else nullcontext()):
         try:
             history = T.fit_text(model, train_ids, val_ids, batch_size=args.batch_size,
-                                 seq_len=args.seq_len, epochs=args.epochs, verbose=verbose,
+                                 seq_len=args.seq_len, epochs=done + args.epochs,
+                                 verbose=verbose, initial_epoch=done,
+                                 distributed=args.distributed,
                                  callbacks=[LambdaCallback(on_epoch_end=save_epoch)])
         except KeyboardInterrupt:
+            # One process only: across ranks, an interrupt aborts them all and the
+            # last epoch's file is the checkpoint.
             model.save(args.model)
             say(f"interrupted: saved {args.model} as it is after the last completed step "
                 f"({model.metadata['epochs']} full epochs)")
@@ -248,6 +271,8 @@ def _run_train(args):
     if history is not None and "val_bpc" in history.history:
         bpcs = ", ".join(f"{v:.3f}" for v in history.history["val_bpc"])
         say(f"validation bits/character per epoch: {bpcs}")
+    if rank != 0:
+        return 0
     if args.epochs == 0:
         model.save(args.model)             # asked for explicitly: nothing trained
     say(f"saved {args.model} ({model.metadata['epochs']} epochs); sample with: "

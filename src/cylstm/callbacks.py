@@ -159,15 +159,23 @@ class ModelCheckpoint(Callback):
 
 class LearningRateScheduler(Callback):
     """Set the optimiser's learning rate at the start of each epoch to
-    ``schedule(epoch, lr)`` (epoch from 0, lr the current rate)."""
+    ``schedule(epoch, lr)`` (epoch from 0, lr the current rate). ``base_lr``: the rate
+    the schedule starts from (None: the optimiser's rate when training begins); pass it
+    when resuming a checkpoint (``fit(..., initial_epoch=k)``), whose optimiser holds
+    the rate of its last epoch, not the first."""
 
-    def __init__(self, schedule):
+    def __init__(self, schedule, base_lr=None):
         if not callable(schedule):
             raise TypeError(f"schedule must be callable (epoch, lr) -> lr, got {schedule!r}")
+        if base_lr is not None and (isinstance(base_lr, bool) or
+                                    not isinstance(base_lr, numbers.Real) or
+                                    not math.isfinite(base_lr) or base_lr < 0):
+            raise ValueError(f"base_lr must be a finite number >= 0, got {base_lr!r}")
         self.schedule = schedule
+        self._base_lr = base_lr
 
     def on_train_begin(self, logs):
-        self.base_lr = self.model.optimizer.lr
+        self.base_lr = self.model.optimizer.lr if self._base_lr is None else self._base_lr
 
     def on_epoch_begin(self, epoch, logs):
         lr = self.schedule(epoch, self.model.optimizer.lr)
@@ -181,19 +189,20 @@ class LearningRateScheduler(Callback):
 class StepLR(LearningRateScheduler):
     """lr = base_lr * gamma ** (epoch // step_size), as ``torch.optim.lr_scheduler.StepLR``."""
 
-    def __init__(self, step_size, gamma=0.1):
+    def __init__(self, step_size, gamma=0.1, base_lr=None):
         if isinstance(step_size, bool) or not isinstance(step_size, numbers.Integral) \
                 or step_size < 1:
             raise ValueError(f"step_size must be an int >= 1, got {step_size!r}")
         self.step_size, self.gamma = int(step_size), float(gamma)
-        super().__init__(lambda epoch, lr: self.base_lr * self.gamma ** (epoch // self.step_size))
+        super().__init__(lambda epoch, lr: self.base_lr * self.gamma ** (epoch // self.step_size),
+                         base_lr)
 
 
 class CosineAnnealing(LearningRateScheduler):
     """lr = eta_min + (base_lr - eta_min) (1 + cos(pi * epoch / T_max)) / 2 for epoch in
     0..T_max, then eta_min: ``torch.optim.lr_scheduler.CosineAnnealingLR`` per epoch."""
 
-    def __init__(self, T_max, eta_min=0.0):
+    def __init__(self, T_max, eta_min=0.0, base_lr=None):
         if isinstance(T_max, bool) or not isinstance(T_max, numbers.Integral) or T_max < 1:
             raise ValueError(f"T_max must be an int >= 1, got {T_max!r}")
         self.T_max, self.eta_min = int(T_max), float(eta_min)
@@ -202,4 +211,4 @@ class CosineAnnealing(LearningRateScheduler):
             e = min(epoch, self.T_max)
             return self.eta_min + (self.base_lr - self.eta_min) * (
                 1 + math.cos(math.pi * e / self.T_max)) / 2
-        super().__init__(cosine)
+        super().__init__(cosine, base_lr)

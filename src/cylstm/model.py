@@ -214,11 +214,7 @@ class Sequential(Parametrised):
         self._build_arena()
         if seed is not None or init is not None:
             _init.apply(self, "pytorch" if init is None else init, seed)
-        streams = np.random.SeedSequence(seed).spawn(len(layers) + 1)
-        self._rng = np.random.default_rng(streams[0])          # shuffling, splits
-        if seed is not None:
-            for layer, ss in zip(layers, streams[1:]):
-                layer.seed_streams(np.random.default_rng(ss))
+        self._seed_streams(seed)
         self.loss = self.optimizer = None
         self.metrics = ()
         self.stop_training = False
@@ -289,16 +285,31 @@ class Sequential(Parametrised):
         return int(self.flat_params.size)
 
     def get_config(self):
+        # The seed travels with the model so that a loaded checkpoint derives the same
+        # shuffling and dropout streams per epoch (fit's initial_epoch resumes bitwise).
+        seed = int(self.seed) if isinstance(self.seed, numbers.Integral) else None
         return {"layers": [{"type": type(l).__name__, "config": l.get_config()}
                            for l in self.layers],
-                "loss": self.loss, "metrics": list(self.metrics)}
+                "loss": self.loss, "metrics": list(self.metrics), "seed": seed}
 
     @classmethod
     def from_config(cls, config):
         """A model of the layers ``get_config`` names (registered Layer classes)."""
         types = registered()
-        return cls([types[spec["type"]].from_config(spec["config"])
-                    for spec in config["layers"]])
+        model = cls([types[spec["type"]].from_config(spec["config"])
+                     for spec in config["layers"]])
+        if config.get("seed") is not None:   # the streams only: weights come from the file
+            model.seed = config["seed"]
+            model._seed_streams(model.seed)
+        return model
+
+    def _seed_streams(self, seed):
+        streams = np.random.SeedSequence(seed).spawn(len(self.layers) + 1)
+        self._rng = np.random.default_rng(streams[0])          # one key per epoch
+        self._epoch_rng = self._rng                            # this epoch's shuffling
+        if seed is not None:
+            for layer, ss in zip(self.layers, streams[1:]):
+                layer.seed_streams(np.random.default_rng(ss))
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -466,7 +477,7 @@ class Sequential(Parametrised):
         """Row indices of each batch. A ragged batch comes in the order the LSTM kernels
         run fastest (layers._ragged_order: finished rows are skipped), so the LSTMs need
         not reorder it; the order of rows in a batch changes results only by rounding."""
-        order = self._rng.permutation(N) if shuffle else np.arange(N)
+        order = self._epoch_rng.permutation(N) if shuffle else np.arange(N)
         batches = [order[i:i + batch_size] for i in range(0, N, batch_size)]
         if lengths is None:
             return batches
@@ -491,25 +502,30 @@ class Sequential(Parametrised):
         x (B, T, ...) in the model's input dtype, y its targets, lengths (B,) or None,
         states: the recurrent layers' initial states (None: zeros). The order is
         forward, loss, backward, then every callback's ``on_gradients(batch, logs)``
-        (logs: "loss", "count", "size"), where gradients can be all-reduced across
-        processes, clipped or logged, then the finiteness check and the optimiser step.
+        (logs: "loss", "count", "size", "correct", "abs_err"; a callback may change
+        them), where gradients can be all-reduced across processes, clipped or logged,
+        then the finiteness check and the optimiser step.
         A NaN/Inf loss or gradient raises FloatingPointError with the weights of the
         last good step untouched."""
         self.zero_grad()
         out, finals = self._forward(x, lengths, states)
-        if not np.isfinite(out).all():
-            loss = float("nan")
-        else:
+        loss, count, correct, abs_err = float("nan"), 0, 0, 0.0
+        if np.isfinite(out).all():
             loss, dout, count, correct, abs_err = self._loss(out, y, lengths)
+        if math.isfinite(loss):
+            self._backward(dout)
+        # A non-finite loss still reaches the callbacks (zero gradients), so that processes
+        # training together can agree to stop at the same step instead of waiting forever.
+        logs = {"loss": loss, "count": count, "size": len(x), "correct": correct,
+                "abs_err": abs_err}
+        for cb in callbacks:
+            cb.on_gradients(batch, logs)
+        loss = logs["loss"]
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"the loss became {loss} at step {self.optimizer.step_count + 1}; training "
                 f"stopped and the model keeps the weights of the last good step (lower the "
                 f"learning rate, set clip_norm, or check the data for NaN/Inf)")
-        self._backward(dout)
-        logs = {"loss": loss, "count": count, "size": len(x)}
-        for cb in callbacks:
-            cb.on_gradients(batch, logs)
         norm = _optim._norm(self.flat_grads)
         if not math.isfinite(norm):
             raise FloatingPointError(
@@ -517,7 +533,8 @@ class Sequential(Parametrised):
                 f"(loss {loss:.4g}); training stopped and the model keeps the weights of "
                 f"the last good step (lower the learning rate or set clip_norm)")
         self.optimizer.step()
-        return StepResult(logs["loss"], logs["count"], correct, abs_err, finals)
+        return StepResult(logs["loss"], logs["count"], logs["correct"], logs["abs_err"],
+                          finals)
 
     def eval_step(self, x, y, lengths=None, states=None):
         """The loss and metric sums on one prepared batch, no update; a ``StepResult``."""
@@ -528,7 +545,8 @@ class Sequential(Parametrised):
     # ---- the public loop -----------------------------------------------------------------
 
     def fit(self, x, y, batch_size=32, epochs=1, validation_data=None, validation_split=0.0,
-            shuffle=True, callbacks=None, verbose=1, lengths=None):
+            shuffle=True, callbacks=None, verbose=1, lengths=None, initial_epoch=0,
+            distributed=None):
         """Train; returns a ``History``. See the module docstring for x, y and lengths.
 
         validation_data: (x_val, y_val) or (x_val, y_val, lengths_val), evaluated after
@@ -537,7 +555,11 @@ class Sequential(Parametrised):
         callbacks: ``cylstm.callbacks`` objects. verbose: 0 silent, 1 a progress bar on a
         terminal, 2 one line per epoch. Ctrl-C stops between steps, leaving the model in
         eval mode with the weights of the last completed step; a NaN/Inf loss raises
-        FloatingPointError, also with the last good weights.
+        FloatingPointError, also with the last good weights. initial_epoch: run epochs
+        initial_epoch..epochs-1 with the shuffling and dropout streams of an uninterrupted
+        run (resume a loaded checkpoint of a seeded model). distributed: "mpi" (or an
+        mpi4py communicator, or ``cylstm.distributed.MPI(...)``) trains data-parallel
+        across MPI ranks with batch_size the global batch; see ``cylstm.distributed``.
         """
         self._check_compiled()
         batch_size = _positive_int(batch_size, "batch_size")
@@ -547,6 +569,14 @@ class Sequential(Parametrised):
         y = self._targets(y, N, T)
         if not isinstance(validation_split, numbers.Real) or not 0 <= validation_split < 1:
             raise ValueError(f"validation_split must be in [0, 1), got {validation_split!r}")
+        run = None
+        if distributed is not None:
+            from . import distributed as _distributed      # mpi4py only when asked for
+            run = _distributed._Run(self, distributed)
+            if run.sharded and validation_split > 0:
+                raise ValueError("validation_split cannot be used with sharded data (each "
+                                 "rank would split its own shard); pass validation_data "
+                                 "as this rank's shard instead")
         val = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
@@ -566,6 +596,10 @@ class Sequential(Parametrised):
             x, y, lengths = x[:cut], y[:cut], None if lengths is None else lengths[:cut]
             N = cut
 
+        if run is not None:
+            return run.fit_arrays(x, y, lengths, val, batch_size, shuffle, epochs, callbacks,
+                                  verbose, initial_epoch)
+
         def epoch_batches(epoch):
             for idx in self._batches(N, batch_size, shuffle, lengths):
                 yield self._take(idx, x, y, lengths)
@@ -574,17 +608,26 @@ class Sequential(Parametrised):
             return self._evaluate_arrays(*val, batch_size) if val is not None else None
 
         return self.fit_batches(epoch_batches, -(-N // batch_size), epochs, validate,
-                                callbacks, verbose)
+                                callbacks, verbose, initial_epoch=initial_epoch)
 
     def fit_batches(self, epoch_batches, n_batches, epochs, validate=None, callbacks=None,
-                    verbose=1, stateful=False):
+                    verbose=1, stateful=False, initial_epoch=0):
         """The epoch loop behind ``fit`` and ``cylstm.text.fit_text``, for trainers of
         your own: ``epoch_batches(epoch)`` yields prepared batches (x, y, lengths), about
         ``n_batches`` of them; ``validate()`` returns a ``Stats`` or None; callbacks and
         verbose as in ``fit``. With ``stateful``, each batch starts from the recurrent
         states the last one ended with (truncated BPTT over streams), reset at each
-        epoch. Returns a ``History``."""
+        epoch. ``initial_epoch``: start at that epoch (resuming), with the streams of
+        the epochs before it drawn as if they had run. Returns a ``History``.
+
+        Each epoch draws one key from the model's stream; the epoch's shuffling (and, for
+        a seeded model, every layer's dropout stream) derive from that key alone, so the
+        streams of epoch k are known without replaying the masks of epochs 0..k-1."""
         callbacks = list(callbacks or [])
+        initial_epoch = _positive_int(initial_epoch, "initial_epoch", minimum=0)
+        if initial_epoch > epochs:
+            raise ValueError(f"initial_epoch must be at most epochs ({epochs}), "
+                             f"got {initial_epoch}")
         for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be cylstm.callbacks.Callback objects, "
@@ -595,10 +638,13 @@ class Sequential(Parametrised):
         history, bar = History(), _Progress(verbose)
         self.stop_training = False
         self.history = history
+        for _ in range(initial_epoch):
+            self._epoch_streams()
         for cb in callbacks:
             cb.on_train_begin({})
         try:
-            for epoch in range(epochs):
+            for epoch in range(initial_epoch, epochs):
+                self._epoch_streams()
                 for cb in callbacks:
                     cb.on_epoch_begin(epoch, {})
                 self.train()
@@ -634,6 +680,15 @@ class Sequential(Parametrised):
             cb.on_train_end({})
         self.eval()
         return history
+
+    def _epoch_streams(self):
+        """Start an epoch's random streams from one key of the model's stream."""
+        key = np.random.SeedSequence(int(self._rng.integers(2 ** 63)))
+        children = key.spawn(len(self.layers) + 1)
+        self._epoch_rng = np.random.default_rng(children[0])
+        if self.seed is not None:
+            for layer, ss in zip(self.layers, children[1:]):
+                layer.seed_streams(np.random.default_rng(ss))
 
     def _evaluate_arrays(self, x, y, lengths, batch_size):
         self.eval()

@@ -147,25 +147,28 @@ def evaluate_text(model, ids, batch_size=32, seq_len=64):
     return _evaluate_streams(model, _ids(ids, "ids", V), batch_size, seq_len).logs(model.metrics)
 
 
-def _evaluate_streams(model, ids, batch_size, seq_len):
+def _evaluate_streams(model, ids, batch_size, seq_len, rows=slice(None)):
     model.eval()
     stats, states = Stats(model.loss), None
     for x, y in stream_batches(ids, batch_size, seq_len):
-        step = model.eval_step(x, y, None, states)
+        step = model.eval_step(x[rows], y[rows], None, states)
         stats.add(step)
         states = step.states
     return stats
 
 
 def fit_text(model, train_ids, val_ids=None, batch_size=32, seq_len=64, epochs=1,
-             callbacks=None, verbose=1):
+             callbacks=None, verbose=1, initial_epoch=0, distributed=None):
     """Train a character (or token) model with truncated BPTT; returns a History.
 
     train_ids / val_ids: 1-D integer ids (``vocab.encode(text)``). Each epoch walks
     the training streams once with the state carried from batch to batch; validation
     (after each epoch, "val_loss" and "val_<metric>") carries its state through the
     validation text in ``batch_size`` streams too. Everything else (callbacks,
-    progress, NaN/Inf checks, Ctrl-C) is as in ``Sequential.fit``."""
+    progress, NaN/Inf checks, Ctrl-C, initial_epoch) is as in ``Sequential.fit``.
+    distributed: "mpi" (or a communicator) splits the ``batch_size`` streams of every
+    batch among the MPI ranks (each rank carries its own streams' states); every rank
+    passes the same ids, and batch_size must be at least the number of ranks."""
     V = _vocab_size(model)
     model._check_compiled()
     train_ids = _ids(train_ids, "train_ids", V)
@@ -173,11 +176,16 @@ def fit_text(model, train_ids, val_ids=None, batch_size=32, seq_len=64, epochs=1
     if val_ids is not None:
         val_ids = _ids(val_ids, "val_ids", V)
         stream_batches(val_ids, batch_size, seq_len)          # checks it is long enough
+    epochs = _positive_int(epochs, "epochs", minimum=0)
+    if distributed is not None:
+        from . import distributed as _distributed          # mpi4py only when asked for
+        return _distributed._Run(model, distributed).fit_streams(
+            batches, val_ids, batch_size, seq_len, epochs, callbacks, verbose, initial_epoch)
     validate = (lambda: _evaluate_streams(model, val_ids, batch_size, seq_len)) \
         if val_ids is not None else (lambda: None)
     return model.fit_batches(lambda epoch: ((x, y, None) for x, y in batches), len(batches),
-                             _positive_int(epochs, "epochs", minimum=0), validate, callbacks,
-                             verbose, stateful=True)
+                             epochs, validate, callbacks, verbose, stateful=True,
+                             initial_epoch=initial_epoch)
 
 
 def _next_id(logits, temperature, top_k, rng):
