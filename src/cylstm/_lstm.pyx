@@ -26,6 +26,9 @@ Backward, per step (dh = dL/dh_t, dc = dL/dc_t accumulated from later steps):
     (2') dz = [di i(1-i), df f(1-f), dg (1-g^2), do o(1-o)]
     (1') dh_{t-1} = dz W_hh;  after the loop: dW_ih += dz^T x, dW_hh += dz^T h_{t-1},
          db += sum dz, dx = dz W_ih (one GEMM or reduction each over all T*B rows).
+Recurrent dropout (docs/math.md, "Recurrent dropout and weight dropout"): with a mask
+r (B, Hp), (1) reads h_{t-1} * r instead of h_{t-1}, (1') becomes
+dh_{t-1} = (dz W_hh) * r and dW_hh += dz^T (h_{t-1} * r)                    (1r) (1r').
 
 Variable lengths (PyTorch's packed semantics): row b is active at loop step s < L = lengths[b];
 its time index is t = s forward and t = L-1-s in reverse, so reverse runs over each
@@ -298,6 +301,10 @@ cdef void _forward_chunk(
     floating* hz,               # (B, G) scratch: h_{t-1} W_hh^T
     floating* mbuf,             # (B, H) scratch: m_t before the projection (P > 0 only)
     floating* hp,               # (B, P) scratch: m_t W_hr^T (P > 0 only)
+    floating* hm,               # (B, Hp) scratch: h_{t-1} * rmask (rmask only)
+    floating* hm_cache,         # (T, B, Hp) OUT h_{t-1} * rmask at time t, 0 at padding,
+                                #   or NULL (no rmask, or inference)
+    const floating* rmask,      # (B, Hp) recurrent dropout mask, or NULL
     const floating* w_hh,       # (G, Hp)
     const floating* w_hr,       # (P, H) or NULL
     const float* whh_packed,    # W_hh^T packed for _rec_mm, or NULL (BLAS)
@@ -307,12 +314,26 @@ cdef void _forward_chunk(
 ) noexcept nogil:
     """The whole time loop for batch rows [r0, r1), run by one thread."""
     cdef int G = 4 * H, Hp = P if P > 0 else H
-    cdef int s, b, t, L, hi
+    cdef int s, b, t, L, hi, j
+    cdef Py_ssize_t ro
     cdef floating* m = mbuf if P > 0 else h
+    cdef floating* hin = hm if rmask != NULL else h
     for s in range(T):
         hi = _active_end(lengths, r0, r1, s)
+        if rmask != NULL:
+            # The product reads a masked copy: h itself is the state (3)-(5) carry on
+            # and the output, which dropout must not touch.                  (1r)
+            for b in range(r0, hi):
+                ro = <Py_ssize_t> b * Hp
+                for j in range(Hp):
+                    hm[ro + j] = h[ro + j] * rmask[ro + j]
+                L = lengths[b]
+                if hm_cache != NULL and s < L:   # dW_hh's operand, at the time of z_t
+                    t = L - 1 - s if reverse else s
+                    memcpy(hm_cache + (<Py_ssize_t> t * B + b) * Hp, hm + ro,
+                           Hp * sizeof(floating))
         if hi > r0:                    # rows past their length need no product  (1)
-            _rec_mm(hi - r0, G, Hp, h + <Py_ssize_t> r0 * Hp, Hp, w_hh, Hp, True,
+            _rec_mm(hi - r0, G, Hp, hin + <Py_ssize_t> r0 * Hp, Hp, w_hh, Hp, True,
                     whh_packed, hz + <Py_ssize_t> r0 * G, G)
         for b in range(r0, r1):
             L = lengths[b]
@@ -324,6 +345,8 @@ cdef void _forward_chunk(
                     memset(tc_cache + (<Py_ssize_t> s * B + b) * H, 0, H * sizeof(floating))
                 if m_cache != NULL:    # read by the dW_hr GEMM over all T*B rows
                     memset(m_cache + (<Py_ssize_t> s * B + b) * H, 0, H * sizeof(floating))
+                if hm_cache != NULL:   # read by the dW_hh GEMM over all T*B rows
+                    memset(hm_cache + (<Py_ssize_t> s * B + b) * Hp, 0, Hp * sizeof(floating))
                 continue
             t = L - 1 - s if reverse else s
             _forward_row(m, c, gates, c_cache, tc_cache, m_cache, hz, B, H, t, b)
@@ -364,6 +387,9 @@ def lstm_forward(
     int n_parts,
     int n_threads,
     float[::1] wpack=None,              # float32 scratch: pack_floats(Hp, G) + pack_floats(H, P)
+    const floating[:, ::1] rmask,       # (B, Hp) recurrent dropout mask, or None
+    floating[:, ::1] hm,                # (B, Hp) scratch with rmask, else None
+    floating[:, :, ::1] hm_cache,       # (T, B, Hp) OUT with rmask in training, else None
 ):
     """One LSTM layer, one direction, over the whole sequence; see the module docstring.
 
@@ -384,8 +410,18 @@ def lstm_forward(
     cdef floating* hp_p = NULL
     cdef float* whh_pk = NULL
     cdef float* whr_pk = NULL
+    cdef const floating* rm_p = NULL
+    cdef floating* hm_p = NULL
+    cdef floating* hmc_p = NULL
 
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
+    if rmask is not None:
+        _check(_is(rmask.shape, B, Hp) and hm is not None and _is(hm.shape, B, Hp), "rmask/hm")
+        rm_p = &rmask[0, 0]
+        hm_p = &hm[0, 0]
+        if training:
+            _check(hm_cache is not None and _is(hm_cache.shape, T, B, Hp), "hm_cache")
+            hmc_p = &hm_cache[0, 0, 0]
     whh_pk = _wpack_slot(wpack, Hp, G, H, P)
     if whh_pk != NULL:
         whr_pk = whh_pk + cy_packed_size(Hp, G)
@@ -430,7 +466,8 @@ def lstm_forward(
             note_team()
             blas_single_enter()
             _forward_chunk(&y[0, 0, 0], &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p, m_p,
-                           &hz[0, 0], mbuf_p, hp_p, &w_hh[0, 0], w_hr_p, whh_pk,
+                           &hz[0, 0], mbuf_p, hp_p, hm_p, hmc_p, rm_p, &w_hh[0, 0], w_hr_p,
+                           whh_pk,
                            whr_pk if P > 0 else NULL, &lengths[0],
                            T, B, H, P, split(B, n_chunks, p), split(B, n_chunks, p + 1),
                            reverse)
@@ -460,13 +497,14 @@ cdef void _backward_chunk(
     const floating* w_hr,       # (P, H) or NULL
     const float* whh_packed,    # W_hh packed for _rec_mm, or NULL (BLAS)
     const float* whr_packed,    # W_hr packed, or NULL
+    const floating* rmask,      # (B, Hp) recurrent dropout mask, or NULL
     const int* lengths,         # (B,)
     int T, int B, int H, int P, int r0, int r1, bint reverse,
 ) noexcept nogil:
     """BPTT for batch rows [r0, r1), run by one thread."""
     cdef int G = 4 * H, Hp = P if P > 0 else H
     cdef int s, b, t, tp, j, L, hi
-    cdef Py_ssize_t zo, ho, hpo
+    cdef Py_ssize_t zo, ho, hpo, ro
     cdef const floating* z
     cdef const floating* cprev
     cdef const floating* dhin
@@ -517,6 +555,11 @@ cdef void _backward_chunk(
             memcpy(dz + zo, dzb, G * sizeof(floating))
         _rec_mm(hi - r0, Hp, G, dzs + <Py_ssize_t> r0 * G, G, w_hh, Hp, False,    # (1')
                 whh_packed, dhs + <Py_ssize_t> r0 * Hp, Hp)
+        if rmask != NULL:              # h_{t-1} entered (1) masked                 (1r')
+            for b in range(r0, hi):
+                ro = <Py_ssize_t> b * Hp
+                for j in range(Hp):
+                    dhs[ro + j] *= rmask[ro + j]
 
 
 cdef inline void _add_block(floating* acc, const floating* part, Py_ssize_t n) noexcept nogil:
@@ -542,6 +585,7 @@ cdef void _weight_grads_block(
     const floating* x,          # (T*B, I)
     const floating* y,          # (T*B, Hp)
     const floating* h0,         # (B, Hp) or NULL (zeros)
+    const floating* hm_cache,   # (T*B, Hp) h_{t-1} * rmask at the time of z_t, or NULL
     int T, int B, int I, int H, int P, int g0, int g1, int q0, int q1, bint reverse,
 ) noexcept nogil:
     """Gradient rows [g0, g1) of W_ih, W_hh, b_ih, b_hh and [q0, q1) of W_hr     (1') (5').
@@ -566,13 +610,18 @@ cdef void _weight_grads_block(
     # dW_hh = dz^T h_{t-1}. Inside a sequence h_{t-1} is y at the neighbouring time
     # (t-1 forward, t+1 reverse); at a padded neighbour y is 0, which is exactly right
     # for a reverse row's first step, whose h_{t-1} is h0, added from dzs below.
-    if reverse:
+    # With recurrent dropout the forward kept the masked h_{t-1} (h0 included) row by
+    # row at the time of z_t, so dW_hh is one GEMM over all rows                  (1r').
+    if hm_cache != NULL:
+        gemm(True, False, g1 - g0, Hp, T * B, 1, dz + g0, G, hm_cache, Hp, 0,
+             dw_hh_tmp + oh, Hp)
+    elif reverse:
         gemm(True, False, g1 - g0, Hp, (T - 1) * B, 1, dz + g0, G,
              y + <Py_ssize_t> B * Hp, Hp, 0, dw_hh_tmp + oh, Hp)
     else:
         gemm(True, False, g1 - g0, Hp, (T - 1) * B, 1, dz + <Py_ssize_t> B * G + g0, G,
              y, Hp, 0, dw_hh_tmp + oh, Hp)
-    if h0 != NULL:
+    if h0 != NULL and hm_cache == NULL:
         gemm(True, False, g1 - g0, Hp, B, 1, dzs + g0, G, h0, Hp, 1, dw_hh_tmp + oh, Hp)
     _add_block(dw_ih + oi, dw_ih_tmp + oi, (g1 - g0) * <Py_ssize_t> I)
     _add_block(dw_hh + oh, dw_hh_tmp + oh, (g1 - g0) * <Py_ssize_t> Hp)
@@ -626,6 +675,8 @@ def lstm_backward(
     int n_parts,
     int n_threads,
     float[::1] wpack=None,              # float32 scratch: pack_floats(G, Hp) + pack_floats(P, H)
+    const floating[:, ::1] rmask,       # (B, Hp) the forward's recurrent dropout mask, or None
+    const floating[:, :, ::1] hm_cache,  # (T, B, Hp) from lstm_forward with rmask
 ):
     """BPTT through one layer and direction; accumulates into the weight gradients."""
     cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2]
@@ -643,8 +694,15 @@ def lstm_backward(
     cdef floating* dm_p = NULL
     cdef float* whh_pk = NULL
     cdef float* whr_pk = NULL
+    cdef const floating* rm_p = NULL
+    cdef const floating* hmc_p = NULL
 
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
+    if rmask is not None:
+        _check(_is(rmask.shape, B, Hp) and hm_cache is not None
+               and _is(hm_cache.shape, T, B, Hp), "rmask/hm_cache")
+        rm_p = &rmask[0, 0]
+        hmc_p = &hm_cache[0, 0, 0]
     whh_pk = _wpack_slot(wpack, G, Hp, P, H)
     if whh_pk != NULL:
         whr_pk = whh_pk + cy_packed_size(G, Hp)
@@ -692,7 +750,8 @@ def lstm_backward(
             _backward_chunk(&dz[0, 0, 0], dhp_p, &dzs[0, 0], &dh0[0, 0], &dc[0, 0],
                             &dhbuf[0, 0], dm_p, &dy[0, 0, 0], &dh_n[0, 0], &gates[0, 0, 0],
                             &c_cache[0, 0, 0], &tc_cache[0, 0, 0], &c0[0, 0], &w_hh[0, 0],
-                            w_hr_p, whh_pk, whr_pk if P > 0 else NULL, &lengths[0], T, B, H, P,
+                            w_hr_p, whh_pk, whr_pk if P > 0 else NULL, rm_p, &lengths[0],
+                            T, B, H, P,
                             split(B, n_chunks, p), split(B, n_chunks, p + 1), reverse)
             blas_single_exit()
         for p in prange(n_parts, schedule="static",
@@ -704,7 +763,7 @@ def lstm_backward(
                                 &dw_ih_tmp[0, 0], &dw_hh_tmp[0, 0], dw_hr_tmp_p, &db_tmp[0],
                                 &dz[0, 0, 0],
                                 &dzs[0, 0], dhp_p, m_p, &x[0, 0, 0], &y[0, 0, 0], h0_p,
-                                T, B, I, H, P, split(G, n_parts, p), split(G, n_parts, p + 1),
+                                hmc_p, T, B, I, H, P, split(G, n_parts, p), split(G, n_parts, p + 1),
                                 split(P, n_parts, p), split(P, n_parts, p + 1), reverse)
             # dx = dz W_ih                                                   (1')
             gemm(False, False, split(T * B, n_parts, p + 1) - split(T * B, n_parts, p),

@@ -11,6 +11,9 @@ whole sequence, time-major:
 
 Shapes: x (T, B, I); w_ih (4H, I); w_hh (4H, H); b_ih, b_hh (4H,); h0, c0 (B, H);
 lengths (B,) ints in 1..T; y, dy (T, B, H). Gate order [i | f | g | o] (PyTorch's).
+``recurrent_mask`` (B, H) or None: recurrent dropout, the product of (1) reads
+h_{t-1} * recurrent_mask (docs/math.md, "Recurrent dropout and weight dropout"); the
+caller draws and scales it, and it applies whenever given (training or not).
 
 Dtypes: the weights decide (float32 or float64, all the same). Inputs of another real
 dtype (ints, bools, float16, the other float) are converted to it; complex, object and
@@ -192,11 +195,13 @@ class LayerCache:
     gates (T, B, 4H) activated [i|f|g|o]; c, tc (T, B, H) c_t and tanh(c_t); m (T, B, H)
     o * tanh(c_t) with a projection (else None); y (T, B, Hp) and x (T, B, I) by
     reference; h0 (B, Hp) or None; c0 (B, H); the weights, lengths (B,) int32 and the
-    direction. Memory: (6 + [3 with a projection]) * T*B*H elements, plus y and x.
+    direction; rmask (B, Hp) the recurrent dropout mask and hm (T, B, Hp) the masked
+    h_{t-1} at each time (dW_hh's operand), both None without one. Memory:
+    (6 + [3 with a projection]) * T*B*H elements, [T*B*Hp with a mask], plus y and x.
     """
 
     __slots__ = ("x", "y", "gates", "c", "tc", "m", "h0", "c0", "w_ih", "w_hh", "w_hr",
-                 "has_bias", "lengths", "reverse", "dtype")
+                 "has_bias", "lengths", "reverse", "dtype", "rmask", "hm")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -206,14 +211,15 @@ class LayerCache:
 # ---- forward / backward ---------------------------------------------------------------------
 
 def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
-                       lengths=None, reverse=False, training=True, w_hr=None, *,
-                       workspace=None, out=None):
+                       lengths=None, reverse=False, training=True, w_hr=None,
+                       recurrent_mask=None, *, workspace=None, out=None):
     """One LSTM layer, one direction, whole sequence (see the module docstring).
 
     x (T, B, I); w_ih (4H, I); w_hh (4H, H); b_ih, b_hh (4H,) or both None; h0, c0
     (B, H) or None (zeros); lengths (B,) in 1..T or None; reverse runs each sequence
     from its last valid step to t = 0; w_hr (P, H) a projection (PyTorch's proj_size),
-    with which w_hh is (4H, P) and h0, h_n, y have P features. Returns (y (T, B, Hp),
+    with which w_hh is (4H, P) and h0, h_n, y have P features; recurrent_mask (B, Hp)
+    or None, multiplying h_{t-1} (h0 included) in the recurrent product. Returns (y (T, B, Hp),
     h_n (B, Hp), c_n (B, H), cache), cache None unless training; Hp = P or H. ``workspace`` (a Workspace) reuses scratch and,
     in training mode, the cache arrays: a later forward with the same workspace then
     invalidates the earlier cache. ``out``: an optional C-contiguous (T, B, H) array of
@@ -232,6 +238,10 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     c = np.zeros((B, H), dtype) if c0 is None else _as_array(c0, "c0", dtype, (B, H)).copy()
     h0_kept = None if h0 is None else h.copy()
     c0_kept = c.copy() if training else None
+    rmask = None
+    if recurrent_mask is not None:
+        # a copy: the cache keeps it for backward, whatever the caller does to its array
+        rmask = _as_array(recurrent_mask, "recurrent_mask", dtype, (B, Hp)).copy()
     ws = _workspace_arg(workspace)
     if out is None:
         y = np.empty((T, B, Hp), dtype)
@@ -247,6 +257,7 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     tc_cache = ws.get("tc", (T, B, H), dtype) if training else None
     proj = w_hr is not None
     m_cache = ws.get("m", (T, B, H), dtype) if training and proj else None
+    hm_cache = ws.get("hm_cache", (T, B, Hp), dtype) if training and rmask is not None else None
     with blas_single_threaded:
         _lstm.lstm_forward(
             y=y, h=h, c=c, gates=gates, c_cache=c_cache, tc_cache=tc_cache, m_cache=m_cache,
@@ -256,13 +267,15 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
             x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=bias, lengths=lengths,
             reverse=bool(reverse), n_parts=N_PARTS, n_threads=get_num_threads(),
             wpack=_wpack(ws, dtype, [(Hp, 4 * H)] + ([(H, Hp)] if proj else []), T),
+            rmask=rmask, hm=ws.get("hm", (B, Hp), dtype) if rmask is not None else None,
+            hm_cache=hm_cache,
         )
     cache = None
     if training:
         x = _finite_padding(x, lengths)
         cache = LayerCache(x=x, y=y, gates=gates, c=c_cache, tc=tc_cache, m=m_cache,
                            h0=h0_kept, c0=c0_kept, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr,
-                           has_bias=bias is not None,
+                           has_bias=bias is not None, rmask=rmask, hm=hm_cache,
                            lengths=lengths, reverse=bool(reverse), dtype=dtype)
     return y, h, c, cache
 
@@ -332,5 +345,6 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
             w_ih=cache.w_ih, w_hh=cache.w_hh, w_hr=cache.w_hr, lengths=cache.lengths,
             reverse=cache.reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
             wpack=_wpack(ws, dtype, [(4 * H, Hp)] + ([(Hp, H)] if proj else []), T),
+            rmask=cache.rmask, hm_cache=cache.hm,
         )
     return dx, dh0, dc

@@ -123,10 +123,16 @@ class LSTM(Parametrised):
     ``bias_hh_l0``, ``weight_hr_l0``, ``..._reverse``). ``load_state_dict`` copies into
     the views. Dropout (between layers, training only) is inverted and drawn from its own
     random stream, so the same ``seed`` gives the same weights and the same masks.
+    ``recurrent_dropout`` (variational dropout on h_{t-1} in the recurrent product, one
+    (B, Hp) mask per sequence, layer and direction held for every step) and
+    ``weight_dropout`` (DropConnect on each W_hh, one mask per forward call) are
+    inverted too, training only, and drawn from the same stream (docs/math.md,
+    "Recurrent dropout and weight dropout").
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, proj_size=0, dtype="float32", seed=None):
+                 dropout=0.0, bidirectional=False, proj_size=0, dtype="float32", seed=None,
+                 recurrent_dropout=0.0, weight_dropout=0.0):
         self.input_size = _positive_int(input_size, "input_size")
         self.hidden_size = _positive_int(hidden_size, "hidden_size")
         self.num_layers = _positive_int(num_layers, "num_layers")
@@ -135,6 +141,8 @@ class LSTM(Parametrised):
             raise ValueError(f"proj_size must be smaller than hidden_size ({self.hidden_size}), "
                              f"got {self.proj_size}")
         self.dropout = probability(dropout, "dropout")
+        self.recurrent_dropout = probability(recurrent_dropout, "recurrent_dropout")
+        self.weight_dropout = probability(weight_dropout, "weight_dropout")
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.bidirectional = bool(bidirectional)
@@ -182,6 +190,9 @@ class LSTM(Parametrised):
 
     def __setstate__(self, d):
         super().__setstate__(d)
+        # pickles made before these options existed mean "off"
+        self.__dict__.setdefault("recurrent_dropout", 0.0)
+        self.__dict__.setdefault("weight_dropout", 0.0)
         self._workspaces_lock = threading.Lock()
         self._training_lock = threading.Lock()
         _live_lstms.add(self)
@@ -204,7 +215,8 @@ class LSTM(Parametrised):
     def __repr__(self):
         extra = "".join(f", {k}={getattr(self, k)!r}" for k, default in (
             ("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
-            ("bidirectional", False), ("proj_size", 0)) if getattr(self, k) != default)
+            ("bidirectional", False), ("proj_size", 0), ("recurrent_dropout", 0.0),
+            ("weight_dropout", 0.0)) if getattr(self, k) != default)
         return (f"cylstm.LSTM({self.input_size}, {self.hidden_size}{extra}, "
                 f"dtype='{self.dtype}')")
 
@@ -269,7 +281,9 @@ class LSTM(Parametrised):
         return dict(input_size=self.input_size, hidden_size=self.hidden_size,
                     num_layers=self.num_layers, bias=self.bias, batch_first=self.batch_first,
                     dropout=self.dropout, bidirectional=self.bidirectional,
-                    proj_size=self.proj_size, dtype=self.dtype.name)
+                    proj_size=self.proj_size, dtype=self.dtype.name,
+                    recurrent_dropout=self.recurrent_dropout,
+                    weight_dropout=self.weight_dropout)
 
     def _weights(self, layer, d):
         """((w_ih, w_hh, b_ih, b_hh, w_hr), (their gradients)) of one layer and direction;
@@ -309,6 +323,22 @@ class LSTM(Parametrised):
         else:
             with self._workspaces_lock:
                 self._spare_workspaces.append(workspaces)
+
+    def _inverted_mask(self, shape, p):
+        """A mask of ``shape`` from the dropout stream: 1/(1-p) with probability 1-p, else 0."""
+        keep = 1.0 - p
+        return (self._dropout_rng.random(shape) < keep).astype(self.dtype) / self.dtype.type(keep)
+
+    def _dropped_w_hh(self, layer, d, ws):
+        """(W_hh * mask, mask) for weight dropout, both in the direction's workspace: the
+        arena's W_hh is never written, and the masked copy lives as long as the cache that
+        references it (until the next training forward)."""
+        (_, w_hh, _, _, _), _ = self._weights(layer, d)
+        mask = ws.get("whh_drop_mask", w_hh.shape, self.dtype)
+        mask[...] = self._inverted_mask(w_hh.shape, self.weight_dropout)
+        dropped = ws.get("whh_dropped", w_hh.shape, self.dtype)
+        np.multiply(w_hh, mask, out=dropped)
+        return dropped, mask
 
     # ---- forward / backward --------------------------------------------------------------
 
@@ -373,17 +403,33 @@ class LSTM(Parametrised):
                 self._caches = None       # its arrays are about to be overwritten
             h_n = np.empty((L * D, B, Hp), self.dtype)
             c_n = np.empty((L * D, B, H), self.dtype)
-            caches, masks = [], []
+            caches, masks, wmasks = [], [], []
             inp = xt
             for layer in range(L):
-                def run(d, layer=layer, inp=inp):
+                # Masks are drawn here, in one thread and a fixed order (per direction:
+                # W_hh's, then h's), so the stream gives the same masks whatever runs
+                # the directions. p = 0 draws nothing: the plain path, bitwise.
+                w_hh_dropped, rmasks = [None] * D, [None] * D
+                for d in range(D):
+                    if training and self.weight_dropout > 0:
+                        w_hh_dropped[d], wmask = self._dropped_w_hh(
+                            layer, d, self._workspace(layer, d, wss))
+                        wmasks.append(wmask)
+                    if training and self.recurrent_dropout > 0:
+                        # drawn in the caller's batch order: a sequence's mask does not
+                        # depend on where the ragged reordering puts it
+                        rmasks[d] = self._inverted_mask((B, Hp), self.recurrent_dropout)
+                        if order is not None:
+                            rmasks[d] = rmasks[d][order]
+                def run(d, layer=layer, inp=inp, w_hh_dropped=w_hh_dropped, rmasks=rmasks):
                     (w_ih, w_hh, b_ih, b_hh, w_hr), _ = self._weights(layer, d)
                     k = layer * D + d
                     y, h_n[k], c_n[k], cache = F.lstm_layer_forward(
-                        inp, w_ih, w_hh, b_ih, b_hh,
+                        inp, w_ih, w_hh if w_hh_dropped[d] is None else w_hh_dropped[d],
+                        b_ih, b_hh,
                         None if h0 is None else h0[k], None if c0 is None else c0[k],
                         lengths, reverse=bool(d), training=training, w_hr=w_hr,
-                        workspace=self._workspace(layer, d, wss))
+                        recurrent_mask=rmasks[d], workspace=self._workspace(layer, d, wss))
                     return y, cache
                 results = [run(0)] if D == 1 else _both_directions(run)
                 outs = [y for y, _ in results]
@@ -394,7 +440,8 @@ class LSTM(Parametrised):
                     mask = (self._dropout_rng.random(inp.shape) < keep).astype(self.dtype) / keep
                     inp = inp * mask
                     masks.append(mask)
-            self._caches = (caches, masks, T, B, unbatched, order) if training else None
+            self._caches = ((caches, masks, wmasks, T, B, unbatched, order)
+                            if training else None)
         finally:
             self._release_workspaces(wss)
 
@@ -419,7 +466,7 @@ class LSTM(Parametrised):
         if self._caches is None:
             raise RuntimeError("backward needs a forward in training mode first "
                                "(lstm.train(); y, state = lstm(x); lstm.backward(dy))")
-        caches, masks, T, B, unbatched, order = self._caches
+        caches, masks, wmasks, T, B, unbatched, order = self._caches
         L, D, H, Hp = self.num_layers, self.num_directions, self.hidden_size, self.state_size
         if unbatched:
             dy = F._as_array(dy, "dy", self.dtype, (T, D * Hp))[:, None, :]
@@ -442,12 +489,21 @@ class LSTM(Parametrised):
                 def run(d, layer=layer, dy=dy):
                     k = layer * D + d
                     _, (dw_ih, dw_hh, db_ih, db_hh, dw_hr) = self._weights(layer, d)
+                    ws = self._workspace(layer, d, wss)
+                    dw_hh_into = dw_hh
+                    if wmasks:
+                        # gradient w.r.t. the masked copy into scratch, then only the
+                        # kept weights receive it: dW_hh += dW_dropped * mask      (1w')
+                        dw_hh_into = ws.get("dwhh_dropped", dw_hh.shape, self.dtype)
+                        dw_hh_into[...] = 0
                     dyd = dy if D == 1 else np.ascontiguousarray(dy[:, :, d * Hp:(d + 1) * Hp])
                     dxd, dh0[k], dc0[k] = F.lstm_layer_backward(
                         caches[k], dyd, None if dh_n is None else dh_n[k],
-                        None if dc_n is None else dc_n[k], dw_ih=dw_ih, dw_hh=dw_hh,
-                        db_ih=db_ih, db_hh=db_hh, dw_hr=dw_hr,
-                        workspace=self._workspace(layer, d, wss))
+                        None if dc_n is None else dc_n[k], dw_ih=dw_ih, dw_hh=dw_hh_into,
+                        db_ih=db_ih, db_hh=db_hh, dw_hr=dw_hr, workspace=ws)
+                    if wmasks:
+                        np.multiply(dw_hh_into, wmasks[k], out=dw_hh_into)
+                        dw_hh += dw_hh_into
                     return dxd
                 dxs = [run(0)] if D == 1 else _both_directions(run)
                 dy = dxs[0] if D == 1 else dxs[0] + dxs[1]

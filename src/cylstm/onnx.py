@@ -36,7 +36,8 @@ Each LSTM layer is written in one of two forms (``export``'s ``lstm_op``):
   (ONNX Runtime runs its LSTM operator in float32 only) and for ``proj_size`` (the
   operator has no projection; ``lstm_op=True`` with one is refused, naming the layer).
 
-An LSTM's inter-layer ``dropout`` acts in training only and is not written.
+An LSTM's inter-layer ``dropout``, ``recurrent_dropout`` and ``weight_dropout`` act in
+training only and are not written.
 """
 
 import os

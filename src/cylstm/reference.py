@@ -7,7 +7,9 @@ torch.nn.LSTM (see docs/math.md). Equation numbers are the kernels' (_lstm.pyx, 
     (1) z = (x W_ih^T + b) + h_{t-1} W_hh^T     (2) the gates i, f, g, o
     (3) c_t = f c_{t-1} + i g                    (4) m_t = o tanh(c_t)
     (5) h_t = m_t W_hr^T with a projection, else h_t = m_t
-and the backward's (5')-(1') take the same steps in reverse.
+and the backward's (5')-(1') take the same steps in reverse. With recurrent dropout
+(a mask r, docs/math.md) (1) reads h_{t-1} r, and (1') gives dh_{t-1} = (dz W_hh) r and
+dW_hh += dz^T (h_{t-1} r): (1r), (1r').
 
 Dimensions: T time steps, B batch, I input features, H hidden units, G = 4H.
 Gate order of every (.., 4H) array: [i | f | g | o] = [0:H | H:2H | 2H:3H | 3H:4H].
@@ -53,10 +55,12 @@ class _Cache(NamedTuple):
     c: np.ndarray  # (T+1, B, H) same for the cell state
     gates: np.ndarray  # (T, B, 4H) activated gates [i|f|g|o] at each step
     w_hr: object = None  # (P, H) projection weights, or None
+    rmask: object = None  # (B, Hp) recurrent dropout mask, or None
 
 
 def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
-                       lengths=None, reverse=False, training=True, w_hr=None):
+                       lengths=None, reverse=False, training=True, w_hr=None,
+                       recurrent_mask=None):
     """One LSTM layer, one direction, whole sequence, time-major.
 
     x       (T, B, I)  input
@@ -70,6 +74,8 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     training bool      if False, return cache=None
     w_hr    (P, H)     projection (PyTorch's proj_size = P): h_t = (o tanh c_t) W_hr^T,
                        and then w_hh is (4H, P) and h0, h_n, y have P features; or None
+    recurrent_mask (B, H) recurrent dropout: (1) reads h_{t-1} * recurrent_mask (h0
+                       included), for every step; or None
 
     Returns (y, h_n, c_n, cache):
     y (T, B, H) outputs, 0 at padded positions; h_n, c_n (B, H) state after the
@@ -91,9 +97,10 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     hs = np.empty((T + 1, B, Hp), dt); hs[0] = h
     cs = np.empty((T + 1, B, H), dt); cs[0] = c
     gates = np.empty((T, B, 4 * H), dt)
+    r = 1 if recurrent_mask is None else recurrent_mask  # (B, Hp) or 1
     for s in range(T):
         m = live[s][:, None]  # (B, 1)
-        z = zx[s] + h @ w_hh.T  # (1) z = x W_ih^T + h W_hh^T + b_ih + b_hh
+        z = zx[s] + (h * r) @ w_hh.T  # (1) (1r) z = x W_ih^T + (h r) W_hh^T + b_ih + b_hh
         i = _sigmoid(z[:, 0:H])  # (2) input gate
         f = _sigmoid(z[:, H:2 * H])  # (2) forget gate
         g = np.tanh(z[:, 2 * H:3 * H])  # (2) candidate
@@ -108,7 +115,8 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
 
     y = np.empty((T, B, Hp), dt)
     y[tidx, cols] = np.where(live[..., None], hs[1:], 0)  # back to time order, zeros when padded
-    cache = _Cache(x, w_ih, w_hh, tidx, live, hs, cs, gates, w_hr) if training else None
+    cache = (_Cache(x, w_ih, w_hh, tidx, live, hs, cs, gates, w_hr, recurrent_mask)
+             if training else None)
     return y, h, c, cache
 
 
@@ -129,7 +137,8 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
 
     Returns (dx, dh0, dc0): dx (T, B, I), 0 at padded positions; dh0, dc0 (B, H).
     """
-    x, w_ih, w_hh, tidx, live, hs, cs, gates, w_hr = cache
+    x, w_ih, w_hh, tidx, live, hs, cs, gates, w_hr, rmask = cache
+    r = 1 if rmask is None else rmask  # (B, Hp) or 1
     T, B, I = x.shape
     H, Hp = w_hh.shape[0] // 4, w_hh.shape[1]
     dt = x.dtype
@@ -158,14 +167,14 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
                               dg * (1 - g * g),  # (2') tanh' = 1 - g^2
                               do * o * (1 - o)], axis=1)  # (2')
         dz[s] = np.where(m, dzs, 0)  # padded step: no gradient into z
-        dh = np.where(m, dz[s] @ w_hh, dh)  # (1') dh_{t-1}; padded step passes dh through
+        dh = np.where(m, (dz[s] @ w_hh) * r, dh)  # (1') (1r') dh_{t-1}; padded: passed through
         dc = np.where(m, dct * f, dc)  # (3') dc_{t-1}; padded step passes dc through
 
     # weight gradients: one GEMM / reduction over all T*B rows (padded rows have dz = 0)
     dz2 = dz.reshape(T * B, 4 * H)
     xs = np.where(live[:, :, None], x[tidx, cols], 0)  # padding is never read, even NaN
     dw_ih += dz2.T @ xs.reshape(T * B, I)  # (1')
-    dw_hh += dz2.T @ hs[:-1].reshape(T * B, Hp)  # (1')
+    dw_hh += dz2.T @ (hs[:-1] * r).reshape(T * B, Hp)  # (1') (1r')
     if w_hr is not None:
         dw_hr += dwhr
     if db_ih is not None:
