@@ -136,6 +136,12 @@ def test_unseeded_model_starts_from_rank_0(tmp_path):
     assert len({r["checksum"] for r in ranks(tmp_path, 3)}) == 1
 
 
+def test_recurrent_dropout_across_ranks_is_refused_on_every_rank(tmp_path):
+    mpirun(2, "recurrent_dropout", tmp_path)
+    assert all("recurrent_dropout" in (r["error"] or "") and "layers[0]" in r["error"]
+               for r in ranks(tmp_path, 2))
+
+
 def test_ranks_holding_different_weights_raise_everywhere(tmp_path):
     mpirun(2, "diverge", tmp_path)
     assert all("ranks hold different weights" in (r["error"] or "")

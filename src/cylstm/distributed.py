@@ -194,6 +194,13 @@ class _Run(Callback):
         self.allreduce_seconds = 0.0          # read by bench/scaling.py
         self.steps = 0
         if self.size > 1:
+            for i, layer in enumerate(model.layers):
+                # Their masks are drawn per local row and per call; split across ranks
+                # they would neither match one process nor stay in step between ranks.
+                if getattr(layer, "recurrent_dropout", 0) or getattr(layer, "weight_dropout", 0):
+                    raise ValueError(f"layers[{i}] ({layer!r}) uses recurrent_dropout or "
+                                     f"weight_dropout, which distributed training does not "
+                                     f"support yet; train it in one process")
             _abort_on_uncaught(self.comm)
 
     # ---- collectives on small Python values: summed in rank order, same on every rank
