@@ -71,32 +71,10 @@ from cylstm._parallel cimport (MIN_PARALLEL_MACS, blas_single_enter, blas_single
 # Per-level kernels (_isa.h): activations, cell, per-step products
 # ----------------------------------------------------------------------------------------
 
-cdef extern from "_activations.h" nogil:
-    ctypedef struct cy_act_f32:
-        void (*sigmoid_add)(float* z, const float* hz, int n) noexcept nogil
-        void (*tanh_add)(float* z, const float* hz, int n) noexcept nogil
-    cy_act_f32 cy_act_select(int level)
-    void cy_sigmoid_add_f64(double* z, const double* hz, int n)
-    void cy_tanh_add_f64(double* z, const double* hz, int n)
-
-cdef extern from "_cell.h" nogil:
-    ctypedef struct cy_cell_fns:
-        void (*cell_f32)(float* c, float* m, float* tc, const float* z, int H,
-                         int gs) noexcept nogil
-        void (*cell_f64)(double* c, double* m, double* tc, const double* z, int H,
-                         int gs) noexcept nogil
-        void (*gate_grads_f32)(float* dz, float* dc, const float* z, const float* tc,
-                               const float* cprev, const float* dm, int H) noexcept nogil
-        void (*gate_grads_f64)(double* dz, double* dc, const double* z, const double* tc,
-                               const double* cprev, const double* dm, int H) noexcept nogil
-    cy_cell_fns cy_cell_select(int level)
-
-cdef extern from "_rgemm.h" nogil:
-    ctypedef void (*cy_gemm_packed_fn)(int, int, int, const float*, int, const float*,
-                                       float*, int) noexcept nogil
-    size_t cy_packed_size(int K, int N)
-    void cy_pack_f32(float* packed, const float* w, int K, int N, int ldw, int trans)
-    cy_gemm_packed_fn cy_rgemm_select(int level)
+from cylstm._kernels cimport (cy_act_f32, cy_act_select, cy_sigmoid_add_f64,
+                              cy_tanh_add_f64, cy_cell_fns, cy_cell_select,
+                              cy_gemm_packed_fn, cy_packed_size, cy_pack_f32,
+                              cy_rgemm_select)
 
 cdef cy_act_f32 _act
 cdef cy_cell_fns _cell

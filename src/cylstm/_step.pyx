@@ -23,26 +23,9 @@ from cylstm._parallel cimport (MIN_PARALLEL_MACS, blas_single_enter, blas_single
                                fallback_pin, note_team, split, team)
 
 
-cdef extern from "_activations.h" nogil:
-    ctypedef struct cy_act_f32:
-        void (*sigmoid_add)(float* z, const float* hz, int n) noexcept nogil
-        void (*tanh_add)(float* z, const float* hz, int n) noexcept nogil
-    cy_act_f32 cy_act_select(int level)
-    void cy_sigmoid_add_f64(double* z, const double* hz, int n)
-    void cy_tanh_add_f64(double* z, const double* hz, int n)
-
-cdef extern from "_cell.h" nogil:
-    ctypedef struct cy_cell_fns:
-        void (*cell_f32)(float* c, float* m, float* tc, const float* z, int H,
-                         int gs) noexcept nogil
-        void (*cell_f64)(double* c, double* m, double* tc, const double* z, int H,
-                         int gs) noexcept nogil
-    cy_cell_fns cy_cell_select(int level)
-
-cdef extern from "_rgemm.h" nogil:
-    ctypedef void (*cy_dot_rows_fn)(int, int, int, const float*, int, const float*, int,
-                                    float*, int) noexcept nogil
-    cy_dot_rows_fn cy_dot_select(int level)
+from cylstm._kernels cimport (cy_act_f32, cy_act_select, cy_sigmoid_add_f64,
+                              cy_tanh_add_f64, cy_cell_fns, cy_cell_select,
+                              cy_dot_rows_fn, cy_dot_select)
 
 cdef cy_act_f32 _act
 cdef cy_cell_fns _cell
