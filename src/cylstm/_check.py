@@ -45,14 +45,24 @@ def probability(p, name):
     return float(p)
 
 
-def as_array(x, name):
+def as_array(x, name, what="an array"):
     """x as an ndarray (no copy when it is one); a TypeError naming x when it cannot be."""
     if isinstance(x, np.ndarray):
         return x
     try:
         return np.asarray(x)
     except Exception as e:
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}: {e}") from None
+        raise TypeError(f"{name} must be {what}, got {type(x).__name__}: {e}") from None
+
+
+def real_array(x, name):
+    """x as an ndarray of real numbers (floats, or ints/bools the caller converts);
+    complex, object and string arrays are a TypeError naming x."""
+    x = as_array(x, name)
+    if x.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must hold real numbers (float32/float64, or ints/bools to "
+                        f"convert), got dtype {x.dtype}")
+    return x
 
 
 def to_numpy(value, key):

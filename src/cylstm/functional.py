@@ -29,6 +29,7 @@ import numpy as np
 
 from . import _lstm
 from ._check import FLOATS as _FLOATS
+from ._check import real_array
 from ._check import shape_str as _shape
 from ._threads import N_PARTS, PACK_MIN_STEPS, blas_single_threaded, get_num_threads
 
@@ -45,16 +46,7 @@ def _as_array(a, name, dtype, shape):
             and a.flags.c_contiguous
             and all(exp is None or got == exp for got, exp in zip(a.shape, shape))):
         return a                    # the common case, checked without building messages
-    if not isinstance(a, np.ndarray):
-        try:
-            a = np.asarray(a)
-        except Exception as e:
-            raise TypeError(f"{name} must be an array, got {type(a).__name__}: {e}") from None
-    if a.dtype.kind not in "biuf":
-        raise TypeError(
-            f"{name} must hold real numbers (float32/float64, or ints/bools to convert), "
-            f"got dtype {a.dtype}"
-        )
+    a = real_array(a, name)
     want = "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
     if a.ndim != len(shape):
         raise ValueError(f"{name} must have shape {want} ({len(shape)}-D), got {_shape(a)}")

@@ -12,7 +12,7 @@ from . import _step
 from . import functional as F
 from ._check import float_dtype as _dtype
 from ._check import positive_int as _positive_int
-from ._check import probability, shape_str
+from ._check import probability, real_array, shape_str
 from .base import Features, Layer, Parametrised
 from ._threads import N_PARTS, get_num_threads, threads
 
@@ -361,14 +361,7 @@ class LSTM(Parametrised):
 
     def forward(self, x, state=None, lengths=None):
         """Run the whole sequence. Returns (y, (h_n, c_n)); see the class docstring."""
-        if not isinstance(x, np.ndarray):
-            try:
-                x = np.asarray(x)
-            except Exception as e:
-                raise TypeError(f"x must be an array, got {type(x).__name__}: {e}") from None
-        if x.dtype.kind not in "biuf":
-            raise TypeError(f"x must hold real numbers (float32/float64, or ints/bools to "
-                            f"convert), got dtype {x.dtype}")
+        x = real_array(x, "x")
         unbatched = x.ndim == 2
         passed = shape_str(x)                 # every message names the shape as passed
         want = "(B, T, I)" if self.batch_first else "(T, B, I)"
@@ -611,13 +604,7 @@ class LSTMState:
 
 def _features(x, name, dtype, size):
     """x as a C-contiguous ``dtype`` array of shape (..., size), at least 1-D."""
-    if not isinstance(x, np.ndarray):
-        try:
-            x = np.asarray(x)
-        except Exception as e:
-            raise TypeError(f"{name} must be an array, got {type(x).__name__}: {e}") from None
-    if x.dtype.kind not in "biuf":
-        raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+    x = real_array(x, name)
     if x.ndim < 1 or x.shape[-1] != size:
         raise ValueError(f"{name} must have shape (..., {size}), got {shape_str(x)}")
     return np.ascontiguousarray(x, dtype=dtype)
