@@ -98,7 +98,7 @@ def _register_blas_set_local(size_t address):
     _blas_set_local = <_set_local_fn> address
 
 
-cdef inline int _blas_single_enter() noexcept nogil:
+cdef int _blas_single_enter() noexcept nogil:
     global _pin_count, _pin_saved
     if _blas_set_local == NULL:
         return 0
@@ -110,7 +110,7 @@ cdef inline int _blas_single_enter() noexcept nogil:
     return 0
 
 
-cdef inline void _blas_single_exit(int previous) noexcept nogil:
+cdef void _blas_single_exit(int previous) noexcept nogil:
     global _pin_count
     if _blas_set_local == NULL:
         return
