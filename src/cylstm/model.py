@@ -516,7 +516,10 @@ class Sequential(Parametrised):
                 f"the gradient norm became {norm} at step {self.optimizer.step_count + 1} "
                 f"(loss {loss:.4g}); training stopped and the model keeps the weights of "
                 f"the last good step (lower the learning rate or set clip_norm)")
-        self.optimizer.step()
+        if self.optimizer.grads is self.flat_grads:         # clipping needs no second pass
+            self.optimizer._step_with_norm(norm)
+        else:
+            self.optimizer.step()
         return StepResult(logs["loss"], logs["count"], correct, abs_err, finals)
 
     def eval_step(self, x, y, lengths=None, states=None):
