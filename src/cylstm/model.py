@@ -23,9 +23,11 @@ transposes around it). All parameters live in one arena (``flat_params``,
 ``flat_grads``), named "<layer index>.<parameter>" as torch.nn.Sequential names them.
 """
 
+import functools
 import math
 import numbers
 import sys
+import threading
 import time
 from typing import NamedTuple
 
@@ -36,6 +38,7 @@ from . import io as _io
 from . import losses as _losses
 from . import optim as _optim
 from ._check import positive_int as _positive_int
+from ._threads import _scipy_blas_libraries
 from .base import Layer, Parametrised, arena, registered
 from .callbacks import Callback
 from .layers import _ragged_order
@@ -71,6 +74,72 @@ def pad_sequences(seqs, dtype=None, name="x"):
     for n, a in enumerate(arrays):
         out[n, :a.shape[0]] = a
     return out, lengths
+
+
+class _OtherBlasHold:
+    """``with other_blas_single_threaded:`` holds every BLAS other than the kernels' own
+    (NumPy's OpenBLAS, ...) to one thread for the duration of a fit, evaluate, predict or
+    sample call, and restores it after.
+
+    Why: cylstm's steps run on its one OpenMP team, but user code between them
+    (callbacks, metrics, data preparation) may call NumPy's BLAS, whose thread pool keeps
+    spinning after each call while the team wants the same cores. The kernels' own BLAS
+    (scipy's) is left to their thread-local pin (_lstm.pyx, "BLAS threads"), and a
+    library NumPy and scipy share is left alone, so the two never save and restore one
+    setting over each other. Reference counted under a lock: concurrent calls from
+    several Python threads limit once and restore once. While it holds, NumPy's BLAS
+    runs on one thread in every thread of the process. ``enabled = False`` turns it off
+    (bench/step_profile.py measures both).
+    """
+
+    enabled = True
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._count = 0
+        self._limiter = None
+        self._others = None          # threadpoolctl's selection, found once
+
+    def _select(self):
+        if self._others is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+                own = {lib["filepath"] for lib in _scipy_blas_libraries()}
+                ctl = ThreadpoolController()
+                paths = [lc.filepath for lc in ctl.lib_controllers
+                         if lc.user_api == "blas" and lc.filepath not in own]
+                self._others = ctl.select(filepath=paths) if paths else False
+            except Exception:        # threadpoolctl cannot inspect this BLAS: no hold
+                self._others = False
+        return self._others
+
+    def __enter__(self):
+        with self._lock:
+            if self._count == 0 and self.enabled:
+                others = self._select()
+                self._limiter = others.limit(limits=1) if others else None
+            self._count += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._count -= 1
+            if self._count == 0 and self._limiter is not None:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+        return False
+
+
+other_blas_single_threaded = _OtherBlasHold()
+
+
+def _holds_other_blas(fn):
+    """Run fn inside ``other_blas_single_threaded``."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with other_blas_single_threaded:
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 class History:
@@ -579,6 +648,7 @@ class Sequential(Parametrised):
         return self.fit_batches(epoch_batches, -(-N // batch_size), epochs, validate,
                                 callbacks, verbose)
 
+    @_holds_other_blas
     def fit_batches(self, epoch_batches, n_batches, epochs, validate=None, callbacks=None,
                     verbose=1, stateful=False):
         """The epoch loop behind ``fit`` and ``cylstm.text.fit_text``, for trainers of
@@ -645,6 +715,7 @@ class Sequential(Parametrised):
             stats.add(self.eval_step(*self._take(idx, x, y, lengths)))
         return stats
 
+    @_holds_other_blas
     def evaluate(self, x, y, batch_size=256, lengths=None):
         """The loss and metrics on (x, y), in eval mode: {"loss": ..., metric: ...}."""
         self._check_compiled()
@@ -653,6 +724,7 @@ class Sequential(Parametrised):
         return self._evaluate_arrays(x, y, lengths, _positive_int(batch_size, "batch_size")
                                      ).logs(self.metrics)
 
+    @_holds_other_blas
     def predict(self, x, batch_size=256, lengths=None):
         """The model's output for x, in eval mode (no caches kept), batch by batch:
         (N, ...) per sequence, or (N, T, ...) per step with zeros past each length."""
