@@ -57,8 +57,13 @@ from cylstm._openmp_helpers cimport CYLSTM_OPENMP
 # float32 took 4.7 ms vs 4.5 ms on one thread (2-core Xeon), bound by the ~16 MB it reads
 # and writes, so the build flags stay as they are. The 2-thread gain and this cut-off
 # were not measured (the machine was busy); the cut-off follows _lstm.pyx.
+# sumsq and scale (the gradient norm and clipping) read each element once: below
+# _MIN_PARALLEL_PASS they stay on one thread (356k float32: 0.11 ms on one, 0.05 on two),
+# since a cheap 2-thread region inside a training step can wait milliseconds for a
+# second thread the scheduler has not run yet on a busy machine.
 cdef enum:
     _MIN_PARALLEL = 1 << 15
+    _MIN_PARALLEL_PASS = 1 << 20
     _MAX_PARTS = 256
 
 
@@ -336,7 +341,8 @@ def sumsq(
     if N == 0:
         return 0.0
     with nogil:
-        for q in prange(parts, schedule="static", num_threads=_team(n_threads, parts, N)):
+        for q in prange(parts, schedule="static",
+                        num_threads=_team(n_threads, parts, N) if N >= _MIN_PARALLEL_PASS else 1):
             part_sums[q] = _sumsq_part(&x[0], _split(N, parts, q), _split(N, parts, q + 1))
         for q in range(parts):
             total = total + part_sums[q]
@@ -361,5 +367,6 @@ def scale(
     if N == 0:
         return
     with nogil:
-        for q in prange(parts, schedule="static", num_threads=_team(n_threads, parts, N)):
+        for q in prange(parts, schedule="static",
+                        num_threads=_team(n_threads, parts, N) if N >= _MIN_PARALLEL_PASS else 1):
             _scale_part(&x[0], <floating> factor, _split(N, parts, q), _split(N, parts, q + 1))
