@@ -475,7 +475,9 @@ def profile_fit(sz, n, log):
         return (c[3], c[1]) if c else (0.0, 0)
 
     opt = m.optimizer
-    step_fn = type(opt).step
+    # fit hands the norm it checked to the optimiser (_step_with_norm); a bare step()
+    # computes its own.
+    step_fn = getattr(type(opt), "_step_with_norm", type(opt).step)
     fit_ct, _ = ct(type(m).fit)
     inside = {
         "LSTM forward + backward": [ct(LSTM.forward), ct(LSTM.backward)],

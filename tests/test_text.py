@@ -199,3 +199,19 @@ def test_cli_train_saves_every_epoch_so_a_killed_run_keeps_the_last_one(tmp_path
             proc.kill()
     model = cylstm.load(tmp_path / "m.npz")  # whole and loadable
     assert model.metadata["epochs"] >= 1
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.7, 5), (2.0, None)])
+def test_next_id_draws_what_rng_choice_draws(temperature, top_k):
+    """sample's draw is rng.choice(V, p=softmax) without its checks: the same ids for
+    the same generator state."""
+    from cylstm.text import _next_id
+    for seed in range(300):
+        z = np.random.default_rng(seed).standard_normal(41).astype(np.float32) * 3
+        zz = z.astype(np.float64) / temperature
+        if top_k is not None:
+            zz = np.where(zz >= np.partition(zz, -top_k)[-top_k], zz, -np.inf)
+        p = np.exp(zz - zz.max())
+        p /= p.sum()
+        want = int(np.random.default_rng(seed + 7).choice(z.size, p=p))
+        assert _next_id(z, temperature, top_k, np.random.default_rng(seed + 7)) == want

@@ -43,5 +43,5 @@ def test_force_parallel_restores_the_scale_and_thresholds_are_named():
         _parallel.set_min_work_scale(-1)
     t = _parallel.thresholds()
     assert set(t) == {"MIN_PARALLEL_MACS", "MIN_PARALLEL_XENT", "MIN_PARALLEL_COPY",
-                      "MIN_PARALLEL_ELEMS", "PACK_MIN_STEPS"}
+                      "MIN_PARALLEL_ELEMS", "MIN_PARALLEL_PASS", "PACK_MIN_STEPS"}
     assert _threads.PACK_MIN_STEPS == t["PACK_MIN_STEPS"] == cylstm.functional.PACK_MIN_STEPS

@@ -1,9 +1,11 @@
-"""Compiled kernels for the losses and the embedding: softmax cross-entropy (forward and
-backward in one pass) and the embedding gather / scatter-add pair.
+"""Compiled kernels for the losses, the embedding and the linear layer: softmax
+cross-entropy (forward and backward in one pass), the embedding gather / scatter-add
+pair, and Linear's forward and backward.
 
 Dimension legend (used in every shape comment):
     N  rows (every leading position flattened: T*B for a sequence)
     C  classes (logit columns)        V  vocabulary rows      D  embedding features
+    I  Linear input features         O  Linear output features
     P  fixed work parts (n_parts: the machine's cores, never the thread count)
 Every array is C-contiguous. Outputs come first, then inputs, then sizes. The Python
 layer (cylstm/losses.py, cylstm/embedding.py) validates and allocates; the kernels here
@@ -30,6 +32,15 @@ Embedding:
                     time would not, with repeated indices), and from zero the result is
                     bitwise np.add.at's. Rows idx[n] == padding_idx add nothing.
 
+Linear, y = x W^T + b:
+    (6)  forward     y = x W^T + b                     (N, O) <- (N, I), W (O, I), b (O,)
+    (6') backward    dx = dy W;  dW += dy^T x;  db += S,  S_o = sum_n dy_no (float64)
+Every product is a single-threaded BLAS gemm inside cylstm's own OpenMP team (the pin
+of _lstm.pyx), so no BLAS thread pool runs beside the team. y and dx are cut into P
+fixed row blocks, one gemm each; dW and db into P fixed blocks of its O rows, each one
+gemm over all N rows (and the bias sums in row order): every element is computed by
+the same gemm call for any number of threads, so results are bitwise the same.
+
 Parallel structure and reproducibility. Cross-entropy and the gather split the rows
 into P fixed blocks; each row is independent, and the loss is summed in float64 per
 block, then the block sums in block order. The scatter-add splits the D feature columns
@@ -46,8 +57,10 @@ from libc.math cimport exp, log, isfinite
 from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memcpy, memset
 
+from cylstm._blas cimport gemm
 from cylstm._isa cimport on_level_change
-from cylstm._parallel cimport (MIN_PARALLEL_COPY, MIN_PARALLEL_XENT, note_team, split,
+from cylstm._parallel cimport (MIN_PARALLEL_COPY, MIN_PARALLEL_MACS, MIN_PARALLEL_XENT,
+                               blas_single_enter, blas_single_exit, note_team, split,
                                team)
 
 
@@ -498,3 +511,155 @@ def embedding_backward(
             note_team()
             _scatter_block(&dweight[0, 0], &dout[0, 0], &indices[0], &order[0], padding_idx,
                            N, D, _split_aligned(D, n_parts, p), _split_aligned(D, n_parts, p + 1))
+
+
+# ----------------------------------------------------------------------------------------
+# Linear
+# ----------------------------------------------------------------------------------------
+
+cdef void _linear_fwd_block(
+    floating* y,                # (N, O) OUT rows [r0, r1)                          (6)
+    const floating* x,          # (N, I)
+    const floating* w,          # (O, I)
+    const floating* bias,       # (O,) or NULL
+    Py_ssize_t r0, Py_ssize_t r1, int I, int O,
+) noexcept nogil:
+    cdef Py_ssize_t r, j
+    cdef floating beta = 0
+    if r1 <= r0:
+        return
+    if bias != NULL:
+        beta = 1
+        for r in range(r0, r1):
+            memcpy(y + r * O, bias, O * sizeof(floating))
+    gemm(False, True, <int> (r1 - r0), O, I, 1, x + r0 * I, I, w, I, beta, y + r0 * O, O)
+
+
+cdef void _linear_bwd_block(
+    floating* dx,               # (N, I) OUT rows [r0, r1), or NULL                 (6')
+    floating* dw,               # (O, I) INOUT rows [o0, o1), +=
+    floating* db,               # (O,) INOUT [o0, o1), +=, or NULL
+    double* acc,                # (O,) scratch [o0, o1)
+    const floating* dy,         # (N, O)
+    const floating* x,          # (N, I)
+    const floating* w,          # (O, I)
+    Py_ssize_t N, int I, int O,
+    Py_ssize_t r0, Py_ssize_t r1, int o0, int o1,
+) noexcept nogil:
+    cdef Py_ssize_t n
+    cdef int o
+    cdef const floating* row
+    if dx != NULL and r1 > r0:
+        gemm(False, False, <int> (r1 - r0), I, O, 1, dy + r0 * O, O, w, I, 0, dx + r0 * I, I)
+    if o1 <= o0:
+        return
+    gemm(True, False, o1 - o0, I, <int> N, 1, dy + o0, O, x, I, 1, dw + <Py_ssize_t> o0 * I, I)
+    if db != NULL:
+        for o in range(o0, o1):
+            acc[o] = 0
+        for n in range(N):
+            row = dy + n * O
+            for o in range(o0, o1):
+                acc[o] += <double> row[o]
+        for o in range(o0, o1):
+            db[o] = db[o] + <floating> acc[o]
+
+
+cdef inline int _linear_sizes(Py_ssize_t N, Py_ssize_t I, Py_ssize_t O, int n_parts,
+                              int n_threads) except -1:
+    if I > 2147483647 or O > 2147483647 or N > 2147483647:
+        raise ValueError(f"linear: sizes must be below 2**31, got N={N}, I={I}, O={O}")
+    if n_parts < 1 or n_threads < 1:
+        raise ValueError("linear: n_parts and n_threads must be >= 1")
+    return 0
+
+
+def linear_forward(
+    *,
+    floating[:, ::1] out,               # (N, O) OUT y = x W^T + b                  (6)
+    const floating[:, ::1] x,           # (N, I)
+    const floating[:, ::1] weight,      # (O, I)
+    const floating[::1] bias,           # (O,) or None
+    int n_parts,
+    int n_threads,
+):
+    """y = x W^T + b, row blocks of x in parallel (see the module docstring)."""
+    cdef Py_ssize_t N = x.shape[0], I = x.shape[1], O = weight.shape[0]
+    cdef const floating* b_p = NULL
+    cdef int p
+    if weight.shape[1] != I or out.shape[0] != N or out.shape[1] != O \
+            or (bias is not None and bias.shape[0] != O):
+        raise ValueError(f"linear_forward: x ({N}, {I}), weight ({O}, {weight.shape[1]}), "
+                         f"out ({out.shape[0]}, {out.shape[1]}) and bias do not match")
+    _linear_sizes(N, I, O, n_parts, n_threads)
+    if N == 0 or O == 0:
+        return
+    if bias is not None:
+        b_p = &bias[0]
+    if I == 0:
+        for p in range(N):
+            if b_p != NULL:
+                memcpy(&out[p, 0], b_p, O * sizeof(floating))
+            else:
+                memset(&out[p, 0], 0, O * sizeof(floating))
+        return
+    with nogil:
+        for p in prange(n_parts, schedule="static",
+                        num_threads=team(n_threads, n_parts, <double> N * I * O,
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            blas_single_enter()
+            _linear_fwd_block(&out[0, 0], &x[0, 0], &weight[0, 0], b_p,
+                              split(N, n_parts, p), split(N, n_parts, p + 1),
+                              <int> I, <int> O)
+            blas_single_exit()
+
+
+def linear_backward(
+    *,
+    floating[:, ::1] dx,                # (N, I) OUT dy W, or None                  (6')
+    floating[:, ::1] dweight,           # (O, I) INOUT += dy^T x
+    floating[::1] dbias,                # (O,) INOUT += column sums of dy, or None
+    double[::1] scratch,                # (O,) float64 scratch for the bias sums
+    const floating[:, ::1] dy,          # (N, O)
+    const floating[:, ::1] x,           # (N, I) the forward's input
+    const floating[:, ::1] weight,      # (O, I)
+    int n_parts,
+    int n_threads,
+):
+    """dx = dy W; dW += dy^T x; db += sum_n dy_n (see the module docstring)."""
+    cdef Py_ssize_t N = x.shape[0], I = x.shape[1], O = weight.shape[0]
+    cdef floating* dx_p = NULL
+    cdef floating* db_p = NULL
+    cdef int p
+    if weight.shape[1] != I or dy.shape[0] != N or dy.shape[1] != O \
+            or dweight.shape[0] != O or dweight.shape[1] != I \
+            or (dx is not None and (dx.shape[0] != N or dx.shape[1] != I)) \
+            or (dbias is not None and dbias.shape[0] != O) or scratch.shape[0] < O:
+        raise ValueError(f"linear_backward: dy ({dy.shape[0]}, {dy.shape[1]}), x ({N}, {I}), "
+                         f"weight ({O}, {weight.shape[1]}) and the outputs do not match")
+    _linear_sizes(N, I, O, n_parts, n_threads)
+    if dx is not None and N and I:
+        dx_p = &dx[0, 0]
+        if O == 0:
+            memset(dx_p, 0, N * I * sizeof(floating))
+            dx_p = NULL
+    if dbias is not None and O:
+        db_p = &dbias[0]
+    if N == 0 or O == 0 or (I == 0 and db_p == NULL):
+        return
+    if I == 0:                          # only the bias sums have work
+        _linear_bwd_block(<floating*> NULL, <floating*> NULL, db_p, &scratch[0], &dy[0, 0], NULL, NULL,
+                                    N, 0, <int> O, 0, 0, 0, <int> O)
+        return
+    with nogil:
+        for p in prange(n_parts, schedule="static",
+                        num_threads=team(n_threads, n_parts, <double> N * I * O * 2,
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            blas_single_enter()
+            _linear_bwd_block(dx_p, &dweight[0, 0], db_p, &scratch[0], &dy[0, 0], &x[0, 0],
+                              &weight[0, 0], N, <int> I, <int> O,
+                              split(N, n_parts, p), split(N, n_parts, p + 1),
+                              <int> split(O, n_parts, p), <int> split(O, n_parts, p + 1))
+            blas_single_exit()

@@ -44,7 +44,8 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
-from cylstm._parallel cimport MIN_PARALLEL_ELEMS, note_team, split, team
+from cylstm._parallel cimport (MIN_PARALLEL_ELEMS, MIN_PARALLEL_PASS, note_team, split,
+                               team)
 
 
 # The SGD and scale loops vectorise; the Adam and RMSprop loops do not (without
@@ -63,6 +64,10 @@ cdef inline int _parts(int n_parts) noexcept nogil:
 
 cdef inline int _team(int n_threads, int parts, Py_ssize_t n) noexcept nogil:
     return team(n_threads, parts, <double> n, MIN_PARALLEL_ELEMS)
+
+
+cdef inline int _pass_team(int n_threads, int parts, Py_ssize_t n) noexcept nogil:
+    return team(n_threads, parts, <double> n, MIN_PARALLEL_PASS)
 
 
 cdef inline void _check(bint ok, str what) except *:
@@ -321,7 +326,7 @@ def sumsq(
     if N == 0:
         return 0.0
     with nogil:
-        for q in prange(parts, schedule="static", num_threads=_team(n_threads, parts, N)):
+        for q in prange(parts, schedule="static", num_threads=_pass_team(n_threads, parts, N)):
             note_team()
             part_sums[q] = _sumsq_part(&x[0], split(N, parts, q), split(N, parts, q + 1))
         for q in range(parts):
@@ -347,6 +352,6 @@ def scale(
     if N == 0:
         return
     with nogil:
-        for q in prange(parts, schedule="static", num_threads=_team(n_threads, parts, N)):
+        for q in prange(parts, schedule="static", num_threads=_pass_team(n_threads, parts, N)):
             note_team()
             _scale_part(&x[0], <floating> factor, split(N, parts, q), split(N, parts, q + 1))

@@ -34,14 +34,20 @@ cdef extern from *:
 cdef enum:
     # LSTM sequence and step: multiply-adds of the GEMMs of one region.
     MIN_PARALLEL_MACS = 1 << 20
-    # Softmax cross-entropy: logits (an exp, a max and a scale each).
-    MIN_PARALLEL_XENT = 1 << 14
-    # Embedding gather / scatter-add: elements copied (a load and a store each).
-    MIN_PARALLEL_COPY = 1 << 16
-    # Optimiser updates, norm and scale: arena elements. Not measured on an idle
-    # machine; set between the copy and the cross-entropy cut-offs, as an update does
-    # a few flops per element.
+    # Softmax cross-entropy: logits (an exp, a max and a scale each). Inside a training
+    # step a cheap 2-thread region can wait milliseconds for a second thread the
+    # scheduler has not run yet on a busy machine, while it saves ~0.1 ms on (3200, 81)
+    # logits; so it starts at larger sizes than a standalone call would pick.
+    MIN_PARALLEL_XENT = 1 << 19
+    # Embedding gather / scatter-add: elements copied (a load and a store each); same
+    # reasoning as the cross-entropy.
+    MIN_PARALLEL_COPY = 1 << 20
+    # Optimiser updates: arena elements. Not measured on an idle machine; set between
+    # the copy and the cross-entropy cut-offs, as an update does a few flops per element.
     MIN_PARALLEL_ELEMS = 1 << 15
+    # One read of each element (the gradient norm, the clipping scale): 356k float32
+    # take 0.11 ms on one thread, so a team pays only for far larger arenas.
+    MIN_PARALLEL_PASS = 1 << 20
     # Fewest time steps for which a float32 sequence call packs its recurrent weights
     # for the per-step kernel (_rgemm.h): packing copies the whole weight once, and
     # below this BLAS is cheaper (a streaming step, T = 1, at B = 1, H = 256: 183 us

@@ -249,3 +249,62 @@ BLAS_THREAD_LOCAL = _parallel.blas_set_local_registered()
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ---- NumPy's BLAS: one thread while cylstm trains or infers ------------------------------
+
+class _OtherBlasHold:
+    """``with other_blas_single_threaded:`` holds every BLAS other than the kernels' own
+    (NumPy's OpenBLAS, ...) to one thread for the duration of a fit, evaluate, predict or
+    sample call, and restores it after.
+
+    Why: cylstm's steps run on its one OpenMP team, but user code between them
+    (callbacks, metrics, data preparation) may call NumPy's BLAS, whose thread pool keeps
+    spinning after each call while the team wants the same cores. The kernels' own BLAS
+    (scipy's) is left to their thread-local pin (_parallel.pyx), and a
+    library NumPy and scipy share is left alone, so the two never save and restore one
+    setting over each other. Reference counted under a lock: concurrent calls from
+    several Python threads limit once and restore once. While it holds, NumPy's BLAS
+    runs on one thread in every thread of the process. ``enabled = False`` turns it off
+    (bench/step_profile.py measures both).
+    """
+
+    enabled = True
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._count = 0
+        self._limiter = None
+        self._others = None          # threadpoolctl's selection, found once
+
+    def _select(self):
+        if self._others is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+                own = {lib["filepath"] for lib in _scipy_blas_libraries()}
+                ctl = ThreadpoolController()
+                paths = [lc.filepath for lc in ctl.lib_controllers
+                         if lc.user_api == "blas" and lc.filepath not in own]
+                self._others = ctl.select(filepath=paths) if paths else False
+            except Exception:        # threadpoolctl cannot inspect this BLAS: no hold
+                self._others = False
+        return self._others
+
+    def __enter__(self):
+        with self._lock:
+            if self._count == 0 and self.enabled:
+                others = self._select()
+                self._limiter = others.limit(limits=1) if others else None
+            self._count += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._count -= 1
+            if self._count == 0 and self._limiter is not None:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+        return False
+
+
+other_blas_single_threaded = _OtherBlasHold()

@@ -8,13 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import _step
+from . import _ops, _step
 from . import functional as F
 from ._check import float_dtype as _dtype
 from ._check import positive_int as _positive_int
 from ._check import probability, real_array, shape_str
 from .base import Features, Layer, Parametrised
-from ._threads import N_PARTS, get_num_threads, threads
+from ._threads import N_PARTS, blas_single_threaded, get_num_threads, threads
 
 __all__ = ["LSTM", "LSTMState", "Linear", "Dropout", "LastStep"]
 
@@ -616,7 +616,8 @@ class Linear(Parametrised):
     ``params``/``grads``: {"weight" (out, in), "bias" (out,)} views into the arenas
     ``flat_params``/``flat_grads``. Initialised as PyTorch does: weight and bias uniform
     in [-1/sqrt(in), 1/sqrt(in)], from ``seed``. ``backward(dy)`` accumulates into
-    ``grads`` and returns dx; the products run in BLAS over all leading axes at once.
+    ``grads`` and returns dx; the products run in cylstm's compiled kernels over all leading
+    axes at once.
     """
 
     def __init__(self, in_features, out_features, bias=True, dtype="float32", seed=None):
@@ -672,9 +673,13 @@ class Linear(Parametrised):
         """x (..., in) -> y (..., out)."""
         x = _features(x, "x", self.dtype, self.in_features)
         x2 = x.reshape(-1, self.in_features)
-        y = x2 @ self.params["weight"].T
-        if self.bias:
-            y += self.params["bias"]
+        y = np.empty((x2.shape[0], self.out_features), self.dtype)
+        # cylstm's kernel, not NumPy's matmul: NumPy's own BLAS threads would compete
+        # with cylstm's OpenMP team for the same cores (see _ops.pyx, Linear)
+        with blas_single_threaded:
+            _ops.linear_forward(out=y, x=x2, weight=self.params["weight"],
+                                bias=self.params["bias"] if self.bias else None,
+                                n_parts=N_PARTS, n_threads=get_num_threads())
         self._x = x2 if self.training else None
         self._lead = x.shape[:-1]
         return y.reshape(x.shape[:-1] + (self.out_features,))
@@ -689,10 +694,14 @@ class Linear(Parametrised):
             raise ValueError(f"dy must have shape {want} (the forward output's), "
                              f"got {shape_str(dy)}")
         dy2 = dy.reshape(-1, self.out_features)
-        self.grads["weight"] += dy2.T @ self._x
-        if self.bias:
-            self.grads["bias"] += dy2.sum(axis=0)
-        return (dy2 @ self.params["weight"]).reshape(self._lead + (self.in_features,))
+        dx = np.empty((dy2.shape[0], self.in_features), self.dtype)
+        with blas_single_threaded:
+            _ops.linear_backward(dx=dx, dweight=self.grads["weight"],
+                                 dbias=self.grads["bias"] if self.bias else None,
+                                 scratch=np.empty(self.out_features), dy=dy2, x=self._x,
+                                 weight=self.params["weight"], n_parts=N_PARTS,
+                                 n_threads=get_num_threads())
+        return dx.reshape(self._lead + (self.in_features,))
 
     def __repr__(self):
         return (f"Linear({self.in_features}, {self.out_features}"

@@ -23,6 +23,7 @@ transposes around it). All parameters live in one arena (``flat_params``,
 ``flat_grads``), named "<layer index>.<parameter>" as torch.nn.Sequential names them.
 """
 
+import functools
 import math
 import numbers
 import sys
@@ -36,6 +37,7 @@ from . import io as _io
 from . import losses as _losses
 from . import optim as _optim
 from ._check import positive_int as _positive_int
+from ._threads import other_blas_single_threaded
 from .base import Layer, Parametrised, arena, registered
 from .callbacks import Callback
 from .layers import _ragged_order
@@ -71,6 +73,15 @@ def pad_sequences(seqs, dtype=None, name="x"):
     for n, a in enumerate(arrays):
         out[n, :a.shape[0]] = a
     return out, lengths
+
+
+def _holds_other_blas(fn):
+    """Run fn inside ``other_blas_single_threaded``."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with other_blas_single_threaded:
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 class History:
@@ -532,7 +543,10 @@ class Sequential(Parametrised):
                 f"the gradient norm became {norm} at step {self.optimizer.step_count + 1} "
                 f"(loss {loss:.4g}); training stopped and the model keeps the weights of "
                 f"the last good step (lower the learning rate or set clip_norm)")
-        self.optimizer.step()
+        if self.optimizer.grads is self.flat_grads:         # clipping needs no second pass
+            self.optimizer._step_with_norm(norm)
+        else:
+            self.optimizer.step()
         return StepResult(logs["loss"], logs["count"], logs["correct"], logs["abs_err"],
                           finals)
 
@@ -610,6 +624,7 @@ class Sequential(Parametrised):
         return self.fit_batches(epoch_batches, -(-N // batch_size), epochs, validate,
                                 callbacks, verbose, initial_epoch=initial_epoch)
 
+    @_holds_other_blas
     def fit_batches(self, epoch_batches, n_batches, epochs, validate=None, callbacks=None,
                     verbose=1, stateful=False, initial_epoch=0):
         """The epoch loop behind ``fit`` and ``cylstm.text.fit_text``, for trainers of
@@ -697,6 +712,7 @@ class Sequential(Parametrised):
             stats.add(self.eval_step(*self._take(idx, x, y, lengths)))
         return stats
 
+    @_holds_other_blas
     def evaluate(self, x, y, batch_size=256, lengths=None):
         """The loss and metrics on (x, y), in eval mode: {"loss": ..., metric: ...}."""
         self._check_compiled()
@@ -705,6 +721,7 @@ class Sequential(Parametrised):
         return self._evaluate_arrays(x, y, lengths, _positive_int(batch_size, "batch_size")
                                      ).logs(self.metrics)
 
+    @_holds_other_blas
     def predict(self, x, batch_size=256, lengths=None):
         """The model's output for x, in eval mode (no caches kept), batch by batch:
         (N, ...) per sequence, or (N, T, ...) per step with zeros past each length."""

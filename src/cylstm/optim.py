@@ -119,8 +119,10 @@ def _norm(flat):
     return math.sqrt(_optim.sumsq(flat, N_PARTS, get_num_threads()))
 
 
-def _clip_flat(flat, max_norm):
-    norm = _norm(flat)
+def _clip_flat(flat, max_norm, norm=None):
+    """Clip in place; ``norm``: flat's norm if the caller has it already (one pass fewer)."""
+    if norm is None:
+        norm = _norm(flat)
     if math.isfinite(norm):
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
@@ -287,9 +289,15 @@ class Optimizer:
         A non-finite norm leaves the gradients unscaled, and the update then carries the
         NaN/Inf into params: call clip_grad_norm yourself first to skip such steps.
         """
-        norm = None
+        return self._step_with_norm(None)
+
+    def _step_with_norm(self, norm):
+        """``step()`` for a caller that has just computed the norm of the gradients as
+        they are (Sequential.train_step checks it is finite): clipping reuses it."""
         if self._hyper["clip_norm"] is not None:
-            norm = _clip_flat(self._grads, self._hyper["clip_norm"])
+            norm = _clip_flat(self._grads, self._hyper["clip_norm"], norm)
+        else:
+            norm = None
         self._step += 1
         self._update(N_PARTS, get_num_threads())
         return norm

@@ -23,6 +23,7 @@ import numpy as np
 from ._check import positive_int as _positive_int
 from .embedding import Embedding
 from .layers import LSTM, Linear
+from ._threads import other_blas_single_threaded
 from .model import Sequential, Stats
 
 __all__ = ["CharVocab", "default_text", "char_model", "stream_batches", "fit_text",
@@ -198,7 +199,11 @@ def _next_id(logits, temperature, top_k, rng):
         z = np.where(z >= cut, z, -np.inf)
     p = np.exp(z - z.max())
     p /= p.sum()
-    return int(rng.choice(z.size, p=p))
+    # What rng.choice(z.size, p=p) computes, draw for draw, without its checks of p
+    # (a third of the time of a step): the same one uniform number against the same cdf.
+    cdf = np.cumsum(p)
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(rng.random(), side="right"))
 
 
 def sample(model, vocab, prime="", length=200, temperature=1.0, top_k=None, seed=None):
@@ -221,15 +226,16 @@ def sample(model, vocab, prime="", length=200, temperature=1.0, top_k=None, seed
     if not prime:
         prime = "\n" if "\n" in vocab.chars else vocab.chars[0]
     ids = vocab.encode(prime)
-    states = model.initial_state(1)
-    tok = np.empty(1, np.int64)
-    for i in ids[:-1]:
-        tok[0] = i
-        model.step(tok, states)
-    out, last = [], int(ids[-1])
-    for _ in range(length):
-        tok[0] = last
-        logits = model.step(tok, states)[0]
-        last = _next_id(logits, temperature, top_k, rng)
-        out.append(last)
+    with other_blas_single_threaded:
+        states = model.initial_state(1)
+        tok = np.empty(1, np.int64)
+        for i in ids[:-1]:
+            tok[0] = i
+            model.step(tok, states)
+        out, last = [], int(ids[-1])
+        for _ in range(length):
+            tok[0] = last
+            logits = model.step(tok, states)[0]
+            last = _next_id(logits, temperature, top_k, rng)
+            out.append(last)
     return vocab.decode(np.array(out, np.int64))
