@@ -363,11 +363,11 @@ class LSTM(Parametrised):
         """Run the whole sequence. Returns (y, (h_n, c_n)); see the class docstring."""
         x = real_array(x, "x")
         unbatched = x.ndim == 2
-        passed = shape_str(x)                 # every message names the shape as passed
+        passed = x.shape                      # every message names the shape as passed
         want = "(B, T, I)" if self.batch_first else "(T, B, I)"
         if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
             raise ValueError(f"x must have shape {want} or unbatched (T, I) with "
-                             f"I = input_size = {self.input_size}, got {passed}")
+                             f"I = input_size = {self.input_size}, got {shape_str(passed)}")
         if unbatched:
             x = x[:, None, :]
             if lengths is not None:
@@ -377,7 +377,8 @@ class LSTM(Parametrised):
         xt = F._as_array(x, "x", self.dtype, (None, None, self.input_size))
         T, B, _ = xt.shape
         if T < 1 or B < 1:
-            raise ValueError(f"x must have at least one step and one sequence, got {passed}")
+            raise ValueError(f"x must have at least one step and one sequence, got "
+                             f"{shape_str(passed)}")
         if self.training and np.may_share_memory(xt, x):
             xt = xt.copy()   # the cache keeps x: never alias the caller's array
         lengths = F._lengths(lengths, T, B)
