@@ -121,6 +121,9 @@ class Layer:
     def eval(self):
         return self.train(False)
 
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
     def get_config(self):
         return {}
 

@@ -153,9 +153,6 @@ class Embedding(Parametrised):
             flat = indices.astype(np.int64).reshape(-1)
         return flat, shape
 
-    def __call__(self, indices):
-        return self.forward(indices)
-
     def forward(self, indices):
         """out[..., :] = weight[indices[...], :]: integers (...) in 0..V-1 -> (..., D).
         Keeps a copy of the indices for backward."""

@@ -659,16 +659,9 @@ class Linear(Parametrised):
         return Features(self.out_features, 0, True if spec is None else spec.per_step)
 
     def train(self, mode=True):
-        self.training = bool(mode)
-        if not self.training:
-            self._x = None
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def __call__(self, x):
-        return self.forward(x)
+        if not mode:
+            self._x = None                # eval keeps no input for a backward
+        return super().train(mode)
 
     def forward(self, x):
         """x (..., in) -> y (..., out)."""
@@ -727,15 +720,8 @@ class Dropout(Layer):
         self._rng = rng
 
     def train(self, mode=True):
-        self.training = bool(mode)
         self._mask = None
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def __call__(self, x):
-        return self.forward(x)
+        return super().train(mode)
 
     def forward(self, x):
         x = np.asarray(x)
