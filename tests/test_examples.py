@@ -69,18 +69,20 @@ def test_char_lm_example_reports_bits_per_character_per_epoch():
     assert out.splitlines()[-1].startswith("The ") or "The " in out
 
 
-def test_char_lm_example_stops_cleanly_on_ctrl_c():
+def _ctrl_c(name, args, ready):
+    """Run an example, press Ctrl-C once it prints a line ``ready(line)`` accepts, and
+    return its stdout; it must exit 0 with no traceback."""
     import signal
-    import time
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(cylstm.__file__)))
-    proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "examples", "char_lm.py"),
-                             "--epochs", "50", "--max-chars", "20000", "--hidden-size", "64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "examples", name),
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
     try:
-        # Wait for the first epoch's line (training is under way), then press Ctrl-C.
-        first = proc.stdout.readline()
-        assert first.startswith("Epoch 1/50"), first
-        time.sleep(0.2)
+        while True:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()          # ended before it was ready
+            if ready(line):
+                break
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -88,6 +90,14 @@ def test_char_lm_example_stops_cleanly_on_ctrl_c():
             proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err, err
+    return out
+
+
+def test_char_lm_example_stops_cleanly_on_ctrl_c():
+    # Ctrl-C once the first epoch's line shows (training under way in epoch 2).
+    out = _ctrl_c("char_lm.py", ["--epochs", "50", "--max-chars", "20000",
+                                 "--hidden-size", "64"],
+                  lambda line: line.startswith("Epoch 1/50"))
     assert "interrupted" in out and "\nThe " in out.split("interrupted")[1]
 
 
@@ -106,26 +116,8 @@ def test_regularisation_example_generalises_better_with_recurrent_dropout():
 
 def test_regularisation_example_stops_cleanly_on_ctrl_c():
     _needs("sklearn")
-    import signal
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(cylstm.__file__)))
-    proc = subprocess.Popen([sys.executable, "-u",
-                             os.path.join(ROOT, "examples", "regularisation.py"),
-                             "--seeds", "3"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        # Wait for seed 0's first model to finish (its summary line), so that one run is
-        # complete and the next is under way, then press Ctrl-C.
-        while True:
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()
-            if "best val loss" in line:
-                break
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err, err
+    # Ctrl-C once seed 0's first model has finished (its summary line), so that one run
+    # is complete and the next is under way.
+    out = _ctrl_c("regularisation.py", ["--seeds", "3"], lambda line: "best val loss" in line)
     # the finished run is in the table, and the comparison is not claimed without a pair
     assert "interrupted" in out and re.search(r"^\s*0\s+none\s+\d+", out, re.M), out

@@ -10,7 +10,7 @@ import cylstm
 from cylstm import _ops
 from cylstm._threads import N_PARTS
 
-from conftest import assert_close
+from conftest import assert_close, check_in_place_finite_differences
 
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
@@ -72,30 +72,13 @@ def test_linear_accumulates_and_keeps_leading_axes():
 def test_linear_finite_differences():
     lin, x, dy = _problem(5, 4, 3, np.float64, seed=3)
     _, dx, grads = _fwd_bwd(lin, x, dy)
-    eps = 1e-6
 
     def loss():
         lin.eval()
         return float((lin.forward(x) * dy).sum())
 
-    num = np.empty_like(grads)
-    for k in range(lin.flat_params.size):
-        keep = lin.flat_params[k]
-        lin.flat_params[k] = keep + eps
-        up = loss()
-        lin.flat_params[k] = keep - eps
-        num[k] = (up - loss()) / (2 * eps)
-        lin.flat_params[k] = keep
-    assert_close(grads, num, 1e-8, "dW, db")
-    numx = np.empty_like(x)
-    for idx in np.ndindex(*x.shape):
-        keep = x[idx]
-        x[idx] = keep + eps
-        up = loss()
-        x[idx] = keep - eps
-        numx[idx] = (up - loss()) / (2 * eps)
-        x[idx] = keep
-    assert_close(dx, numx, 1e-8, "dx")
+    check_in_place_finite_differences(loss, {"params": lin.flat_params, "x": x},
+                                      {"params": grads, "x": dx})
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -23,7 +23,7 @@ from . import _ops
 from ._threads import N_PARTS, get_num_threads
 from ._check import FLOATS as _FLOATS
 from ._check import positive_int as _positive_int
-from ._check import float_dtype, shape_str as _shape
+from ._check import as_array, float_dtype, shape_str as _shape
 from .base import Features, Parametrised
 
 __all__ = ["Embedding"]
@@ -134,12 +134,7 @@ class Embedding(Parametrised):
 
     def _check_indices(self, indices):
         """indices as a flat int32/int64 C-contiguous copy, and their shape."""
-        if not isinstance(indices, np.ndarray):
-            try:
-                indices = np.asarray(indices)
-            except Exception as e:
-                raise TypeError(f"indices must be an array of integers, got "
-                                f"{type(indices).__name__}: {e}") from None
+        indices = as_array(indices, "indices", "an array of integers")
         if indices.dtype.kind not in "iu":
             raise TypeError(f"indices must hold integers, got dtype {indices.dtype}")
         shape = indices.shape

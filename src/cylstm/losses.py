@@ -27,6 +27,7 @@ import numpy as np
 
 from . import _ops
 from ._check import FLOATS as _FLOATS
+from ._check import as_array
 from ._check import shape_str as _shape
 from ._threads import N_PARTS, get_num_threads
 
@@ -61,12 +62,7 @@ def _float_array(a, name):
 def _int_array(a, name, shape):
     """a as an int32/int64 C-contiguous array of exactly `shape` (other integer dtypes are
     converted; floats and bools are a TypeError)."""
-    if not isinstance(a, np.ndarray):
-        try:
-            a = np.asarray(a)
-        except Exception as e:
-            raise TypeError(f"{name} must be an array of integers, "
-                            f"got {type(a).__name__}: {e}") from None
+    a = as_array(a, name, "an array of integers")
     if a.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers (class indices), got dtype {a.dtype}")
     if a.shape != tuple(shape):

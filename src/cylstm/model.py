@@ -36,6 +36,7 @@ from . import init as _init
 from . import io as _io
 from . import losses as _losses
 from . import optim as _optim
+from ._check import as_array
 from ._check import positive_int as _positive_int
 from ._threads import other_blas_single_threaded
 from .base import Layer, Parametrised, arena, registered
@@ -390,12 +391,8 @@ class Sequential(Parametrised):
                 raise ValueError(f"lengths must be None when {name} is a list of sequences "
                                  f"(their lengths are taken from the arrays)")
             x, lengths = pad_sequences(x, name=name)
-        elif not isinstance(x, np.ndarray):
-            try:
-                x = np.asarray(x)
-            except Exception as e:
-                raise TypeError(f"{name} must be an array or a list of arrays, got "
-                                f"{type(x).__name__}: {e}") from None
+        else:
+            x = as_array(x, name, "an array or a list of arrays")
         if self.token_input:
             if x.dtype.kind not in "iu":
                 raise TypeError(f"{name} must hold integer token ids (the first layer is an "
