@@ -4,6 +4,8 @@
     python bench/step_profile.py --profile          # one fit update by piece: in fit vs alone
     python bench/step_profile.py --builds A ''      # interleave cylstm builds in one run
                                                     # (PYTHONPATH dirs, '' = installed)
+    python bench/step_profile.py --stream           # LSTM.step, B=1, I=H=256 (us per call)
+    python bench/step_profile.py --stream --busy 1  # the same next to a busy process on CPU 1
 
 Cases (2 threads unless --threads): the character LM of ``python -m cylstm train``
 (Embedding 81->64, LSTM 64->256, Linear 256->81, Adam 2e-3, clip_norm 1.0, batches of
@@ -219,6 +221,116 @@ def worker_torch(args):
     return res
 
 
+# ---- the streaming step (bench/cases.py "step": B=1, T=1, I=H=256, one layer) ----------------
+
+STREAM_I, STREAM_H = 256, 256
+
+
+def worker_stream(args):
+    """Per-call times of LSTM.step on one (1, 256) input: the median over blocks of
+    back-to-back calls (wall and this thread's CPU time), and the spread of single calls
+    (p50 / p99 / max), so that stalls show (a median hides them)."""
+    import numpy as np
+    import cylstm
+    from cylstm import _step
+    res = {}
+    x = np.random.default_rng(0).standard_normal((1, STREAM_I))
+    cases = [("f32", np.float32, args.threads), ("f32 1 thread", np.float32, 1),
+             ("f64", np.float64, args.threads)]
+    for name, dtype, threads in cases:
+        if ONLY not in name:
+            continue
+        cylstm.set_num_threads(threads)
+        lstm = cylstm.LSTM(STREAM_I, STREAM_H, dtype=dtype, seed=0).eval()
+        state = lstm.initial_state(1)
+        xt = x.astype(dtype)
+        step = lstm.step
+        for _ in range(3000):                       # warm: the runner, caches, the helper
+            step(xt, state)
+        n, blocks = args.calls, []
+        for _ in range(args.blocks):
+            w, c = time.perf_counter_ns(), time.thread_time_ns()
+            for _ in range(n):
+                step(xt, state)
+            blocks.append(((time.perf_counter_ns() - w) / n / 1e3,
+                           (time.thread_time_ns() - c) / n / 1e3))
+        single = np.empty(args.calls * 4)
+        clock = time.perf_counter_ns
+        for i in range(len(single)):
+            t = clock()
+            step(xt, state)
+            single[i] = clock() - t
+        single /= 1e3
+        res[name] = {"wall": statistics.median(b[0] for b in blocks),
+                     "cpu": statistics.median(b[1] for b in blocks),
+                     "p50": float(np.percentile(single, 50)),
+                     "p99": float(np.percentile(single, 99)),
+                     "max": float(single.max())}
+    res["_kernels"] = _stream_kernels(_step)
+    return res
+
+
+def _stream_kernels(_step):
+    """What ran: the step's per-level kernels (level 0 = BLAS for the products) and the
+    BLAS behind scipy (threadpoolctl's internal_api / architecture)."""
+    out = {"step levels": _step._kernel_levels()}
+    try:
+        from threadpoolctl import threadpool_info
+        import scipy.linalg  # noqa: F401  (loads the BLAS threadpoolctl reports)
+        out["blas"] = sorted({f"{i.get('internal_api')} {i.get('architecture')}"
+                              for i in threadpool_info() if i.get("user_api") == "blas"})
+    except ImportError:
+        out["blas"] = ["threadpoolctl not installed"]
+    return out
+
+
+def _busy(cpu):
+    """A competing busy process (`while True: pass`) pinned to `cpu`; the caller kills it."""
+    code = f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def stream_main(args):
+    names = [f"cylstm{'' if b == '' else ' ' + b}" for b in args.builds]
+    results = {name: [] for name in names}
+    base = [sys.executable, __file__, "--worker", "stream", "--threads", str(args.threads),
+            "--calls", str(args.calls), "--blocks", str(args.blocks), "--only", args.only]
+    busy = _busy(args.busy) if args.busy is not None else None
+    try:
+        time.sleep(0.2 if busy else 0)
+        for r in range(args.rounds):
+            for name, path in zip(names, args.builds):
+                env = dict(os.environ)
+                if path:
+                    env["PYTHONPATH"] = path
+                out = subprocess.run(base, env=env, check=True, capture_output=True,
+                                     text=True).stdout
+                results[name].append(json.loads(out.strip().splitlines()[-1]))
+                print(f"round {r + 1}/{args.rounds} {name}: done", file=sys.stderr)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    forced = ", ".join(f"{k}={os.environ[k]}" for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+                       if k in os.environ) or "OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE unset"
+    print(f"LSTM.step, B=1, I=H={STREAM_H}, {args.threads} threads unless named, "
+          f"{'a busy process on CPU ' + str(args.busy) if busy else 'no competing process'}; "
+          f"{forced}; medians of {args.rounds} processes")
+    print("us per call: wall and CPU = medians of blocks of back-to-back calls; "
+          "p50 / p99 / max of single calls")
+    print("| case | build | wall | CPU | p50 | p99 | max |")
+    print("|---|---|---|---|---|---|---|")
+    cases = [k for k in results[names[0]][0] if not k.startswith("_")]
+    for case in cases:
+        for name in names:
+            runs = [run[case] for run in results[name]]
+            med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+            print(f"| {case} | {name} | {med['wall']:.1f} | {med['cpu']:.1f} | "
+                  f"{med['p50']:.1f} | {med['p99']:.1f} | {med['max']:.0f} |")
+    for name in names:
+        print(f"{name}: {results[name][0]['_kernels']}")
+
+
 # ---- profile of one fit update -----------------------------------------------------------
 
 def profile(args):
@@ -326,12 +438,23 @@ def main():
     p.add_argument("--only", default="",
                    help="only the cases whose name contains this ('fit', 'char', ...)")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--worker", choices=["cylstm", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--stream", action="store_true",
+                   help="time LSTM.step (B=1, I=H=256) instead of the training cases")
+    p.add_argument("--busy", type=int, default=None, metavar="CPU",
+                   help="--stream: run a busy process pinned to this CPU meanwhile")
+    p.add_argument("--calls", type=int, default=2000, help="--stream: calls per block")
+    p.add_argument("--blocks", type=int, default=15, help="--stream: blocks per process")
+    p.add_argument("--worker", choices=["cylstm", "torch", "stream"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.profile:
         return profile(args)
     global ONLY
     ONLY = args.only
+    if args.worker == "stream":
+        print(json.dumps(worker_stream(args)))
+        return
+    if args.stream:
+        return stream_main(args)
     if args.worker:
         print(json.dumps((worker_cylstm if args.worker == "cylstm" else worker_torch)(args)))
         return
