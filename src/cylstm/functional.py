@@ -422,8 +422,8 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
             # Segments from the last: recompute the segment's caches from the state that
             # entered it (the same kernel calls as the forward made), then its backward.
             cc = _caches(ws, dtype, k, B, I, H, Hp, proj, reverse, prefix="seg_")
-            h = ws.get("seg_h", (B, Hp), dtype)
-            c = ws.get("seg_c", (B, H), dtype)
+            h = ws.get("seg_state_h", (B, Hp), dtype)
+            c = ws.get("seg_state_c", (B, H), dtype)
             fwd = dict(
                 x=cache.x, w_ih=cache.w_ih, w_hh=cache.w_hh, w_hr=cache.w_hr, bias=cache.bias,
                 lengths=cache.lengths, reverse=reverse, n_parts=N_PARTS,
