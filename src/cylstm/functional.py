@@ -126,8 +126,9 @@ def _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr):
 def _finite_padding(x, lengths):
     """x, or a copy with zeros at padded positions when any of those is not finite.
 
-    Backward forms dW_ih over all T*B rows, where padded rows have dz = 0; but 0 * NaN is
-    NaN, and PyTorch never reads padding. Checking costs a pass over the padding only.
+    Backward forms dW_ih over every row of a time block, where padded rows have dz = 0;
+    but 0 * NaN is NaN, and PyTorch never reads padding. Checking costs a pass over the
+    padding only. (In reverse, x is gathered into loop-step order with zero padding.)
     """
     T = x.shape[0]
     if lengths.min() == T:
