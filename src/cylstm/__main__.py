@@ -38,6 +38,15 @@ def _int_at_least(minimum):
     return parse
 
 
+def _checkpoint_arg(text):
+    if text == "auto":
+        return text
+    return _int_at_least(1)(text)
+
+
+_checkpoint_arg.__name__ = 'integer >= 1 or "auto"'
+
+
 def _float_in(low, high, low_open=False, high_open=True):
     def parse(text):
         try:
@@ -93,6 +102,11 @@ def _add_train(subparsers):
                    help="stacked LSTM layers")
     p.add_argument("--dropout", type=_float_in(0, 1), default=0.0,
                    help="dropout between LSTM layers (needs --num-layers > 1)")
+    p.add_argument("--recurrent-dropout", type=_float_in(0, 1), default=0.0,
+                   help="variational dropout on the LSTM's h_{t-1}, one mask per sequence")
+    p.add_argument("--checkpoint-every", type=_checkpoint_arg, default=None, metavar="K",
+                   help='checkpointed BPTT: keep the state every K steps, or "auto" '
+                        '(about sqrt(--seq-len)); for long --seq-len, same gradients')
     p.add_argument("--lr", type=_float_in(0, None, low_open=True), default=3e-3,
                    help="Adam learning rate")
     p.add_argument("--clip-norm", type=_float_in(0, None), default=5.0,
@@ -225,7 +239,9 @@ def _run_train(args):
     else:
         try:
             model = T.char_model(vocab.size, args.embedding_dim, args.hidden_size,
-                                 args.num_layers, args.dropout, seed=args.seed)
+                                 args.num_layers, args.dropout, seed=args.seed,
+                                 recurrent_dropout=args.recurrent_dropout,
+                                 checkpoint_every=args.checkpoint_every)
             model.compile(loss="cross_entropy", optimizer="adam", lr=args.lr,
                           metrics=["bpc"], clip_norm=args.clip_norm or None)
         except (TypeError, ValueError) as e:

@@ -45,6 +45,20 @@ def probability(p, name):
     return float(p)
 
 
+def checkpoint_every(value, name="checkpoint_every"):
+    """None, "auto" or an int >= 1: how often checkpointed BPTT keeps the state."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        return value
+    if isinstance(value, str):
+        raise ValueError(f'{name} must be None, a positive int or "auto", got {value!r}')
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f'{name} must be None, a positive int or "auto", got '
+                        f'{type(value).__name__} {value!r}')
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
 def as_array(x, name, what="an array"):
     """x as an ndarray (no copy when it is one); a TypeError naming x when it cannot be."""
     if isinstance(x, np.ndarray):

@@ -25,7 +25,7 @@ Backward, per step (dh = dL/dh_t, dc = dL/dc_t accumulated from later steps):
     (3') di = dc * g;  dg = dc * i;  df = dc * c_{t-1};  dc_{t-1} = dc * f
     (2') dz = [di i(1-i), df f(1-f), dg (1-g^2), do o(1-o)]
     (1') dh_{t-1} = dz W_hh;  after the loop: dW_ih += dz^T x, dW_hh += dz^T h_{t-1},
-         db += sum dz, dx = dz W_ih (one GEMM or reduction each over all T*B rows).
+         db += sum dz, dx = dz W_ih (GEMMs over time blocks, see "Time blocks").
 Recurrent dropout (docs/math.md, "Recurrent dropout and weight dropout"): with a mask
 r (B, Hp), (1) reads h_{t-1} * r instead of h_{t-1}, (1') becomes
 dh_{t-1} = (dz W_hh) * r and dW_hh += dz^T (h_{t-1} * r)                    (1r) (1r').
@@ -34,13 +34,22 @@ Variable lengths (PyTorch's packed semantics): row b is active at loop step s < 
 its time index is t = s forward and t = L-1-s in reverse, so reverse runs over each
 sequence's own valid steps, with no packing or copying. At an inactive step the state
 is frozen and y[t=s, b] = 0 (for s >= L, t = s walks exactly the padded positions).
+Per-step arrays (gates, caches, dz) are kept in loop-step order; y, dy, x and dx are in
+time order. In reverse the input rows are gathered into loop-step order once (xg), so
+every product reads contiguous rows.
+
+Segments. Both kernels run a range of loop steps [s0, s1), carrying the state (h, c
+forward; dh, dc backward) in their INOUT arguments between calls: one call over [0, T)
+is the whole layer; checkpointed BPTT (cylstm.functional) keeps only the state at
+segment starts and recomputes each segment's caches just before its backward.
 
 Parallel structure. Batch rows are independent sequences, so the batch is cut into fixed
 chunks and each OpenMP thread runs the *whole* time loop of its chunks: per step one
 single-threaded GEMM h_{t-1} W_hh^T on its own rows, then its fused gate math. There is no
 barrier between steps at all (why not one multithreaded GEMM per step: the comment below).
 The large GEMMs (input projection before the loop; dW_ih, dW_hh, db, dx after it) run
-over fixed row blocks in a prange, each block one single-threaded GEMM.
+over time blocks (block_steps), each cut into fixed row parts in a prange, each part one
+single-threaded GEMM.
 Chunk and block boundaries depend only on the shapes and on `n_parts` (fixed per process
 by the Python layer from the machine's core count, never from the thread count), and
 shared gradients are written only by the block that owns their rows, so results are
@@ -208,18 +217,86 @@ cdef inline float* _pack(float* dst, const floating* w, int K, int N, int ldw,
 
 
 # ----------------------------------------------------------------------------------------
+# Time blocks, and the rows of a block in loop-step order
+# ----------------------------------------------------------------------------------------
+
+# The input projection (before the time loop), the weight gradients and dx (after it)
+# run over *time blocks* of block_steps(B) loop steps, each a fixed set of B * steps rows,
+# and the weight gradients are accumulated block by block, last block first. A block is
+# large enough (>= _BLOCK_ROWS rows) that its GEMMs run near the speed of one GEMM over
+# all T*B rows. Blocks are what make checkpointed BPTT exact: a backward that recomputes
+# a segment of whole blocks from a checkpoint issues exactly the BLAS calls, on exactly
+# the values, that the full-cache backward issues for those blocks, so its gradients are
+# bitwise the same (docs/math.md, "Checkpointed BPTT").
+cdef enum:
+    _BLOCK_ROWS = 512
+
+
+cpdef int block_steps(int B) noexcept nogil:
+    """Loop steps per time block for a batch of B rows: ceil(512 / B), at least 1.
+    Checkpoint segments are whole numbers of blocks."""
+    if B < 1:
+        return _BLOCK_ROWS
+    return max(1, (<int> _BLOCK_ROWS + B - 1) // B)
+
+
+cdef inline int _time_of(const int* lengths, int s, int b, bint reverse) noexcept nogil:
+    """Time index of loop step s of row b, or -1 where row b has ended (s >= L)."""
+    cdef int L = lengths[b]
+    if s >= L:
+        return -1
+    return L - 1 - s if reverse else s
+
+
+cdef void _gather_rows(
+    floating* dst,              # (rows, n) OUT: row q <- src at (step s_first + q // B, b = q % B)
+    const floating* src,        # (T, B, n) time order
+    const int* lengths,         # (B,)
+    int s_first, int q0, int q1, int B, int n, bint reverse,
+) noexcept nogil:
+    """Rows [q0, q1) of a block in loop-step order: x at each row's own time, zeros where
+    the row has ended (so that padding never reaches a product)."""
+    cdef int q, t
+    for q in range(q0, q1):
+        t = _time_of(lengths, s_first + q // B, q % B, reverse)
+        if t < 0:
+            memset(dst + <Py_ssize_t> q * n, 0, n * sizeof(floating))
+        else:
+            memcpy(dst + <Py_ssize_t> q * n, src + (<Py_ssize_t> t * B + q % B) * n,
+                   n * sizeof(floating))
+
+
+cdef void _scatter_rows(
+    floating* dst,              # (T, B, n) OUT at the active rows' times
+    const floating* src,        # (q1 - q0, n) rows [q0, q1) of a block, loop-step order
+    const int* lengths,
+    int s_first, int q0, int q1, int B, int n, bint reverse,
+) noexcept nogil:
+    """The inverse of _gather_rows for the rows that are active; ended rows' times are
+    left as they are."""
+    cdef int q, t
+    for q in range(q0, q1):
+        t = _time_of(lengths, s_first + q // B, q % B, reverse)
+        if t >= 0:
+            memcpy(dst + (<Py_ssize_t> t * B + q % B) * n, src + <Py_ssize_t> (q - q0) * n,
+                   n * sizeof(floating))
+
+
+# ----------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------
 
 cdef void _project_block(
-    floating* gates,            # (T*B, G) OUT rows [r0, r1): x W_ih^T + b      (1)
-    const floating* x,          # (T*B, I)
+    floating* gates,            # (rows, G) OUT rows [r0, r1): x W_ih^T + b       (1)
+    const floating* x,          # (rows, I)
     const floating* w_ih,       # (G, I)
     const floating* bias,       # (G,) or NULL
     int r0, int r1, int I, int G,
 ) noexcept nogil:
     cdef int r, j
     cdef floating beta = 0
+    if r1 <= r0:
+        return
     if bias != NULL:
         beta = 1
         for r in range(r0, r1):
@@ -232,16 +309,16 @@ cdef void _project_block(
 cdef inline void _forward_row(
     floating* m,                # (B, H) OUT row b: m_t = o * tanh(c_t) (h itself if P == 0)
     floating* c,                # (B, H) INOUT running c
-    floating* gates,            # (T, B, G) INOUT: in x W_ih^T + b, out activated i, f, g, o
-    floating* c_cache,          # (T, B, H) OUT c_t, or NULL (inference)
-    floating* tc_cache,         # (T, B, H) OUT tanh(c_t), or NULL
-    floating* m_cache,          # (T, B, H) OUT m_t, or NULL (inference, or P == 0)
+    floating* gates,            # (n, B, G) INOUT: in x W_ih^T + b, out activated i, f, g, o
+    floating* c_cache,          # (n, B, H) OUT c_t, or NULL (inference)
+    floating* tc_cache,         # (n, B, H) OUT tanh(c_t), or NULL
+    floating* m_cache,          # (n, B, H) OUT m_t, or NULL (inference, or P == 0)
     const floating* hz,         # (B, G) h_{t-1} W_hh^T of this step
-    int B, int H, int t, int b,
+    int B, int H, int sl, int b,
 ) noexcept nogil:
-    """Gates, cell and m_t of batch row b at time t (an active step), given hz."""
-    cdef Py_ssize_t ho = (<Py_ssize_t> t * B + b) * H
-    cdef floating* z = gates + (<Py_ssize_t> t * B + b) * 4 * H
+    """Gates, cell and m_t of batch row b at segment step sl (an active step), given hz."""
+    cdef Py_ssize_t ho = (<Py_ssize_t> sl * B + b) * H
+    cdef floating* z = gates + (<Py_ssize_t> sl * B + b) * 4 * H
     cdef floating* mb = m + <Py_ssize_t> b * H
     cdef floating* cb = c + <Py_ssize_t> b * H
     _activate_gates(z, hz + <Py_ssize_t> b * 4 * H, H)                       # (1) (2)
@@ -269,92 +346,101 @@ cdef inline int _active_end(const int* lengths, int r0, int r1, int s) noexcept 
 
 
 cdef void _forward_chunk(
-    floating* y,                # (T, B, Hp) OUT, rows [r0, r1)
-    floating* h,                # (B, Hp) INOUT: in h0, out h_n
-    floating* c,                # (B, H) INOUT: in c0, out c_n
-    floating* gates,            # (T, B, G) INOUT: in x W_ih^T + b, out activated gates
-    floating* c_cache,          # (T, B, H) OUT or NULL
-    floating* tc_cache,         # (T, B, H) OUT or NULL
-    floating* m_cache,          # (T, B, H) OUT or NULL
+    floating* y,                # (T, B, Hp) OUT at each row's times, rows [r0, r1); or NULL
+    floating* h,                # (B, Hp) INOUT: state at step s0 in, at s1 out
+    floating* c,                # (B, H) INOUT
+    floating* gates,            # (n, B, G) INOUT: in x W_ih^T + b, out activated gates
+    floating* c_cache,          # (n, B, H) OUT or NULL (inference)
+    floating* tc_cache,         # (n, B, H) OUT or NULL
+    floating* m_cache,          # (n, B, H) OUT or NULL
+    floating* hprev,            # (n, B, Hp) OUT the product's h_{t-1} (masked with rmask),
+                                #   0 where a row has ended; or NULL (inference)
     floating* hz,               # (B, G) scratch: h_{t-1} W_hh^T
     floating* mbuf,             # (B, H) scratch: m_t before the projection (P > 0 only)
     floating* hp,               # (B, P) scratch: m_t W_hr^T (P > 0 only)
-    floating* hm,               # (B, Hp) scratch: h_{t-1} * rmask (rmask only)
-    floating* hm_cache,         # (T, B, Hp) OUT h_{t-1} * rmask at time t, 0 at padding,
-                                #   or NULL (no rmask, or inference)
+    floating* hm,               # (B, Hp) scratch: h_{t-1} * rmask (rmask, inference only)
     const floating* rmask,      # (B, Hp) recurrent dropout mask, or NULL
     const floating* w_hh,       # (G, Hp)
     const floating* w_hr,       # (P, H) or NULL
     const float* whh_packed,    # W_hh^T packed for _rec_mm, or NULL (BLAS)
     const float* whr_packed,    # W_hr^T packed, or NULL
     const int* lengths,         # (B,) in 1..T
-    int T, int B, int H, int P, int r0, int r1, bint reverse,
+    int s0, int s1, int B, int H, int P, int r0, int r1, bint reverse,
 ) noexcept nogil:
-    """The whole time loop for batch rows [r0, r1), run by one thread."""
+    """Loop steps [s0, s1) for batch rows [r0, r1), run by one thread. Per-step arrays
+    (gates, caches) are indexed by the segment step sl = s - s0; y by time."""
     cdef int G = 4 * H, Hp = P if P > 0 else H
-    cdef int s, b, t, L, hi, j
-    cdef Py_ssize_t ro
+    cdef int s, sl, b, t, hi, j
+    cdef Py_ssize_t ro, so
     cdef floating* m = mbuf if P > 0 else h
-    cdef floating* hin = hm if rmask != NULL else h
-    for s in range(T):
+    cdef const floating* hin = h
+    for s in range(s0, s1):
+        sl = s - s0
         hi = _active_end(lengths, r0, r1, s)
-        if rmask != NULL:
-            # The product reads a masked copy: h itself is the state (3)-(5) carry on
-            # and the output, which dropout must not touch.                  (1r)
+        if hprev != NULL:
+            # Training: the product reads h_{t-1} from the cache that dW_hh reads too,
+            # masked with recurrent dropout; h itself stays the state (3)-(5) carry on
+            # and the output, which dropout must not touch.                  (1) (1r)
+            so = <Py_ssize_t> sl * B * Hp
+            for b in range(r0, r1):
+                ro = <Py_ssize_t> b * Hp
+                if s >= lengths[b]:
+                    memset(hprev + so + ro, 0, Hp * sizeof(floating))
+                elif rmask != NULL:
+                    for j in range(Hp):
+                        hprev[so + ro + j] = h[ro + j] * rmask[ro + j]
+                else:
+                    memcpy(hprev + so + ro, h + ro, Hp * sizeof(floating))
+            hin = hprev + so
+        elif rmask != NULL:
             for b in range(r0, hi):
                 ro = <Py_ssize_t> b * Hp
                 for j in range(Hp):
                     hm[ro + j] = h[ro + j] * rmask[ro + j]
-                L = lengths[b]
-                if hm_cache != NULL and s < L:   # dW_hh's operand, at the time of z_t
-                    t = L - 1 - s if reverse else s
-                    memcpy(hm_cache + (<Py_ssize_t> t * B + b) * Hp, hm + ro,
-                           Hp * sizeof(floating))
+            hin = hm
         if hi > r0:                    # rows past their length need no product  (1)
             _rec_mm(hi - r0, G, Hp, hin + <Py_ssize_t> r0 * Hp, Hp, w_hh, Hp, True,
                     whh_packed, hz + <Py_ssize_t> r0 * G, G)
         for b in range(r0, r1):
-            L = lengths[b]
-            if s >= L:                 # padded position t = s: state frozen, output zero
-                memset(y + (<Py_ssize_t> s * B + b) * Hp, 0, Hp * sizeof(floating))
-                if c_cache != NULL:    # the cache holds zeros there, never stale memory
-                    memset(gates + (<Py_ssize_t> s * B + b) * G, 0, G * sizeof(floating))
-                    memset(c_cache + (<Py_ssize_t> s * B + b) * H, 0, H * sizeof(floating))
-                    memset(tc_cache + (<Py_ssize_t> s * B + b) * H, 0, H * sizeof(floating))
-                if m_cache != NULL:    # read by the dW_hr GEMM over all T*B rows
-                    memset(m_cache + (<Py_ssize_t> s * B + b) * H, 0, H * sizeof(floating))
-                if hm_cache != NULL:   # read by the dW_hh GEMM over all T*B rows
-                    memset(hm_cache + (<Py_ssize_t> s * B + b) * Hp, 0, Hp * sizeof(floating))
+            if s >= lengths[b]:        # ended: state frozen; time s is padding, output 0
+                if y != NULL:
+                    memset(y + (<Py_ssize_t> s * B + b) * Hp, 0, Hp * sizeof(floating))
+                if m_cache != NULL:    # read by the dW_hr GEMM over the block's rows
+                    memset(m_cache + (<Py_ssize_t> sl * B + b) * H, 0, H * sizeof(floating))
                 continue
-            t = L - 1 - s if reverse else s
-            _forward_row(m, c, gates, c_cache, tc_cache, m_cache, hz, B, H, t, b)
-            if P == 0:
+            _forward_row(m, c, gates, c_cache, tc_cache, m_cache, hz, B, H, sl, b)
+            if P == 0 and y != NULL:
+                t = _time_of(lengths, s, b, reverse)
                 memcpy(y + (<Py_ssize_t> t * B + b) * H, m + <Py_ssize_t> b * H,
                        H * sizeof(floating))
         if P > 0 and hi > r0:                                                # (5)
             _rec_mm(hi - r0, P, H, mbuf + <Py_ssize_t> r0 * H, H, w_hr, H, True,
                     whr_packed, hp + <Py_ssize_t> r0 * P, P)
             for b in range(r0, r1):
-                L = lengths[b]
-                if s < L:              # inactive rows keep their frozen h
-                    t = L - 1 - s if reverse else s
+                t = _time_of(lengths, s, b, reverse)
+                if t >= 0:             # ended rows keep their frozen h
                     memcpy(h + <Py_ssize_t> b * P, hp + <Py_ssize_t> b * P, P * sizeof(floating))
-                    memcpy(y + (<Py_ssize_t> t * B + b) * P, hp + <Py_ssize_t> b * P,
-                           P * sizeof(floating))
+                    if y != NULL:
+                        memcpy(y + (<Py_ssize_t> t * B + b) * P, hp + <Py_ssize_t> b * P,
+                               P * sizeof(floating))
 
 
 def lstm_forward(
     *,
-    floating[:, :, ::1] y,              # (T, B, Hp) OUT
-    floating[:, ::1] h,                 # (B, Hp) INOUT: h0 in, h_n out
-    floating[:, ::1] c,                 # (B, H) INOUT: c0 in, c_n out
-    floating[:, :, ::1] gates,          # (T, B, G) OUT: activated gates (the cache)
-    floating[:, :, ::1] c_cache,        # (T, B, H) OUT or None (inference)
-    floating[:, :, ::1] tc_cache,       # (T, B, H) OUT or None (inference)
-    floating[:, :, ::1] m_cache,        # (T, B, H) OUT with a projection in training, else None
+    # (the first argument is never None: Cython picks the dtype from it)
+    floating[:, ::1] h,                 # (B, Hp) INOUT: state at step s0 in, at s1 out
+    floating[:, ::1] c,                 # (B, H) INOUT
+    floating[:, :, ::1] y,              # (T, B, Hp) OUT, or None (a recomputing forward)
+    floating[:, :, ::1] gates,          # (n, B, G) OUT: activated gates (the cache); n = s1 - s0
+    floating[:, :, ::1] c_cache,        # (n, B, H) OUT or None (inference)
+    floating[:, :, ::1] tc_cache,       # (n, B, H) OUT or None (inference)
+    floating[:, :, ::1] m_cache,        # (n, B, H) OUT with a projection in training, else None
+    floating[:, :, ::1] hprev,          # (n, B, Hp) OUT in training, else None
+    floating[:, :, ::1] xg,             # (n, B, I) OUT x in loop-step order: reverse only
     floating[:, ::1] hz,                # (B, G) scratch
     floating[:, ::1] mbuf,              # (B, H) scratch with a projection, else None
     floating[:, ::1] hp,                # (B, P) scratch with a projection, else None
+    floating[:, ::1] hm,                # (B, Hp) scratch with rmask in inference, else None
     const floating[:, :, ::1] x,        # (T, B, I)
     const floating[:, ::1] w_ih,        # (G, I)
     const floating[:, ::1] w_hh,        # (G, Hp)
@@ -366,10 +452,11 @@ def lstm_forward(
     int n_threads,
     float[::1] wpack=None,              # float32 scratch: pack_floats(Hp, G) + pack_floats(H, P)
     const floating[:, ::1] rmask,       # (B, Hp) recurrent dropout mask, or None
-    floating[:, ::1] hm,                # (B, Hp) scratch with rmask, else None
-    floating[:, :, ::1] hm_cache,       # (T, B, Hp) OUT with rmask in training, else None
+    int s0,                             # first loop step: a multiple of block_steps(B)
+    int s1,                             # end: a multiple of block_steps(B), or T
 ):
-    """One LSTM layer, one direction, over the whole sequence; see the module docstring.
+    """One LSTM layer, one direction, loop steps [s0, s1) (all of them: s0 = 0, s1 = T);
+    see the module docstring.
 
     Callers pass every argument by keyword (cylstm.functional does); shapes are checked
     again here so that a wrong call raises instead of reading out of bounds.
@@ -377,43 +464,53 @@ def lstm_forward(
     cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2]
     cdef int G = w_hh.shape[0], H = w_hh.shape[0] // 4, Hp = w_hh.shape[1]
     cdef int P = 0 if w_hr is None else w_hr.shape[0]
-    cdef int p, n_chunks
+    cdef int S = block_steps(B), n = s1 - s0, nb = (n + S - 1) // S
+    cdef int p, n_chunks, kb, bs, be, q0, q1
     cdef bint training = c_cache is not None
     cdef const floating* bias_p = NULL
     cdef const floating* w_hr_p = NULL
+    cdef floating* y_p = NULL
     cdef floating* cc_p = NULL
     cdef floating* tc_p = NULL
     cdef floating* m_p = NULL
+    cdef floating* hpv_p = NULL
+    cdef floating* xg_p = NULL
     cdef floating* mbuf_p = NULL
     cdef floating* hp_p = NULL
     cdef float* whh_pk = NULL
     cdef float* whr_pk = NULL
     cdef const floating* rm_p = NULL
     cdef floating* hm_p = NULL
-    cdef floating* hmc_p = NULL
 
+    _check(0 <= s0 < s1 <= T and s0 % S == 0 and (s1 % S == 0 or s1 == T), "s0/s1")
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
+    if y is not None:
+        _check(_is(y.shape, T, B, Hp), "y")
+        y_p = &y[0, 0, 0]
     if rmask is not None:
-        _check(_is(rmask.shape, B, Hp) and hm is not None and _is(hm.shape, B, Hp), "rmask/hm")
+        _check(_is(rmask.shape, B, Hp), "rmask")
         rm_p = &rmask[0, 0]
-        hm_p = &hm[0, 0]
-        if training:
-            _check(hm_cache is not None and _is(hm_cache.shape, T, B, Hp), "hm_cache")
-            hmc_p = &hm_cache[0, 0, 0]
+        if not training:
+            _check(hm is not None and _is(hm.shape, B, Hp), "hm")
+            hm_p = &hm[0, 0]
+    if reverse:
+        _check(xg is not None and _is(xg.shape, n, B, I), "xg")
+        xg_p = &xg[0, 0, 0]
     whh_pk = _wpack_slot(wpack, Hp, G, H, P)
     if whh_pk != NULL:
         whr_pk = whh_pk + cy_packed_size(Hp, G)
-    _check(_is(y.shape, T, B, Hp) and _is(h.shape, B, Hp) and _is(c.shape, B, H), "y/h/c")
-    _check(_is(gates.shape, T, B, G) and _is(hz.shape, B, G), "gates/hz")
+    _check(_is(h.shape, B, Hp) and _is(c.shape, B, H), "h/c")
+    _check(_is(gates.shape, n, B, G) and _is(hz.shape, B, G), "gates/hz")
     _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
     if bias is not None:
         _check(bias.shape[0] == G, "bias")
         bias_p = &bias[0]
     if training:
-        _check(tc_cache is not None and _is(c_cache.shape, T, B, H)
-               and _is(tc_cache.shape, T, B, H), "cache")
+        _check(tc_cache is not None and hprev is not None and _is(c_cache.shape, n, B, H)
+               and _is(tc_cache.shape, n, B, H) and _is(hprev.shape, n, B, Hp), "cache")
         cc_p = &c_cache[0, 0, 0]
         tc_p = &tc_cache[0, 0, 0]
+        hpv_p = &hprev[0, 0, 0]
     if P > 0:
         _check(_is(w_hr.shape, P, H) and mbuf is not None and hp is not None
                and _is(mbuf.shape, B, H) and _is(hp.shape, B, P), "projection")
@@ -421,33 +518,40 @@ def lstm_forward(
         mbuf_p = &mbuf[0, 0]
         hp_p = &hp[0, 0]
         if training:
-            _check(m_cache is not None and _is(m_cache.shape, T, B, H), "m_cache")
+            _check(m_cache is not None and _is(m_cache.shape, n, B, H), "m_cache")
             m_p = &m_cache[0, 0, 0]
-    if T == 0 or B == 0:
-        return
     n_chunks = min(B, n_parts)
     with nogil:
         whh_pk = _pack(whh_pk, &w_hh[0, 0], Hp, G, Hp, True)
         if P > 0 and whh_pk != NULL:
             whr_pk = _pack(whr_pk, w_hr_p, H, P, H, True)
         for p in prange(n_parts, schedule="static",
-                        num_threads=team(n_threads, n_parts, <double> T * B * G * I,
+                        num_threads=team(n_threads, n_parts, <double> n * B * G * I,
                                          MIN_PARALLEL_MACS)):
             note_team()
             blas_single_enter()
-            _project_block(&gates[0, 0, 0], &x[0, 0, 0], &w_ih[0, 0], bias_p,
-                           split(T * B, n_parts, p), split(T * B, n_parts, p + 1), I, G)
+            for kb in range(nb):                                              # (1)
+                bs = s0 + kb * S
+                be = min(bs + S, s1)
+                q0 = split((be - bs) * B, n_parts, p)
+                q1 = split((be - bs) * B, n_parts, p + 1)
+                if reverse:
+                    _gather_rows(xg_p + <Py_ssize_t> (bs - s0) * B * I, &x[0, 0, 0],
+                                 &lengths[0], bs, q0, q1, B, I, True)
+                _project_block(&gates[0, 0, 0] + <Py_ssize_t> (bs - s0) * B * G,
+                               (xg_p + <Py_ssize_t> (bs - s0) * B * I) if reverse
+                               else &x[0, 0, 0] + <Py_ssize_t> bs * B * I,
+                               &w_ih[0, 0], bias_p, q0, q1, I, G)
             blas_single_exit()
         for p in prange(n_chunks, schedule="static",
-                        num_threads=team(n_threads, n_chunks, <double> T * B * G * (Hp + P),
+                        num_threads=team(n_threads, n_chunks, <double> n * B * G * (Hp + P),
                                          MIN_PARALLEL_MACS)):
             note_team()
             blas_single_enter()
-            _forward_chunk(&y[0, 0, 0], &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p, m_p,
-                           &hz[0, 0], mbuf_p, hp_p, hm_p, hmc_p, rm_p, &w_hh[0, 0], w_hr_p,
-                           whh_pk,
-                           whr_pk if P > 0 else NULL, &lengths[0],
-                           T, B, H, P, split(B, n_chunks, p), split(B, n_chunks, p + 1),
+            _forward_chunk(y_p, &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p, m_p, hpv_p,
+                           &hz[0, 0], mbuf_p, hp_p, hm_p, rm_p, &w_hh[0, 0], w_hr_p,
+                           whh_pk, whr_pk if P > 0 else NULL, &lengths[0],
+                           s0, s1, B, H, P, split(B, n_chunks, p), split(B, n_chunks, p + 1),
                            reverse)
             blas_single_exit()
 
@@ -457,31 +561,31 @@ def lstm_forward(
 # ----------------------------------------------------------------------------------------
 
 cdef void _backward_chunk(
-    floating* dz,               # (T, B, G) OUT dL/dz, zero at padded positions
-    floating* dhp,              # (T, B, P) OUT dL/dh_t with a projection (0 at padding), or NULL
-    floating* dzs,              # (B, G) scratch: dz of the current step; after the loop,
-                                #   dz of each row's first processed step (pairs with h0)
-    floating* dhs,              # (B, Hp) OUT: dz_s W_hh per step; after the loop dh0
-    floating* dc,               # (B, H) INOUT: in dL/dc_n, out dc0
+    floating* dz,               # (n, B, G) OUT dL/dz, zero where a row has ended
+    floating* dhp,              # (n, B, P) OUT dL/dh_t with a projection (0 where ended), or NULL
+    floating* dzs,              # (B, G) scratch: dz of the current step
+    floating* dhs,              # (B, Hp) INOUT: dz_{s+1} W_hh of the later step (from the
+                                #   previous segment's call at s = s1 - 1); out: at s0
+    floating* dc,               # (B, H) INOUT: dL/dc at step s1 in, at s0 out
     floating* dhbuf,            # (B, Hp) scratch: dL/dh_t of this step
     floating* dm,               # (B, H) scratch: dL/dm_t = dh W_hr (P > 0 only)
-    const floating* dy,         # (T, B, Hp)
+    const floating* dy,         # (T, B, Hp) time order
     const floating* dh_n,       # (B, Hp)
-    const floating* gates,      # (T, B, G) activated
-    const floating* c_cache,    # (T, B, H)
-    const floating* tc_cache,   # (T, B, H)
-    const floating* c0,         # (B, H)
+    const floating* gates,      # (n, B, G) activated
+    const floating* c_cache,    # (n, B, H)
+    const floating* tc_cache,   # (n, B, H)
+    const floating* c_start,    # (B, H) the state c entering step s0 (c0 when s0 = 0)
     const floating* w_hh,       # (G, Hp)
     const floating* w_hr,       # (P, H) or NULL
     const float* whh_packed,    # W_hh packed for _rec_mm, or NULL (BLAS)
     const float* whr_packed,    # W_hr packed, or NULL
     const floating* rmask,      # (B, Hp) recurrent dropout mask, or NULL
     const int* lengths,         # (B,)
-    int T, int B, int H, int P, int r0, int r1, bint reverse,
+    int s0, int s1, int B, int H, int P, int r0, int r1, bint reverse,
 ) noexcept nogil:
-    """BPTT for batch rows [r0, r1), run by one thread."""
+    """BPTT over loop steps [s1 - 1 .. s0] for batch rows [r0, r1), run by one thread."""
     cdef int G = 4 * H, Hp = P if P > 0 else H
-    cdef int s, b, t, tp, j, L, hi
+    cdef int s, sl, b, t, j, L, hi
     cdef Py_ssize_t zo, ho, hpo, ro
     cdef const floating* z
     cdef const floating* cprev
@@ -490,14 +594,15 @@ cdef void _backward_chunk(
     cdef floating* dcb
     cdef floating* dzb
     memset(dzs + <Py_ssize_t> r0 * G, 0, (r1 - r0) * G * sizeof(floating))
-    for s in range(T - 1, -1, -1):
+    for s in range(s1 - 1, s0 - 1, -1):
+        sl = s - s0
         # dL/dh_t = dy_t + (this row's dz W_hh of the later step, or dh_n at its last step)
         for b in range(r0, r1):
             L = lengths[b]
-            if s >= L:                 # padded: no gradient, the state passes through
-                memset(dz + (<Py_ssize_t> s * B + b) * G, 0, G * sizeof(floating))
+            if s >= L:                 # ended: no gradient, the state passes through
+                memset(dz + (<Py_ssize_t> sl * B + b) * G, 0, G * sizeof(floating))
                 if P > 0:
-                    memset(dhp + (<Py_ssize_t> s * B + b) * P, 0, P * sizeof(floating))
+                    memset(dhp + (<Py_ssize_t> sl * B + b) * P, 0, P * sizeof(floating))
                 continue
             t = L - 1 - s if reverse else s
             hpo = (<Py_ssize_t> t * B + b) * Hp
@@ -506,7 +611,8 @@ cdef void _backward_chunk(
             for j in range(Hp):
                 dhbuf[<Py_ssize_t> b * Hp + j] = dy[hpo + j] + dhin[j]
             if P > 0:
-                memcpy(dhp + hpo, dhbuf + <Py_ssize_t> b * P, P * sizeof(floating))
+                memcpy(dhp + (<Py_ssize_t> sl * B + b) * P, dhbuf + <Py_ssize_t> b * P,
+                       P * sizeof(floating))
         hi = _active_end(lengths, r0, r1, s)
         if hi == r0:
             continue
@@ -514,15 +620,12 @@ cdef void _backward_chunk(
             _rec_mm(hi - r0, H, P, dhbuf + <Py_ssize_t> r0 * P, P, w_hr, H, False,
                     whr_packed, dm + <Py_ssize_t> r0 * H, H)
         for b in range(r0, r1):
-            L = lengths[b]
-            if s >= L:
+            if s >= lengths[b]:
                 continue
-            t = L - 1 - s if reverse else s
-            tp = t + 1 if reverse else t - 1                   # time of h_{t-1}, c_{t-1}
-            zo = (<Py_ssize_t> t * B + b) * G
-            ho = (<Py_ssize_t> t * B + b) * H
+            zo = (<Py_ssize_t> sl * B + b) * G
+            ho = (<Py_ssize_t> sl * B + b) * H
             z = gates + zo
-            cprev = c_cache + (<Py_ssize_t> tp * B + b) * H if s > 0 else c0 + <Py_ssize_t> b * H
+            cprev = c_cache + ho - <Py_ssize_t> B * H if s > s0 else c_start + <Py_ssize_t> b * H
             dmb = (<const floating*> dm if P > 0 else dhbuf) + <Py_ssize_t> b * H
             dcb = dc + <Py_ssize_t> b * H
             dzb = dzs + <Py_ssize_t> b * G
@@ -547,104 +650,79 @@ cdef inline void _add_block(floating* acc, const floating* part, Py_ssize_t n) n
 
 
 cdef void _weight_grads_block(
-    floating* dw_ih,            # (G, I) INOUT +=, rows [g0, g1)
-    floating* dw_hh,            # (G, Hp) INOUT +=, rows [g0, g1)
-    floating* dw_hr,            # (P, H) INOUT +=, rows [q0, q1), or NULL
-    floating* db_ih,            # (G,) INOUT +=, or NULL
-    floating* db_hh,            # (G,) INOUT +=, or NULL
-    floating* dw_ih_tmp,        # (G, I) scratch: this call's dW_ih
-    floating* dw_hh_tmp,        # (G, Hp) scratch: this call's dW_hh
-    floating* dw_hr_tmp,        # (P, H) scratch: this call's dW_hr, or NULL
-    floating* db_tmp,           # (G,) scratch: this call's db
-    const floating* dz,         # (T*B, G)
-    const floating* dzs,        # (B, G) dz of each row's first processed step
-    const floating* dhp,        # (T*B, P) dL/dh_t, or NULL
-    const floating* m_cache,    # (T*B, H) m_t, or NULL
-    const floating* x,          # (T*B, I)
-    const floating* y,          # (T*B, Hp)
-    const floating* h0,         # (B, Hp) or NULL (zeros)
-    const floating* hm_cache,   # (T*B, Hp) h_{t-1} * rmask at the time of z_t, or NULL
-    int T, int B, int I, int H, int P, int g0, int g1, int q0, int q1, bint reverse,
+    floating* dw_ih_tmp,        # (G, I) INOUT rows [g0, g1): the running sum of dz^T x
+    floating* dw_hh_tmp,        # (G, Hp) INOUT rows [g0, g1): dz^T h_{t-1}
+    floating* dw_hr_tmp,        # (P, H) INOUT rows [q0, q1): dh^T m, or NULL
+    floating* db_tmp,           # (G,) INOUT [g0, g1): sum of dz, or NULL (no bias)
+    const floating* dz,         # (rows, G) the block's dz
+    const floating* x,          # (rows, I) the block's x in loop-step order
+    const floating* hprev,      # (rows, Hp) the block's h_{t-1} as the product read it
+    const floating* dhp,        # (rows, P) dL/dh_t, or NULL
+    const floating* m_cache,    # (rows, H) m_t, or NULL
+    int rows, int I, int H, int P, int g0, int g1, int q0, int q1, bint first,
 ) noexcept nogil:
-    """Gradient rows [g0, g1) of W_ih, W_hh, b_ih, b_hh and [q0, q1) of W_hr     (1') (5').
+    """Adds one time block to the running weight-gradient sums              (1') (5').
 
-    Each is computed in full into scratch and then added to the gradient in one pass:
-    BLAS with beta = 1 adds its K-blocks to C one at a time, and dW_hh has two parts,
-    so accumulating in place would make two backward calls differ from 2x one call.
+    The first block of a backward (its last in time) overwrites (beta = 0), so the sums
+    need no zeroing; lstm_backward adds them to the gradients once, at the end: BLAS with
+    beta = 1 adds its K-blocks to C one at a time, so accumulating into the gradient
+    itself would make two backward calls differ from 2x one call.
     """
     cdef int G = 4 * H, Hp = P if P > 0 else H
     cdef int j
-    cdef Py_ssize_t k, TB = <Py_ssize_t> T * B
-    cdef Py_ssize_t oi = <Py_ssize_t> g0 * I, oh = <Py_ssize_t> g0 * Hp
-    if P > 0 and q1 > q0:              # dW_hr = dh^T m
-        gemm(True, False, q1 - q0, H, T * B, 1, dhp + q0, P, m_cache, H, 0,
+    cdef Py_ssize_t k
+    cdef floating beta = 0 if first else 1
+    if P > 0 and q1 > q0:              # dW_hr += dh^T m
+        gemm(True, False, q1 - q0, H, rows, 1, dhp + q0, P, m_cache, H, beta,
              dw_hr_tmp + <Py_ssize_t> q0 * H, H)
-        _add_block(dw_hr + <Py_ssize_t> q0 * H, dw_hr_tmp + <Py_ssize_t> q0 * H,
-                   (q1 - q0) * <Py_ssize_t> H)
     if g1 <= g0:
         return
-    # dW_ih = dz^T x
-    gemm(True, False, g1 - g0, I, T * B, 1, dz + g0, G, x, I, 0, dw_ih_tmp + oi, I)
-    # dW_hh = dz^T h_{t-1}. Inside a sequence h_{t-1} is y at the neighbouring time
-    # (t-1 forward, t+1 reverse); at a padded neighbour y is 0, which is exactly right
-    # for a reverse row's first step, whose h_{t-1} is h0, added from dzs below.
-    # With recurrent dropout the forward kept the masked h_{t-1} (h0 included) row by
-    # row at the time of z_t, so dW_hh is one GEMM over all rows                  (1r').
-    if hm_cache != NULL:
-        gemm(True, False, g1 - g0, Hp, T * B, 1, dz + g0, G, hm_cache, Hp, 0,
-             dw_hh_tmp + oh, Hp)
-    elif reverse:
-        gemm(True, False, g1 - g0, Hp, (T - 1) * B, 1, dz + g0, G,
-             y + <Py_ssize_t> B * Hp, Hp, 0, dw_hh_tmp + oh, Hp)
-    else:
-        gemm(True, False, g1 - g0, Hp, (T - 1) * B, 1, dz + <Py_ssize_t> B * G + g0, G,
-             y, Hp, 0, dw_hh_tmp + oh, Hp)
-    if h0 != NULL and hm_cache == NULL:
-        gemm(True, False, g1 - g0, Hp, B, 1, dzs + g0, G, h0, Hp, 1, dw_hh_tmp + oh, Hp)
-    _add_block(dw_ih + oi, dw_ih_tmp + oi, (g1 - g0) * <Py_ssize_t> I)
-    _add_block(dw_hh + oh, dw_hh_tmp + oh, (g1 - g0) * <Py_ssize_t> Hp)
-    # db_ih += sum dz, db_hh += sum dz (the two biases have the same gradient). Rows in
-    # order, each summed into the block's columns: reading dz column by column instead
-    # (stride G) took 15% of a medium training step.
-    if db_ih != NULL:
-        memset(db_tmp + g0, 0, (g1 - g0) * sizeof(floating))
-        for k in range(TB):
+    gemm(True, False, g1 - g0, I, rows, 1, dz + g0, G, x, I, beta,             # dz^T x
+         dw_ih_tmp + <Py_ssize_t> g0 * I, I)
+    gemm(True, False, g1 - g0, Hp, rows, 1, dz + g0, G, hprev, Hp, beta,       # dz^T h_{t-1}
+         dw_hh_tmp + <Py_ssize_t> g0 * Hp, Hp)
+    # db += sum dz (b_ih and b_hh have the same gradient). Rows in order, each summed into
+    # the part's columns: reading dz column by column instead (stride G) took 15% of a
+    # medium training step.
+    if db_tmp != NULL:
+        if first:
+            memset(db_tmp + g0, 0, (g1 - g0) * sizeof(floating))
+        for k in range(rows):
             for j in range(g0, g1):
                 db_tmp[j] += dz[k * G + j]
-        for j in range(g0, g1):
-            db_ih[j] += db_tmp[j]
-            db_hh[j] += db_tmp[j]
 
 
 def lstm_backward(
     *,
-    floating[:, :, ::1] dx,             # (T, B, I) OUT
-    floating[:, ::1] dh0,               # (B, Hp) OUT
-    floating[:, ::1] dc,                # (B, H) INOUT: in dL/dc_n, out dc0
-    floating[:, ::1] dw_ih,             # (G, I) INOUT, accumulated (+=)
+    floating[:, :, ::1] dx,             # (T, B, I) OUT at the active rows' times in [s0, s1);
+                                        #   zeros elsewhere are the caller's (reverse)
+    floating[:, ::1] dh,                # (B, Hp) INOUT: carried between segments; dh0 at the end
+    floating[:, ::1] dc,                # (B, H) INOUT: dL/dc_n in, dc0 at the end
+    floating[:, ::1] dw_ih,             # (G, I) INOUT, accumulated (+=) by the last call
     floating[:, ::1] dw_hh,             # (G, Hp) INOUT, accumulated (+=)
     floating[:, ::1] dw_hr,             # (P, H) INOUT += with a projection, else None
     floating[::1] db_ih,                # (G,) INOUT += or None (no bias)
     floating[::1] db_hh,                # (G,) INOUT += or None (no bias)
-    floating[:, ::1] dw_ih_tmp,         # (G, I) scratch
-    floating[:, ::1] dw_hh_tmp,         # (G, Hp) scratch
-    floating[:, ::1] dw_hr_tmp,         # (P, H) scratch with a projection, else None
-    floating[::1] db_tmp,               # (G,) scratch
-    floating[:, :, ::1] dz,             # (T, B, G) scratch
-    floating[:, :, ::1] dhp,            # (T, B, P) scratch with a projection, else None
+    floating[:, ::1] dw_ih_tmp,         # (G, I) running sums, carried between segments
+    floating[:, ::1] dw_hh_tmp,         # (G, Hp)
+    floating[:, ::1] dw_hr_tmp,         # (P, H) with a projection, else None
+    floating[::1] db_tmp,               # (G,)
+    floating[:, :, ::1] dz,             # (n, B, G) scratch
+    floating[:, :, ::1] dhp,            # (n, B, P) scratch with a projection, else None
+    floating[:, ::1] dxg,               # (n_parts * ceil(S*B / n_parts), I) scratch, reverse only
     floating[:, ::1] dzs,               # (B, G) scratch
     floating[:, ::1] dhbuf,             # (B, Hp) scratch
     floating[:, ::1] dm,                # (B, H) scratch with a projection, else None
     const floating[:, :, ::1] dy,       # (T, B, Hp)
     const floating[:, ::1] dh_n,        # (B, Hp)
-    const floating[:, :, ::1] gates,    # (T, B, G) from lstm_forward
-    const floating[:, :, ::1] c_cache,  # (T, B, H) from lstm_forward
-    const floating[:, :, ::1] tc_cache, # (T, B, H) from lstm_forward
-    const floating[:, :, ::1] m_cache,  # (T, B, H) from lstm_forward with a projection, else None
-    const floating[:, :, ::1] y,        # (T, B, Hp) from lstm_forward, unmodified
-    const floating[:, :, ::1] x,        # (T, B, I) the forward's input, unmodified
-    const floating[:, ::1] h0,          # (B, Hp) or None (zeros)
-    const floating[:, ::1] c0,          # (B, H) zeros when the forward had none
+    const floating[:, :, ::1] gates,    # (n, B, G) from lstm_forward over [s0, s1)
+    const floating[:, :, ::1] c_cache,  # (n, B, H)
+    const floating[:, :, ::1] tc_cache, # (n, B, H)
+    const floating[:, :, ::1] m_cache,  # (n, B, H) with a projection, else None
+    const floating[:, :, ::1] hprev,    # (n, B, Hp)
+    const floating[:, :, ::1] x,        # (T, B, I) the forward's input (forward direction)
+    const floating[:, :, ::1] xg,       # (n, B, I) from lstm_forward (reverse), else None
+    const floating[:, ::1] c_start,     # (B, H) the state c entering step s0 (c0 when s0 = 0)
     const floating[:, ::1] w_ih,        # (G, I)
     const floating[:, ::1] w_hh,        # (G, Hp)
     const floating[:, ::1] w_hr,        # (P, H) or None
@@ -654,99 +732,138 @@ def lstm_backward(
     int n_threads,
     float[::1] wpack=None,              # float32 scratch: pack_floats(G, Hp) + pack_floats(P, H)
     const floating[:, ::1] rmask,       # (B, Hp) the forward's recurrent dropout mask, or None
-    const floating[:, :, ::1] hm_cache,  # (T, B, Hp) from lstm_forward with rmask
+    int s0,                             # as the forward's; segments go last to first
+    int s1,
+    bint first,                         # the first call of this backward (s1 = T)
+    bint last,                          # the last call (s0 = 0): add the sums to the gradients
 ):
-    """BPTT through one layer and direction; accumulates into the weight gradients."""
-    cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2]
+    """BPTT through one layer and direction over loop steps [s0, s1). A whole backward is
+    one call (s0 = 0, s1 = T, first and last), or one call per segment from the last
+    (checkpointed BPTT, cylstm.functional), which gives bitwise the same gradients."""
+    cdef int T = dy.shape[0], B = dy.shape[1], I = w_ih.shape[1]
     cdef int G = w_hh.shape[0], H = w_hh.shape[0] // 4, Hp = w_hh.shape[1]
     cdef int P = 0 if w_hr is None else w_hr.shape[0]
-    cdef int p, n_chunks
-    cdef const floating* h0_p = NULL
+    cdef int S = block_steps(B), n = s1 - s0
+    cdef int p, n_chunks, bs, be, nb, k, q0, q1, g0, g1, r0, r1, part_rows
+    cdef bint blk_first
     cdef const floating* w_hr_p = NULL
     cdef const floating* m_p = NULL
-    cdef floating* dbi_p = NULL
-    cdef floating* dbh_p = NULL
-    cdef floating* dw_hr_p = NULL
+    cdef const floating* x_p = NULL
+    cdef floating* dbt_p = NULL
     cdef floating* dw_hr_tmp_p = NULL
     cdef floating* dhp_p = NULL
     cdef floating* dm_p = NULL
+    cdef floating* dxg_p = NULL
     cdef float* whh_pk = NULL
     cdef float* whr_pk = NULL
     cdef const floating* rm_p = NULL
-    cdef const floating* hmc_p = NULL
 
-    _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
+    _check(0 <= s0 < s1 <= T and s0 % S == 0 and (s1 % S == 0 or s1 == T)
+           and (not first or s1 == T) and (not last or s0 == 0), "s0/s1/first/last")
+    _check(G == 4 * H and Hp == (P if P > 0 else H), "weights")
     if rmask is not None:
-        _check(_is(rmask.shape, B, Hp) and hm_cache is not None
-               and _is(hm_cache.shape, T, B, Hp), "rmask/hm_cache")
+        _check(_is(rmask.shape, B, Hp), "rmask")
         rm_p = &rmask[0, 0]
-        hmc_p = &hm_cache[0, 0, 0]
     whh_pk = _wpack_slot(wpack, G, Hp, P, H)
     if whh_pk != NULL:
         whr_pk = whh_pk + cy_packed_size(G, Hp)
     _check(_is(dw_ih.shape, G, I) and _is(dw_hh.shape, G, Hp), "weight grads")
-    _check(_is(dw_ih_tmp.shape, G, I) and _is(dw_hh_tmp.shape, G, Hp), "weight grad scratch")
-    _check(_is(dx.shape, T, B, I) and _is(dy.shape, T, B, Hp) and _is(y.shape, T, B, Hp),
-           "x/dx/y/dy")
-    _check(_is(c_cache.shape, T, B, H) and _is(tc_cache.shape, T, B, H), "cache")
-    _check(_is(dz.shape, T, B, G) and _is(gates.shape, T, B, G), "dz/gates")
-    _check(_is(dh0.shape, B, Hp) and _is(dh_n.shape, B, Hp) and _is(dhbuf.shape, B, Hp)
-           and _is(dc.shape, B, H) and _is(c0.shape, B, H), "states")
+    _check(_is(dw_ih_tmp.shape, G, I) and _is(dw_hh_tmp.shape, G, Hp), "weight grad sums")
+    _check(_is(dx.shape, T, B, I) and _is(dy.shape, T, B, Hp), "dx/dy")
+    _check(_is(c_cache.shape, n, B, H) and _is(tc_cache.shape, n, B, H)
+           and _is(hprev.shape, n, B, Hp), "cache")
+    _check(_is(dz.shape, n, B, G) and _is(gates.shape, n, B, G), "dz/gates")
+    _check(_is(dh.shape, B, Hp) and _is(dh_n.shape, B, Hp) and _is(dhbuf.shape, B, Hp)
+           and _is(dc.shape, B, H) and _is(c_start.shape, B, H), "states")
     _check(_is(dzs.shape, B, G) and db_tmp.shape[0] == G, "dzs/db_tmp")
     _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
-    if h0 is not None:
-        _check(_is(h0.shape, B, Hp), "h0")
-        h0_p = &h0[0, 0]
+    part_rows = (S * B + n_parts - 1) // n_parts
+    if reverse:
+        _check(xg is not None and _is(xg.shape, n, B, I) and dxg is not None
+               and _is(dxg.shape, n_parts * part_rows, I), "xg/dxg")
+        x_p = &xg[0, 0, 0]
+        dxg_p = &dxg[0, 0]
+    else:
+        _check(x is not None and _is(x.shape, T, B, I), "x")
+        x_p = &x[0, 0, 0] + <Py_ssize_t> s0 * B * I
     if db_ih is not None:
         _check(db_hh is not None and db_ih.shape[0] == G and db_hh.shape[0] == G, "bias grads")
-        dbi_p = &db_ih[0]
-        dbh_p = &db_hh[0]
+        dbt_p = &db_tmp[0]
     if P > 0:
         _check(_is(w_hr.shape, P, H) and dw_hr is not None and _is(dw_hr.shape, P, H)
                and dw_hr_tmp is not None and _is(dw_hr_tmp.shape, P, H)
-               and dhp is not None and _is(dhp.shape, T, B, P) and dm is not None
+               and dhp is not None and _is(dhp.shape, n, B, P) and dm is not None
                and _is(dm.shape, B, H) and m_cache is not None
-               and _is(m_cache.shape, T, B, H), "projection")
+               and _is(m_cache.shape, n, B, H), "projection")
         w_hr_p = &w_hr[0, 0]
         m_p = &m_cache[0, 0, 0]
-        dw_hr_p = &dw_hr[0, 0]
         dw_hr_tmp_p = &dw_hr_tmp[0, 0]
         dhp_p = &dhp[0, 0, 0]
         dm_p = &dm[0, 0]
-    if T == 0 or B == 0:
-        return
     n_chunks = min(B, n_parts)
+    nb = (n + S - 1) // S
     with nogil:
         whh_pk = _pack(whh_pk, &w_hh[0, 0], G, Hp, Hp, False)
         if P > 0 and whh_pk != NULL:
             whr_pk = _pack(whr_pk, w_hr_p, P, H, H, False)
         for p in prange(n_chunks, schedule="static",
-                        num_threads=team(n_threads, n_chunks, <double> T * B * G * (Hp + P),
+                        num_threads=team(n_threads, n_chunks, <double> n * B * G * (Hp + P),
                                          MIN_PARALLEL_MACS)):
             note_team()
             blas_single_enter()
-            _backward_chunk(&dz[0, 0, 0], dhp_p, &dzs[0, 0], &dh0[0, 0], &dc[0, 0],
+            _backward_chunk(&dz[0, 0, 0], dhp_p, &dzs[0, 0], &dh[0, 0], &dc[0, 0],
                             &dhbuf[0, 0], dm_p, &dy[0, 0, 0], &dh_n[0, 0], &gates[0, 0, 0],
-                            &c_cache[0, 0, 0], &tc_cache[0, 0, 0], &c0[0, 0], &w_hh[0, 0],
+                            &c_cache[0, 0, 0], &tc_cache[0, 0, 0], &c_start[0, 0], &w_hh[0, 0],
                             w_hr_p, whh_pk, whr_pk if P > 0 else NULL, rm_p, &lengths[0],
-                            T, B, H, P,
+                            s0, s1, B, H, P,
                             split(B, n_chunks, p), split(B, n_chunks, p + 1), reverse)
             blas_single_exit()
+        # Weight gradients and dx, block by block from the last: gradient rows [g0, g1)
+        # and [q0, q1) and dx rows [r0, r1) of each block belong to part p alone.
         for p in prange(n_parts, schedule="static",
-                        num_threads=team(n_threads, n_parts, <double> T * B * G * (I + Hp) * 2,
+                        num_threads=team(n_threads, n_parts, <double> n * B * G * (I + Hp) * 3,
                                          MIN_PARALLEL_MACS)):
             note_team()
             blas_single_enter()
-            _weight_grads_block(&dw_ih[0, 0], &dw_hh[0, 0], dw_hr_p, dbi_p, dbh_p,
-                                &dw_ih_tmp[0, 0], &dw_hh_tmp[0, 0], dw_hr_tmp_p, &db_tmp[0],
-                                &dz[0, 0, 0],
-                                &dzs[0, 0], dhp_p, m_p, &x[0, 0, 0], &y[0, 0, 0], h0_p,
-                                hmc_p, T, B, I, H, P, split(G, n_parts, p), split(G, n_parts, p + 1),
-                                split(P, n_parts, p), split(P, n_parts, p + 1), reverse)
-            # dx = dz W_ih                                                   (1')
-            gemm(False, False, split(T * B, n_parts, p + 1) - split(T * B, n_parts, p),
-                 I, G, 1, &dz[0, 0, 0] + <Py_ssize_t> split(T * B, n_parts, p) * G, G,
-                 &w_ih[0, 0], I, 0, &dx[0, 0, 0] + <Py_ssize_t> split(T * B, n_parts, p) * I, I)
+            g0 = split(G, n_parts, p)
+            g1 = split(G, n_parts, p + 1)
+            q0 = split(P, n_parts, p)
+            q1 = split(P, n_parts, p + 1)
+            for k in range(nb - 1, -1, -1):
+                bs = s0 + k * S
+                be = min(bs + S, s1)
+                blk_first = first and k == nb - 1
+                _weight_grads_block(&dw_ih_tmp[0, 0], &dw_hh_tmp[0, 0], dw_hr_tmp_p, dbt_p,
+                                    &dz[0, 0, 0] + <Py_ssize_t> k * S * B * G,
+                                    x_p + <Py_ssize_t> k * S * B * I,
+                                    &hprev[0, 0, 0] + <Py_ssize_t> k * S * B * Hp,
+                                    (dhp_p + <Py_ssize_t> k * S * B * P) if P > 0 else NULL,
+                                    (m_p + <Py_ssize_t> k * S * B * H) if P > 0 else NULL,
+                                    (be - bs) * B, I, H, P, g0, g1, q0, q1, blk_first)
+                r0 = split((be - bs) * B, n_parts, p)                       # dx = dz W_ih (1')
+                r1 = split((be - bs) * B, n_parts, p + 1)
+                if r1 > r0:
+                    if reverse:        # into this part's own rows of the scratch, then out
+                        gemm(False, False, r1 - r0, I, G, 1,
+                             &dz[0, 0, 0] + (<Py_ssize_t> k * S * B + r0) * G, G, &w_ih[0, 0], I,
+                             0, dxg_p + <Py_ssize_t> p * part_rows * I, I)
+                        _scatter_rows(&dx[0, 0, 0], dxg_p + <Py_ssize_t> p * part_rows * I,
+                                      &lengths[0], bs, r0, r1, B, I, True)
+                    else:
+                        gemm(False, False, r1 - r0, I, G, 1,
+                             &dz[0, 0, 0] + (<Py_ssize_t> k * S * B + r0) * G, G, &w_ih[0, 0], I,
+                             0, &dx[0, 0, 0] + (<Py_ssize_t> bs * B + r0) * I, I)
+            if last:
+                _add_block(&dw_ih[0, 0] + <Py_ssize_t> g0 * I, &dw_ih_tmp[0, 0] + <Py_ssize_t> g0 * I,
+                           (g1 - g0) * <Py_ssize_t> I)
+                _add_block(&dw_hh[0, 0] + <Py_ssize_t> g0 * Hp, &dw_hh_tmp[0, 0] + <Py_ssize_t> g0 * Hp,
+                           (g1 - g0) * <Py_ssize_t> Hp)
+                if P > 0:
+                    _add_block(&dw_hr[0, 0] + <Py_ssize_t> q0 * H, dw_hr_tmp_p + <Py_ssize_t> q0 * H,
+                               (q1 - q0) * <Py_ssize_t> H)
+                if dbt_p != NULL:
+                    _add_block(&db_ih[0] + g0, dbt_p + g0, g1 - g0)
+                    _add_block(&db_hh[0] + g0, dbt_p + g0, g1 - g0)
             blas_single_exit()
 
 

@@ -25,15 +25,19 @@ them before the first backward (``LSTM.zero_grad()`` does). ``x`` and ``y`` are 
 by reference in the cache: do not modify them between forward and backward.
 """
 
+import math
+
 import numpy as np
 
 from . import _lstm
 from ._check import FLOATS as _FLOATS
+from ._check import checkpoint_every as _checkpoint_every
 from ._check import real_array
 from ._check import shape_str as _shape
 from ._threads import N_PARTS, PACK_MIN_STEPS, blas_single_threaded, get_num_threads
 
-__all__ = ["lstm_layer_forward", "lstm_layer_backward", "LayerCache", "Workspace"]
+__all__ = ["lstm_layer_forward", "lstm_layer_backward", "LayerCache", "Workspace",
+           "segment_steps", "block_steps"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -122,8 +126,9 @@ def _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr):
 def _finite_padding(x, lengths):
     """x, or a copy with zeros at padded positions when any of those is not finite.
 
-    Backward forms dW_ih over all T*B rows, where padded rows have dz = 0; but 0 * NaN is
-    NaN, and PyTorch never reads padding. Checking costs a pass over the padding only.
+    Backward forms dW_ih over every row of a time block, where padded rows have dz = 0;
+    but 0 * NaN is NaN, and PyTorch never reads padding. Checking costs a pass over the
+    padding only. (In reverse, x is gathered into loop-step order with zero padding.)
     """
     T = x.shape[0]
     if lengths.min() == T:
@@ -136,13 +141,13 @@ def _finite_padding(x, lengths):
     return x
 
 
-def _wpack(ws, dtype, shapes, T):
+def _wpack(ws, dtype, shapes, T, name="wpack"):
     """float32 scratch for the recurrent weights packed once per call (see _rgemm.h),
     or None (float64, short sequences, or a CPU without AVX2: the kernels use BLAS)."""
     if dtype != np.float32 or T < PACK_MIN_STEPS:
         return None
     n = sum(_lstm.pack_floats(K, N) for K, N in shapes)
-    return ws.get("wpack", (n,), np.float32) if n else None
+    return ws.get(name, (n,), np.float32) if n else None
 
 
 def _workspace_arg(workspace):
@@ -182,40 +187,89 @@ class Workspace:
 
 
 class LayerCache:
-    """What ``lstm_layer_backward`` needs from one training-mode forward (time order).
+    """What ``lstm_layer_backward`` needs from one training-mode forward.
 
-    gates (T, B, 4H) activated [i|f|g|o]; c, tc (T, B, H) c_t and tanh(c_t); m (T, B, H)
-    o * tanh(c_t) with a projection (else None); y (T, B, Hp) and x (T, B, I) by
-    reference; h0 (B, Hp) or None; c0 (B, H); the weights, lengths (B,) int32 and the
-    direction; rmask (B, Hp) the recurrent dropout mask and hm (T, B, Hp) the masked
-    h_{t-1} at each time (dW_hh's operand), both None without one. Memory:
-    (6 + [3 with a projection]) * T*B*H elements, [T*B*Hp with a mask], plus y and x.
+    Per-step arrays are in loop-step order (docs/math.md, "Loop steps and time"): gates
+    (T, B, 4H) activated [i|f|g|o]; c, tc (T, B, H) c_t and tanh(c_t); m (T, B, H)
+    o * tanh(c_t) with a projection (else None); hprev (T, B, Hp) the h_{t-1} the
+    recurrent product read (masked with recurrent dropout); xg (T, B, I) the input in
+    loop-step order (reverse only), else x (T, B, I) by reference. c0 (B, H); rmask
+    (B, Hp) or None; the weights, lengths (B,) int32 and the direction.
+
+    Checkpointed (``segment`` = k steps): gates, c, tc, m, hprev and xg are None; h_ck
+    (ceil(T/k), B, Hp) and c_ck (ceil(T/k), B, H) hold the state entering each segment,
+    from which backward recomputes the segment's caches just before it needs them.
     """
 
-    __slots__ = ("x", "y", "gates", "c", "tc", "m", "h0", "c0", "w_ih", "w_hh", "w_hr",
-                 "has_bias", "lengths", "reverse", "dtype", "rmask", "hm")
+    __slots__ = ("x", "xg", "gates", "c", "tc", "m", "hprev", "c0", "w_ih", "w_hh", "w_hr",
+                 "bias", "lengths", "reverse", "dtype", "rmask", "segment", "h_ck", "c_ck",
+                 "shape")
 
     def __init__(self, **kw):
-        for k, v in kw.items():
-            setattr(self, k, v)
+        for k in self.__slots__:
+            setattr(self, k, kw.pop(k, None))
+        if kw:
+            raise TypeError(f"unknown LayerCache fields {sorted(kw)}")
+
+
+def block_steps(B):
+    """Loop steps per time block of a batch of B sequences: the input projection, the
+    weight gradients and dx are computed block by block (cylstm._lstm), and checkpoint
+    segments are whole blocks."""
+    return _lstm.block_steps(B)
+
+
+def segment_steps(checkpoint_every, T, B):
+    """Steps per checkpoint segment for ``checkpoint_every`` (None, an int >= 1 or
+    "auto") with T steps and B sequences, or None when nothing is checkpointed.
+
+    "auto" asks for ceil(sqrt(T)) steps, which makes the checkpoints (T/k states) and one
+    segment's caches (k steps) about the same size. The request is rounded up to a whole
+    number of time blocks (block_steps(B)); a segment as long as the sequence is the
+    full cache, so it returns None then.
+    """
+    checkpoint_every = _checkpoint_every(checkpoint_every)
+    if checkpoint_every is None:
+        return None
+    k = math.isqrt(max(T - 1, 0)) + 1 if checkpoint_every == "auto" else checkpoint_every
+    S = _lstm.block_steps(B)
+    k = -(-k // S) * S
+    return None if k >= T else k
+
+
+def _caches(ws, dtype, n, B, I, H, Hp, proj, reverse, prefix=""):
+    """The per-step cache of n loop steps, from the workspace."""
+    return dict(
+        gates=ws.get(prefix + "gates", (n, B, 4 * H), dtype),
+        c_cache=ws.get(prefix + "c", (n, B, H), dtype),
+        tc_cache=ws.get(prefix + "tc", (n, B, H), dtype),
+        m_cache=ws.get(prefix + "m", (n, B, H), dtype) if proj else None,
+        hprev=ws.get(prefix + "hprev", (n, B, Hp), dtype),
+        xg=ws.get(prefix + "xg", (n, B, I), dtype) if reverse else None,
+    )
 
 
 # ---- forward / backward ---------------------------------------------------------------------
 
 def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                        lengths=None, reverse=False, training=True, w_hr=None,
-                       recurrent_mask=None, *, workspace=None, out=None):
+                       recurrent_mask=None, *, checkpoint_every=None, workspace=None,
+                       out=None):
     """One LSTM layer, one direction, whole sequence (see the module docstring).
 
     x (T, B, I); w_ih (4H, I); w_hh (4H, H); b_ih, b_hh (4H,) or both None; h0, c0
     (B, H) or None (zeros); lengths (B,) in 1..T or None; reverse runs each sequence
     from its last valid step to t = 0; w_hr (P, H) a projection (PyTorch's proj_size),
     with which w_hh is (4H, P) and h0, h_n, y have P features; recurrent_mask (B, Hp)
-    or None, multiplying h_{t-1} (h0 included) in the recurrent product. Returns (y (T, B, Hp),
-    h_n (B, Hp), c_n (B, H), cache), cache None unless training; Hp = P or H. ``workspace`` (a Workspace) reuses scratch and,
-    in training mode, the cache arrays: a later forward with the same workspace then
-    invalidates the earlier cache. ``out``: an optional C-contiguous (T, B, H) array of
-    the weights' dtype that receives y (used to write straight into a wider output).
+    or None, multiplying h_{t-1} (h0 included) in the recurrent product.
+    checkpoint_every: None (keep every step's cache), k >= 1 or "auto" (keep the state
+    every k steps, rounded up to whole time blocks; see segment_steps): backward then
+    recomputes each segment, and its gradients are bitwise those of the full cache.
+    Returns (y (T, B, Hp), h_n (B, Hp), c_n (B, H), cache), cache None unless training;
+    Hp = P or H. ``workspace`` (a Workspace) reuses scratch and, in training mode, the
+    cache arrays: a later forward with the same workspace then invalidates the earlier
+    cache. ``out``: an optional C-contiguous (T, B, H) array of the weights' dtype that
+    receives y (used to write straight into a wider output).
     """
     dtype, H, Hp, w_ih, w_hh, bias, w_hr = _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr)
     I = w_ih.shape[1]
@@ -226,9 +280,10 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     if T * B * max(4 * H, I) > _INT32_MAX:
         raise ValueError(f"x {_shape(x)} with H={H} is too large for 32-bit BLAS indexing")
     lengths = _lengths(lengths, T, B)
+    k = segment_steps(checkpoint_every, T, B)
+    reverse = bool(reverse)
     h = np.zeros((B, Hp), dtype) if h0 is None else _as_array(h0, "h0", dtype, (B, Hp)).copy()
     c = np.zeros((B, H), dtype) if c0 is None else _as_array(c0, "c0", dtype, (B, H)).copy()
-    h0_kept = None if h0 is None else h.copy()
     c0_kept = c.copy() if training else None
     rmask = None
     if recurrent_mask is not None:
@@ -244,31 +299,48 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                              f"({T}, {B}, {Hp}), got {type(out).__name__} "
                              f"{getattr(out, 'dtype', '')} {np.shape(out)}")
         y = out
-    gates = ws.get("gates", (T, B, 4 * H), dtype)
-    c_cache = ws.get("c", (T, B, H), dtype) if training else None
-    tc_cache = ws.get("tc", (T, B, H), dtype) if training else None
+    if training and not reverse:
+        x = _finite_padding(x, lengths)     # dW_ih reads x at every row of a block
     proj = w_hr is not None
-    m_cache = ws.get("m", (T, B, H), dtype) if training and proj else None
-    hm_cache = ws.get("hm_cache", (T, B, Hp), dtype) if training and rmask is not None else None
-    with blas_single_threaded:
-        _lstm.lstm_forward(
-            y=y, h=h, c=c, gates=gates, c_cache=c_cache, tc_cache=tc_cache, m_cache=m_cache,
-            hz=ws.get("hz", (B, 4 * H), dtype),
-            mbuf=ws.get("mbuf", (B, H), dtype) if proj else None,
-            hp=ws.get("hp", (B, Hp), dtype) if proj else None,
-            x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=bias, lengths=lengths,
-            reverse=bool(reverse), n_parts=N_PARTS, n_threads=get_num_threads(),
-            wpack=_wpack(ws, dtype, [(Hp, 4 * H)] + ([(H, Hp)] if proj else []), T),
-            rmask=rmask, hm=ws.get("hm", (B, Hp), dtype) if rmask is not None else None,
-            hm_cache=hm_cache,
-        )
+    args = dict(
+        x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=bias, lengths=lengths, reverse=reverse,
+        n_parts=N_PARTS, n_threads=get_num_threads(), rmask=rmask,
+        hz=ws.get("hz", (B, 4 * H), dtype),
+        mbuf=ws.get("mbuf", (B, H), dtype) if proj else None,
+        hp=ws.get("hp", (B, Hp), dtype) if proj else None,
+        hm=ws.get("hm", (B, Hp), dtype) if rmask is not None else None,
+        wpack=_wpack(ws, dtype, [(Hp, 4 * H)] + ([(H, Hp)] if proj else []), T),
+    )
     cache = None
+    with blas_single_threaded:
+        if training and k is None:
+            cc = _caches(ws, dtype, T, B, I, H, Hp, proj, reverse)
+            _lstm.lstm_forward(y=y, h=h, c=c, s0=0, s1=T, **cc, **args)
+            cache = LayerCache(x=None if reverse else x, xg=cc["xg"], gates=cc["gates"],
+                               c=cc["c_cache"], tc=cc["tc_cache"], m=cc["m_cache"],
+                               hprev=cc["hprev"])
+        else:
+            # Inference, or the checkpointed training forward: segment by segment with
+            # one segment's scratch, keeping (when training) the state entering each.
+            n = T if k is None else k
+            gates = ws.get("gates", (n, B, 4 * H), dtype)
+            xg = ws.get("xg", (n, B, I), dtype) if reverse else None
+            if training:
+                n_seg = -(-T // k)
+                h_ck = ws.get("h_ck", (n_seg, B, Hp), dtype)
+                c_ck = ws.get("c_ck", (n_seg, B, H), dtype)
+                cache = LayerCache(x=x, segment=k, h_ck=h_ck, c_ck=c_ck)
+            for j, s0 in enumerate(range(0, T, n)):
+                s1 = min(T, s0 + n)
+                if training:
+                    h_ck[j], c_ck[j] = h, c
+                _lstm.lstm_forward(y=y, h=h, c=c, s0=s0, s1=s1, gates=gates[:s1 - s0],
+                                   xg=None if xg is None else xg[:s1 - s0], c_cache=None,
+                                   tc_cache=None, m_cache=None, hprev=None, **args)
     if training:
-        x = _finite_padding(x, lengths)
-        cache = LayerCache(x=x, y=y, gates=gates, c=c_cache, tc=tc_cache, m=m_cache,
-                           h0=h0_kept, c0=c0_kept, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr,
-                           has_bias=bias is not None, rmask=rmask, hm=hm_cache,
-                           lengths=lengths, reverse=bool(reverse), dtype=dtype)
+        cache.c0, cache.w_ih, cache.w_hh, cache.w_hr = c0_kept, w_ih, w_hh, w_hr
+        cache.bias, cache.lengths, cache.reverse, cache.dtype = bias, lengths, reverse, dtype
+        cache.rmask, cache.shape = rmask, (T, B, I, H, Hp)
     return y, h, c, cache
 
 
@@ -289,16 +361,15 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
     dw_hh (4H, Hp), db_ih, db_hh (4H,) (None when the layer has no bias) and dw_hr (P, H)
     (with a projection). dy (T, B, Hp); dh_n (B, Hp), dc_n (B, H) or None (zeros).
     Returns (dx (T, B, I), dh0 (B, Hp), dc0 (B, H)).
-    The cache is not modified: calling backward twice adds the gradient twice."""
+    The cache is not modified: calling backward twice adds the gradient twice. A
+    checkpointed cache recomputes its segments in the workspace's scratch."""
     if not isinstance(cache, LayerCache):
         raise TypeError(
             "cache must be the LayerCache returned by a training-mode "
             f"cylstm.functional.lstm_layer_forward, got {type(cache).__name__}"
         )
     dtype = cache.dtype
-    T, B, Hp = cache.y.shape
-    H = cache.c.shape[2]
-    I = cache.x.shape[2]
+    T, B, I, H, Hp = cache.shape
     proj = cache.w_hr is not None
     dy = _as_array(dy, "dy", dtype, (T, B, Hp))
     dh_n = np.zeros((B, Hp), dtype) if dh_n is None else _as_array(dh_n, "dh_n", dtype, (B, Hp))
@@ -311,7 +382,7 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
         dw_hr = _grad_buffer(dw_hr, "dw_hr", dtype, (Hp, H))
     elif dw_hr is not None:
         raise ValueError("the layer has no projection: dw_hr must be None")
-    if cache.has_bias:
+    if cache.bias is not None:
         if db_ih is None or db_hh is None:
             raise ValueError("the layer has biases: pass db_ih and db_hh to accumulate into")
         db_ih = _grad_buffer(db_ih, "db_ih", dtype, (4 * H,))
@@ -319,24 +390,59 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
     elif db_ih is not None or db_hh is not None:
         raise ValueError("the layer has no bias: db_ih and db_hh must be None")
     ws = _workspace_arg(workspace)
-    dx = np.empty((T, B, I), dtype)
-    dh0 = np.empty((B, Hp), dtype)
+    reverse = cache.reverse
+    # reverse scatters dx at the active rows' times only: the padding stays zero
+    dx = (np.zeros if reverse else np.empty)((T, B, I), dtype)
+    dh = np.empty((B, Hp), dtype)
+    k = cache.segment
+    n = T if k is None else k
+    part_rows = -(-block_steps(B) * B // N_PARTS)
+    fixed = dict(
+        dx=dx, dh=dh, dc=dc, dw_ih=dw_ih, dw_hh=dw_hh, dw_hr=dw_hr, db_ih=db_ih, db_hh=db_hh,
+        dw_ih_tmp=ws.get("dw_ih_tmp", (4 * H, I), dtype),
+        dw_hh_tmp=ws.get("dw_hh_tmp", (4 * H, Hp), dtype),
+        dw_hr_tmp=ws.get("dw_hr_tmp", (Hp, H), dtype) if proj else None,
+        db_tmp=ws.get("db_tmp", (4 * H,), dtype),
+        dxg=ws.get("dxg", (N_PARTS * part_rows, I), dtype) if reverse else None,
+        dzs=ws.get("dzs", (B, 4 * H), dtype), dhbuf=ws.get("dhbuf", (B, Hp), dtype),
+        dm=ws.get("dm", (B, H), dtype) if proj else None,
+        dy=dy, dh_n=dh_n, x=cache.x, w_ih=cache.w_ih, w_hh=cache.w_hh, w_hr=cache.w_hr,
+        lengths=cache.lengths, reverse=reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
+        wpack=_wpack(ws, dtype, [(4 * H, Hp)] + ([(Hp, H)] if proj else []), T),
+        rmask=cache.rmask,
+    )
+    dz = ws.get("dz", (n, B, 4 * H), dtype)
+    dhp = ws.get("dhp", (n, B, Hp), dtype) if proj else None
     with blas_single_threaded:
-        _lstm.lstm_backward(
-            dx=dx, dh0=dh0, dc=dc, dw_ih=dw_ih, dw_hh=dw_hh, dw_hr=dw_hr, db_ih=db_ih,
-            db_hh=db_hh, dw_ih_tmp=ws.get("dw_ih_tmp", (4 * H, I), dtype),
-            dw_hh_tmp=ws.get("dw_hh_tmp", (4 * H, Hp), dtype),
-            dw_hr_tmp=ws.get("dw_hr_tmp", (Hp, H), dtype) if proj else None,
-            db_tmp=ws.get("db_tmp", (4 * H,), dtype),
-            dz=ws.get("dz", (T, B, 4 * H), dtype),
-            dhp=ws.get("dhp", (T, B, Hp), dtype) if proj else None,
-            dzs=ws.get("dzs", (B, 4 * H), dtype), dhbuf=ws.get("dhbuf", (B, Hp), dtype),
-            dm=ws.get("dm", (B, H), dtype) if proj else None,
-            dy=dy, dh_n=dh_n, gates=cache.gates, c_cache=cache.c, tc_cache=cache.tc,
-            m_cache=cache.m, y=cache.y, x=cache.x, h0=cache.h0, c0=cache.c0,
-            w_ih=cache.w_ih, w_hh=cache.w_hh, w_hr=cache.w_hr, lengths=cache.lengths,
-            reverse=cache.reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
-            wpack=_wpack(ws, dtype, [(4 * H, Hp)] + ([(Hp, H)] if proj else []), T),
-            rmask=cache.rmask, hm_cache=cache.hm,
-        )
-    return dx, dh0, dc
+        if k is None:
+            _lstm.lstm_backward(
+                s0=0, s1=T, first=True, last=True, dz=dz, dhp=dhp, gates=cache.gates,
+                c_cache=cache.c, tc_cache=cache.tc, m_cache=cache.m, hprev=cache.hprev,
+                xg=cache.xg, c_start=cache.c0, **fixed)
+        else:
+            # Segments from the last: recompute the segment's caches from the state that
+            # entered it (the same kernel calls as the forward made), then its backward.
+            cc = _caches(ws, dtype, k, B, I, H, Hp, proj, reverse, prefix="seg_")
+            h = ws.get("seg_state_h", (B, Hp), dtype)
+            c = ws.get("seg_state_c", (B, H), dtype)
+            fwd = dict(
+                x=cache.x, w_ih=cache.w_ih, w_hh=cache.w_hh, w_hr=cache.w_hr, bias=cache.bias,
+                lengths=cache.lengths, reverse=reverse, n_parts=N_PARTS,
+                n_threads=get_num_threads(), rmask=cache.rmask, hm=None,
+                hz=ws.get("hz", (B, 4 * H), dtype),
+                mbuf=ws.get("mbuf", (B, H), dtype) if proj else None,
+                hp=ws.get("hp", (B, Hp), dtype) if proj else None,
+                wpack=_wpack(ws, dtype, [(Hp, 4 * H)] + ([(H, Hp)] if proj else []), T,
+                             name="wpack_fwd"),
+            )
+            n_seg = cache.h_ck.shape[0]
+            for j in range(n_seg - 1, -1, -1):
+                s0, s1 = j * k, min(T, (j + 1) * k)
+                seg = {name: None if a is None else a[:s1 - s0] for name, a in cc.items()}
+                h[...], c[...] = cache.h_ck[j], cache.c_ck[j]
+                _lstm.lstm_forward(y=None, h=h, c=c, s0=s0, s1=s1, **seg, **fwd)
+                _lstm.lstm_backward(
+                    s0=s0, s1=s1, first=j == n_seg - 1, last=j == 0, dz=dz[:s1 - s0],
+                    dhp=None if dhp is None else dhp[:s1 - s0], c_start=cache.c_ck[j],
+                    **seg, **fixed)
+    return dx, dh, dc

@@ -12,6 +12,7 @@ from . import _ops, _step
 from . import functional as F
 from ._check import float_dtype as _dtype
 from ._check import positive_int as _positive_int
+from ._check import checkpoint_every as _checkpoint_every
 from ._check import probability, real_array, shape_str
 from .base import Features, Layer, Parametrised
 from ._threads import N_PARTS, blas_single_threaded, get_num_threads, threads
@@ -128,11 +129,17 @@ class LSTM(Parametrised):
     ``weight_dropout`` (DropConnect on each W_hh, one mask per forward call) are
     inverted too, training only, and drawn from the same stream (docs/math.md,
     "Recurrent dropout and weight dropout").
+    ``checkpoint_every`` (None, k >= 1 or ``"auto"``, about sqrt(T)): checkpointed BPTT.
+    A training forward keeps each layer's state every k steps (rounded up to whole time
+    blocks, ``cylstm.functional.segment_steps``) instead of every step's cache, and
+    backward recomputes each segment just before it needs it: memory grows with sqrt(T)
+    instead of T, for about one more forward of time; the gradients are bitwise those of
+    the full cache (docs/math.md, "Checkpointed BPTT").
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, dtype="float32", seed=None,
-                 recurrent_dropout=0.0, weight_dropout=0.0):
+                 recurrent_dropout=0.0, weight_dropout=0.0, checkpoint_every=None):
         self.input_size = _positive_int(input_size, "input_size")
         self.hidden_size = _positive_int(hidden_size, "hidden_size")
         self.num_layers = _positive_int(num_layers, "num_layers")
@@ -143,6 +150,7 @@ class LSTM(Parametrised):
         self.dropout = probability(dropout, "dropout")
         self.recurrent_dropout = probability(recurrent_dropout, "recurrent_dropout")
         self.weight_dropout = probability(weight_dropout, "weight_dropout")
+        self.checkpoint_every = _checkpoint_every(checkpoint_every)
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
         self.bidirectional = bool(bidirectional)
@@ -193,6 +201,7 @@ class LSTM(Parametrised):
         # pickles made before these options existed mean "off"
         self.__dict__.setdefault("recurrent_dropout", 0.0)
         self.__dict__.setdefault("weight_dropout", 0.0)
+        self.__dict__.setdefault("checkpoint_every", None)
         self._workspaces_lock = threading.Lock()
         self._training_lock = threading.Lock()
         _live_lstms.add(self)
@@ -216,7 +225,8 @@ class LSTM(Parametrised):
         extra = "".join(f", {k}={getattr(self, k)!r}" for k, default in (
             ("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
             ("bidirectional", False), ("proj_size", 0), ("recurrent_dropout", 0.0),
-            ("weight_dropout", 0.0)) if getattr(self, k) != default)
+            ("weight_dropout", 0.0), ("checkpoint_every", None))
+            if getattr(self, k) != default)
         return (f"cylstm.LSTM({self.input_size}, {self.hidden_size}{extra}, "
                 f"dtype='{self.dtype}')")
 
@@ -283,7 +293,8 @@ class LSTM(Parametrised):
                     dropout=self.dropout, bidirectional=self.bidirectional,
                     proj_size=self.proj_size, dtype=self.dtype.name,
                     recurrent_dropout=self.recurrent_dropout,
-                    weight_dropout=self.weight_dropout)
+                    weight_dropout=self.weight_dropout,
+                    checkpoint_every=self.checkpoint_every)
 
     def _weights(self, layer, d):
         """((w_ih, w_hh, b_ih, b_hh, w_hr), (their gradients)) of one layer and direction;
@@ -423,7 +434,8 @@ class LSTM(Parametrised):
                         b_ih, b_hh,
                         None if h0 is None else h0[k], None if c0 is None else c0[k],
                         lengths, reverse=bool(d), training=training, w_hr=w_hr,
-                        recurrent_mask=rmasks[d], workspace=self._workspace(layer, d, wss))
+                        recurrent_mask=rmasks[d], checkpoint_every=self.checkpoint_every,
+                        workspace=self._workspace(layer, d, wss))
                     return y, cache
                 results = [run(0)] if D == 1 else _both_directions(run)
                 outs = [y for y, _ in results]
@@ -447,8 +459,6 @@ class LSTM(Parametrised):
             y, h_n, c_n = y[:, 0, :], h_n[:, 0, :], c_n[:, 0, :]
         elif self.batch_first:
             y = y.transpose(1, 0, 2)
-        if training and D == 1:
-            y = y.copy()     # the last layer's y is in the cache: the caller gets its own
         return np.ascontiguousarray(y), (h_n, c_n)
 
     def backward(self, dy, dstate=None):

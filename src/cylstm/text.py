@@ -97,13 +97,16 @@ class CharVocab:
 
 
 def char_model(vocab_size, embedding_dim=64, hidden_size=256, num_layers=1, dropout=0.0,
-               dtype="float32", seed=None, init=None):
-    """Embedding(V, E) -> LSTM(E, H, num_layers) -> Linear(H, V), every step."""
+               dtype="float32", seed=None, init=None, recurrent_dropout=0.0,
+               checkpoint_every=None):
+    """Embedding(V, E) -> LSTM(E, H, num_layers) -> Linear(H, V), every step.
+    ``recurrent_dropout`` and ``checkpoint_every`` are the LSTM's (cylstm.LSTM)."""
     V = _positive_int(vocab_size, "vocab_size")
     return Sequential([
         Embedding(V, embedding_dim, dtype=dtype),
         LSTM(embedding_dim, hidden_size, num_layers=num_layers, batch_first=True,
-             dropout=dropout, dtype=dtype),
+             dropout=dropout, dtype=dtype, recurrent_dropout=recurrent_dropout,
+             checkpoint_every=checkpoint_every),
         Linear(hidden_size, V, dtype=dtype),
     ], seed=seed, init=init)
 
