@@ -75,7 +75,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--long", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, one round (tests)")
     args = ap.parse_args(argv)
+    shapes = {"smoke": (40, 64, 3, 5)} if args.smoke else SHAPES
+    if args.smoke:
+        args.rounds = args.reps = 1
     cylstm.set_num_threads(args.threads)
     print(f"float32, {args.threads} threads, {args.rounds} rounds x {args.reps} reps, "
           f"interleaved; memory: tracemalloc peak beyond x, y, dy, dx")
@@ -83,7 +87,7 @@ def main(argv=None):
           f"vs full cache | peak MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     pc = time.perf_counter
-    for shape_name, (T, B, I, H) in SHAPES.items():
+    for shape_name, (T, B, I, H) in shapes.items():
         x, dy = _data(T, B, I, H)
         models = {ck: cylstm.LSTM(I, H, seed=0, checkpoint_every=ck) for ck in VARIANTS}
         times = {ck: [] for ck in VARIANTS}

@@ -245,3 +245,14 @@ def test_e2e_runs_each_blas_environment_in_a_child(tmp_path, capsys):
     assert env["haswell"] == dict(env["haswell"], OPENBLAS_CORETYPE="Haswell",
                                   OPENBLAS_L2_SIZE="512")
     assert "# BLAS environments compared" in (tmp_path / "e2e.md").read_text()
+
+
+def test_checkpoint_bench_reports_time_and_memory_per_variant(capsys):
+    import checkpoint
+    checkpoint.main(["--smoke", "--threads", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| smoke")]
+    assert len(rows) == len(checkpoint.VARIANTS)
+    full, *ckpt = [row.split("|") for row in rows]
+    assert full[2].strip() == "None" and full[7].strip() == "1.00x"
+    for row in ckpt:                              # really checkpointed: k < T
+        assert int(row[3]) < 40 and float(row[8]) > 0
