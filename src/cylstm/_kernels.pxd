@@ -7,6 +7,11 @@ cdef extern from "_activations.h" nogil:
         void (*sigmoid_add)(float* z, const float* hz, int n) noexcept nogil
         void (*tanh_add)(float* z, const float* hz, int n) noexcept nogil
     cy_act_f32 cy_act_select(int level)
+    ctypedef struct cy_act_f64:
+        void (*sigmoid_add)(double* z, const double* hz, int n) noexcept nogil
+        void (*tanh_add)(double* z, const double* hz, int n) noexcept nogil
+    cy_act_f64 cy_act_select_f64(int level)
+    # the baseline versions, which give the same bits as every level's (_activations.h)
     void cy_sigmoid_add_f64(double* z, const double* hz, int n)
     void cy_tanh_add_f64(double* z, const double* hz, int n)
 

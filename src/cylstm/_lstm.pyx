@@ -71,20 +71,22 @@ from cylstm._parallel cimport (MIN_PARALLEL_MACS, blas_single_enter, blas_single
 # Per-level kernels (_isa.h): activations, cell, per-step products
 # ----------------------------------------------------------------------------------------
 
-from cylstm._kernels cimport (cy_act_f32, cy_act_select, cy_sigmoid_add_f64,
-                              cy_tanh_add_f64, cy_cell_fns, cy_cell_select,
+from cylstm._kernels cimport (cy_act_f32, cy_act_select, cy_act_f64, cy_act_select_f64,
+                              cy_cell_fns, cy_cell_select,
                               cy_gemm_packed_fn, cy_packed_size, cy_pack_f32,
                               cy_rgemm_select)
 
 cdef cy_act_f32 _act
+cdef cy_act_f64 _act64
 cdef cy_cell_fns _cell
 cdef cy_gemm_packed_fn _rgemm = NULL       # NULL at level 0: BLAS
 cdef int _level = 0
 
 
 cdef void _use_level(int level) noexcept nogil:
-    global _act, _cell, _rgemm, _level
+    global _act, _act64, _cell, _rgemm, _level
     _act = cy_act_select(level)
+    _act64 = cy_act_select_f64(level)
     _cell = cy_cell_select(level)
     _rgemm = cy_rgemm_select(level)
     _level = level
@@ -96,11 +98,18 @@ on_level_change(_use_level)
 def _kernel_levels():
     """Test hook: the level of each per-level kernel this module calls now."""
     levels = {}
+    cdef cy_act_f64 act64
     for lvl in range(3):
         act, cell, rg = cy_act_select(lvl), cy_cell_select(lvl), cy_rgemm_select(lvl)
+        act64 = cy_act_select_f64(lvl)
         if act.sigmoid_add == _act.sigmoid_add and act.tanh_add == _act.tanh_add:
             levels["activations"] = lvl
-        if cell.cell_f32 == _cell.cell_f32 and cell.gate_grads_f32 == _cell.gate_grads_f32:
+        if (act64.sigmoid_add == _act64.sigmoid_add
+                and act64.tanh_add == _act64.tanh_add):
+            levels["activations_f64"] = lvl
+        if (cell.cell_f32 == _cell.cell_f32 and cell.gate_grads_f32 == _cell.gate_grads_f32
+                and cell.cell_f64 == _cell.cell_f64
+                and cell.gate_grads_f64 == _cell.gate_grads_f64):
             levels["cell"] = lvl
         if rg == _rgemm:
             levels.setdefault("rgemm", lvl)     # level 0 has none (BLAS)
@@ -114,9 +123,9 @@ cdef inline void _activate_gates(floating* z, const floating* hz, int H) noexcep
         _act.tanh_add(z + 2 * H, hz + 2 * H, H)
         _act.sigmoid_add(z + 3 * H, hz + 3 * H, H)
     else:
-        cy_sigmoid_add_f64(z, hz, 2 * H)
-        cy_tanh_add_f64(z + 2 * H, hz + 2 * H, H)
-        cy_sigmoid_add_f64(z + 3 * H, hz + 3 * H, H)
+        _act64.sigmoid_add(z, hz, 2 * H)
+        _act64.tanh_add(z + 2 * H, hz + 2 * H, H)
+        _act64.sigmoid_add(z + 3 * H, hz + 3 * H, H)
 
 
 def _activations_f32(const float[::1] x):
@@ -130,6 +139,21 @@ def _activations_f32(const float[::1] x):
     if n:
         _act.sigmoid_add(&s[0], &z[0], n)
         _act.tanh_add(&t[0], &z[0], n)
+    return sig, th
+
+
+def _activations_f64(const double[::1] x):
+    """Test hook: (sigmoid(x), tanh(x)) through the float64 row functions the kernels use
+    at the current level."""
+    import numpy as np
+    n = x.shape[0]
+    zeros = np.zeros(n, np.float64)
+    sig = np.array(x, dtype=np.float64)
+    th = np.array(x, dtype=np.float64)
+    cdef double[::1] s = sig, t = th, z = zeros
+    if n:
+        _act64.sigmoid_add(&s[0], &z[0], n)
+        _act64.tanh_add(&t[0], &z[0], n)
     return sig, th
 
 
