@@ -71,24 +71,29 @@ from cylstm._parallel cimport (MIN_PARALLEL_MACS, blas_single_enter, blas_single
 # Per-level kernels (_isa.h): activations, cell, per-step products
 # ----------------------------------------------------------------------------------------
 
+from libc.stdint cimport int64_t
+
 from cylstm._kernels cimport (cy_act_f32, cy_act_select, cy_act_f64, cy_act_select_f64,
                               cy_cell_fns, cy_cell_select,
                               cy_gemm_packed_fn, cy_packed_size, cy_pack_f32,
-                              cy_rgemm_select)
+                              cy_rgemm_select, cy_gemm_packed64_fn, cy_packed_size_f64,
+                              cy_pack_f64, cy_rgemm64_select)
 
 cdef cy_act_f32 _act
 cdef cy_act_f64 _act64
 cdef cy_cell_fns _cell
 cdef cy_gemm_packed_fn _rgemm = NULL       # NULL at level 0: BLAS
+cdef cy_gemm_packed64_fn _rgemm64 = NULL   # NULL at level 0: BLAS
 cdef int _level = 0
 
 
 cdef void _use_level(int level) noexcept nogil:
-    global _act, _act64, _cell, _rgemm, _level
+    global _act, _act64, _cell, _rgemm, _rgemm64, _level
     _act = cy_act_select(level)
     _act64 = cy_act_select_f64(level)
     _cell = cy_cell_select(level)
     _rgemm = cy_rgemm_select(level)
+    _rgemm64 = cy_rgemm64_select(level)
     _level = level
 
 
@@ -113,6 +118,8 @@ def _kernel_levels():
             levels["cell"] = lvl
         if rg == _rgemm:
             levels.setdefault("rgemm", lvl)     # level 0 has none (BLAS)
+        if cy_rgemm64_select(lvl) == _rgemm64:
+            levels.setdefault("rgemm_f64", lvl)
     return levels
 
 
@@ -158,7 +165,8 @@ def _activations_f64(const double[::1] x):
 
 
 def rgemm_level():
-    """Which per-step float32 kernel runs: 2 AVX-512, 1 AVX2+FMA, 0 BLAS."""
+    """Which per-step kernel runs (float32 and float64 alike): 2 AVX-512, 1 AVX2+FMA,
+    0 BLAS."""
     return _level if _rgemm != NULL else 0
 
 
@@ -169,16 +177,37 @@ def _set_rgemm_level(int level):
 
 
 # Packed panels start on a 64-byte boundary, so that the kernel's 64-byte loads never
-# straddle two cache lines: the scratch has this many floats of slack to align in.
-# (NumPy's large arrays start 16 bytes past a page.)
+# straddle two cache lines: the scratch has this many floats of slack to align in, and
+# to keep a 16-byte header just before the panels (_wpack_slot). (NumPy's large arrays
+# start 16 bytes past a page.)
 cdef enum:
-    _PACK_SLACK = 16
+    _PACK_SLACK = 32
+    _PACK_HEADER = 4            # floats: two int64
 
 
 def pack_floats(int K, int N):
-    """Floats of scratch that packing a (K, N) weight for the per-step kernel needs
-    (0 when the per-step kernel is BLAS)."""
+    """Floats of scratch that packing a (K, N) float32 weight for the per-step kernel
+    needs (0 when the per-step kernel is BLAS)."""
     return cy_packed_size(K, N) + _PACK_SLACK if _rgemm != NULL and K > 0 and N > 0 else 0
+
+
+def pack_floats_for(shapes, dtype):
+    """Floats of float32 scratch (lstm_forward's and lstm_backward's wpack) that packing
+    the recurrent weights `shapes`, [(K, N) of W_hh] + [(K, N) of W_hr] with a
+    projection, needs in `dtype`; 0 when that dtype's per-step products run on BLAS.
+
+    float64 packs doubles into the same float32 scratch, at twice the floats, and only
+    without a projection: the kernels place W_hr's panels at W_hh's start plus W_hh's
+    float32 size, inside W_hh's double panels, so with a projection both run on BLAS
+    (see _pack)."""
+    import numpy as np
+    dt = np.dtype(dtype)
+    if dt == np.float32:
+        return sum(pack_floats(K, N) for K, N in shapes)
+    if dt != np.float64 or _rgemm64 == NULL or len(shapes) != 1:
+        return 0
+    K, N = shapes[0]
+    return 2 * cy_packed_size_f64(K, N) + _PACK_SLACK if K > 0 and N > 0 else 0
 
 
 def _packed_matmul_f32(const float[:, ::1] a, const float[:, ::1] w, bint trans):
@@ -199,36 +228,107 @@ def _packed_matmul_f32(const float[:, ::1] a, const float[:, ::1] w, bint trans)
     return out
 
 
+def _packed_matmul_f64(const double[:, ::1] a, const double[:, ::1] w, bint trans):
+    """Test hook: _packed_matmul_f32 in float64, through the float64 packed kernel."""
+    import numpy as np
+    cdef int M = a.shape[0], K = a.shape[1], N = w.shape[0] if trans else w.shape[1]
+    if _rgemm64 == NULL:
+        raise RuntimeError("no packed kernel on this CPU (rgemm_level() == 0)")
+    if (w.shape[1] if trans else w.shape[0]) != K or M < 1 or N < 1 or K < 1:
+        raise ValueError("shapes do not match")
+    packed = np.empty(cy_packed_size_f64(K, N), np.float64)
+    out = np.empty((M, N), np.float64)
+    cdef double[::1] pk = packed
+    cdef double[:, ::1] c = out
+    cy_pack_f64(&pk[0], &w[0, 0], K, N, w.shape[1], trans)
+    _rgemm64(M, N, K, &a[0, 0], K, &pk[0], &c[0, 0], N)
+    return out
+
+
 
 cdef float* _wpack_slot(float[::1] wpack, int K, int N, int Kr, int Nr) except? NULL:
     """Start of the packed (K, N) recurrent weight in the caller's scratch (the packed
-    (Kr, Nr) projection follows it), or NULL when there is no scratch or no kernel."""
+    (Kr, Nr) projection follows it), or NULL when there is no scratch or no kernel.
+
+    This function is not specialised per dtype (its arguments have none), so it checks
+    the float32 size, and float64 is decided later, in _pack and _rec_mm, from a header
+    written here: the start is 64-byte aligned with _PACK_HEADER floats before it that
+    hold [floats from the start to the end of the scratch, state] (_PK_*)."""
+    cdef float* start
     if wpack is None or pack_floats(K, N) == 0:
         return NULL
     _check(<size_t> wpack.shape[0] >= cy_packed_size(K, N) + _PACK_SLACK
            + (cy_packed_size(Kr, Nr) if Kr > 0 and Nr > 0 else 0), "wpack")
-    return &wpack[0] + ((64 - (<size_t> &wpack[0] & 63)) & 63) // sizeof(float)
+    start = &wpack[0] + _PACK_HEADER
+    start += ((64 - (<size_t> start & 63)) & 63) // sizeof(float)
+    _set_header(start, wpack.shape[0] - (start - &wpack[0]),
+                _PK_PROJ if Kr > 0 and Nr > 0 else _PK_SLOT)
+    return start
+
+
+# States of a packed slot's header (_wpack_slot). Only _PK_F64 lets _rec_mm read float64
+# panels at a slot: _wpack_slot cannot refuse float64 itself, and the callers derive the
+# projection's slot (W_hh's slot plus W_hh's float32 size) and hand it to _rec_mm even
+# when _pack has packed nothing there.
+cdef enum:
+    _PK_SLOT = 0                # a slot, nothing packed in float64
+    _PK_PROJ = 1                # the same, with a projection after it
+    _PK_F64 = 2                 # float64 panels packed here
+
+
+cdef inline void _set_header(float* slot, int64_t floats, int64_t state) noexcept nogil:
+    cdef int64_t header[2]
+    header[0] = floats
+    header[1] = state
+    memcpy(slot - _PACK_HEADER, header, sizeof(header))
+
+
+cdef inline int64_t _header(const float* slot, int which) noexcept nogil:
+    cdef int64_t header[2]
+    memcpy(header, slot - _PACK_HEADER, sizeof(header))
+    return header[which]
 
 
 cdef inline void _rec_mm(int m, int n, int k, const floating* a, int lda,
                          const floating* w, int ldw, bint w_trans, const float* packed,
                          floating* c, int ldc) noexcept nogil:
-    """C (m, n) = A (m, k) @ op(W), op(W) (k, n); from the packed W when there is one."""
-    if floating is float:
-        if packed != NULL:
+    """C (m, n) = A (m, k) @ op(W), op(W) (k, n); from the packed W when there is one
+    (float64: doubles in the float32 scratch, when _pack put them there)."""
+    if packed != NULL:
+        if floating is float:
             _rgemm(m, n, k, a, lda, packed, c, ldc)
+            return
+        elif _header(packed, 1) == _PK_F64:
+            _rgemm64(m, n, k, a, lda, <const double*> packed, c, ldc)
             return
     gemm(False, w_trans, m, n, k, 1, a, lda, w, ldw, 0, c, ldc)
 
 
 cdef inline float* _pack(float* dst, const floating* w, int K, int N, int ldw,
                          bint trans) noexcept nogil:
-    """Pack op(W) (K, N) into dst for _rec_mm (float32 with a kernel), or return NULL."""
+    """Pack op(W) (K, N) into dst for _rec_mm, or return NULL (no kernel: BLAS).
+
+    float64 packs W_hh's doubles (twice the floats) when the header says the scratch
+    holds them and there is no projection (pack_floats_for sizes it so). With one it
+    packs nothing, and marks the projection's slot, which the callers put at dst plus
+    W_hh's float32 size and pass to _rec_mm all the same, as unpacked: W_hr's doubles
+    would overlap W_hh's there."""
+    if dst == NULL or K <= 0 or N <= 0:
+        return NULL
     if floating is float:
-        if dst != NULL and _rgemm != NULL and K > 0 and N > 0:
+        if _rgemm != NULL:
             cy_pack_f32(dst, w, K, N, ldw, trans)
             return dst
-    return NULL
+        return NULL
+    else:
+        if _header(dst, 1) == _PK_PROJ:
+            _set_header(dst + cy_packed_size(K, N), 0, _PK_SLOT)
+        elif (_rgemm64 != NULL and _header(dst, 1) == _PK_SLOT
+                and <size_t> _header(dst, 0) >= 2 * cy_packed_size_f64(K, N)):
+            cy_pack_f64(<double*> dst, w, K, N, ldw, trans)
+            _set_header(dst, _header(dst, 0), _PK_F64)
+            return dst
+        return NULL
 
 
 # ----------------------------------------------------------------------------------------

@@ -138,10 +138,11 @@ def _finite_padding(x, lengths):
 
 def _wpack(ws, dtype, shapes, T):
     """float32 scratch for the recurrent weights packed once per call (see _rgemm.h),
-    or None (float64, short sequences, or a CPU without AVX2: the kernels use BLAS)."""
-    if dtype != np.float32 or T < PACK_MIN_STEPS:
+    or None (short sequences, a CPU without AVX2, or float64 with a projection: the
+    kernels use BLAS)."""
+    if T < PACK_MIN_STEPS:
         return None
-    n = sum(_lstm.pack_floats(K, N) for K, N in shapes)
+    n = _lstm.pack_floats_for(shapes, dtype)
     return ws.get("wpack", (n,), np.float32) if n else None
 
 
