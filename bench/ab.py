@@ -7,8 +7,11 @@ times every case (median of its repetitions); the table shows, per case, the med
 rounds of each build and the speed-up of B over A (above 1: B is faster). Interleaving spreads
 whatever else the machine does over both builds alike. Only the public API is used, so
 any two versions can be compared. Cases: the LSTM layer's inference forward and
-training step (forward + backward) at the benchmark's configurations, the streaming
-step, and Sequential.fit updates/s of a character model and a ragged classifier.
+training step (forward + backward) at the benchmark's configurations (float32, and
+medium in float64), the streaming step, and Sequential.fit updates/s of a character
+model and a ragged classifier; `--cases` keeps some layer cases and drops the others.
+Each process also reports the BLAS kernel family it ran (threadpoolctl), printed once
+per build.
 """
 
 import argparse
@@ -18,11 +21,12 @@ import statistics
 import subprocess
 import sys
 
-CASES = {   # name: (T, B, I, H, layers)
+CASES = {   # name: (T, B, I, H, layers[, dtype]); float32 unless a dtype is given
     "tiny": (50, 1, 32, 64, 1),
     "small": (100, 16, 64, 128, 1),
     "medium": (100, 32, 128, 256, 1),
     "charrnn": (128, 32, 96, 512, 2),
+    "medium/float64": (100, 32, 128, 256, 1, "float64"),
 }
 
 WORKER = r'''
@@ -38,13 +42,14 @@ def med(fn, reps, warm=2):
         t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
     return float(np.median(ts))
 
-cases, quick = json.loads(sys.argv[1]), sys.argv[2] == "1"
+cases, quick, others = json.loads(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
 rng = np.random.default_rng(0)
 out = {}
-for name, (T, B, I, H, L) in cases.items():
-    lstm = cylstm.LSTM(I, H, num_layers=L, seed=0)
-    x = rng.standard_normal((T, B, I)).astype(np.float32)
-    dy = rng.standard_normal((T, B, H)).astype(np.float32)
+for name, (T, B, I, H, L, *dt) in cases.items():
+    dtype = dt[0] if dt else "float32"
+    lstm = cylstm.LSTM(I, H, num_layers=L, seed=0, dtype=dtype)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    dy = rng.standard_normal((T, B, H)).astype(dtype)
     reps = 5 if quick else (30 if T * B * H < 10**6 else 10)
     lstm.eval()
     out[f"{name} inference ms"] = 1e3 * med(lambda: lstm(x), reps)
@@ -52,6 +57,13 @@ for name, (T, B, I, H, L) in cases.items():
     def train():
         lstm.zero_grad(); lstm(x); lstm.backward(dy)
     out[f"{name} training step ms"] = 1e3 * med(train, reps)
+from threadpoolctl import threadpool_info
+out["BLAS"] = "; ".join(sorted(f"{i.get('internal_api')} {i.get('version')} "
+                               f"{i.get('architecture')}"
+                               for i in threadpool_info() if i.get("user_api") == "blas"))
+if not others:
+    print(json.dumps(out))
+    sys.exit()
 lstm = cylstm.LSTM(256, 256, seed=0).eval()
 state = lstm.initial_state(1)
 xt = rng.standard_normal((1, 256)).astype(np.float32)
@@ -85,8 +97,9 @@ print(json.dumps(out))
 '''
 
 
-def run(python, quick, env):
-    res = subprocess.run([python, "-c", WORKER, json.dumps(CASES), "1" if quick else "0"],
+def run(python, quick, env, cases, others):
+    res = subprocess.run([python, "-c", WORKER, json.dumps(cases), "1" if quick else "0",
+                          "1" if others else "0"],
                          capture_output=True, text=True, cwd="/", env=env, timeout=1800)
     if res.returncode:
         sys.exit(f"{python} failed:\n{res.stderr}")
@@ -99,22 +112,36 @@ def main(argv=None):
     p.add_argument("--b", required=True, help="python of build B")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    p.add_argument("--cases", default=None,
+                   help=f"comma-separated layer cases of {','.join(CASES)} (default: all); "
+                        "given, the streaming step and fit cases are not run")
     args = p.parse_args(argv)
+    cases = CASES
+    if args.cases:
+        names = args.cases.split(",")
+        unknown = [n for n in names if n not in CASES]
+        if unknown:
+            p.error(f"unknown cases {unknown}; choose from {','.join(CASES)}")
+        cases = {n: CASES[n] for n in names}
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     results = {"A": [], "B": []}
     for r in range(args.rounds):
         for build, python in (("A", args.a), ("B", args.b)) if r % 2 == 0 else \
                 (("B", args.b), ("A", args.a)):
-            results[build].append(run(python, args.quick, env))
+            results[build].append(run(python, args.quick, env, cases, not args.cases))
             print(f"round {r + 1}/{args.rounds}: {build} done", file=sys.stderr)
     print("| case | A median | B median | B speed-up |")
     print("| --- | --- | --- | --- |")
     for key in results["A"][0]:
+        if key == "BLAS":
+            continue
         a = statistics.median(x[key] for x in results["A"])
         b = statistics.median(x[key] for x in results["B"])
         ratio = b / a if "/s" in key else a / b      # above 1: B is faster
         print(f"| {key} | {a:.4g} | {b:.4g} | {ratio:.2f}x |")
+    for build in "AB":
+        print(f"\nBLAS of {build}: " + " / ".join(sorted({x["BLAS"] for x in results[build]})))
 
 
 if __name__ == "__main__":

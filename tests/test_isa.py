@@ -1,7 +1,8 @@
 """The ISA switch of the kernels' own SIMD code (cylstm._isa): every level the CPU runs
-is compiled in, the switch moves every per-level kernel at once (rgemm, the step's dot
-kernel, activations, cell math, softmax rows), and on a machine with AVX2 (AVX-512) the
-AVX2 (AVX-512) level is really available to the tests that run each level."""
+is compiled in, the switch moves every per-level kernel at once (rgemm and activations
+in both dtypes, the step's dot kernel, cell math, softmax rows), and on a machine with
+AVX2 (AVX-512) the AVX2 (AVX-512) level is really available to the tests that run each
+level."""
 import platform
 
 import numpy as np
@@ -48,7 +49,8 @@ def test_avx2_and_avx512_levels_are_exercised_where_the_cpu_has_them():
     want = _expected_level() or 0
     for lvl in range(want + 1):
         with _isa.use_level(lvl):
-            assert _lstm._kernel_levels() == {"activations": lvl, "cell": lvl, "rgemm": lvl}
+            assert _lstm._kernel_levels() == {"activations": lvl, "activations_f64": lvl,
+                                              "cell": lvl, "rgemm": lvl, "rgemm_f64": lvl}
             assert _step._kernel_levels() == {"activations": lvl, "cell": lvl, "dot": lvl}
             assert _ops._kernel_levels() == {"softmax": lvl}
             assert _lstm.rgemm_level() == lvl

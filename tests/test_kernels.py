@@ -2,7 +2,7 @@
 forward and backward, float32 and float64, over directions, ragged lengths, initial
 states, biases and edge sizes; batched vs step-by-step; thread-count invariance (bitwise);
 gradient accumulation; padding; cache immutability; workspace reuse; gate activations
-over a dense grid (docs/math.md)."""
+over a dense grid (docs/math.md), float64's the same bits at every ISA level."""
 import numpy as np
 import pytest
 
@@ -440,6 +440,36 @@ def test_gate_activations_over_a_dense_grid(dtype, kernel_level):
     assert err.max() <= 4 * eps, f"tanh(c): {float(err.max()) / eps:.1f} ulp"
     # c = i * g exactly as the forward computes it (zero initial state)
     assert_close(c, sig * th, 4 * eps, "c")
+
+
+def test_float64_activations_are_the_same_bits_at_every_level():
+    """float64 sigmoid and tanh (_activations.h) give the same bits at every ISA level
+    (no FMA contraction), which lets the streaming step, which calls the baseline ones,
+    equal the sequence forward bit for bit; and over the whole range of a double,
+    subnormal results included, they are within 2 ulps of the exact value (4 allowed)."""
+    from cylstm import _isa, _lstm
+    grid = np.concatenate([np.linspace(-800, 800, 40001), np.linspace(-1, 1, 40001),
+                           np.geomspace(1e-300, 700, 3000), -np.geomspace(1e-300, 760, 3000),
+                           [0.0, -0.0, 1e300, -1e300, np.inf, -np.inf, np.nan]])
+    runs = []
+    for lvl in range(_isa.cpu_level() + 1):
+        with _isa.use_level(lvl):
+            runs.append(_lstm._activations_f64(grid))
+    for sig, th in runs[1:]:
+        assert np.array_equal(sig, runs[0][0], equal_nan=True)
+        assert np.array_equal(th, runs[0][1], equal_nan=True)
+    sig, th = runs[0]
+    assert np.isnan(sig[-1]) and np.isnan(th[-1])
+    z = grid[:-1].astype(np.longdouble)
+    with np.errstate(over="ignore", invalid="ignore"):      # the branch np.where drops
+        want_sig = _exact_sigmoid(z)
+    tiny, eps = np.finfo(np.float64).tiny, np.finfo(np.float64).eps
+    for got, want in ((sig[:-1], want_sig), (th[:-1], np.tanh(z))):
+        normal = np.abs(want) >= tiny
+        err = np.abs(got[normal] - want[normal]) / np.abs(want[normal])
+        assert err.max() <= 4 * eps, f"{float(err.max()) / eps:.1f} ulp"
+        # subnormal results: within one subnormal step (2^-1074)
+        assert np.all(np.abs(got[~normal] - want[~normal]) <= 2.0 ** -1074)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])

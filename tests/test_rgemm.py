@@ -1,6 +1,9 @@
-"""The packed per-step float32 kernel (src/cylstm/_rgemm.h) against BLAS, on the shapes
-that exercise its edges: row blocks of 8 and their remainders 1..7, panel groups of 16
-columns and a ragged last panel, K = 1, both packing layouts; and each ISA level."""
+"""The packed per-step kernels (src/cylstm/_rgemm.h), float32 and float64, against a
+wider-precision product, on the shapes that exercise their edges: row blocks of 8 and
+their remainders 1..7, panels of 16 (float32) or 8 (float64) columns and a ragged last
+panel, K = 1, both packing layouts; and each ISA level. Also how float64 packs into the
+kernels' float32 scratch (wpack): only when the scratch holds the doubles and there is
+no projection, else BLAS, never a write past the scratch."""
 import numpy as np
 import pytest
 
@@ -14,30 +17,82 @@ pytestmark = [
 ]
 
 SHAPES = [(M, N, K) for M in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17)
-          for N, K in ((1, 1), (16, 3), (20, 7), (64, 32), (100, 13), (257, 40))]
+          for N, K in ((1, 1), (8, 5), (16, 3), (20, 7), (64, 32), (100, 13), (257, 40))]
+
+MATMUL = {np.float32: _lstm._packed_matmul_f32, np.float64: _lstm._packed_matmul_f64}
+WIDER = {np.float32: np.float64, np.float64: np.longdouble}
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("trans", [True, False], ids=["W^T", "W"])
-def test_packed_kernel_matches_blas(kernel_level, trans):
+def test_packed_kernel_matches_blas(kernel_level, trans, dtype):
     rng = np.random.default_rng(0)
     for M, N, K in SHAPES:
-        a = rng.standard_normal((M, K)).astype(np.float32)
-        w = rng.standard_normal((N, K) if trans else (K, N)).astype(np.float32)
-        want = a.astype(np.float64) @ (w.T if trans else w).astype(np.float64)
-        got = _lstm._packed_matmul_f32(a, w, trans)
-        assert got.shape == (M, N)
-        # one float32 FMA chain over K per element: error ~ K * eps * |a||w|
-        bound = 4 * K * np.finfo(np.float32).eps * (np.abs(a) @ np.abs(w.T if trans else w))
-        assert np.all(np.abs(got - want) <= bound + 1e-30), (M, N, K)
+        a = rng.standard_normal((M, K)).astype(dtype)
+        w = rng.standard_normal((N, K) if trans else (K, N)).astype(dtype)
+        W = w.T if trans else w
+        want = a.astype(WIDER[dtype]) @ W.astype(WIDER[dtype])
+        got = MATMUL[dtype](a, w, trans)
+        assert got.shape == (M, N) and got.dtype == dtype
+        # one FMA chain over K per element: error ~ K * eps * |a||w|
+        bound = 4 * K * np.finfo(dtype).eps * (np.abs(a) @ np.abs(W))
+        assert np.all(np.abs(got - want) <= bound + 1e-300), (M, N, K)
 
 
-def test_rows_do_not_depend_on_their_neighbours(kernel_level):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_rows_do_not_depend_on_their_neighbours(kernel_level, dtype):
     """A row's result is the same whether it is computed alone or in any row block:
     what makes results independent of how threads split the batch."""
     rng = np.random.default_rng(1)
-    a = rng.standard_normal((17, 40)).astype(np.float32)
-    w = rng.standard_normal((100, 40)).astype(np.float32)
-    full = _lstm._packed_matmul_f32(a, w, True)
+    a = rng.standard_normal((17, 40)).astype(dtype)
+    w = rng.standard_normal((100, 40)).astype(dtype)
+    mm = MATMUL[dtype]
+    full = mm(a, w, True)
     for i in range(17):
-        assert np.array_equal(_lstm._packed_matmul_f32(a[i:i + 1], w, True), full[i:i + 1])
-    assert np.array_equal(_lstm._packed_matmul_f32(a[3:12], w, True), full[3:12])
+        assert np.array_equal(mm(a[i:i + 1], w, True), full[i:i + 1])
+    assert np.array_equal(mm(a[3:12], w, True), full[3:12])
+    assert np.array_equal(mm(a[9:13], w, True), full[9:13])
+
+
+def _forward(p, wpack, dtype):
+    """_lstm.lstm_forward in inference mode on problem p (in dtype), with this wpack."""
+    x, w_ih, w_hh = (p[k].astype(dtype) for k in ("x", "w_ih", "w_hh"))
+    w_hr = None if p.get("w_hr") is None else p["w_hr"].astype(dtype)
+    T, B, _ = x.shape
+    H, Hp = w_hh.shape[0] // 4, w_hh.shape[1]
+    P = 0 if w_hr is None else w_hr.shape[0]
+    y, h, c = (np.empty((T, B, Hp), dtype), np.zeros((B, Hp), dtype),
+               np.zeros((B, H), dtype))
+    _lstm.lstm_forward(
+        y=y, h=h, c=c, gates=np.empty((T, B, 4 * H), dtype), c_cache=None, tc_cache=None,
+        m_cache=None, hprev=None, xg=None, hz=np.empty((B, 4 * H), dtype),
+        mbuf=np.empty((B, H), dtype) if P else None,
+        hp=np.empty((B, P), dtype) if P else None, hm=None, x=x, w_ih=w_ih, w_hh=w_hh,
+        w_hr=w_hr, bias=None, lengths=np.full(B, T, np.int32), reverse=False, n_parts=2,
+        n_threads=1, wpack=wpack, rmask=None, s0=0, s1=T)
+    return y
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("proj", [0, 3], ids=["no-proj", "proj"])
+def test_packed_weights_live_in_scratch_of_the_weights_dtype(kernel_level, dtype, proj):
+    """Given pack_size elements of scratch in the weights' dtype, the kernels pack W_hh
+    (and W_hr) there and agree with BLAS (no scratch) to rounding; nothing past the
+    scratch is touched; a scratch one element short is refused."""
+    from conftest import make_layer_problem
+    T, B, I, H = 6, 5, 4, 8
+    p = make_layer_problem(T, B, I, H, seed=3, proj_size=proj or None)
+    Hp = proj or H
+    n = _lstm.pack_size(Hp, 4 * H, dtype) + (_lstm.pack_size(H, Hp, dtype) if proj else 0)
+    blas = _forward(p, None, dtype)
+    if kernel_level == 0:
+        assert n == 0
+        return
+    wpack = np.full(n + 64, np.nan, dtype)               # + a tail that must stay NaN
+    y = _forward(p, wpack[:n], dtype)
+    assert np.all(np.isnan(wpack[n:]))
+    assert np.flatnonzero(~np.isnan(wpack[:n])).size >= Hp * 4 * H + (H * Hp if proj else 0)
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    assert np.abs(y - blas).max() <= tol * np.abs(blas).max()
+    with pytest.raises(ValueError, match="wpack"):
+        _forward(p, wpack[:n - (_lstm.pack_size(H, Hp, dtype) if proj else 1) - 16], dtype)

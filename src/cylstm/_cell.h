@@ -7,7 +7,8 @@
  *             (2') dz = [di i(1-i), df f(1-f), dg (1-g^2), do o(1-o)]
  *
  * In C with restrict so that they vectorise: in Cython, gcc could not rule out aliasing
- * and ran these loops scalar (SSE2 at best). One version per instruction-set level
+ * and ran these loops scalar (SSE2 at best). tanh is _activations.h's in both dtypes
+ * (libm's tanh does not vectorise). One version per instruction-set level
  * (_isa.h), chosen at run time through cy_cell_select. */
 #ifndef CYLSTM_CELL_H
 #define CYLSTM_CELL_H
@@ -40,7 +41,7 @@ CY_PER_LEVEL(void, cy_cell_f32, (float *restrict c, float *restrict m, float *re
 CY_PER_LEVEL(void, cy_cell_f64, (double *restrict c, double *restrict m,
                                  double *restrict tc, const double *restrict z, int H,
                                  int gs),
-    CY_CELL_BODY(double, tanh))
+    CY_CELL_BODY(double, cy_tanh_f64))
 
 /* (4') (3') (2') for one batch row: dc (H,) INOUT dL/dc_t in, dL/dc_{t-1} out; dz (4H,)
  * OUT; z (4H,) the activated gates [i|f|g|o]; tc (H,) tanh(c_t); cprev (H,) c_{t-1};

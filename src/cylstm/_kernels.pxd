@@ -7,6 +7,11 @@ cdef extern from "_activations.h" nogil:
         void (*sigmoid_add)(float* z, const float* hz, int n) noexcept nogil
         void (*tanh_add)(float* z, const float* hz, int n) noexcept nogil
     cy_act_f32 cy_act_select(int level)
+    ctypedef struct cy_act_f64:
+        void (*sigmoid_add)(double* z, const double* hz, int n) noexcept nogil
+        void (*tanh_add)(double* z, const double* hz, int n) noexcept nogil
+    cy_act_f64 cy_act_select_f64(int level)
+    # the baseline versions, which give the same bits as every level's (_activations.h)
     void cy_sigmoid_add_f64(double* z, const double* hz, int n)
     void cy_tanh_add_f64(double* z, const double* hz, int n)
 
@@ -30,4 +35,9 @@ cdef extern from "_rgemm.h" nogil:
     size_t cy_packed_size(int K, int N)
     void cy_pack_f32(float* packed, const float* w, int K, int N, int ldw, int trans)
     cy_gemm_packed_fn cy_rgemm_select(int level)
+    ctypedef void (*cy_gemm_packed64_fn)(int, int, int, const double*, int, const double*,
+                                         double*, int) noexcept nogil
+    size_t cy_packed_size_f64(int K, int N)
+    void cy_pack_f64(double* packed, const double* w, int K, int N, int ldw, int trans)
+    cy_gemm_packed64_fn cy_rgemm64_select(int level)
     cy_dot_rows_fn cy_dot_select(int level)

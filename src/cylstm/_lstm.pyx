@@ -80,22 +80,28 @@ from cylstm._parallel cimport (MIN_PARALLEL_MACS, blas_single_enter, blas_single
 # Per-level kernels (_isa.h): activations, cell, per-step products
 # ----------------------------------------------------------------------------------------
 
-from cylstm._kernels cimport (cy_act_f32, cy_act_select, cy_sigmoid_add_f64,
-                              cy_tanh_add_f64, cy_cell_fns, cy_cell_select,
+
+from cylstm._kernels cimport (cy_act_f32, cy_act_select, cy_act_f64, cy_act_select_f64,
+                              cy_cell_fns, cy_cell_select,
                               cy_gemm_packed_fn, cy_packed_size, cy_pack_f32,
-                              cy_rgemm_select)
+                              cy_rgemm_select, cy_gemm_packed64_fn, cy_packed_size_f64,
+                              cy_pack_f64, cy_rgemm64_select)
 
 cdef cy_act_f32 _act
+cdef cy_act_f64 _act64
 cdef cy_cell_fns _cell
 cdef cy_gemm_packed_fn _rgemm = NULL       # NULL at level 0: BLAS
+cdef cy_gemm_packed64_fn _rgemm64 = NULL   # NULL at level 0: BLAS
 cdef int _level = 0
 
 
 cdef void _use_level(int level) noexcept nogil:
-    global _act, _cell, _rgemm, _level
+    global _act, _act64, _cell, _rgemm, _rgemm64, _level
     _act = cy_act_select(level)
+    _act64 = cy_act_select_f64(level)
     _cell = cy_cell_select(level)
     _rgemm = cy_rgemm_select(level)
+    _rgemm64 = cy_rgemm64_select(level)
     _level = level
 
 
@@ -105,14 +111,23 @@ on_level_change(_use_level)
 def _kernel_levels():
     """Test hook: the level of each per-level kernel this module calls now."""
     levels = {}
+    cdef cy_act_f64 act64
     for lvl in range(3):
         act, cell, rg = cy_act_select(lvl), cy_cell_select(lvl), cy_rgemm_select(lvl)
+        act64 = cy_act_select_f64(lvl)
         if act.sigmoid_add == _act.sigmoid_add and act.tanh_add == _act.tanh_add:
             levels["activations"] = lvl
-        if cell.cell_f32 == _cell.cell_f32 and cell.gate_grads_f32 == _cell.gate_grads_f32:
+        if (act64.sigmoid_add == _act64.sigmoid_add
+                and act64.tanh_add == _act64.tanh_add):
+            levels["activations_f64"] = lvl
+        if (cell.cell_f32 == _cell.cell_f32 and cell.gate_grads_f32 == _cell.gate_grads_f32
+                and cell.cell_f64 == _cell.cell_f64
+                and cell.gate_grads_f64 == _cell.gate_grads_f64):
             levels["cell"] = lvl
         if rg == _rgemm:
             levels.setdefault("rgemm", lvl)     # level 0 has none (BLAS)
+        if cy_rgemm64_select(lvl) == _rgemm64:
+            levels.setdefault("rgemm_f64", lvl)
     return levels
 
 
@@ -123,9 +138,9 @@ cdef inline void _activate_gates(floating* z, const floating* hz, int H) noexcep
         _act.tanh_add(z + 2 * H, hz + 2 * H, H)
         _act.sigmoid_add(z + 3 * H, hz + 3 * H, H)
     else:
-        cy_sigmoid_add_f64(z, hz, 2 * H)
-        cy_tanh_add_f64(z + 2 * H, hz + 2 * H, H)
-        cy_sigmoid_add_f64(z + 3 * H, hz + 3 * H, H)
+        _act64.sigmoid_add(z, hz, 2 * H)
+        _act64.tanh_add(z + 2 * H, hz + 2 * H, H)
+        _act64.sigmoid_add(z + 3 * H, hz + 3 * H, H)
 
 
 def _activations_f32(const float[::1] x):
@@ -142,8 +157,24 @@ def _activations_f32(const float[::1] x):
     return sig, th
 
 
+def _activations_f64(const double[::1] x):
+    """Test hook: (sigmoid(x), tanh(x)) through the float64 row functions the kernels use
+    at the current level."""
+    import numpy as np
+    n = x.shape[0]
+    zeros = np.zeros(n, np.float64)
+    sig = np.array(x, dtype=np.float64)
+    th = np.array(x, dtype=np.float64)
+    cdef double[::1] s = sig, t = th, z = zeros
+    if n:
+        _act64.sigmoid_add(&s[0], &z[0], n)
+        _act64.tanh_add(&t[0], &z[0], n)
+    return sig, th
+
+
 def rgemm_level():
-    """Which per-step float32 kernel runs: 2 AVX-512, 1 AVX2+FMA, 0 BLAS."""
+    """Which per-step kernel runs (float32 and float64 alike): 2 AVX-512, 1 AVX2+FMA,
+    0 BLAS."""
     return _level if _rgemm != NULL else 0
 
 
@@ -154,16 +185,33 @@ def _set_rgemm_level(int level):
 
 
 # Packed panels start on a 64-byte boundary, so that the kernel's 64-byte loads never
-# straddle two cache lines: the scratch has this many floats of slack to align in.
-# (NumPy's large arrays start 16 bytes past a page.)
+# straddle two cache lines: the scratch has 64 bytes of slack to align in. (NumPy's
+# large arrays start 16 bytes past a page.)
 cdef enum:
-    _PACK_SLACK = 16
+    _PACK_SLACK_BYTES = 64
+
+
+cdef inline size_t _packed_elems(int K, int N, size_t itemsize) noexcept nogil:
+    """Elements of the packed (K, N) weight in a dtype of `itemsize` bytes."""
+    return cy_packed_size(K, N) if itemsize == 4 else cy_packed_size_f64(K, N)
+
+
+def pack_size(int K, int N, dtype):
+    """Elements of scratch, in `dtype` (float32 or float64), that packing a (K, N)
+    weight for the per-step kernel needs (0 when that dtype's per-step products run on
+    BLAS: no kernel at this ISA level)."""
+    import numpy as np
+    cdef size_t itemsize = np.dtype(dtype).itemsize
+    cdef bint kernel = (_rgemm != NULL) if itemsize == 4 else (_rgemm64 != NULL)
+    if K <= 0 or N <= 0 or not kernel:
+        return 0
+    return _packed_elems(K, N, itemsize) + _PACK_SLACK_BYTES // itemsize
 
 
 def pack_floats(int K, int N):
-    """Floats of scratch that packing a (K, N) weight for the per-step kernel needs
-    (0 when the per-step kernel is BLAS)."""
-    return cy_packed_size(K, N) + _PACK_SLACK if _rgemm != NULL and K > 0 and N > 0 else 0
+    """pack_size(K, N, float32)."""
+    import numpy as np
+    return pack_size(K, N, np.float32)
 
 
 def _packed_matmul_f32(const float[:, ::1] a, const float[:, ::1] w, bint trans):
@@ -184,36 +232,64 @@ def _packed_matmul_f32(const float[:, ::1] a, const float[:, ::1] w, bint trans)
     return out
 
 
+def _packed_matmul_f64(const double[:, ::1] a, const double[:, ::1] w, bint trans):
+    """Test hook: _packed_matmul_f32 in float64, through the float64 packed kernel."""
+    import numpy as np
+    cdef int M = a.shape[0], K = a.shape[1], N = w.shape[0] if trans else w.shape[1]
+    if _rgemm64 == NULL:
+        raise RuntimeError("no packed kernel on this CPU (rgemm_level() == 0)")
+    if (w.shape[1] if trans else w.shape[0]) != K or M < 1 or N < 1 or K < 1:
+        raise ValueError("shapes do not match")
+    packed = np.empty(cy_packed_size_f64(K, N), np.float64)
+    out = np.empty((M, N), np.float64)
+    cdef double[::1] pk = packed
+    cdef double[:, ::1] c = out
+    cy_pack_f64(&pk[0], &w[0, 0], K, N, w.shape[1], trans)
+    _rgemm64(M, N, K, &a[0, 0], K, &pk[0], &c[0, 0], N)
+    return out
 
-cdef float* _wpack_slot(float[::1] wpack, int K, int N, int Kr, int Nr) except? NULL:
-    """Start of the packed (K, N) recurrent weight in the caller's scratch (the packed
-    (Kr, Nr) projection follows it), or NULL when there is no scratch or no kernel."""
-    if wpack is None or pack_floats(K, N) == 0:
+
+
+cdef floating* _wpack_slot(floating[::1] wpack, int K, int N, int Kr, int Nr) except? NULL:
+    """Start of the packed (K, N) recurrent weight in the caller's scratch, 64-byte
+    aligned (the packed (Kr, Nr) projection follows it), or NULL when there is no
+    scratch or no kernel for this dtype."""
+    cdef size_t item = sizeof(floating)
+    cdef bint kernel = (_rgemm != NULL) if item == 4 else (_rgemm64 != NULL)
+    if wpack is None or not kernel or K <= 0 or N <= 0:
         return NULL
-    _check(<size_t> wpack.shape[0] >= cy_packed_size(K, N) + _PACK_SLACK
-           + (cy_packed_size(Kr, Nr) if Kr > 0 and Nr > 0 else 0), "wpack")
-    return &wpack[0] + ((64 - (<size_t> &wpack[0] & 63)) & 63) // sizeof(float)
+    _check(<size_t> wpack.shape[0] >= _packed_elems(K, N, item) + _PACK_SLACK_BYTES // item
+           + (_packed_elems(Kr, Nr, item) if Kr > 0 and Nr > 0 else 0), "wpack")
+    return &wpack[0] + ((64 - (<size_t> &wpack[0] & 63)) & 63) // item
 
 
 cdef inline void _rec_mm(int m, int n, int k, const floating* a, int lda,
-                         const floating* w, int ldw, bint w_trans, const float* packed,
+                         const floating* w, int ldw, bint w_trans, const floating* packed,
                          floating* c, int ldc) noexcept nogil:
     """C (m, n) = A (m, k) @ op(W), op(W) (k, n); from the packed W when there is one."""
-    if floating is float:
-        if packed != NULL:
+    if packed != NULL:
+        if floating is float:
             _rgemm(m, n, k, a, lda, packed, c, ldc)
-            return
+        else:
+            _rgemm64(m, n, k, a, lda, packed, c, ldc)
+        return
     gemm(False, w_trans, m, n, k, 1, a, lda, w, ldw, 0, c, ldc)
 
 
-cdef inline float* _pack(float* dst, const floating* w, int K, int N, int ldw,
-                         bint trans) noexcept nogil:
-    """Pack op(W) (K, N) into dst for _rec_mm (float32 with a kernel), or return NULL."""
+cdef inline floating* _pack(floating* dst, const floating* w, int K, int N, int ldw,
+                            bint trans) noexcept nogil:
+    """Pack op(W) (K, N) into dst for _rec_mm, or return NULL (no kernel: BLAS)."""
+    if dst == NULL or K <= 0 or N <= 0:
+        return NULL
     if floating is float:
-        if dst != NULL and _rgemm != NULL and K > 0 and N > 0:
-            cy_pack_f32(dst, w, K, N, ldw, trans)
-            return dst
-    return NULL
+        if _rgemm == NULL:
+            return NULL
+        cy_pack_f32(dst, w, K, N, ldw, trans)
+    else:
+        if _rgemm64 == NULL:
+            return NULL
+        cy_pack_f64(dst, w, K, N, ldw, trans)
+    return dst
 
 
 # ----------------------------------------------------------------------------------------
@@ -362,8 +438,8 @@ cdef void _forward_chunk(
     const floating* rmask,      # (B, Hp) recurrent dropout mask, or NULL
     const floating* w_hh,       # (G, Hp)
     const floating* w_hr,       # (P, H) or NULL
-    const float* whh_packed,    # W_hh^T packed for _rec_mm, or NULL (BLAS)
-    const float* whr_packed,    # W_hr^T packed, or NULL
+    const floating* whh_packed, # W_hh^T packed for _rec_mm, or NULL (BLAS)
+    const floating* whr_packed, # W_hr^T packed, or NULL
     const int* lengths,         # (B,) in 1..T
     int s0, int s1, int B, int H, int P, int r0, int r1, bint reverse,
 ) noexcept nogil:
@@ -405,6 +481,10 @@ cdef void _forward_chunk(
             if s >= lengths[b]:        # ended: state frozen; time s is padding, output 0
                 if y != NULL:
                     memset(y + (<Py_ssize_t> s * B + b) * Hp, 0, Hp * sizeof(floating))
+                if c_cache != NULL:    # the cache holds zeros there, never stale memory
+                    memset(gates + (<Py_ssize_t> sl * B + b) * G, 0, G * sizeof(floating))
+                    memset(c_cache + (<Py_ssize_t> sl * B + b) * H, 0, H * sizeof(floating))
+                    memset(tc_cache + (<Py_ssize_t> sl * B + b) * H, 0, H * sizeof(floating))
                 if m_cache != NULL:    # read by the dW_hr GEMM over the block's rows
                     memset(m_cache + (<Py_ssize_t> sl * B + b) * H, 0, H * sizeof(floating))
                 continue
@@ -450,7 +530,7 @@ def lstm_forward(
     bint reverse,
     int n_parts,
     int n_threads,
-    float[::1] wpack=None,              # float32 scratch: pack_floats(Hp, G) + pack_floats(H, P)
+    floating[::1] wpack=None,           # scratch: pack_size(Hp, G) + pack_size(H, P) elements
     const floating[:, ::1] rmask,       # (B, Hp) recurrent dropout mask, or None
     int s0,                             # first loop step: a multiple of block_steps(B)
     int s1,                             # end: a multiple of block_steps(B), or T
@@ -477,8 +557,8 @@ def lstm_forward(
     cdef floating* xg_p = NULL
     cdef floating* mbuf_p = NULL
     cdef floating* hp_p = NULL
-    cdef float* whh_pk = NULL
-    cdef float* whr_pk = NULL
+    cdef floating* whh_pk = NULL
+    cdef floating* whr_pk = NULL
     cdef const floating* rm_p = NULL
     cdef floating* hm_p = NULL
 
@@ -498,7 +578,7 @@ def lstm_forward(
         xg_p = &xg[0, 0, 0]
     whh_pk = _wpack_slot(wpack, Hp, G, H, P)
     if whh_pk != NULL:
-        whr_pk = whh_pk + cy_packed_size(Hp, G)
+        whr_pk = whh_pk + _packed_elems(Hp, G, sizeof(floating))
     _check(_is(h.shape, B, Hp) and _is(c.shape, B, H), "h/c")
     _check(_is(gates.shape, n, B, G) and _is(hz.shape, B, G), "gates/hz")
     _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
@@ -577,8 +657,8 @@ cdef void _backward_chunk(
     const floating* c_start,    # (B, H) the state c entering step s0 (c0 when s0 = 0)
     const floating* w_hh,       # (G, Hp)
     const floating* w_hr,       # (P, H) or NULL
-    const float* whh_packed,    # W_hh packed for _rec_mm, or NULL (BLAS)
-    const float* whr_packed,    # W_hr packed, or NULL
+    const floating* whh_packed, # W_hh packed for _rec_mm, or NULL (BLAS)
+    const floating* whr_packed, # W_hr packed, or NULL
     const floating* rmask,      # (B, Hp) recurrent dropout mask, or NULL
     const int* lengths,         # (B,)
     int s0, int s1, int B, int H, int P, int r0, int r1, bint reverse,
@@ -730,7 +810,7 @@ def lstm_backward(
     bint reverse,
     int n_parts,
     int n_threads,
-    float[::1] wpack=None,              # float32 scratch: pack_floats(G, Hp) + pack_floats(P, H)
+    floating[::1] wpack=None,           # scratch: pack_size(G, Hp) + pack_size(P, H) elements
     const floating[:, ::1] rmask,       # (B, Hp) the forward's recurrent dropout mask, or None
     int s0,                             # as the forward's; segments go last to first
     int s1,
@@ -754,8 +834,8 @@ def lstm_backward(
     cdef floating* dhp_p = NULL
     cdef floating* dm_p = NULL
     cdef floating* dxg_p = NULL
-    cdef float* whh_pk = NULL
-    cdef float* whr_pk = NULL
+    cdef floating* whh_pk = NULL
+    cdef floating* whr_pk = NULL
     cdef const floating* rm_p = NULL
 
     _check(0 <= s0 < s1 <= T and s0 % S == 0 and (s1 % S == 0 or s1 == T)
@@ -766,7 +846,7 @@ def lstm_backward(
         rm_p = &rmask[0, 0]
     whh_pk = _wpack_slot(wpack, G, Hp, P, H)
     if whh_pk != NULL:
-        whr_pk = whh_pk + cy_packed_size(G, Hp)
+        whr_pk = whh_pk + _packed_elems(G, Hp, sizeof(floating))
     _check(_is(dw_ih.shape, G, I) and _is(dw_hh.shape, G, Hp), "weight grads")
     _check(_is(dw_ih_tmp.shape, G, I) and _is(dw_hh_tmp.shape, G, Hp), "weight grad sums")
     _check(_is(dx.shape, T, B, I) and _is(dy.shape, T, B, Hp), "dx/dy")

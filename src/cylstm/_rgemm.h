@@ -471,4 +471,205 @@ static inline cy_gemm_packed_fn cy_rgemm_select(int level)
     return NULL;
 }
 
+/* ---- float64: the same per-step product on doubles -----------------------------------
+ *
+ *   C (M, N) = A (M, K) @ W (K, N),   W packed by cy_pack_f64 into panels of 8 columns
+ *
+ * float64 ran these products through OpenBLAS's dgemm, which re-packs W every step as
+ * sgemm did (perf, medium float64 training at 1 thread: dgemm's copy routines 24% of
+ * the time; 7% with this kernel, that of the large GEMMs). A panel row is 8
+ * doubles, one 64-byte line, as a float32 panel row is 16 floats, so the layout and the
+ * kernels are the float32 ones with twice as many panels. The order of the loops
+ * differs: a pair of panels (K x 16 doubles, 32 kB at K = 256) is taken through every
+ * row block before the next pair, so that the second block of rows reads it from L1;
+ * the double-precision W_hh of the medium config (2 MB) no longer fits in L2 next to
+ * everything else, and streaming it once per row block would read it from L3.
+ * Determinism as for float32: one FMA chain over k in order per element.
+ * The medium config's step alone (M=16 N=1024 K=256, 1 thread) runs at about 79 GFLOP/s
+ * with AVX-512 and 55 with AVX2, half the float32 kernel's, as the vector width says. */
+#define CY_NR64 8
+
+/* Doubles needed to pack a (K, N) matrix. */
+static inline size_t cy_packed_size_f64(int K, int N)
+{
+    return (size_t) ((N + CY_NR64 - 1) / CY_NR64) * (size_t) K * CY_NR64;
+}
+
+/* Pack W (K, N) for the float64 kernels; trans and ldw as in cy_pack_f32. */
+static inline void cy_pack_f64(double *packed, const double *w, int K, int N, int ldw, int trans)
+{
+    int np = (N + CY_NR64 - 1) / CY_NR64;
+    for (int p = 0; p < np; p++) {
+        double *dst = packed + (size_t) p * K * CY_NR64;
+        int n0 = p * CY_NR64, nv = N - n0 < CY_NR64 ? N - n0 : CY_NR64;
+        for (int k = 0; k < K; k++) {
+            double *row = dst + (size_t) k * CY_NR64;
+            for (int j = 0; j < nv; j++)
+                row[j] = trans ? w[(size_t) (n0 + j) * ldw + k] : w[(size_t) k * ldw + n0 + j];
+            for (int j = nv; j < CY_NR64; j++)
+                row[j] = 0.0;
+        }
+    }
+}
+
+#ifdef CY_HAVE_X86_KERNELS
+/* AVX-512: MR rows x NP panels (8*NP columns) in MR*NP zmm accumulators. */
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
+cy_block64_avx512(const int MR, const int NP, int K, const double *A, int lda,
+                  const double *panel, size_t pstride, double *C, int ldc,
+                  const __mmask8 *mask)
+{
+    __m512d acc[8][4];
+    for (int r = 0; r < MR; r++)
+        for (int q = 0; q < NP; q++)
+            acc[r][q] = _mm512_setzero_pd();
+    for (int k = 0; k < K; k++) {
+        __m512d b[4];
+        for (int q = 0; q < NP; q++)
+            b[q] = _mm512_loadu_pd(panel + q * pstride + (size_t) k * CY_NR64);
+        for (int r = 0; r < MR; r++) {
+            __m512d a = _mm512_set1_pd(A[(size_t) r * lda + k]);
+            for (int q = 0; q < NP; q++)
+                acc[r][q] = _mm512_fmadd_pd(a, b[q], acc[r][q]);
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int q = 0; q < NP; q++)
+            _mm512_mask_storeu_pd(C + (size_t) r * ldc + q * CY_NR64, mask[q], acc[r][q]);
+}
+
+#define CY_B64(MR, NP) cy_block64_avx512(MR, NP, K, a, lda, panel, pstride, c, ldc, mask)
+
+/* One block of MR (1..8) rows against npan (1..4) consecutive panels. With 4 or more
+ * rows two panels (up to 16 accumulators), with fewer all npan at once, as for float32. */
+__attribute__((target("avx512f"))) static void
+cy_rows64_avx512(int MR, int npan, int K, const double *a, int lda, const double *panel,
+                 size_t pstride, double *c, int ldc, const __mmask8 *mask)
+{
+    switch (MR * 4 + npan) {
+    case 33: CY_B64(8, 1); break;
+    case 34: CY_B64(8, 2); break;
+    case 29: CY_B64(7, 1); break;
+    case 30: CY_B64(7, 2); break;
+    case 25: CY_B64(6, 1); break;
+    case 26: CY_B64(6, 2); break;
+    case 21: CY_B64(5, 1); break;
+    case 22: CY_B64(5, 2); break;
+    case 17: CY_B64(4, 1); break;
+    case 18: CY_B64(4, 2); break;
+    case 13: CY_B64(3, 1); break;
+    case 14: CY_B64(3, 2); break;
+    case 15: CY_B64(3, 3); break;
+    case 16: CY_B64(3, 4); break;
+    case 9: CY_B64(2, 1); break;
+    case 10: CY_B64(2, 2); break;
+    case 11: CY_B64(2, 3); break;
+    case 12: CY_B64(2, 4); break;
+    case 5: CY_B64(1, 1); break;
+    case 6: CY_B64(1, 2); break;
+    case 7: CY_B64(1, 3); break;
+    case 8: CY_B64(1, 4); break;
+    default: break;
+    }
+}
+#undef CY_B64
+
+__attribute__((target("avx512f"))) static void
+cy_gemm_packed64_avx512(int M, int N, int K, const double *A, int lda, const double *Bp,
+                        double *C, int ldc)
+{
+    int np = (N + CY_NR64 - 1) / CY_NR64;
+    int step = M >= 4 ? 2 : 4;          /* panels per block: see cy_rows64_avx512 */
+    size_t pstride = (size_t) K * CY_NR64;
+    for (int p = 0; p < np; p += step) {
+        int npan = np - p < step ? np - p : step;
+        __mmask8 mask[4];
+        for (int q = 0; q < npan; q++) {
+            int nv = N - (p + q) * CY_NR64 < CY_NR64 ? N - (p + q) * CY_NR64 : CY_NR64;
+            mask[q] = (__mmask8) ((1u << nv) - 1u);
+        }
+        const double *panel = Bp + (size_t) p * pstride;
+        for (int i = 0; i < M; i += 8) {        /* every row block on these panels */
+            int mr = M - i < 8 ? M - i : 8;
+            cy_rows64_avx512(mr, npan, K, A + (size_t) i * lda, lda, panel, pstride,
+                             C + (size_t) i * ldc + p * CY_NR64, ldc, mask);
+        }
+    }
+}
+
+/* AVX2 + FMA: MR rows x one panel (8 columns) in 2*MR ymm accumulators. */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+cy_block64_avx2(const int MR, int K, const double *A, int lda, const double *panel,
+                double *C, int ldc, int nv)
+{
+    __m256d lo[6], hi[6];
+    for (int r = 0; r < MR; r++) {
+        lo[r] = _mm256_setzero_pd();
+        hi[r] = _mm256_setzero_pd();
+    }
+    for (int k = 0; k < K; k++) {
+        __m256d b0 = _mm256_loadu_pd(panel + (size_t) k * CY_NR64);
+        __m256d b1 = _mm256_loadu_pd(panel + (size_t) k * CY_NR64 + 4);
+        for (int r = 0; r < MR; r++) {
+            __m256d a = _mm256_broadcast_sd(A + (size_t) r * lda + k);
+            lo[r] = _mm256_fmadd_pd(a, b0, lo[r]);
+            hi[r] = _mm256_fmadd_pd(a, b1, hi[r]);
+        }
+    }
+    for (int r = 0; r < MR; r++) {
+        if (nv == CY_NR64) {
+            _mm256_storeu_pd(C + (size_t) r * ldc, lo[r]);
+            _mm256_storeu_pd(C + (size_t) r * ldc + 4, hi[r]);
+        } else {
+            double tmp[CY_NR64];
+            _mm256_storeu_pd(tmp, lo[r]);
+            _mm256_storeu_pd(tmp + 4, hi[r]);
+            memcpy(C + (size_t) r * ldc, tmp, (size_t) nv * sizeof(double));
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void
+cy_gemm_packed64_avx2(int M, int N, int K, const double *A, int lda, const double *Bp,
+                      double *C, int ldc)
+{
+    int np = (N + CY_NR64 - 1) / CY_NR64;
+    for (int p = 0; p < np; p++) {
+        const double *panel = Bp + (size_t) p * K * CY_NR64;
+        int nv = N - p * CY_NR64 < CY_NR64 ? N - p * CY_NR64 : CY_NR64;
+        double *c = C + p * CY_NR64;
+        int i = 0;
+#define CY_B64_AVX2(MR) cy_block64_avx2(MR, K, A + (size_t) i * lda, lda, panel, \
+                                        c + (size_t) i * ldc, ldc, nv)
+        for (; i + 6 <= M; i += 6)
+            CY_B64_AVX2(6);
+        switch (M - i) {
+        case 5: CY_B64_AVX2(5); break;
+        case 4: CY_B64_AVX2(4); break;
+        case 3: CY_B64_AVX2(3); break;
+        case 2: CY_B64_AVX2(2); break;
+        case 1: CY_B64_AVX2(1); break;
+        default: break;
+        }
+#undef CY_B64_AVX2
+    }
+}
+#endif
+
+typedef void (*cy_gemm_packed64_fn)(int, int, int, const double *, int, const double *,
+                                    double *, int);
+
+/* The float64 kernel of a level (NULL for 0: use BLAS). */
+static inline cy_gemm_packed64_fn cy_rgemm64_select(int level)
+{
+#ifdef CY_HAVE_X86_KERNELS
+    if (level >= 2)
+        return cy_gemm_packed64_avx512;
+    if (level == 1)
+        return cy_gemm_packed64_avx2;
+#endif
+    (void) level;
+    return NULL;
+}
+
 #endif

@@ -142,12 +142,12 @@ def _finite_padding(x, lengths):
 
 
 def _wpack(ws, dtype, shapes, T, name="wpack"):
-    """float32 scratch for the recurrent weights packed once per call (see _rgemm.h),
-    or None (float64, short sequences, or a CPU without AVX2: the kernels use BLAS)."""
-    if dtype != np.float32 or T < PACK_MIN_STEPS:
+    """Scratch of the weights' dtype for the recurrent weights packed once per call
+    (see _rgemm.h), or None (short sequences, or a CPU without AVX2: BLAS)."""
+    if T < PACK_MIN_STEPS:
         return None
-    n = sum(_lstm.pack_floats(K, N) for K, N in shapes)
-    return ws.get(name, (n,), np.float32) if n else None
+    n = sum(_lstm.pack_size(K, N, dtype) for K, N in shapes)
+    return ws.get(name, (n,), dtype) if n else None
 
 
 def _workspace_arg(workspace):
