@@ -15,6 +15,7 @@ about 9 GiB), memory and time.
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def peak_bytes(T, B, I, H, ck):
 
 
 def _peak_in_child(shape, ck, threads):
-    code = (f"import sys, json; sys.path.insert(0, {repr(sys.path[0])}); "
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys, json; sys.path.insert(0, {here!r}); "
             f"import cylstm; cylstm.set_num_threads({threads}); "
             f"from checkpoint import peak_bytes; "
             f"print(json.dumps(peak_bytes(*{tuple(shape)!r}, {ck!r})))")
