@@ -549,3 +549,21 @@ def test_predict_writes_every_element_as_batch_by_batch(case, batch, monkeypatch
     assert wrote_into == want
     if case in ("tokens", "classifier"):
         assert all(want)
+
+
+@pytest.mark.parametrize("lengths", [None, [6, 2, 5, 6, 1, 3, 4]])
+def test_evaluate_is_the_loss_of_predict(lengths):
+    # evaluate computes no gradient; its loss and accuracy are the training loss's,
+    # bitwise when the batch keeps its row order (a ragged one is permuted: the float64
+    # row losses are summed in another order)
+    rng = np.random.default_rng(4)
+    model = cylstm.text.char_model(9, 3, 5, seed=1)
+    model.compile(loss="cross_entropy", metrics=["accuracy"])
+    x, y = rng.integers(0, 9, (7, 6)), rng.integers(0, 9, (7, 6))
+    lengths = None if lengths is None else np.array(lengths)
+    got = model.evaluate(x, y, batch_size=64, lengths=lengths)
+    mask = None if lengths is None else np.arange(6)[None, :] < lengths[:, None]
+    ce = cylstm.losses.CrossEntropyLoss()
+    want = ce(model.predict(x, lengths=lengths), y, mask)
+    assert got["loss"] == (want if lengths is None else pytest.approx(want, rel=1e-14))
+    assert got["accuracy"] == ce.n_correct / ce.n_counted

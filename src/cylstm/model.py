@@ -476,14 +476,15 @@ class Sequential(Parametrised):
             if dout is None:                       # integer input: nothing below it
                 break
 
-    def _loss(self, out, y, lengths):
-        """(mean loss, its gradient, positions counted, correct, sum |error|)."""
+    def _loss(self, out, y, lengths, grad=True):
+        """(mean loss, its gradient, positions counted, correct, sum |error|); with
+        ``grad=False`` the cross-entropy gradient is not computed (None)."""
         mask = None
         if self.sequence_output and lengths is not None:
             mask = np.arange(out.shape[1])[None, :] < lengths[:, None]
         if self.loss == "cross_entropy":
             loss, dout, count, correct = _losses._cross_entropy(
-                out, y, mask, -100, "mean")
+                out, y, mask, -100, "mean", grad=grad)
             return loss, dout, count, correct, 0.0
         if y.shape != out.shape and y.size == out.size:
             y = y.reshape(out.shape)                 # (N,) targets for one output
@@ -562,7 +563,9 @@ class Sequential(Parametrised):
     def eval_step(self, x, y, lengths=None, states=None):
         """The loss and metric sums on one prepared batch, no update; a ``StepResult``."""
         out, finals = self._forward(x, lengths, states)
-        loss, _, count, correct, abs_err = self._loss(out, y, lengths)
+        # no gradient: for the char model at batches of 256 that is an (N, C) array
+        # (8 MB) not written and a pass over it not made
+        loss, _, count, correct, abs_err = self._loss(out, y, lengths, grad=False)
         return StepResult(loss, count, correct, abs_err, finals)
 
     # ---- the public loop -----------------------------------------------------------------
