@@ -3,6 +3,7 @@
     python bench/e2e.py --quick          # ~1-2 min on 2 idle cores
     python bench/e2e.py                  # the figures to quote (a few minutes)
     python bench/e2e.py --profile        # where ~100 fit updates of the char model go
+    python bench/e2e.py --profile predict   # where predict's time goes (or: evaluate)
     python bench/e2e.py --blas-env as-is,unset,haswell   # each in a child process
 
 Measured, at --threads (default 2) for cylstm, its BLAS and torch alike:
@@ -26,7 +27,8 @@ Each figure is the median of several reps, cylstm and torch alternating (A B A B
 so that drift on a shared machine hits both. Ratios above 1: cylstm is faster. The
 targets (defined at 2 threads) are printed MET or MISSED; docs/benchmarking.md says more.
 The report goes to stdout and <out>/e2e.md, records to <out>/e2e.jsonl (<out>: --out,
-default bench/results/ next to this script); --profile writes <out>/e2e_profile.md.
+default bench/results/ next to this script); --profile writes <out>/e2e_profile.md,
+--profile predict <out>/e2e_profile_predict.md (evaluate likewise).
 """
 
 import argparse
@@ -51,6 +53,7 @@ import numpy as np
 import cylstm
 from cylstm import optim as cy_optim
 from cylstm import text as cy_text
+from cylstm._threads import other_blas_single_threaded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results")
@@ -547,6 +550,151 @@ def profile_fit(sz, n, log):
     return res
 
 
+def _hold_once():
+    with other_blas_single_threaded:
+        pass
+
+
+def profile_inference(sz, n, log, torch, what):
+    """Where ``predict`` (what="predict") or ``evaluate`` (what="evaluate") of the char
+    model goes, per batch of 256 windows: cProfile of a few calls grouped by piece,
+    beside each piece called alone (no profiler) on one batch's shapes, and beside
+    torch's module doing the same piece at the same shapes (when torch is there)."""
+    from cylstm import functional as cy_F
+    from cylstm.embedding import Embedding
+    from cylstm.layers import LSTM, Linear
+
+    bs = min(256, sz.predict_windows)
+    vocab, cx, cy = char_data(sz, sz.predict_windows, seed=2)
+    m = cy_char_model(sz, vocab.size)
+    n_batches = -(-len(cx) // bs)
+    if what == "predict":
+        call = lambda: m.predict(cx, batch_size=bs)
+        top_fn = type(m).predict
+    else:
+        call = lambda: m.evaluate(cx, cy, batch_size=bs)
+        top_fn = type(m).evaluate
+    tm = None
+    if torch is not None:
+        tm, _ = torch_models(torch, sz, vocab.size, m, cy_cls_model(sz))
+        tcx, tcy = torch.from_numpy(cx), torch.from_numpy(cy)
+        t_call = (lambda: torch_predict(torch, tm, tcx, None, bs)) if what == "predict" \
+            else (lambda: torch_evaluate(torch, tm, tcx, tcy, None, bs))
+    reps = max(3, sz.reps)
+    calls = max(1, sz.profile_updates // 25)           # predict/evaluate calls profiled
+    with cylstm.threads(n):
+        fns = {"cylstm": call}
+        if tm is not None:
+            fns["torch"] = t_call
+        whole = {k: float(np.median(v)) / n_batches for k, v in alternate(fns, reps).items()}
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(calls):
+            call()
+        prof.disable()
+        profiled = (time.perf_counter() - t0) / (calls * n_batches)
+    st = pstats.Stats(prof).stats
+    nb = calls * n_batches                             # batches under the profiler
+
+    def ct(fn):
+        k = _key(fn) if fn is not None else None
+        return (st[k][3], st[k][1]) if k in st else (0.0, 0)
+
+    kernel = getattr(cy_F, "lstm_layer_forward", None)
+    top_ct, _ = ct(top_fn)
+    k_ct, k_n = ct(kernel)
+    l_ct, l_n = ct(LSTM.forward)
+    inside = {
+        "Embedding forward (gather)": ct(Embedding.forward),
+        "LSTM kernel (functional.lstm_layer_forward)": (k_ct, k_n),
+        "LSTM.forward around the kernel (layout copies, checks)": (l_ct - k_ct, l_n),
+        "Linear forward": ct(Linear.forward),
+    }
+    if what == "evaluate":
+        inside["loss and metrics (softmax cross-entropy)"] = ct(type(m)._loss)
+    # predict/evaluate hold NumPy's BLAS to one thread for the call (threadpoolctl);
+    # top_fn is that wrapper, so the hold is inside the total
+    hold = type(other_blas_single_threaded)
+    (a, na), (b, _) = ct(hold.__enter__), ct(hold.__exit__)
+    inside["holding NumPy's BLAS to one thread (enter + exit)"] = (a + b, na)
+
+    # each piece alone, on one batch's shapes, eval mode; torch's piece beside it
+    emb, lstm, lin = m.layers
+    m.eval()
+    xb, yb = np.ascontiguousarray(cx[:bs]), np.ascontiguousarray(cy[:bs])
+    e = emb.forward(xb)
+    h, _ = lstm.forward(e)
+    out = lin.forward(h)
+    et = np.ascontiguousarray(e.transpose(1, 0, 2))
+    (w_ih, w_hh, b_ih, b_hh, _), _ = lstm._weights(0, 0)
+    ws = cy_F.Workspace()           # scratch kept across calls, as LSTM.forward keeps it
+    alone_fns = {
+        "Embedding forward (gather)": lambda: emb.forward(xb),
+        "LSTM kernel (functional.lstm_layer_forward)": lambda: kernel(
+            et, w_ih, w_hh, b_ih, b_hh, training=False, workspace=ws),
+        "LSTM.forward around the kernel (layout copies, checks)": None,
+        "Linear forward": lambda: lin.forward(h),
+        "loss and metrics (softmax cross-entropy)": lambda: m._loss(out, yb, None),
+        "holding NumPy's BLAS to one thread (enter + exit)": _hold_once,
+    }
+    torch_fns = {}
+    if tm is not None:
+        F = torch.nn.functional
+        txb, tyb = torch.from_numpy(xb), torch.from_numpy(yb)
+        with torch.inference_mode():
+            te = tm.emb(txb)
+            th = tm.lstm(te)[0]
+            tout = tm.lin(th)
+        torch_fns = {
+            "Embedding forward (gather)": lambda: tm.emb(txb),
+            "LSTM kernel (functional.lstm_layer_forward)": lambda: tm.lstm(te),
+            "Linear forward": lambda: tm.lin(th),
+            "loss and metrics (softmax cross-entropy)": lambda: F.cross_entropy(
+                tout.reshape(-1, tout.shape[-1]), tyb.reshape(-1), reduction="sum").item(),
+        }
+    alone, t_alone = {}, {}
+    ctx = torch.inference_mode() if tm is not None else contextlib.nullcontext()
+    with cylstm.threads(n), ctx:
+        for k in inside:
+            fns = {"cylstm": alone_fns[k]} if alone_fns.get(k) else {}
+            if k in torch_fns:
+                fns["torch"] = torch_fns[k]
+            if not fns:
+                continue
+            res = alternate(fns, max(5, 2 * reps))
+            alone[k] = float(np.median(res["cylstm"])) if "cylstm" in res else None
+            t_alone[k] = float(np.median(res["torch"])) if "torch" in res else None
+    lstm_alone = None
+    with cylstm.threads(n), ctx:
+        fns = {"cylstm": lambda: lstm.forward(e)}
+        if tm is not None:
+            fns["torch"] = torch_fns["LSTM kernel (functional.lstm_layer_forward)"]
+        res = alternate(fns, max(5, 2 * reps))
+        lstm_alone = {k: 1e3 * float(np.median(v)) for k, v in res.items()}
+    if "LSTM kernel (functional.lstm_layer_forward)" in alone:
+        alone["LSTM.forward around the kernel (layout copies, checks)"] = \
+            lstm_alone["cylstm"] / 1e3 - alone["LSTM kernel (functional.lstm_layer_forward)"]
+    rows = []
+    for k, (t, c) in inside.items():
+        a, ta = alone.get(k), t_alone.get(k)
+        rows.append({"piece": k, "calls_per_batch": c / nb, "inside_ms": 1e3 * t / nb,
+                     "share": t / top_ct if top_ct else None,
+                     "alone_ms": None if a is None else 1e3 * a * c / nb,
+                     "torch_ms": None if ta is None else 1e3 * ta})
+    rest = top_ct - sum(t for t, _ in inside.values())
+    res = {"what": what, "batch": bs, "windows": len(cx), "batches": nb,
+           "ms_per_batch": 1e3 * whole["cylstm"],
+           "torch_ms_per_batch": 1e3 * whole["torch"] if "torch" in whole else None,
+           "profiled_ms_per_batch": 1e3 * profiled, "top_ct_ms_per_batch": 1e3 * top_ct / nb,
+           "rest_ms": 1e3 * rest / nb, "rows": rows, "lstm_alone": lstm_alone,
+           "top": _top_functions(st, top_ct, nb)}
+    log(f"[profile {what}] {res['ms_per_batch']:.1f} ms per batch of {bs}"
+        + (f", torch {res['torch_ms_per_batch']:.1f}" if tm is not None else "")
+        + f" ({res['profiled_ms_per_batch']:.1f} under cProfile)")
+    return res
+
+
 def _top_functions(st, fit_ct, U, k=12):
     """The k functions with the most own time (tottime), per update."""
     items = sorted(st.items(), key=lambda kv: -kv[1][2])[:k]
@@ -727,6 +875,53 @@ def profile_markdown(p, h):
     return lines
 
 
+def inference_profile_markdown(p, h):
+    w = p["what"]
+    lines = [f"# cylstm {w} profile, {h['time'][:10]}", "",
+             f"- command: `{h['command']}`",
+             f"- `Sequential.{w}` of the char model on {p['windows']} windows of "
+             f"{h['sizes']['window']} characters, batches of {p['batch']}, {h['threads']} "
+             f"threads; CPU {h['cpu']}; other load {_f(h.get('load'))} cores"]
+    lines += blas_lines(h["blas_kernels"], h["env"])
+    t = p["torch_ms_per_batch"]
+    lines += [f"- {w}: **{p['ms_per_batch']:.1f} ms per batch** without the profiler"
+              + (f"; torch's loop {t:.1f} ms (cylstm / torch speed "
+                 f"{t / p['ms_per_batch']:.2f}x)" if t else "")
+              + f"; {p['profiled_ms_per_batch']:.1f} ms under cProfile"]
+    la = p.get("lstm_alone") or {}
+    if la:
+        lines += [f"- the LSTM layer alone at these shapes (LSTM.forward, eval mode): "
+                  f"cylstm {la['cylstm']:.1f} ms"
+                  + (f", torch nn.LSTM {la['torch']:.1f} ms (cylstm / torch speed "
+                     f"{la['torch'] / la['cylstm']:.2f}x)" if "torch" in la else "")]
+    lines += ["", f"Per batch. Inside: cProfile's cumulative time of the piece's calls in "
+              f"{w}. Alone: the same calls on one batch's shapes without the profiler "
+              "(median). torch: its module doing the same piece at the same shapes under "
+              "inference_mode (nn.LSTM for both LSTM rows).", ""]
+    rows = [[r["piece"], f"{r['calls_per_batch']:.3g}", f"{r['inside_ms']:.2f}",
+             "-" if r["share"] is None else f"{100 * r['share']:.0f}%",
+             "-" if r["alone_ms"] is None else f"{r['alone_ms']:.2f}",
+             f"{r['inside_ms'] / r['alone_ms']:.2f}x" if r["alone_ms"] else "-",
+             "-" if r["torch_ms"] is None else f"{r['torch_ms']:.2f}"]
+            for r in p["rows"]]
+    rows.append([f"everything else in {w} (batching, output assembly, copies, checks)", "",
+                 f"{p['rest_ms']:.2f}", f"{100 * p['rest_ms'] / p['top_ct_ms_per_batch']:.0f}%"
+                 if p["top_ct_ms_per_batch"] else "-", "", "", ""])
+    lines += table(["piece", "calls/batch", f"inside {w} ms", f"% of {w}", "alone ms",
+                    "inside / alone", "torch alone ms"], rows)
+    lines += ["", "Functions with the most own time (ms per batch):", ""]
+    lines += table(["function", "own ms", "cumulative ms", "calls/batch"],
+                   [[t["function"], f"{t['own_ms']:.2f}", f"{t['cum_ms']:.2f}",
+                     f"{t['calls_per_update']:.1f}"] for t in p["top"]])
+    return lines
+
+
+def any_profile_markdown(r):
+    if "profile" in r:
+        return profile_markdown(r["profile"], r["header"])
+    return inference_profile_markdown(r["inference_profile"], r["header"])
+
+
 # ---- the run --------------------------------------------------------------------------------
 
 def _load():
@@ -792,10 +987,12 @@ def run_here(args, log):
     with pools_at(args.threads) as limited:
         h["pools_limited"] = limited
         if args.profile:
-            p = profile_fit(sz, args.threads, log)
+            key, p = ("profile", profile_fit(sz, args.threads, log)) if args.profile == "fit" \
+                else ("inference_profile",
+                      profile_inference(sz, args.threads, log, torch, args.profile))
             h.update(elapsed_s=time.perf_counter() - w0, load=_other_load(t0, _load()),
                      vocab=None)
-            return {"header": h, "profile": p}
+            return {"header": h, key: p}
         fit, models = measure_fit(sz, torch, args.threads, log)
         results.update(fit)
         results.update(measure_inference(sz, torch, models, log))
@@ -886,8 +1083,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2,
                    help="threads for cylstm, the BLAS libraries and torch (default 2; the "
                         "targets are defined at 2)")
-    p.add_argument("--profile", action="store_true",
-                   help="only the profile of ~100 fit updates of the char model, by piece")
+    p.add_argument("--profile", nargs="?", const="fit", default=None,
+                   choices=("fit", "predict", "evaluate"),
+                   help="only a profile of the char model, by piece: ~100 fit updates "
+                        "(fit, the default), or predict / evaluate (batches of 256, each "
+                        "piece also alone and beside torch's)")
     p.add_argument("--blas-env", default="as-is", metavar="LIST",
                    help="comma-separated OpenBLAS environments, each run in a child "
                         f"process: {', '.join(BLAS_ENVS)} (haswell: OPENBLAS_CORETYPE="
@@ -920,8 +1120,7 @@ def main(argv=None):
         for name, r in runs.items():
             if "error" not in r:
                 lines += ["", f"## BLAS environment '{name}'", ""] + \
-                    (profile_markdown(r["profile"], r["header"]) if "profile" in r
-                     else markdown(r))
+                    (any_profile_markdown(r) if args.profile else markdown(r))
         if not args.profile:
             lines += compare_markdown(runs)
         records = [dict(r, type="run", blas_env=k) for k, r in runs.items()]
@@ -931,14 +1130,14 @@ def main(argv=None):
         if args.record:
             with open(args.record, "w") as f:
                 json.dump(run, f)
-        lines = profile_markdown(run["profile"], run["header"]) if args.profile \
-            else markdown(run)
+        lines = any_profile_markdown(run) if args.profile else markdown(run)
         records = [dict(run, type="run", blas_env="as-is")]
         failed = False
     print("\n".join(lines))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = "e2e_profile" if args.profile else "e2e"
+        stem = "e2e" if not args.profile else "e2e_profile" if args.profile == "fit" \
+            else f"e2e_profile_{args.profile}"
         with open(os.path.join(args.out, stem + ".md"), "w") as f:
             f.write("\n".join(lines) + "\n")
         with open(os.path.join(args.out, stem + ".jsonl"), "w") as f:

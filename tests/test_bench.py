@@ -236,6 +236,24 @@ def test_e2e_profile_groups_fit_by_piece(tmp_path, capsys):
         assert r["calls_per_update"] >= 1 and r["inside_ms"] > 0 and r["alone_ms"] > 0
 
 
+@pytest.mark.parametrize("what", ["predict", "evaluate"])
+def test_e2e_profile_groups_inference_by_piece(what, tmp_path, capsys):
+    assert e2e.main(["--smoke", "--profile", what, "--out", str(tmp_path)]) == 0
+    md = (tmp_path / f"e2e_profile_{what}.md").read_text()
+    rec = json.loads((tmp_path / f"e2e_profile_{what}.jsonl").read_text().splitlines()[0])
+    p = rec["inference_profile"]
+    assert p["what"] == what and f"# cylstm {what} profile" in md
+    pieces = {r["piece"]: r for r in p["rows"]}
+    assert ("loss and metrics (softmax cross-entropy)" in pieces) == (what == "evaluate")
+    for k, r in pieces.items():                # every piece was found inside the call
+        assert r["calls_per_batch"] > 0 and r["inside_ms"] > 0, k
+        if k != "LSTM.forward around the kernel (layout copies, checks)":
+            assert r["alone_ms"] > 0, k        # (that one is a difference of two medians)
+        if HAVE_TORCH and "Embedding" in k:
+            assert r["torch_ms"] > 0
+    assert p["ms_per_batch"] > 0 and (p["torch_ms_per_batch"] is not None) == HAVE_TORCH
+
+
 def test_e2e_runs_each_blas_environment_in_a_child(tmp_path, capsys):
     assert e2e.main(["--smoke", "--no-train", "--no-torch", "--blas-env", "unset,haswell",
                      "--out", str(tmp_path)]) == 0

@@ -69,6 +69,37 @@ def test_linear_accumulates_and_keeps_leading_axes():
     assert_close(lin.flat_grads, 2 * once, 1e-14, "accumulated grads")
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_linear_forward_into_out_is_bitwise_the_plain_forward(train):
+    lin, x, dy = _problem(24, 6, 5, np.float32)
+    x3 = x.reshape(4, 6, 6)
+    lin.train(train)
+    want = lin.forward(x3)
+    out = np.full((4, 6, 5), np.nan, np.float32)
+    assert lin.forward(x3, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    if train:                                   # the backward of an out= forward works
+        lin.zero_grad()
+        np.testing.assert_array_equal(lin.backward(dy.reshape(4, 6, 5)),
+                                      (lin.forward(x3), lin.backward(dy.reshape(4, 6, 5)))[1])
+    big = np.zeros((8, 6, 5), np.float32)       # a slice of rows of a wider result
+    lin.forward(x3, out=big[2:6])
+    np.testing.assert_array_equal(big[2:6], want)
+    assert not big[:2].any() and not big[6:].any()
+
+
+def test_linear_forward_out_is_checked():
+    lin, x, _ = _problem(6, 4, 3, np.float32)
+    for bad in (np.empty((6, 4), np.float32), np.empty((6, 3), np.float64),
+                np.empty((3, 6), np.float32).T, [[0.0] * 3] * 6,
+                np.broadcast_to(np.zeros(3, np.float32), (6, 3))):
+        with pytest.raises(ValueError, match="out must be a writeable C-contiguous float32"):
+            lin.forward(x, out=bad)
+    both = np.zeros((6, 4), np.float32)
+    with pytest.raises(ValueError, match="must not overlap x"):
+        cylstm.Linear(4, 4, seed=0).forward(both, out=both)
+
+
 def test_linear_finite_differences():
     lin, x, dy = _problem(5, 4, 3, np.float64, seed=3)
     _, dx, grads = _fwd_bwd(lin, x, dy)

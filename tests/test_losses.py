@@ -205,6 +205,28 @@ def test_cross_entropy_bitwise_identical_for_any_thread_count(
         assert hits == runs[0][2]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_without_gradient_the_loss_and_counts_are_bitwise_the_same(
+        dtype, reduction, two_thread_teams, kernel_level):
+    # what evaluate uses: dlogits None, one scratch row per block
+    z, t = problem((7, 89), 97, seed=21, dtype=dtype, ignore_frac=0.1)
+    z[0, 3, 5] = np.inf                   # a non-finite logit in an ignored row is fine
+    t[0, 3] = -100
+    mask = np.random.default_rng(22).random((7, 89)) < 0.8
+    for n in (1, 2):
+        with cylstm.threads(n):
+            want = L._cross_entropy(z, t, mask, -100, reduction)
+            got = L._cross_entropy(z, t, mask, -100, reduction, grad=False)
+        assert got[1] is None and want[1] is not None
+        assert np.asarray(got[0]).tobytes() == np.asarray(want[0]).tobytes()
+        assert got[2:] == want[2:] and want[3] > 0
+    z[1, 2, 0] = np.nan                   # a counted bad row still raises
+    t[1, 2], mask[1, 2] = 0, True
+    with pytest.raises(ValueError, match="logits must be finite"):
+        L._cross_entropy(z, t, mask, -100, reduction, grad=False)
+
+
 def test_int32_and_other_integer_targets_and_layouts_give_the_same_result():
     z, t = problem((5, 4), 6, seed=11)
     want = L.softmax_cross_entropy(z, t)
@@ -304,6 +326,10 @@ def test_kernel_checks_its_own_shapes():
         _ops.softmax_xent(dlogits=np.empty((3, 4)), targets=np.zeros(2, np.int64), **kw)
     with pytest.raises(ValueError, match="targets"):
         _ops.softmax_xent(dlogits=np.empty((3, 4)), targets=np.array([0, 4, 0]), **kw)
+    for scratch in (None, np.empty((N_PARTS, 3)), np.empty((N_PARTS - 1, 4))):
+        with pytest.raises(ValueError, match="scratch must have shape"):
+            _ops.softmax_xent(dlogits=None, scratch=scratch, targets=np.zeros(3, np.int64),
+                              **kw)
 
 
 @settings(max_examples=40, deadline=None)

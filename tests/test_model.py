@@ -482,3 +482,89 @@ def test_deepcopy_and_pickle_keep_one_arena_per_copy():
     for name, p in lstm.params.items():
         assert np.shares_memory(p, lstm.flat_params), name
     lstm(np.ones((2, 1, 3)))
+
+
+class _NanEmpty:
+    """numpy with np.empty filled with NaN: an element predict leaves unwritten shows."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float, **kw):
+        return np.full(shape, np.nan, dtype)
+
+
+def _batch_by_batch(model, x, lengths, batch):
+    """predict's reference: each batch's forward, rows put back, padding zeroed."""
+    outs = []
+    for i in range(0, len(x), batch):
+        lb = None if lengths is None else lengths[i:i + batch]
+        T = x.shape[1] if lb is None else int(lb.max())
+        part = model._forward(np.ascontiguousarray(x[i:i + batch, :T]), lb)[0]
+        if model.sequence_output and T < x.shape[1]:
+            part = np.concatenate([part, np.zeros((part.shape[0], x.shape[1] - T) +
+                                                  part.shape[2:], part.dtype)], axis=1)
+        outs.append(part)
+    out = np.concatenate(outs)
+    if model.sequence_output and lengths is not None:
+        out[np.arange(x.shape[1])[None, :] >= lengths[:, None]] = 0
+    return out
+
+
+@pytest.mark.parametrize("case", ["tokens", "tokens ragged", "classifier ragged",
+                                  "classifier", "lstm last", "lstm last ragged",
+                                  "classifier permuted"])
+@pytest.mark.parametrize("batch", [4, 5, 64])
+def test_predict_writes_every_element_as_batch_by_batch(case, batch, monkeypatch):
+    rng = np.random.default_rng(3)
+    N, T = 11, 6
+    lengths = rng.integers(1, T + 1, N) if "ragged" in case else None
+    if case == "classifier permuted":
+        # on 2 cores the first batch runs as rows [0, 2, 1, 3]: first and last in place
+        lengths = np.array([6, 5, 4, 1] + [3] * (N - 4))
+    if case.startswith("tokens"):
+        model = cylstm.text.char_model(7, 3, 5, seed=0)
+        x = rng.integers(0, 7, (N, T))
+    else:
+        x = rng.standard_normal((N, T, 3)).astype(np.float32)
+        layers = [cylstm.LSTM(3, 5, batch_first=True)]
+        if not case.startswith("lstm last"):
+            layers += [cylstm.LastStep(), cylstm.Linear(5, 4)]
+        model = cylstm.Sequential(layers, seed=0)
+    # which batches the Linear writes into the result: every one of consecutive rows
+    # spanning all steps (a ragged batch comes permuted, or cut to its longest row)
+    wrote_into = []
+    forward = cylstm.Linear.forward
+    monkeypatch.setattr(cylstm.Linear, "forward", lambda self, h, out=None: (
+        wrote_into.append(out is not None), forward(self, h, out=out))[1])
+    monkeypatch.setattr(cylstm.model, "np", _NanEmpty())
+    got = model.predict(x, batch_size=batch, lengths=lengths)
+    monkeypatch.undo()
+    model.eval()
+    np.testing.assert_array_equal(got, _batch_by_batch(model, x, lengths, batch))
+    want = [] if case.startswith("lstm last") else [
+        bool(np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx)))) and
+        (not model.sequence_output or lengths is None or lengths[idx].max() == T)
+        for idx in model._batches(N, batch, False, lengths)]
+    assert wrote_into == want
+    if case in ("tokens", "classifier"):
+        assert all(want)
+
+
+@pytest.mark.parametrize("lengths", [None, [6, 2, 5, 6, 1, 3, 4]])
+def test_evaluate_is_the_loss_of_predict(lengths):
+    # evaluate computes no gradient; its loss and accuracy are the training loss's,
+    # bitwise when the batch keeps its row order (a ragged one is permuted: the float64
+    # row losses are summed in another order)
+    rng = np.random.default_rng(4)
+    model = cylstm.text.char_model(9, 3, 5, seed=1)
+    model.compile(loss="cross_entropy", metrics=["accuracy"])
+    x, y = rng.integers(0, 9, (7, 6)), rng.integers(0, 9, (7, 6))
+    lengths = None if lengths is None else np.array(lengths)
+    got = model.evaluate(x, y, batch_size=64, lengths=lengths)
+    mask = None if lengths is None else np.arange(6)[None, :] < lengths[:, None]
+    ce = cylstm.losses.CrossEntropyLoss()
+    want = ce(model.predict(x, lengths=lengths), y, mask)
+    assert got["loss"] == (want if lengths is None else pytest.approx(want, rel=1e-14))
+    assert got["accuracy"] == ce.n_correct / ce.n_counted

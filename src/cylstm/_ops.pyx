@@ -197,7 +197,8 @@ def _kernel_levels():
 # ----------------------------------------------------------------------------------------
 
 cdef void _xent_block(
-    floating* dlogits,          # (N, C) OUT rows [r0, r1)                          (4')
+    floating* dlogits,          # (N, C) OUT rows [r0, r1), or NULL: no gradient     (4')
+    floating* ebuf,             # (C,) this block's scratch row when dlogits is NULL
     floating* row_loss,         # (N,) OUT w_n loss_n, or NULL
     double* block_loss,         # (P,) OUT [p]: sum of w_n loss_n over the block, float64
     int64_t* block_stats,       # (P, 2) OUT [p]: argmax hits, first non-finite row or -1
@@ -217,11 +218,13 @@ cdef void _xent_block(
     cdef floating* dz
     for n in range(r0, r1):
         z = logits + n * C
-        dz = dlogits + n * C
+        # without a gradient the exponentials (2) only feed the sum: one scratch row
+        dz = ebuf if dlogits == NULL else dlogits + n * C
         t = targets[n]
         w = 1 if weight == NULL else weight[n]
         if t == ignore_index or w == 0:
-            memset(dz, 0, C * sizeof(floating))
+            if dlogits != NULL:
+                memset(dz, 0, C * sizeof(floating))
             if row_loss != NULL:
                 row_loss[n] = 0
             continue
@@ -245,6 +248,8 @@ cdef void _xent_block(
         acc += w * loss
         if row_loss != NULL:
             row_loss[n] = <floating> (w * loss)
+        if dlogits == NULL:
+            continue
         inv = <floating> (w * scale / s)                                    # (4')
         if floating is float:
             _rows.scale(dz, inv, <int> C)
@@ -258,24 +263,31 @@ cdef void _xent_block(
 
 def softmax_xent(
     *,
-    floating[:, ::1] dlogits,           # (N, C) OUT dL/dlogits, not overlapping logits (4')
+    # (logits comes first among the float arrays: Cython picks the float32 or float64
+    # version from the first one, and dlogits may be None)
+    const floating[:, ::1] logits,      # (N, C)
+    floating[:, ::1] dlogits,           # (N, C) OUT dL/dlogits, not overlapping logits (4'),
+                                        # or None: the loss and hits only (evaluation)
     floating[::1] row_loss,             # (N,) OUT w_n loss_n (reduction "none"), or None
     double[::1] block_loss,             # (P,) scratch: per-block float64 loss sums
     int64_t[:, ::1] block_stats,        # (P, 2) scratch: per-block hits, first bad row
-    const floating[:, ::1] logits,      # (N, C)
     const index_t[::1] targets,         # (N,) in 0..C-1, or ignore_index
     const floating[::1] weight,         # (N,) finite, >= 0 (0 = not counted), or None
     int64_t ignore_index,
     bint mean,                          # scale = 1 / sum of counted weights, else 1
     int n_parts,
     int n_threads,
+    floating[:, ::1] scratch=None,      # (P, C) scratch rows, needed when dlogits is None
 ):
     """Softmax cross-entropy forward and backward in one pass over the rows.
 
     Returns (loss_sum, weight_sum, n_counted, n_correct): the float64 sum of w_n loss_n
     over counted rows (not yet scaled), the sum of their weights, how many rows counted,
     and how many of those have argmax_j z_nj == y_n (ties: the first maximum).
-    dlogits holds the gradient of loss_sum * scale. Raises ValueError naming `targets`
+    dlogits holds the gradient of loss_sum * scale; with dlogits None nothing but the
+    returned figures is computed (bitwise the same ones: the same row functions run on
+    the same values), which saves writing an (N, C) array and its scaling pass when
+    only the loss is wanted. Raises ValueError naming `targets`
     (a value outside 0..C-1 that is not ignore_index), `weight` (negative or not finite),
     or `logits` (a counted row with NaN or +Inf, or -Inf at its target).
     """
@@ -285,9 +297,18 @@ def softmax_xent(
     cdef double w, wsum = 0, total = 0, scale = 1
     cdef const floating* w_p = NULL
     cdef floating* rl_p = NULL
-    if dlogits.shape[0] != N or dlogits.shape[1] != C or targets.shape[0] != N:
-        raise ValueError(f"softmax_xent: dlogits ({dlogits.shape[0]}, {dlogits.shape[1]}) "
-                         f"and targets ({targets.shape[0]},) must match logits ({N}, {C})")
+    cdef floating* dz_p = NULL
+    cdef floating* sc_p = NULL
+    if dlogits is not None:
+        if dlogits.shape[0] != N or dlogits.shape[1] != C:
+            raise ValueError(f"softmax_xent: dlogits ({dlogits.shape[0]}, "
+                             f"{dlogits.shape[1]}) must match logits ({N}, {C})")
+    elif scratch is None or scratch.shape[0] < n_parts or scratch.shape[1] != C:
+        raise ValueError(f"softmax_xent: without dlogits, scratch must have shape "
+                         f"(n_parts, {C}) = ({n_parts}, {C})")
+    if targets.shape[0] != N:
+        raise ValueError(f"softmax_xent: targets ({targets.shape[0]},) must match "
+                         f"logits ({N}, {C})")
     if C < 1 or C > 2147483647:
         raise ValueError(f"logits must have 1..2**31-1 class columns, got ({N}, {C})")
     if n_parts < 1 or n_threads < 1 or block_loss.shape[0] < n_parts \
@@ -326,12 +347,17 @@ def softmax_xent(
             f"ignore_index={ignore_index}, got {targets[bad]} at flat position {bad}")
     if mean and wsum > 0:
         scale = 1 / wsum
+    if dlogits is not None:
+        dz_p = &dlogits[0, 0]
+    else:
+        sc_p = &scratch[0, 0]
     with nogil:
         for p in prange(n_parts, schedule="static",
                         num_threads=team(n_threads, n_parts, <double> N * C,
                                          MIN_PARALLEL_XENT)):
             note_team()
-            _xent_block(&dlogits[0, 0], rl_p, &block_loss[0], &block_stats[0, 0],
+            _xent_block(dz_p, NULL if sc_p == NULL else sc_p + p * C, rl_p,
+                        &block_loss[0], &block_stats[0, 0],
                         &logits[0, 0], &targets[0], w_p, ignore_index, scale,
                         split(N, n_parts, p), split(N, n_parts, p + 1), C, p)
     for p in range(n_parts):                        # fixed order: bitwise reproducible

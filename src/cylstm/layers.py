@@ -673,11 +673,27 @@ class Linear(Parametrised):
             self._x = None                # eval keeps no input for a backward
         return super().train(mode)
 
-    def forward(self, x):
-        """x (..., in) -> y (..., out)."""
+    def forward(self, x, out=None):
+        """x (..., in) -> y (..., out). ``out``: an optional writeable C-contiguous array
+        of y's shape and dtype, not overlapping x, that receives y (and is returned):
+        ``Sequential.predict`` has the logits written straight into its result."""
         x = _features(x, "x", self.dtype, self.in_features)
         x2 = x.reshape(-1, self.in_features)
-        y = np.empty((x2.shape[0], self.out_features), self.dtype)
+        if out is None:
+            y = np.empty((x2.shape[0], self.out_features), self.dtype)
+        else:
+            want = x.shape[:-1] + (self.out_features,)
+            if (not isinstance(out, np.ndarray) or out.shape != want
+                    or out.dtype != self.dtype or not out.flags.c_contiguous
+                    or not out.flags.writeable):
+                raise ValueError(f"out must be a writeable C-contiguous {self.dtype} array "
+                                 f"of shape {shape_str(want)}, got "
+                                 f"{getattr(out, 'dtype', type(out).__name__)} "
+                                 f"{shape_str(np.shape(out))}")
+            if np.may_share_memory(out, x):
+                raise ValueError("out must not overlap x (the kernel reads x while it "
+                                 "writes out)")
+            y = out.reshape(x2.shape[0], self.out_features)
         # cylstm's kernel, not NumPy's matmul: NumPy's own BLAS threads would compete
         # with cylstm's OpenMP team for the same cores (see _ops.pyx, Linear)
         with blas_single_threaded:
@@ -686,7 +702,7 @@ class Linear(Parametrised):
                                 n_parts=N_PARTS, n_threads=get_num_threads())
         self._x = x2 if self.training else None
         self._lead = x.shape[:-1]
-        return y.reshape(x.shape[:-1] + (self.out_features,))
+        return out if out is not None else y.reshape(x.shape[:-1] + (self.out_features,))
 
     def backward(self, dy):
         """dy (..., out) like the forward's y -> dx (..., in); grads += (dW, db)."""

@@ -122,10 +122,11 @@ def _logits_targets(logits, targets):
 
 # ---- cross-entropy --------------------------------------------------------------------------
 
-def _cross_entropy(logits, targets, mask, ignore_index, reduction, out=None):
+def _cross_entropy(logits, targets, mask, ignore_index, reduction, out=None, grad=True):
     """The kernel call behind softmax_cross_entropy and accuracy-as-a-by-product.
 
-    Returns (loss, dlogits, n_counted, n_correct)."""
+    Returns (loss, dlogits, n_counted, n_correct); dlogits is None with ``grad=False``
+    (evaluation: the same loss and counts, bitwise, without computing a gradient)."""
     reduction = _reduction(reduction)
     ignore_index = _ignore_index(ignore_index)
     logits, targets = _logits_targets(logits, targets)
@@ -138,7 +139,10 @@ def _cross_entropy(logits, targets, mask, ignore_index, reduction, out=None):
     w = _mask_array(mask, lead, dtype)
     if w is not None:
         w = w.reshape(N)
-    if out is None:
+    scratch = None
+    if not grad:
+        dz, scratch = None, np.empty((N_PARTS, C), dtype)
+    elif out is None:
         dz = np.empty((N, C), dtype)
     else:
         if (not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dtype
@@ -158,6 +162,7 @@ def _cross_entropy(logits, targets, mask, ignore_index, reduction, out=None):
         block_stats=np.empty((N_PARTS, 2), np.int64),
         logits=z, targets=t, weight=w, ignore_index=ignore_index,
         mean=reduction == "mean", n_parts=N_PARTS, n_threads=get_num_threads(),
+        scratch=scratch,
     )
     if reduction == "none":
         loss = row_loss.reshape(lead)
@@ -165,7 +170,7 @@ def _cross_entropy(logits, targets, mask, ignore_index, reduction, out=None):
         loss = float(total)
     else:
         loss = float(total / wsum) if wsum > 0 else 0.0
-    return loss, dz.reshape(shape), int(counted), int(correct)
+    return loss, None if dz is None else dz.reshape(shape), int(counted), int(correct)
 
 
 def softmax_cross_entropy(logits, targets, mask=None, ignore_index=-100, reduction="mean",

@@ -41,7 +41,7 @@ from ._check import positive_int as _positive_int
 from ._threads import other_blas_single_threaded
 from .base import Layer, Parametrised, arena, registered
 from .callbacks import Callback
-from .layers import _ragged_order
+from .layers import Linear, _ragged_order
 
 __all__ = ["Sequential", "History", "Stats", "StepResult", "pad_sequences"]
 
@@ -446,17 +446,29 @@ class Sequential(Parametrised):
 
     # ---- forward / backward --------------------------------------------------------------
 
-    def _forward(self, x, lengths, states=None):
+    def _forward(self, x, lengths, states=None, into=None):
         """The stack on one batch; returns (output, [final state of each recurrent layer]).
-        ``states``: None, or one state per recurrent layer, in order."""
+        ``states``: None, or one state per recurrent layer, in order. ``into``: an array
+        the last layer writes its output into (only when ``_writes_into()``)."""
         out, finals = x, []
         states = iter(()) if states is None else iter(states)
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if i == last and into is not None:
+                out = layer.forward(out, out=into)
+                break
             state = next(states, None) if layer.recurrent else None
             out, final = layer.forward_batch(out, lengths, state)
             if layer.recurrent:
                 finals.append(final)
         return out, finals
+
+    def _writes_into(self):
+        """True when the last layer is a plain Linear, whose forward can write straight
+        into a slice of predict's result (a subclass may change forward: not assumed)."""
+        last = type(self.layers[-1])
+        return issubclass(last, Linear) and last.forward is Linear.forward \
+            and last.forward_batch is Linear.forward_batch
 
     def _backward(self, dout):
         for layer in reversed(self.layers):
@@ -464,14 +476,15 @@ class Sequential(Parametrised):
             if dout is None:                       # integer input: nothing below it
                 break
 
-    def _loss(self, out, y, lengths):
-        """(mean loss, its gradient, positions counted, correct, sum |error|)."""
+    def _loss(self, out, y, lengths, grad=True):
+        """(mean loss, its gradient, positions counted, correct, sum |error|); with
+        ``grad=False`` the cross-entropy gradient is not computed (None)."""
         mask = None
         if self.sequence_output and lengths is not None:
             mask = np.arange(out.shape[1])[None, :] < lengths[:, None]
         if self.loss == "cross_entropy":
             loss, dout, count, correct = _losses._cross_entropy(
-                out, y, mask, -100, "mean")
+                out, y, mask, -100, "mean", grad=grad)
             return loss, dout, count, correct, 0.0
         if y.shape != out.shape and y.size == out.size:
             y = y.reshape(out.shape)                 # (N,) targets for one output
@@ -550,7 +563,9 @@ class Sequential(Parametrised):
     def eval_step(self, x, y, lengths=None, states=None):
         """The loss and metric sums on one prepared batch, no update; a ``StepResult``."""
         out, finals = self._forward(x, lengths, states)
-        loss, _, count, correct, abs_err = self._loss(out, y, lengths)
+        # no gradient: for the char model at batches of 256 that is an (N, C) array
+        # (8 MB) not written and a pass over it not made
+        loss, _, count, correct, abs_err = self._loss(out, y, lengths, grad=False)
         return StepResult(loss, count, correct, abs_err, finals)
 
     # ---- the public loop -----------------------------------------------------------------
@@ -725,14 +740,32 @@ class Sequential(Parametrised):
         batch_size = _positive_int(batch_size, "batch_size")
         x, lengths = self._inputs(x, lengths)
         self.eval()
+        N, T = x.shape[:2]
         out = None
-        for idx in self._batches(len(x), batch_size, False, lengths):
+        # Every element of the result is written below (padding by the mask at the end),
+        # so np.empty, not zeros. With a Linear last, its shape is known before the first
+        # batch, and a batch of consecutive rows that spans every step gets its output
+        # written straight into its rows of the result (no per-batch array and copy:
+        # for the char model at batches of 256, 8 MB each).
+        into = self._writes_into()
+        if into:
+            lin = self.layers[-1]
+            out = np.empty((N,) + ((T,) if self.sequence_output else ()) +
+                           (lin.out_features,), lin.dtype)
+        for idx in self._batches(N, batch_size, False, lengths):
             xb, _, lb = self._take(idx, x, None, lengths)
-            part = self._forward(xb, lb)[0]
+            dest = None
+            # consecutive rows in order (a ragged batch comes permuted: see _batches)
+            if into and (np.diff(idx) == 1).all() and \
+                    (not self.sequence_output or xb.shape[1] == T):
+                dest = out[idx[0]:idx[0] + len(idx)]
+            part = self._forward(xb, lb, into=dest)[0]
+            if part is dest:
+                continue
             if out is None:
                 shape = part.shape[1:] if not self.sequence_output else \
-                    (x.shape[1],) + part.shape[2:]
-                out = np.zeros((len(x),) + shape, part.dtype)
+                    (T,) + part.shape[2:]
+                out = np.empty((N,) + shape, part.dtype)
             if self.sequence_output:
                 out[idx, :part.shape[1]] = part
             else:
