@@ -58,7 +58,7 @@ def _assert_bitwise(got, want):
 
 # (T, B, checkpoint_every): several segments of one or more blocks each, a last partial
 # segment, the rounding of k up to a whole block (k=1), and "auto".
-SEGMENTINGS = [(50, 64, 8), (50, 64, 16), (40, 64, "auto"), (130, 8, 64), (30, 100, 1)]
+SEGMENTINGS = [(50, 64, 8), (50, 64, 16), (40, 64, "auto"), (130, 32, 64), (30, 100, 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -88,7 +88,7 @@ def test_two_backward_calls_add_twice_with_checkpointing():
 def test_checkpointed_gradients_match_the_reference():
     """Not only equal to the compiled full cache: right (against the NumPy reference)."""
     from cylstm import reference as R
-    problem = _layer_problem(np.float64, 40, 8, 4, 6, 0, True, False, True)
+    problem = _layer_problem(np.float64, 40, 64, 4, 6, 0, True, False, True)
     w, x, lengths, mask, h0, c0, dy, dh_n, dc_n = problem
     got, _ = _layer_step(problem, True, 8)
     y, h_n, c_n, cache = R.lstm_layer_forward(x, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"],
@@ -102,11 +102,11 @@ def test_checkpointed_gradients_match_the_reference():
 
 def test_segment_steps_rounds_to_whole_blocks_and_validates():
     S = F.block_steps(8)
-    assert S == 64 and F.block_steps(64) == 8 and F.block_steps(1000) == 1
+    assert S == 256 and F.block_steps(64) == 32 and F.block_steps(5000) == 1
     assert F.segment_steps(None, 1000, 8) is None
     assert F.segment_steps(1, 1000, 8) == S                 # rounded up to a block
-    assert F.segment_steps(65, 1000, 8) == 2 * S
-    assert F.segment_steps("auto", 100_000, 8) == 320       # ceil(sqrt(T)) = 317 -> 320
+    assert F.segment_steps(257, 1000, 8) == 2 * S
+    assert F.segment_steps("auto", 100_000, 8) == 512       # ceil(sqrt(T)) = 317 -> 512
     assert F.segment_steps(999, 1000, 8) is None            # one segment: the full cache
     assert F.segment_steps("auto", 10, 8) is None
     for bad, err in ((0, ValueError), (-3, ValueError), ("often", ValueError),
@@ -145,8 +145,9 @@ def test_module_with_every_option_is_bitwise_with_checkpointing(dtype):
 
 def test_fit_gives_bitwise_the_same_weights_with_checkpointing():
     r = np.random.default_rng(5)
-    x = r.integers(0, 20, size=(48, 60))
+    x = r.integers(0, 20, size=(48, 150))
     y = np.roll(x, -1, axis=1)
+    assert F.segment_steps("auto", 150, 16) is not None      # really checkpointed
     weights = []
     for k in (None, "auto"):
         model = cylstm.text.char_model(20, 8, 16, num_layers=2, dropout=0.1,

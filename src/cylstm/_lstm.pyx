@@ -305,11 +305,11 @@ cdef inline floating* _pack(floating* dst, const floating* w, int K, int N, int 
 # the values, that the full-cache backward issues for those blocks, so its gradients are
 # bitwise the same (docs/math.md, "Checkpointed BPTT").
 cdef enum:
-    _BLOCK_ROWS = 512
+    _BLOCK_ROWS = 2048
 
 
 cpdef int block_steps(int B) noexcept nogil:
-    """Loop steps per time block for a batch of B rows: ceil(512 / B), at least 1.
+    """Loop steps per time block for a batch of B rows: ceil(2048 / B), at least 1.
     Checkpoint segments are whole numbers of blocks."""
     if B < 1:
         return _BLOCK_ROWS
