@@ -59,6 +59,19 @@ def checkpoint_every(value, name="checkpoint_every"):
     return int(value)
 
 
+def out_array(out, shape, dtype, source, why):
+    """`out` when it is a writeable C-contiguous `dtype` array of `shape` that does not
+    overlap `source` (the array the kernel reads while writing out); else ValueError."""
+    if (not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != dtype
+            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise ValueError(f"out must be a writeable C-contiguous {dtype} array of shape "
+                         f"{shape_str(shape)}, got {getattr(out, 'dtype', type(out).__name__)} "
+                         f"{shape_str(np.shape(out))}")
+    if np.may_share_memory(out, source):
+        raise ValueError(f"out must not overlap {why}")
+    return out
+
+
 def as_array(x, name, what="an array"):
     """x as an ndarray (no copy when it is one); a TypeError naming x when it cannot be."""
     if isinstance(x, np.ndarray):

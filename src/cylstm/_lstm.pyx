@@ -214,39 +214,28 @@ def pack_floats(int K, int N):
     return pack_size(K, N, np.float32)
 
 
-def _packed_matmul_f32(const float[:, ::1] a, const float[:, ::1] w, bint trans):
-    """Test hook: A (M, K) @ op(W) through the packed per-step kernel; op(W) = W^T if
-    trans (w is (N, K)), else W (w is (K, N)). Raises if this CPU has no such kernel."""
+def _packed_matmul(const floating[:, ::1] a, const floating[:, ::1] w, bint trans):
+    """Test hook: A (M, K) @ op(W) through the packed per-step kernel of a's dtype (the
+    kernels' own _pack and _rec_mm); op(W) = W^T if trans (w is (N, K)), else W (w is
+    (K, N)). Raises if this CPU has no such kernel."""
     import numpy as np
     cdef int M = a.shape[0], K = a.shape[1], N = w.shape[0] if trans else w.shape[1]
-    if _rgemm == NULL:
+    cdef bint kernel = (_rgemm != NULL) if floating is float else (_rgemm64 != NULL)
+    if not kernel:
         raise RuntimeError("no packed kernel on this CPU (rgemm_level() == 0)")
     if (w.shape[1] if trans else w.shape[0]) != K or M < 1 or N < 1 or K < 1:
         raise ValueError("shapes do not match")
-    packed = np.empty(cy_packed_size(K, N), np.float32)
-    out = np.empty((M, N), np.float32)
-    cdef float[::1] pk = packed
-    cdef float[:, ::1] c = out
-    cy_pack_f32(&pk[0], &w[0, 0], K, N, w.shape[1], trans)
-    _rgemm(M, N, K, &a[0, 0], K, &pk[0], &c[0, 0], N)
+    dtype = np.float32 if floating is float else np.float64
+    packed = np.empty(_packed_elems(K, N, sizeof(floating)), dtype)
+    out = np.empty((M, N), dtype)
+    cdef floating[::1] pk = packed
+    cdef floating[:, ::1] c = out
+    _rec_mm(M, N, K, &a[0, 0], K, &w[0, 0], w.shape[1], trans,
+            _pack(&pk[0], &w[0, 0], K, N, w.shape[1], trans), &c[0, 0], N)
     return out
 
 
-def _packed_matmul_f64(const double[:, ::1] a, const double[:, ::1] w, bint trans):
-    """Test hook: _packed_matmul_f32 in float64, through the float64 packed kernel."""
-    import numpy as np
-    cdef int M = a.shape[0], K = a.shape[1], N = w.shape[0] if trans else w.shape[1]
-    if _rgemm64 == NULL:
-        raise RuntimeError("no packed kernel on this CPU (rgemm_level() == 0)")
-    if (w.shape[1] if trans else w.shape[0]) != K or M < 1 or N < 1 or K < 1:
-        raise ValueError("shapes do not match")
-    packed = np.empty(cy_packed_size_f64(K, N), np.float64)
-    out = np.empty((M, N), np.float64)
-    cdef double[::1] pk = packed
-    cdef double[:, ::1] c = out
-    cy_pack_f64(&pk[0], &w[0, 0], K, N, w.shape[1], trans)
-    _rgemm64(M, N, K, &a[0, 0], K, &pk[0], &c[0, 0], N)
-    return out
+_packed_matmul_f32 = _packed_matmul_f64 = _packed_matmul
 
 
 

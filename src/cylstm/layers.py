@@ -13,7 +13,7 @@ from . import functional as F
 from ._check import float_dtype as _dtype
 from ._check import positive_int as _positive_int
 from ._check import checkpoint_every as _checkpoint_every
-from ._check import probability, real_array, shape_str
+from ._check import out_array, probability, real_array, shape_str
 from .base import Features, Layer, Parametrised
 from ._threads import N_PARTS, blas_single_threaded, get_num_threads, threads
 
@@ -682,17 +682,8 @@ class Linear(Parametrised):
         if out is None:
             y = np.empty((x2.shape[0], self.out_features), self.dtype)
         else:
-            want = x.shape[:-1] + (self.out_features,)
-            if (not isinstance(out, np.ndarray) or out.shape != want
-                    or out.dtype != self.dtype or not out.flags.c_contiguous
-                    or not out.flags.writeable):
-                raise ValueError(f"out must be a writeable C-contiguous {self.dtype} array "
-                                 f"of shape {shape_str(want)}, got "
-                                 f"{getattr(out, 'dtype', type(out).__name__)} "
-                                 f"{shape_str(np.shape(out))}")
-            if np.may_share_memory(out, x):
-                raise ValueError("out must not overlap x (the kernel reads x while it "
-                                 "writes out)")
+            out_array(out, x.shape[:-1] + (self.out_features,), self.dtype, x,
+                      "x (the kernel reads x while it writes out)")
             y = out.reshape(x2.shape[0], self.out_features)
         # cylstm's kernel, not NumPy's matmul: NumPy's own BLAS threads would compete
         # with cylstm's OpenMP team for the same cores (see _ops.pyx, Linear)

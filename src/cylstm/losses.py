@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _ops
 from ._check import FLOATS as _FLOATS
-from ._check import as_array
+from ._check import as_array, out_array
 from ._check import shape_str as _shape
 from ._threads import N_PARTS, get_num_threads
 
@@ -145,15 +145,8 @@ def _cross_entropy(logits, targets, mask, ignore_index, reduction, out=None, gra
     elif out is None:
         dz = np.empty((N, C), dtype)
     else:
-        if (not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dtype
-                or not out.flags.c_contiguous or not out.flags.writeable):
-            raise ValueError(f"out must be a writeable C-contiguous {dtype} array of shape "
-                             f"{_shape(shape)} (the logits'), got "
-                             f"{getattr(out, 'dtype', type(out).__name__)} "
-                             f"{_shape(getattr(out, 'shape', ()))}")
-        if np.may_share_memory(out, logits):
-            raise ValueError("out must not overlap logits (the kernel reads a row's logits "
-                             "after writing its gradient)")
+        out_array(out, shape, dtype, logits,
+                  "logits (the kernel reads a row's logits after writing its gradient)")
         dz = out.reshape(N, C)
     row_loss = np.empty(N, dtype) if reduction == "none" else None
     total, wsum, counted, correct = _ops.softmax_xent(
