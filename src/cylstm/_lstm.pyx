@@ -143,33 +143,27 @@ cdef inline void _activate_gates(floating* z, const floating* hz, int H) noexcep
         _act64.sigmoid_add(z + 3 * H, hz + 3 * H, H)
 
 
-def _activations_f32(const float[::1] x):
-    """Test hook: (sigmoid(x), tanh(x)) through the float32 row functions the kernels use."""
+def _activations(const floating[::1] x):
+    """Test hook: (sigmoid(x), tanh(x)) through the row functions of x's dtype that the
+    kernels use at the current level."""
     import numpy as np
+    dtype = np.float32 if floating is float else np.float64
     n = x.shape[0]
-    zeros = np.zeros(n, np.float32)
-    sig = np.array(x, dtype=np.float32)
-    th = np.array(x, dtype=np.float32)
-    cdef float[::1] s = sig, t = th, z = zeros
+    zeros = np.zeros(n, dtype)
+    sig = np.array(x, dtype=dtype)
+    th = np.array(x, dtype=dtype)
+    cdef floating[::1] s = sig, t = th, z = zeros
     if n:
-        _act.sigmoid_add(&s[0], &z[0], n)
-        _act.tanh_add(&t[0], &z[0], n)
+        if floating is float:
+            _act.sigmoid_add(&s[0], &z[0], n)
+            _act.tanh_add(&t[0], &z[0], n)
+        else:
+            _act64.sigmoid_add(&s[0], &z[0], n)
+            _act64.tanh_add(&t[0], &z[0], n)
     return sig, th
 
 
-def _activations_f64(const double[::1] x):
-    """Test hook: (sigmoid(x), tanh(x)) through the float64 row functions the kernels use
-    at the current level."""
-    import numpy as np
-    n = x.shape[0]
-    zeros = np.zeros(n, np.float64)
-    sig = np.array(x, dtype=np.float64)
-    th = np.array(x, dtype=np.float64)
-    cdef double[::1] s = sig, t = th, z = zeros
-    if n:
-        _act64.sigmoid_add(&s[0], &z[0], n)
-        _act64.tanh_add(&t[0], &z[0], n)
-    return sig, th
+_activations_f32 = _activations_f64 = _activations
 
 
 def rgemm_level():
