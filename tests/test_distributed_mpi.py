@@ -221,3 +221,12 @@ def test_cli_trains_across_ranks_and_resumes_bitwise(tmp_path):
     a, b = cylstm.load(tmp_path / "straight.npz"), cylstm.load(tmp_path / "resumed.npz")
     assert a.metadata["epochs"] == b.metadata["epochs"] == 2
     np.testing.assert_array_equal(a.flat_params, b.flat_params)
+
+
+def test_cli_refuses_recurrent_dropout_across_ranks_before_any_work(tmp_path):
+    cmd = [MPIEXEC, "-n", "2", sys.executable, "-m", "cylstm", "train", "--distributed",
+           "mpi", "--recurrent-dropout", "0.2", "--model", str(tmp_path / "m.npz")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert p.returncode != 0 and "--recurrent-dropout" in p.stderr, p.stdout + p.stderr
+    assert "text:" not in p.stdout                       # refused before loading any text
+    assert not (tmp_path / "m.npz").exists()

@@ -177,6 +177,9 @@ def _run_train(args):
         if args.batch_size < n_ranks:
             return _fail(f"--batch-size {args.batch_size} streams cannot be split among "
                          f"{n_ranks} ranks (each rank needs at least one)")
+        if n_ranks > 1 and args.recurrent_dropout > 0:
+            return _fail("--recurrent-dropout is not supported with --distributed mpi on "
+                         "more than one rank yet")
     exists = os.path.exists(args.model)
     if exists and not (args.resume or args.overwrite):
         return _fail(f"--model {args.model!r} already exists; pass --resume to continue "
