@@ -164,15 +164,17 @@ def _copy_weights(torch, cy_model, modules):
                 getattr(mod, k).copy_(torch.from_numpy(np.array(v)))
 
 
-def torch_models(torch, sz, V, cy_char, cy_cls):
-    nn = torch.nn
+def torch_modules(nn, V, E, H, F, H_cls, C):
+    """torch's idiomatic twins of cylstm's two end-to-end models, untrained:
+    char(x, state) -> (logits, state): Embedding(V, E) -> LSTM(E, H) -> Linear(H, V);
+    cls(x, lengths) -> logits: packed LSTM(F, H_cls) -> last state -> Linear(H_cls, C)."""
 
     class Char(nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb = nn.Embedding(V, sz.embed)
-            self.lstm = nn.LSTM(sz.embed, sz.hidden, batch_first=True)
-            self.lin = nn.Linear(sz.hidden, V)
+            self.emb = nn.Embedding(V, E)
+            self.lstm = nn.LSTM(E, H, batch_first=True)
+            self.lin = nn.Linear(H, V)
 
         def forward(self, x, state=None):
             y, state = self.lstm(self.emb(x), state)
@@ -181,8 +183,8 @@ def torch_models(torch, sz, V, cy_char, cy_cls):
     class Cls(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lstm = nn.LSTM(sz.cls_features, sz.cls_hidden, batch_first=True)
-            self.lin = nn.Linear(sz.cls_hidden, sz.cls_classes)
+            self.lstm = nn.LSTM(F, H_cls, batch_first=True)
+            self.lin = nn.Linear(H_cls, C)
 
         def forward(self, x, lengths):
             packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
@@ -190,7 +192,13 @@ def torch_models(torch, sz, V, cy_char, cy_cls):
             _, (h, _) = self.lstm(packed)
             return self.lin(h[-1])
 
-    char, cls = Char(), Cls()
+    return Char(), Cls()
+
+
+def torch_models(torch, sz, V, cy_char, cy_cls):
+    """torch_modules at sz's sizes, starting from the cylstm models' weights."""
+    char, cls = torch_modules(torch.nn, V, sz.embed, sz.hidden, sz.cls_features,
+                              sz.cls_hidden, sz.cls_classes)
     _copy_weights(torch, cy_char, [char.emb, char.lstm, char.lin])
     _copy_weights(torch, cy_cls, [cls.lstm, None, cls.lin])
     return char, cls

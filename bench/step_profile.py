@@ -128,31 +128,12 @@ def worker_torch(args):
     import numpy as np
     import torch
     from torch import nn
-    from torch.nn.utils.rnn import pack_padded_sequence
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     res = {}
 
-    class Char(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.lstm = nn.Embedding(V, E), nn.LSTM(E, H, batch_first=True)
-            self.out = nn.Linear(H, V)
-
-        def forward(self, x, state=None):
-            y, state = self.lstm(self.emb(x), state)
-            return self.out(y), state
-
-    class Cls(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lstm = nn.LSTM(F_IN, H_CLS, batch_first=True)
-            self.out = nn.Linear(H_CLS, CLASSES)
-
-        def forward(self, x, lengths):
-            _, (h, _) = self.lstm(pack_padded_sequence(x, lengths, batch_first=True,
-                                                       enforce_sorted=False))
-            return self.out(h[-1])
+    from e2e import torch_modules             # the same torch twins as bench/e2e.py
+    char, cls = torch_modules(nn, V, E, H, F_IN, H_CLS, CLASSES)
 
     def train(model, batches, loss_of, after=None):
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
@@ -169,7 +150,6 @@ def worker_torch(args):
     x, y = _char_data(args.updates)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     char_batches = [(xt[i:i + BATCH], yt[i:i + BATCH]) for i in range(0, len(xt), BATCH)]
-    char = Char()
 
     def char_loss(model, xb, yb):
         return nn.functional.cross_entropy(model(xb)[0].reshape(-1, V), yb.reshape(-1))
@@ -184,7 +164,6 @@ def worker_torch(args):
     xct, yct, lct = torch.from_numpy(xc), torch.from_numpy(yc), torch.from_numpy(lc)
     cls_batches = [(xct[i:i + BATCH], yct[i:i + BATCH], lct[i:i + BATCH])
                    for i in range(0, len(xct), BATCH)]
-    cls = Cls()
 
     def cls_loss(model, xb, yb, lb):
         return nn.functional.cross_entropy(model(xb, lb), yb)

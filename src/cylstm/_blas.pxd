@@ -8,6 +8,7 @@
 # away here and only here.
 
 from cython cimport floating
+from libc.string cimport memcpy
 from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 
@@ -32,3 +33,20 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k,
     else:
         dgemm(&ta, &tb, &n, &m, &k, &alpha, <double*> b, &ldb, <double*> a, &lda,
               &beta, c, &ldc)
+
+
+cdef inline void affine_rows(floating* y, const floating* x, const floating* w,
+                             const floating* bias, Py_ssize_t r0, Py_ssize_t r1,
+                             int I, int O) noexcept nogil:
+    """Rows [r0, r1) of Y (N, O) := X (N, I) @ W^T + b, W (O, I), b (O,) or NULL: the
+    input projection of an LSTM and a Linear layer's forward. The bias is copied into
+    the rows first and the GEMM adds to it (beta = 1), so no second pass is needed."""
+    cdef Py_ssize_t r
+    cdef floating beta = 0
+    if r1 <= r0:
+        return
+    if bias != NULL:
+        beta = 1
+        for r in range(r0, r1):
+            memcpy(y + r * O, bias, O * sizeof(floating))
+    gemm(False, True, <int> (r1 - r0), O, I, 1, x + r0 * I, I, w, I, beta, y + r0 * O, O)

@@ -60,7 +60,7 @@ from cython cimport floating
 from cython.parallel cimport prange
 from libc.string cimport memcpy, memset
 
-from cylstm._blas cimport gemm
+from cylstm._blas cimport affine_rows, gemm
 from cylstm._isa cimport on_level_change
 from cylstm._parallel cimport (MIN_PARALLEL_MACS, blas_single_enter, blas_single_exit,
                                note_team, split, team)
@@ -345,26 +345,6 @@ cdef void _scatter_rows(
 # Forward
 # ----------------------------------------------------------------------------------------
 
-cdef void _project_block(
-    floating* gates,            # (rows, G) OUT rows [r0, r1): x W_ih^T + b       (1)
-    const floating* x,          # (rows, I)
-    const floating* w_ih,       # (G, I)
-    const floating* bias,       # (G,) or NULL
-    int r0, int r1, int I, int G,
-) noexcept nogil:
-    cdef int r, j
-    cdef floating beta = 0
-    if r1 <= r0:
-        return
-    if bias != NULL:
-        beta = 1
-        for r in range(r0, r1):
-            for j in range(G):
-                gates[<Py_ssize_t> r * G + j] = bias[j]
-    gemm(False, True, r1 - r0, G, I, 1, x + <Py_ssize_t> r0 * I, I, w_ih, I,
-         beta, gates + <Py_ssize_t> r0 * G, G)
-
-
 cdef inline void _forward_row(
     floating* m,                # (B, H) OUT row b: m_t = o * tanh(c_t) (h itself if P == 0)
     floating* c,                # (B, H) INOUT running c
@@ -601,10 +581,10 @@ def lstm_forward(
                 if reverse:
                     _gather_rows(xg_p + <Py_ssize_t> (bs - s0) * B * I, &x[0, 0, 0],
                                  &lengths[0], bs, q0, q1, B, I, True)
-                _project_block(&gates[0, 0, 0] + <Py_ssize_t> (bs - s0) * B * G,
-                               (xg_p + <Py_ssize_t> (bs - s0) * B * I) if reverse
-                               else &x[0, 0, 0] + <Py_ssize_t> bs * B * I,
-                               &w_ih[0, 0], bias_p, q0, q1, I, G)
+                affine_rows(&gates[0, 0, 0] + <Py_ssize_t> (bs - s0) * B * G,
+                            (xg_p + <Py_ssize_t> (bs - s0) * B * I) if reverse
+                            else &x[0, 0, 0] + <Py_ssize_t> bs * B * I,
+                            &w_ih[0, 0], bias_p, q0, q1, I, G)
             blas_single_exit()
         for p in prange(n_chunks, schedule="static",
                         num_threads=team(n_threads, n_chunks, <double> n * B * G * (Hp + P),

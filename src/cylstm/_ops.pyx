@@ -57,7 +57,7 @@ from libc.math cimport exp, log, isfinite
 from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memcpy, memset
 
-from cylstm._blas cimport gemm
+from cylstm._blas cimport affine_rows, gemm
 from cylstm._isa cimport on_level_change
 from cylstm._parallel cimport (MIN_PARALLEL_COPY, MIN_PARALLEL_MACS, MIN_PARALLEL_XENT,
                                blas_single_enter, blas_single_exit, note_team, split,
@@ -543,23 +543,6 @@ def embedding_backward(
 # Linear
 # ----------------------------------------------------------------------------------------
 
-cdef void _linear_fwd_block(
-    floating* y,                # (N, O) OUT rows [r0, r1)                          (6)
-    const floating* x,          # (N, I)
-    const floating* w,          # (O, I)
-    const floating* bias,       # (O,) or NULL
-    Py_ssize_t r0, Py_ssize_t r1, int I, int O,
-) noexcept nogil:
-    cdef Py_ssize_t r, j
-    cdef floating beta = 0
-    if r1 <= r0:
-        return
-    if bias != NULL:
-        beta = 1
-        for r in range(r0, r1):
-            memcpy(y + r * O, bias, O * sizeof(floating))
-    gemm(False, True, <int> (r1 - r0), O, I, 1, x + r0 * I, I, w, I, beta, y + r0 * O, O)
-
 
 cdef void _linear_bwd_block(
     floating* dx,               # (N, I) OUT rows [r0, r1), or NULL                 (6')
@@ -635,9 +618,8 @@ def linear_forward(
                                          MIN_PARALLEL_MACS)):
             note_team()
             blas_single_enter()
-            _linear_fwd_block(&out[0, 0], &x[0, 0], &weight[0, 0], b_p,
-                              split(N, n_parts, p), split(N, n_parts, p + 1),
-                              <int> I, <int> O)
+            affine_rows(&out[0, 0], &x[0, 0], &weight[0, 0], b_p,
+                        split(N, n_parts, p), split(N, n_parts, p + 1), <int> I, <int> O)
             blas_single_exit()
 
 
