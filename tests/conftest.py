@@ -222,6 +222,18 @@ def two_thread_teams():
     assert _threads.max_team() >= 2, "no kernel call ran on a team of two threads"
 
 
+@pytest.fixture(params=[True, False], ids=["in-step", "hoisted"])
+def input_path(request, monkeypatch):
+    """Run the test with the forward's input product inside each step (True) or as GEMMs
+    before the loop (False), whatever the shapes: cylstm._threads.L2_BYTES, the cache
+    size that chooses between them (cylstm.functional.input_in_step), set huge or 0."""
+    from cylstm import _threads
+    monkeypatch.setattr(_threads, "L2_BYTES", (1 << 40) if request.param else 0)
+    from cylstm import functional as F
+    assert F.input_in_step(3, 4, 4, np.float32) is request.param
+    yield request.param
+
+
 @pytest.fixture(params=[0, 1, 2], ids=["baseline", "avx2", "avx512"])
 def kernel_level(request):
     """Run the test at one ISA level of the kernels (cylstm._isa: 0 baseline, with BLAS

@@ -65,7 +65,7 @@ SEGMENTINGS = [(50, 64, 8), (50, 64, 16), (40, 64, "auto"), (130, 32, 64), (30, 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("ragged", [False, True], ids=["full", "ragged"])
 @pytest.mark.parametrize("P", [0, 3], ids=["noproj", "proj"])
-def test_layer_gradients_are_bitwise_those_of_the_full_cache(dtype, reverse, ragged, P):
+def test_layer_gradients_are_bitwise_those_of_the_full_cache(dtype, reverse, ragged, P, input_path):
     for (T, B, k), rmask, state in itertools.product(SEGMENTINGS, [False, True],
                                                      [False, True]):
         assert F.segment_steps(k, T, B) is not None        # really checkpointed
@@ -85,7 +85,7 @@ def test_two_backward_calls_add_twice_with_checkpointing():
         np.testing.assert_allclose(twice[k], 2 * once[k], rtol=1e-13, atol=1e-13)
 
 
-def test_checkpointed_gradients_match_the_reference():
+def test_checkpointed_gradients_match_the_reference(input_path):
     """Not only equal to the compiled full cache: right (against the NumPy reference)."""
     from cylstm import reference as R
     problem = _layer_problem(np.float64, 40, 64, 4, 6, 0, True, False, True)
@@ -125,7 +125,7 @@ def _module_step(lstm, x, lengths, dy, state):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_module_with_every_option_is_bitwise_with_checkpointing(dtype):
+def test_module_with_every_option_is_bitwise_with_checkpointing(dtype, input_path):
     """Stacked, bidirectional, projection, ragged lengths, initial states, dropout between
     layers, recurrent and weight dropout, batch_first; same seed -> same masks."""
     T, B, I, H = 45, 70, 6, 9
@@ -158,7 +158,7 @@ def test_fit_gives_bitwise_the_same_weights_with_checkpointing():
     assert np.array_equal(weights[0], weights[1])
 
 
-def test_checkpointed_training_is_thread_count_invariant(two_thread_teams):
+def test_checkpointed_training_is_thread_count_invariant(two_thread_teams, input_path):
     problem = _layer_problem(np.float32, 50, 64, 5, 12, 0, True, True, True)
     runs = []
     for n in (1, 2):
@@ -190,26 +190,29 @@ def test_cli_takes_checkpoint_every_and_recurrent_dropout(tmp_path):
 
 # ---- memory -------------------------------------------------------------------------------
 
-def checkpointed_bytes(T, B, I, H, s, k):
+def checkpointed_bytes(T, B, I, H, s, k, fused=True):
     """The README's checkpointed formula (one layer and direction, no projection):
     (what a training forward keeps, what backward adds), beyond x, y, dy, dx and the
-    states. k = segment_steps(checkpoint_every, T, B)."""
+    states. k = segment_steps(checkpoint_every, T, B); fused: the input's product in
+    the step (else one segment's projected input, and the step's rows are h alone)."""
     n_seg = -(-T // k)
-    forward = s * (k * B * 4 * H + n_seg * B * 2 * H + 4 * B * H + B * H)
+    forward = s * (n_seg * B * 2 * H + 4 * B * H + B * H
+                   + (B * (I + H) if fused else B * H + k * B * 4 * H))
     backward = s * (k * B * 11 * H + 7 * B * H + 4 * H * (I + H + 1))
     return forward, backward
 
 
 @pytest.mark.parametrize("T,B,I,H,ck", [(400, 8, 16, 32, "auto"), (300, 64, 8, 20, 8)])
-def test_checkpointed_memory_follows_its_formula(T, B, I, H, ck, traced):  # noqa: F811
+def test_checkpointed_memory_follows_its_formula(T, B, I, H, ck, traced,  # noqa: F811
+                                                 input_path):
     """tracemalloc (NumPy's domain), float64 functional layer: what the forward keeps
     and what backward adds equal the formula within 2% + 4 kB."""
     from cylstm import _lstm
     k = F.segment_steps(ck, T, B)
-    want_fwd, want_bwd = checkpointed_bytes(T, B, I, H, 8, k)
-    # the packed W_hh (0 without a kernel): forward's; backward's (its recomputing
+    want_fwd, want_bwd = checkpointed_bytes(T, B, I, H, 8, k, input_path)
+    # the packed weights (0 without a kernel): forward's; backward's (its recomputing
     # forward's packing is kept under another name, so backward adds backward's size)
-    want_fwd += 8 * _lstm.pack_size(H, 4 * H, np.float64)
+    want_fwd += 8 * _lstm.forward_pack_size(I, H, 4 * H, np.float64, input_path)
     want_bwd += 8 * _lstm.pack_size(4 * H, H, np.float64)
     r = np.random.default_rng(2)
     x = r.normal(size=(T, B, I))

@@ -81,7 +81,7 @@ def assert_layer_results_close(got, want, dtype, *, zero_dw_hh):
 @pytest.mark.parametrize("state", [True, False], ids=["h0c0", "nostate"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("size", list(SIZES), ids=list(SIZES))
-def test_compiled_matches_reference(size, reverse, state, bias, dtype):
+def test_compiled_matches_reference(size, reverse, state, bias, dtype, input_path):
     """Forward (y, h_n, c_n) and backward (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh).
     The reference runs in float64 on the same values, so a float32 kernel is measured
     against the exact answer, not against another float32 rounding."""
@@ -110,7 +110,7 @@ def test_missing_state_and_final_gradients_mean_zeros(reverse, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-def test_inference_mode_gives_the_training_forward(dtype):
+def test_inference_mode_gives_the_training_forward(dtype, input_path):
     """training=False returns no cache and bitwise the same y, h_n, c_n."""
     T, B, I, H, lengths = SIZES["ragged"]
     p = make_layer_problem(T, B, I, H, seed=5, dtype=dtype)
@@ -137,7 +137,7 @@ def test_out_argument_receives_y():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-def test_padded_positions(reverse, dtype):
+def test_padded_positions(reverse, dtype, input_path):
     """y and dx are exactly 0 at padded positions and nonzero elsewhere; dy at padded
     positions is ignored bit for bit; h_n/c_n are the state at each sequence's last valid
     step (equal to running that sequence alone, truncated)."""
@@ -166,7 +166,7 @@ def test_padded_positions(reverse, dtype):
 
 
 @pytest.mark.parametrize("fill", [1e30, np.inf, np.nan], ids=["1e30", "inf", "nan"])
-def test_padded_input_values_are_never_read(fill):
+def test_padded_input_values_are_never_read(fill, input_path):
     """Whatever x holds at padded positions (PyTorch's packed input has no values there
     at all), every output and every gradient is bitwise the same as with zero padding:
     "no gradient flows through the padded steps" (docs/math.md)."""
@@ -251,7 +251,7 @@ def test_batched_equals_step_by_step(reverse, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 def test_results_are_bitwise_identical_for_any_thread_count(
-        reverse, dtype, two_thread_teams, kernel_level):
+        reverse, dtype, two_thread_teams, kernel_level, input_path):
     """threads(1), threads(2) and the default give identical forward and gradients.
     Medium size, so that the batch really is chunked and the GEMMs are blocked."""
     T, B, I, H = 20, 9, 16, 32

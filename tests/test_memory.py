@@ -5,12 +5,13 @@ The formula (README, "Reliability"), one layer and direction without projection,
 T steps, B sequences, I inputs, H hidden units, itemsize s (4 or 8):
 
     after a training forward (the cache, in the layer's workspace):
-        s * [T*B*(4H gates + H c + H tanh(c) + H h_{t-1} + I x) + B*4H (hz) + B*H (c0)]
+        s * [T*B*(4H gates + H c + H tanh(c) + H h_{t-1} + I x) + B*4H (hz) + B*H (c0)
+             + B*(I + H) (xh: a step's rows [x_t | h_{t-1}])]
     added by backward (its scratch, kept in the same workspace for the next step):
         s * [T*B*4H (dz) + B*4H + B*H + 4H*I + 4H*H + 4H]
     T >= functional.PACK_MIN_STEPS also keeps the packed recurrent weights, in one scratch
     of the weights' dtype per workspace sized for the larger of forward's and backward's
-    packing (_lstm.pack_size(H, 4H, dtype) and pack_size(4H, H, dtype) elements). Layer
+    packing (_lstm.forward_pack_size(I, H, 4H, dtype) and pack_size(4H, H, dtype) elements). Layer
     k > 0 reads layer k-1's output as its x (already counted as that layer's y, or the
     concatenation of both directions' y); a projection adds T*B*H (m) in forward and
     T*B*P (dhp) in backward.
@@ -119,23 +120,26 @@ def test_workspaces_and_caches_are_freed_with_the_model(kw, traced):
         gc.enable()
 
 
-def _predicted(T, B, I, H, s):
-    forward = s * (T * B * (4 * H + H + H + H + I) + B * 4 * H + B * H)
+def _predicted(T, B, I, H, s, fused=True):
+    """The README's formula; the step's rows are [x_t | h_{t-1}] when the input's product
+    is in the step (fused), else h_{t-1} alone."""
+    forward = s * (T * B * (4 * H + H + H + H + I) + B * 4 * H + B * H
+                   + B * ((I if fused else 0) + H))
     backward = s * (T * B * 4 * H + B * 4 * H + B * H + 4 * H * I + 4 * H * H + 4 * H)
     return forward, backward
 
 
 @pytest.mark.parametrize("T,B,I,H", [(50, 8, 16, 32), (3, 64, 8, 100), (200, 1, 5, 12)])
-def test_training_step_keeps_what_the_formula_says(T, B, I, H, traced):
+def test_training_step_keeps_what_the_formula_says(T, B, I, H, traced, input_path):
     """tracemalloc (NumPy's domain) of a training step of one float64 layer, fresh model:
     the bytes the model holds after forward (caller's y, h_n, c_n excluded) and what
     backward adds (caller's dx, dh0, dc0 excluded) equal the formula within 2% + 4 kB."""
     from cylstm import _lstm
     x = np.random.default_rng(7).standard_normal((T, B, I))
     lstm = cylstm.LSTM(I, H, dtype="float64", seed=8)
-    want_fwd, want_bwd = _predicted(T, B, I, H, 8)
-    if T >= F.PACK_MIN_STEPS:          # the packed W_hh, one slot for both passes
-        pack_f = 8 * _lstm.pack_size(H, 4 * H, np.float64)
+    want_fwd, want_bwd = _predicted(T, B, I, H, 8, input_path)
+    if T >= F.PACK_MIN_STEPS:          # the packed weights, one slot for both passes
+        pack_f = 8 * _lstm.forward_pack_size(I, H, 4 * H, np.float64, input_path)
         pack_b = 8 * _lstm.pack_size(4 * H, H, np.float64)
         want_fwd, want_bwd = want_fwd + pack_f, want_bwd + max(pack_b - pack_f, 0)
     base = numpy_bytes()

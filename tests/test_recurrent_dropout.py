@@ -45,7 +45,8 @@ LAYER_CASES = [  # (lengths, reverse, proj, state)
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("lengths,reverse,proj,state", LAYER_CASES)
-def test_kernels_match_reference(lengths, reverse, proj, state, dtype, kernel_level):
+def test_kernels_match_reference(lengths, reverse, proj, state, dtype, kernel_level,
+                                 input_path):
     T, B, I, H = 12, 5, 4, 6
     p = make_layer_problem(T, B, I, H, seed=1, dtype=dtype, state=state, proj_size=proj)
     Hp = proj or H

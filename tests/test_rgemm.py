@@ -54,45 +54,65 @@ def test_rows_do_not_depend_on_their_neighbours(kernel_level, dtype):
     assert np.array_equal(mm(a[9:13], w, True), full[9:13])
 
 
-def _forward(p, wpack, dtype):
-    """_lstm.lstm_forward in inference mode on problem p (in dtype), with this wpack."""
+def _forward(p, wpack, dtype, fused):
+    """_lstm.lstm_forward in inference mode on problem p (in dtype), with this wpack; the
+    input's product inside each step (fused) or projected before the loop."""
     x, w_ih, w_hh = (p[k].astype(dtype) for k in ("x", "w_ih", "w_hh"))
     w_hr = None if p.get("w_hr") is None else p["w_hr"].astype(dtype)
-    T, B, _ = x.shape
+    T, B, I = x.shape
     H, Hp = w_hh.shape[0] // 4, w_hh.shape[1]
     P = 0 if w_hr is None else w_hr.shape[0]
     y, h, c = (np.empty((T, B, Hp), dtype), np.zeros((B, Hp), dtype),
                np.zeros((B, H), dtype))
     _lstm.lstm_forward(
-        y=y, h=h, c=c, gates=np.empty((T, B, 4 * H), dtype), c_cache=None, tc_cache=None,
-        m_cache=None, hprev=None, xg=None, hz=np.empty((B, 4 * H), dtype),
+        y=y, h=h, c=c, gates=None if fused else np.empty((T, B, 4 * H), dtype),
+        c_cache=None, tc_cache=None, m_cache=None, hprev=None, xg=None,
+        xh=np.empty((B, (I if fused else 0) + Hp), dtype), hz=np.empty((B, 4 * H), dtype),
         mbuf=np.empty((B, H), dtype) if P else None,
-        hp=np.empty((B, P), dtype) if P else None, hm=None, x=x, w_ih=w_ih, w_hh=w_hh,
-        w_hr=w_hr, bias=None, lengths=np.full(B, T, np.int32), reverse=False, n_parts=2,
-        n_threads=1, wpack=wpack, rmask=None, s0=0, s1=T)
+        hp=np.empty((B, P), dtype) if P else None, x=x, w_ih=w_ih, w_hh=w_hh,
+        w_hr=w_hr, bias=np.zeros(4 * H, dtype), lengths=np.full(B, T, np.int32),
+        reverse=False, fused=fused, n_parts=2, n_threads=1, wpack=wpack, rmask=None,
+        s0=0, s1=T)
     return y
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("proj", [0, 3], ids=["no-proj", "proj"])
-def test_packed_weights_live_in_scratch_of_the_weights_dtype(kernel_level, dtype, proj):
-    """Given pack_size elements of scratch in the weights' dtype, the kernels pack W_hh
-    (and W_hr) there and agree with BLAS (no scratch) to rounding; nothing past the
-    scratch is touched; a scratch one element short is refused."""
+@pytest.mark.parametrize("fused", [True, False], ids=["in-step", "hoisted"])
+def test_packed_weights_live_in_scratch_of_the_weights_dtype(kernel_level, dtype, proj,
+                                                             fused):
+    """Given forward_pack_size (+ pack_size for W_hr) elements of scratch in the weights'
+    dtype, the kernels pack [W_ih | W_hh]^T (fused) or W_hh^T (and W_hr^T) there and
+    agree with BLAS (no scratch) to rounding; nothing past the scratch is touched; a
+    scratch one element short is refused."""
     from conftest import make_layer_problem
     T, B, I, H = 6, 5, 4, 8
     p = make_layer_problem(T, B, I, H, seed=3, proj_size=proj or None)
     Hp = proj or H
-    n = _lstm.pack_size(Hp, 4 * H, dtype) + (_lstm.pack_size(H, Hp, dtype) if proj else 0)
-    blas = _forward(p, None, dtype)
+    K = (I if fused else 0) + Hp
+    n = _lstm.pack_size(K, 4 * H, dtype) + (_lstm.pack_size(H, Hp, dtype) if proj else 0)
+    blas = _forward(p, None, dtype, fused)
+    tol = 1e-5 if dtype == np.float32 else 1e-13
     if kernel_level == 0:
         assert n == 0
+        m = _lstm.forward_pack_size(I, Hp, 4 * H, dtype, fused)
+        if not fused:                  # W_hh is read in place by BLAS
+            assert m == 0
+            return
+        # no kernel: the scratch holds [W_ih | W_hh] side by side, one BLAS call a step
+        assert m == 4 * H * (I + Hp)
+        y = _forward(p, np.empty(m, dtype), dtype, fused)
+        assert np.abs(y - blas).max() <= tol * np.abs(blas).max()
+        with pytest.raises(ValueError, match="wpack"):
+            _forward(p, np.empty(m - 1, dtype), dtype, fused)
         return
+    assert n == _lstm.forward_pack_size(I, Hp, 4 * H, dtype, fused) + (
+        _lstm.pack_size(H, Hp, dtype) if proj else 0)
     wpack = np.full(n + 64, np.nan, dtype)               # + a tail that must stay NaN
-    y = _forward(p, wpack[:n], dtype)
+    y = _forward(p, wpack[:n], dtype, fused)
     assert np.all(np.isnan(wpack[n:]))
-    assert np.flatnonzero(~np.isnan(wpack[:n])).size >= Hp * 4 * H + (H * Hp if proj else 0)
-    tol = 1e-5 if dtype == np.float32 else 1e-13
+    assert np.flatnonzero(~np.isnan(wpack[:n])).size >= K * 4 * H + (H * Hp if proj else 0)
     assert np.abs(y - blas).max() <= tol * np.abs(blas).max()
     with pytest.raises(ValueError, match="wpack"):
-        _forward(p, wpack[:n - (_lstm.pack_size(H, Hp, dtype) if proj else 1) - 16], dtype)
+        _forward(p, wpack[:n - (_lstm.pack_size(H, Hp, dtype) if proj else 1) - 16], dtype,
+                 fused)

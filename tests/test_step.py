@@ -85,9 +85,10 @@ def test_steps_match_the_sequence_forward(size, dtype, L, P, with_state):
 
 
 def test_stream_in_chunks_and_reset():
-    """Steps continue a stream across calls (two halves = one whole sequence), and
-    reset() starts new streams from zeros; lstm.step accepts other real dtypes and
-    non-contiguous x_t (converted)."""
+    """Steps continue a stream across calls (two halves = the whole stream, bitwise, and
+    the sequence forward to rounding: the step's products and the sequence's differ in
+    the order of their sums), and reset() starts new streams from zeros; lstm.step
+    accepts other real dtypes and non-contiguous x_t (converted)."""
     T, B, I, H = 6, 3, 4, 6
     lstm = cylstm.LSTM(I, H, num_layers=2, proj_size=3, dtype="float64", seed=3).eval()
     x, st = sequence(lstm, T, B, seed=4)
@@ -95,14 +96,18 @@ def test_stream_in_chunks_and_reset():
     state = lstm.initial_state(B, state=st)
     first = stream(lstm, x[:3], state)
     second = stream(lstm, x[3:], state)
-    assert np.array_equal(np.concatenate([first, second]), y)
+    whole = stream(lstm, x, lstm.initial_state(B, state=st))
+    assert np.array_equal(np.concatenate([first, second]), whole)
+    assert rel_err(whole, y) < 1e-13
     state.reset()
     assert np.all(state.h == 0) and np.all(state.c == 0)
     y0, _ = lstm(x)
     xf = np.asfortranarray(x[0].astype(np.float32))            # converted to C float64
-    assert np.array_equal(lstm.step(xf, state), lstm(x[:1].astype(np.float32))[0][0])
+    x32 = x[0].astype(np.float32)
+    assert np.array_equal(lstm.step(xf, state), lstm.step(x32, lstm.initial_state(B)))
+    assert rel_err(lstm.step(xf, lstm.initial_state(B)), lstm(x32[None])[0][0]) < 1e-13
     state.reset()
-    assert np.array_equal(stream(lstm, x, state), y0)
+    assert rel_err(stream(lstm, x, state), y0) < 1e-13
 
 
 def test_step_refuses_a_bidirectional_model():

@@ -34,10 +34,14 @@ cdef extern from "_rgemm.h" nogil:
                                     float*, int) noexcept nogil
     size_t cy_packed_size(int K, int N)
     void cy_pack_f32(float* packed, const float* w, int K, int N, int ldw, int trans)
+    void cy_pack_rows_f32(float* packed, const float* w, int K, int N, int ldw, int trans,
+                          int k0, int Kt)
     cy_gemm_packed_fn cy_rgemm_select(int level)
     ctypedef void (*cy_gemm_packed64_fn)(int, int, int, const double*, int, const double*,
                                          double*, int) noexcept nogil
     size_t cy_packed_size_f64(int K, int N)
     void cy_pack_f64(double* packed, const double* w, int K, int N, int ldw, int trans)
+    void cy_pack_rows_f64(double* packed, const double* w, int K, int N, int ldw, int trans,
+                          int k0, int Kt)
     cy_gemm_packed64_fn cy_rgemm64_select(int level)
     cy_dot_rows_fn cy_dot_select(int level)

@@ -14,7 +14,10 @@ here trust their arguments, allocate nothing and run without the GIL.
 
 Forward, per step t, numbered as in docs/math.md and cylstm/reference.py (the backward
 refers to these numbers):
-    (1) z_t = (x_t W_ih^T + b) + h_{t-1} W_hh^T             (B, G)
+    (1) z_t = [x_t | h_{t-1}] [W_ih | W_hh]^T + b           (B, G)
+        one product per step over both inputs (K = I + Hp), then + b ("fused"); or,
+        when W_ih and W_hh do not fit a core's L2 together (input_in_step), x_t W_ih^T
+        + b for all steps before the loop and the step's product h_{t-1} W_hh^T
     (2) i = sigmoid(z[i])  f = sigmoid(z[f])  g = tanh(z[g])  o = sigmoid(z[o])
     (3) c_t = f * c_{t-1} + i * g
     (4) m_t = o * tanh(c_t)
@@ -35,8 +38,10 @@ its time index is t = s forward and t = L-1-s in reverse, so reverse runs over e
 sequence's own valid steps, with no packing or copying. At an inactive step the state
 is frozen and y[t=s, b] = 0 (for s >= L, t = s walks exactly the padded positions).
 Per-step arrays (gates, caches, dz) are kept in loop-step order; y, dy, x and dx are in
-time order. In reverse the input rows are gathered into loop-step order once (xg), so
-every product reads contiguous rows.
+time order. Each step copies its rows [x_t | h_{t-1}] (h_{t-1} alone when not fused)
+into a scratch (xh), whatever their times; in reverse x is also kept in loop-step order
+(xg) when training or when projected before the loop, so that those products read
+contiguous rows.
 
 Segments. Both kernels run a range of loop steps [s0, s1), carrying the state (h, c
 forward; dh, dc backward) in their INOUT arguments between calls: one call over [0, T)
@@ -45,11 +50,17 @@ segment starts and recomputes each segment's caches just before its backward.
 
 Parallel structure. Batch rows are independent sequences, so the batch is cut into fixed
 chunks and each OpenMP thread runs the *whole* time loop of its chunks: per step one
-single-threaded GEMM h_{t-1} W_hh^T on its own rows, then its fused gate math. There is no
-barrier between steps at all (why not one multithreaded GEMM per step: the comment below).
-The large GEMMs (input projection before the loop; dW_ih, dW_hh, db, dx after it) run
-over time blocks (block_steps), each cut into fixed row parts in a prange, each part one
-single-threaded GEMM.
+single-threaded product [x_t | h_{t-1}] [W_ih | W_hh]^T on its own rows, then its fused
+gate math. There is no barrier between steps at all (why not one multithreaded GEMM per
+step: the comment below). Fused, the input is part of the step's product rather than
+one GEMM over all T*B rows before the loop: that GEMM writes T*B*G pre-activations to
+memory for the loop to read back (105 MB at T=100, B=256, H=256; at K = I = 64 it ran
+at about 115 GFLOP/s per core), while the step's product runs at the speed of the
+recurrent one on weights already in cache. When the weights do not fit in cache, each
+step would stream I*G more of them from L3, and the GEMMs before the loop win (figures:
+input_in_step). Those GEMMs (not fused) and the large GEMMs of backward (dW_ih, dW_hh,
+db, dx) run over time blocks (block_steps), each cut into fixed row parts in a prange,
+each part one single-threaded GEMM.
 Chunk and block boundaries depend only on the shapes and on `n_parts` (fixed per process
 by the Python layer from the machine's core count, never from the thread count), and
 shared gradients are written only by the block that owns their rows, so results are
@@ -83,9 +94,9 @@ from cylstm._parallel cimport (MIN_PARALLEL_MACS, blas_single_enter, blas_single
 
 from cylstm._kernels cimport (cy_act_f32, cy_act_select, cy_act_f64, cy_act_select_f64,
                               cy_cell_fns, cy_cell_select,
-                              cy_gemm_packed_fn, cy_packed_size, cy_pack_f32,
+                              cy_gemm_packed_fn, cy_packed_size, cy_pack_f32, cy_pack_rows_f32,
                               cy_rgemm_select, cy_gemm_packed64_fn, cy_packed_size_f64,
-                              cy_pack_f64, cy_rgemm64_select)
+                              cy_pack_f64, cy_pack_rows_f64, cy_rgemm64_select)
 
 cdef cy_act_f32 _act
 cdef cy_act_f64 _act64
@@ -202,6 +213,29 @@ def pack_size(int K, int N, dtype):
     return _packed_elems(K, N, itemsize) + _PACK_SLACK_BYTES // itemsize
 
 
+def forward_pack_size(int I, int Hp, int G, dtype, bint fused=True):
+    """Elements of scratch, in `dtype`, for the forward's weights. Fused (the input's
+    product inside each step's): [W_ih | W_hh] packed (I + Hp, G) for the per-step
+    kernel, or, without one (level 0), the two matrices side by side, (G, I + Hp)
+    row-major, so that each step is still one BLAS call. Not fused: W_hh packed."""
+    if not fused:
+        return pack_size(Hp, G, dtype)
+    n = pack_size(I + Hp, G, dtype)
+    return n if n else G * (I + Hp)
+
+
+def input_in_step(int I, int Hp, int G, dtype, Py_ssize_t cache_bytes):
+    """Whether the forward computes x_t W_ih^T inside each step's product (fused) rather
+    than as GEMMs over every step before the loop: when [W_ih | W_hh] fits in
+    `cache_bytes` (the core's L2, cylstm._threads.L2_BYTES). Each step then reads both
+    weights from cache, and no T*B*G pre-activations go through memory; when they do
+    not fit, every step would stream I*G more weights from L3 (2 threads, inference:
+    T=100 B=32 I=128 H=384 float32 16.9 ms hoisted vs 22.6 fused, H=256 float64 19.5 vs
+    28.9; H=256 float32 7.8 vs 7.5, and at B=256 67.7 vs 58.5)."""
+    import numpy as np
+    return <Py_ssize_t> (G * (I + Hp) * np.dtype(dtype).itemsize) <= cache_bytes
+
+
 def pack_floats(int K, int N):
     """pack_size(K, N, float32)."""
     import numpy as np
@@ -275,18 +309,30 @@ cdef inline floating* _pack(floating* dst, const floating* w, int K, int N, int 
     return dst
 
 
+cdef inline void _pack_rows(floating* dst, const floating* w, int K, int N, int ldw, int k0,
+                            int Kt) noexcept nogil:
+    """Pack W^T (K, N), w being W (N, K) (PyTorch's layout), as rows [k0, k0 + K) of
+    packed (Kt, N) panels: [W_ih^T; W_hh^T] is two calls. dst must not be NULL."""
+    if floating is float:
+        cy_pack_rows_f32(dst, w, K, N, ldw, True, k0, Kt)
+    else:
+        cy_pack_rows_f64(dst, w, K, N, ldw, True, k0, Kt)
+
+
 # ----------------------------------------------------------------------------------------
 # Time blocks, and the rows of a block in loop-step order
 # ----------------------------------------------------------------------------------------
 
-# The input projection (before the time loop), the weight gradients and dx (after it)
-# run over *time blocks* of block_steps(B) loop steps, each a fixed set of B * steps rows,
-# and the weight gradients are accumulated block by block, last block first. A block is
-# large enough (>= _BLOCK_ROWS rows) that its GEMMs run near the speed of one GEMM over
-# all T*B rows. Blocks are what make checkpointed BPTT exact: a backward that recomputes
-# a segment of whole blocks from a checkpoint issues exactly the BLAS calls, on exactly
-# the values, that the full-cache backward issues for those blocks, so its gradients are
-# bitwise the same (docs/math.md, "Checkpointed BPTT").
+# The input projection before the loop (when not fused), backward's weight gradients
+# and dx (after its time loop) run over *time blocks* of block_steps(B) loop steps,
+# each a fixed set of B * steps rows, and the weight gradients are accumulated block by
+# block, last block first. A block is large enough (>= _BLOCK_ROWS rows) that its GEMMs
+# run near the speed of one GEMM over all T*B rows. Blocks are what make checkpointed
+# BPTT exact: a segment of whole blocks recomputed from its checkpoint has the very
+# caches of the full forward (the same per-step products, the same projection blocks),
+# and its backward issues exactly the BLAS calls, on exactly the values, that the
+# full-cache backward issues for those blocks, so its gradients are bitwise the same
+# (docs/math.md, "Checkpointed BPTT").
 cdef enum:
     _BLOCK_ROWS = 2048
 
@@ -345,22 +391,26 @@ cdef void _scatter_rows(
 # Forward
 # ----------------------------------------------------------------------------------------
 
-cdef inline void _forward_row(
+cdef inline void _cell_row(
     floating* m,                # (B, H) OUT row b: m_t = o * tanh(c_t) (h itself if P == 0)
     floating* c,                # (B, H) INOUT running c
-    floating* gates,            # (n, B, G) INOUT: in x W_ih^T + b, out activated i, f, g, o
+    floating* z,                # (G,) INOUT row b of the step's products in, activated out
+    floating* gates,            # (n, B, G) OUT activated i, f, g, o, or NULL (inference)
     floating* c_cache,          # (n, B, H) OUT c_t, or NULL (inference)
     floating* tc_cache,         # (n, B, H) OUT tanh(c_t), or NULL
     floating* m_cache,          # (n, B, H) OUT m_t, or NULL (inference, or P == 0)
-    const floating* hz,         # (B, G) h_{t-1} W_hh^T of this step
+    const floating* add,        # (G,) b when z holds the input's product too, else the
+                                #   row's x_t W_ih^T + b (projected before the loop)
     int B, int H, int sl, int b,
 ) noexcept nogil:
-    """Gates, cell and m_t of batch row b at segment step sl (an active step), given hz."""
+    """Gates, cell and m_t of batch row b at segment step sl (an active step), given its
+    step's product z ([x_t | h_{t-1}] [W_ih | W_hh]^T, or h_{t-1} W_hh^T)."""
     cdef Py_ssize_t ho = (<Py_ssize_t> sl * B + b) * H
-    cdef floating* z = gates + (<Py_ssize_t> sl * B + b) * 4 * H
     cdef floating* mb = m + <Py_ssize_t> b * H
     cdef floating* cb = c + <Py_ssize_t> b * H
-    _activate_gates(z, hz + <Py_ssize_t> b * 4 * H, H)                       # (1) (2)
+    _activate_gates(z, add, H)                                               # (1) (2)
+    if gates != NULL:
+        memcpy(gates + (<Py_ssize_t> sl * B + b) * 4 * H, z, 4 * H * sizeof(floating))
     if floating is float:                                                    # (3) (4)
         _cell.cell_f32(cb, mb, tc_cache + ho if c_cache != NULL else NULL, z, H, H)
     else:
@@ -384,78 +434,115 @@ cdef inline int _active_end(const int* lengths, int r0, int r1, int s) noexcept 
     return hi
 
 
+cdef inline int _rows_per_tile(int G, size_t item) noexcept nogil:
+    """Batch rows whose step is computed together: the product of a tile of rows, then
+    their gate math, while the tile's z rows (at most ~64 kB) are still in cache. A whole
+    chunk at once streams z through memory at large B (T=100, B=1024, I=64, H=256
+    inference on 2 threads: 235 ms untiled, 223 ms tiled; no difference at B=256). A
+    multiple of the product kernel's 8-row blocks; it groups rows only, never changes a
+    value."""
+    return max(8, <int> (65536 // (G * item)) // 8 * 8)
+
+
 cdef void _forward_chunk(
     floating* y,                # (T, B, Hp) OUT at each row's times, rows [r0, r1); or NULL
     floating* h,                # (B, Hp) INOUT: state at step s0 in, at s1 out
     floating* c,                # (B, H) INOUT
-    floating* gates,            # (n, B, G) INOUT: in x W_ih^T + b, out activated gates
+    floating* gates,            # (n, B, G) OUT activated gates (training), or NULL
+    const floating* xproj,      # (n, B, G) x_t W_ih^T + b projected before the loop (may
+                                #   be gates itself), or NULL: the input is in the step
     floating* c_cache,          # (n, B, H) OUT or NULL (inference)
     floating* tc_cache,         # (n, B, H) OUT or NULL
     floating* m_cache,          # (n, B, H) OUT or NULL
     floating* hprev,            # (n, B, Hp) OUT the product's h_{t-1} (masked with rmask),
                                 #   0 where a row has ended; or NULL (inference)
-    floating* hz,               # (B, G) scratch: h_{t-1} W_hh^T
+    floating* xg,               # (n, B, I) OUT x in loop-step order, 0 where a row has
+                                #   ended (training in reverse), or NULL
+    floating* xh,               # (B, Ix + Hp) scratch: the rows [x_t | h_{t-1}] of a step
+                                #   (Ix = I), or h_{t-1} alone (Ix = 0, xproj given)
+    floating* z,                # (B, G) scratch: the step's products, then its gates
     floating* mbuf,             # (B, H) scratch: m_t before the projection (P > 0 only)
     floating* hp,               # (B, P) scratch: m_t W_hr^T (P > 0 only)
-    floating* hm,               # (B, Hp) scratch: h_{t-1} * rmask (rmask, inference only)
     const floating* rmask,      # (B, Hp) recurrent dropout mask, or NULL
+    const floating* x,          # (T, B, I) time order
+    const floating* w_ih,       # (G, I)
     const floating* w_hh,       # (G, Hp)
     const floating* w_hr,       # (P, H) or NULL
-    const floating* whh_packed, # W_hh^T packed for _rec_mm, or NULL (BLAS)
+    const floating* bias,       # (G,) b_ih + b_hh (zeros for a layer without bias)
+    const floating* w_packed,   # [W_ih^T; W_hh^T] (Ix + Hp, G) packed for _rec_mm, or NULL
+    const floating* w_cat,      # [W_ih | W_hh] (G, Ix + Hp) for BLAS, or NULL
     const floating* whr_packed, # W_hr^T packed, or NULL
     const int* lengths,         # (B,) in 1..T
-    int s0, int s1, int B, int H, int P, int r0, int r1, bint reverse,
+    int s0, int s1, int B, int I, int Ix, int H, int P, int r0, int r1, bint reverse,
 ) noexcept nogil:
     """Loop steps [s0, s1) for batch rows [r0, r1), run by one thread. Per-step arrays
-    (gates, caches) are indexed by the segment step sl = s - s0; y by time."""
-    cdef int G = 4 * H, Hp = P if P > 0 else H
-    cdef int s, sl, b, t, hi, j
-    cdef Py_ssize_t ro, so
+    (gates, caches) are indexed by the segment step sl = s - s0; x and y by time."""
+    cdef int G = 4 * H, Hp = P if P > 0 else H, K = Ix + Hp
+    # Tiles only when the weights stay in cache (fused: input_in_step's rule), since
+    # every tile reads all of them; BLAS re-packs them at every call. Otherwise the
+    # whole chunk at once.
+    cdef int R = _rows_per_tile(G, sizeof(floating)) \
+        if w_packed != NULL and Ix > 0 else r1 - r0
+    cdef int s, sl, b, t, hi, j, rb, re, pe
+    cdef Py_ssize_t ro
     cdef floating* m = mbuf if P > 0 else h
-    cdef const floating* hin = h
+    cdef floating* xr
     for s in range(s0, s1):
         sl = s - s0
         hi = _active_end(lengths, r0, r1, s)
-        if hprev != NULL:
-            # Training: the product reads h_{t-1} from the cache that dW_hh reads too,
-            # masked with recurrent dropout; h itself stays the state (3)-(5) carry on
-            # and the output, which dropout must not touch.                  (1) (1r)
-            so = <Py_ssize_t> sl * B * Hp
-            for b in range(r0, r1):
-                ro = <Py_ssize_t> b * Hp
-                if s >= lengths[b]:
-                    memset(hprev + so + ro, 0, Hp * sizeof(floating))
-                elif rmask != NULL:
-                    for j in range(Hp):
-                        hprev[so + ro + j] = h[ro + j] * rmask[ro + j]
-                else:
-                    memcpy(hprev + so + ro, h + ro, Hp * sizeof(floating))
-            hin = hprev + so
-        elif rmask != NULL:
-            for b in range(r0, hi):
-                ro = <Py_ssize_t> b * Hp
-                for j in range(Hp):
-                    hm[ro + j] = h[ro + j] * rmask[ro + j]
-            hin = hm
-        if hi > r0:                    # rows past their length need no product  (1)
-            _rec_mm(hi - r0, G, Hp, hin + <Py_ssize_t> r0 * Hp, Hp, w_hh, Hp, True,
-                    whh_packed, hz + <Py_ssize_t> r0 * G, G)
-        for b in range(r0, r1):
-            if s >= lengths[b]:        # ended: state frozen; time s is padding, output 0
-                if y != NULL:
-                    memset(y + (<Py_ssize_t> s * B + b) * Hp, 0, Hp * sizeof(floating))
-                if c_cache != NULL:    # the cache holds zeros there, never stale memory
-                    memset(gates + (<Py_ssize_t> sl * B + b) * G, 0, G * sizeof(floating))
-                    memset(c_cache + (<Py_ssize_t> sl * B + b) * H, 0, H * sizeof(floating))
-                    memset(tc_cache + (<Py_ssize_t> sl * B + b) * H, 0, H * sizeof(floating))
-                if m_cache != NULL:    # read by the dW_hr GEMM over the block's rows
-                    memset(m_cache + (<Py_ssize_t> sl * B + b) * H, 0, H * sizeof(floating))
-                continue
-            _forward_row(m, c, gates, c_cache, tc_cache, m_cache, hz, B, H, sl, b)
-            if P == 0 and y != NULL:
+        rb = r0
+        while rb < r1:
+            re = min(rb + R, r1)
+            pe = min(re, hi)           # rows [rb, pe) need a product      (1) (1r)
+            for b in range(rb, re):
                 t = _time_of(lengths, s, b, reverse)
-                memcpy(y + (<Py_ssize_t> t * B + b) * H, m + <Py_ssize_t> b * H,
-                       H * sizeof(floating))
+                xr = xh + <Py_ssize_t> b * K
+                ro = <Py_ssize_t> sl * B + b
+                if t < 0:              # ended: the caches hold zeros, never stale memory
+                    if b < pe:         # a product row whose result is never read
+                        memset(xr, 0, K * sizeof(floating))
+                    if hprev != NULL:
+                        memset(hprev + ro * Hp, 0, Hp * sizeof(floating))
+                    if xg != NULL:
+                        memset(xg + ro * I, 0, I * sizeof(floating))
+                    continue
+                if Ix > 0:
+                    memcpy(xr, x + (<Py_ssize_t> t * B + b) * I, I * sizeof(floating))
+                    if xg != NULL:
+                        memcpy(xg + ro * I, xr, I * sizeof(floating))
+                # h_{t-1} as the product reads it, masked with recurrent dropout; h
+                # itself stays the state that (3)-(5) carry on and the output, which
+                # dropout must not touch. Training caches it: dW_hh reads it.
+                if rmask != NULL:
+                    for j in range(Hp):
+                        xr[Ix + j] = h[<Py_ssize_t> b * Hp + j] * rmask[<Py_ssize_t> b * Hp + j]
+                else:
+                    memcpy(xr + Ix, h + <Py_ssize_t> b * Hp, Hp * sizeof(floating))
+                if hprev != NULL:
+                    memcpy(hprev + ro * Hp, xr + Ix, Hp * sizeof(floating))
+            if pe > rb:
+                _step_mm(pe - rb, G, Ix, Hp, xh + <Py_ssize_t> rb * K, w_ih, w_hh, w_packed,
+                         w_cat, z + <Py_ssize_t> rb * G)
+            for b in range(rb, re):
+                if s >= lengths[b]:    # ended: state frozen; time s is padding, output 0
+                    ro = <Py_ssize_t> sl * B + b
+                    if y != NULL:
+                        memset(y + (<Py_ssize_t> s * B + b) * Hp, 0, Hp * sizeof(floating))
+                    if c_cache != NULL:
+                        memset(gates + ro * G, 0, G * sizeof(floating))
+                        memset(c_cache + ro * H, 0, H * sizeof(floating))
+                        memset(tc_cache + ro * H, 0, H * sizeof(floating))
+                    if m_cache != NULL:  # read by the dW_hr GEMM over the block's rows
+                        memset(m_cache + ro * H, 0, H * sizeof(floating))
+                    continue
+                _cell_row(m, c, z + <Py_ssize_t> b * G, gates, c_cache, tc_cache, m_cache,
+                          bias if xproj == NULL else xproj + (<Py_ssize_t> sl * B + b) * G,
+                          B, H, sl, b)
+                if P == 0 and y != NULL:
+                    t = _time_of(lengths, s, b, reverse)
+                    memcpy(y + (<Py_ssize_t> t * B + b) * H, m + <Py_ssize_t> b * H,
+                           H * sizeof(floating))
+            rb = re
         if P > 0 and hi > r0:                                                # (5)
             _rec_mm(hi - r0, P, H, mbuf + <Py_ssize_t> r0 * H, H, w_hr, H, True,
                     whr_packed, hp + <Py_ssize_t> r0 * P, P)
@@ -468,32 +555,57 @@ cdef void _forward_chunk(
                                P * sizeof(floating))
 
 
+cdef inline void _step_mm(int m, int G, int I, int Hp, const floating* xh,
+                          const floating* w_ih, const floating* w_hh,
+                          const floating* w_packed, const floating* w_cat,
+                          floating* z) noexcept nogil:
+    """z (m, G) = [x_t | h_{t-1}] (m, I + Hp) @ [W_ih | W_hh]^T, or with I = 0 (the
+    input projected before the loop) h_{t-1} W_hh^T                               (1)
+    One FMA chain per element over k = 0 .. I + Hp - 1 on the packed weights; without
+    them one BLAS call on [W_ih | W_hh] side by side (w_cat, (G, I + Hp)); without that
+    (short sequences) x W_ih^T, then += h W_hh^T."""
+    cdef int K = I + Hp
+    if w_packed != NULL:
+        _rec_mm(m, G, K, xh, K, NULL, 0, False, w_packed, z, G)
+        return
+    if w_cat != NULL:
+        gemm(False, True, m, G, K, 1, xh, K, w_cat, K, 0, z, G)
+        return
+    if I > 0:
+        gemm(False, True, m, G, I, 1, xh, K, w_ih, I, 0, z, G)
+    gemm(False, True, m, G, Hp, 1, xh + I, K, w_hh, Hp, 1 if I > 0 else 0, z, G)
+
+
 def lstm_forward(
     *,
     # (the first argument is never None: Cython picks the dtype from it)
     floating[:, ::1] h,                 # (B, Hp) INOUT: state at step s0 in, at s1 out
     floating[:, ::1] c,                 # (B, H) INOUT
     floating[:, :, ::1] y,              # (T, B, Hp) OUT, or None (a recomputing forward)
-    floating[:, :, ::1] gates,          # (n, B, G) OUT: activated gates (the cache); n = s1 - s0
+    floating[:, :, ::1] gates,          # (n, B, G) OUT activated gates in training; scratch
+                                        #   for the projected input in inference unless
+                                        #   fused, else None; n = s1 - s0
     floating[:, :, ::1] c_cache,        # (n, B, H) OUT or None (inference)
     floating[:, :, ::1] tc_cache,       # (n, B, H) OUT or None (inference)
     floating[:, :, ::1] m_cache,        # (n, B, H) OUT with a projection in training, else None
     floating[:, :, ::1] hprev,          # (n, B, Hp) OUT in training, else None
-    floating[:, :, ::1] xg,             # (n, B, I) OUT x in loop-step order: reverse only
+    floating[:, :, ::1] xg,             # (n, B, I) OUT x in loop-step order: in reverse, when
+                                        #   training or not fused; else None
+    floating[:, ::1] xh,                # (B, I + Hp) scratch if fused, else (B, Hp)
     floating[:, ::1] hz,                # (B, G) scratch
     floating[:, ::1] mbuf,              # (B, H) scratch with a projection, else None
     floating[:, ::1] hp,                # (B, P) scratch with a projection, else None
-    floating[:, ::1] hm,                # (B, Hp) scratch with rmask in inference, else None
     const floating[:, :, ::1] x,        # (T, B, I)
     const floating[:, ::1] w_ih,        # (G, I)
     const floating[:, ::1] w_hh,        # (G, Hp)
     const floating[:, ::1] w_hr,        # (P, H) or None (no projection)
-    const floating[::1] bias,           # (G,) b_ih + b_hh, or None
+    const floating[::1] bias,           # (G,) b_ih + b_hh; zeros for a layer without bias
     const int[::1] lengths,             # (B,) in 1..T
     bint reverse,
+    bint fused,                         # the input's product inside each step's (input_in_step)
     int n_parts,
     int n_threads,
-    floating[::1] wpack=None,           # scratch: pack_size(Hp, G) + pack_size(H, P) elements
+    floating[::1] wpack=None,           # scratch: forward_pack_size(I, Hp, G, fused) + pack_size(H, P)
     const floating[:, ::1] rmask,       # (B, Hp) recurrent dropout mask, or None
     int s0,                             # first loop step: a multiple of block_steps(B)
     int s1,                             # end: a multiple of block_steps(B), or T
@@ -507,12 +619,14 @@ def lstm_forward(
     cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2]
     cdef int G = w_hh.shape[0], H = w_hh.shape[0] // 4, Hp = w_hh.shape[1]
     cdef int P = 0 if w_hr is None else w_hr.shape[0]
+    cdef int Ix = I if fused else 0     # input columns of the step's product
     cdef int S = block_steps(B), n = s1 - s0, nb = (n + S - 1) // S
-    cdef int p, n_chunks, kb, bs, be, q0, q1
+    cdef int p, n_chunks, kb, bs, be, q0, q1, g
     cdef bint training = c_cache is not None
-    cdef const floating* bias_p = NULL
     cdef const floating* w_hr_p = NULL
+    cdef const floating* bias_p = &bias[0]
     cdef floating* y_p = NULL
+    cdef floating* g_p = NULL
     cdef floating* cc_p = NULL
     cdef floating* tc_p = NULL
     cdef floating* m_p = NULL
@@ -520,34 +634,35 @@ def lstm_forward(
     cdef floating* xg_p = NULL
     cdef floating* mbuf_p = NULL
     cdef floating* hp_p = NULL
-    cdef floating* whh_pk = NULL
+    cdef floating* w_pk = NULL
+    cdef floating* w_cat = NULL
     cdef floating* whr_pk = NULL
     cdef const floating* rm_p = NULL
-    cdef floating* hm_p = NULL
 
     _check(0 <= s0 < s1 <= T and s0 % S == 0 and (s1 % S == 0 or s1 == T), "s0/s1")
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
+    _check(bias is not None and bias.shape[0] == G, "bias")
     if y is not None:
         _check(_is(y.shape, T, B, Hp), "y")
         y_p = &y[0, 0, 0]
     if rmask is not None:
         _check(_is(rmask.shape, B, Hp), "rmask")
         rm_p = &rmask[0, 0]
-        if not training:
-            _check(hm is not None and _is(hm.shape, B, Hp), "hm")
-            hm_p = &hm[0, 0]
-    if reverse:
-        _check(xg is not None and _is(xg.shape, n, B, I), "xg")
-        xg_p = &xg[0, 0, 0]
-    whh_pk = _wpack_slot(wpack, Hp, G, H, P)
-    if whh_pk != NULL:
-        whr_pk = whh_pk + _packed_elems(Hp, G, sizeof(floating))
+    w_pk = _wpack_slot(wpack, Ix + Hp, G, H, P)
+    if w_pk != NULL:
+        whr_pk = w_pk + _packed_elems(Ix + Hp, G, sizeof(floating))
+    elif wpack is not None and fused:  # no per-step kernel: BLAS on [W_ih | W_hh]
+        _check(<size_t> wpack.shape[0] >= <size_t> G * (I + Hp), "wpack")
+        w_cat = &wpack[0]
     _check(_is(h.shape, B, Hp) and _is(c.shape, B, H), "h/c")
-    _check(_is(gates.shape, n, B, G) and _is(hz.shape, B, G), "gates/hz")
+    _check(_is(hz.shape, B, G) and _is(xh.shape, B, Ix + Hp), "hz/xh")
     _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
-    if bias is not None:
-        _check(bias.shape[0] == G, "bias")
-        bias_p = &bias[0]
+    if training or not fused:
+        _check(gates is not None and _is(gates.shape, n, B, G), "gates")
+        g_p = &gates[0, 0, 0]
+        if reverse:
+            _check(xg is not None and _is(xg.shape, n, B, I), "xg")
+            xg_p = &xg[0, 0, 0]
     if training:
         _check(tc_cache is not None and hprev is not None and _is(c_cache.shape, n, B, H)
                and _is(tc_cache.shape, n, B, H) and _is(hprev.shape, n, B, Hp), "cache")
@@ -565,37 +680,48 @@ def lstm_forward(
             m_p = &m_cache[0, 0, 0]
     n_chunks = min(B, n_parts)
     with nogil:
-        whh_pk = _pack(whh_pk, &w_hh[0, 0], Hp, G, Hp, True)
-        if P > 0 and whh_pk != NULL:
-            whr_pk = _pack(whr_pk, w_hr_p, H, P, H, True)
-        for p in prange(n_parts, schedule="static",
-                        num_threads=team(n_threads, n_parts, <double> n * B * G * I,
-                                         MIN_PARALLEL_MACS)):
-            note_team()
-            blas_single_enter()
-            for kb in range(nb):                                              # (1)
-                bs = s0 + kb * S
-                be = min(bs + S, s1)
-                q0 = split((be - bs) * B, n_parts, p)
-                q1 = split((be - bs) * B, n_parts, p + 1)
-                if reverse:
-                    _gather_rows(xg_p + <Py_ssize_t> (bs - s0) * B * I, &x[0, 0, 0],
-                                 &lengths[0], bs, q0, q1, B, I, True)
-                affine_rows(&gates[0, 0, 0] + <Py_ssize_t> (bs - s0) * B * G,
-                            (xg_p + <Py_ssize_t> (bs - s0) * B * I) if reverse
-                            else &x[0, 0, 0] + <Py_ssize_t> bs * B * I,
-                            &w_ih[0, 0], bias_p, q0, q1, I, G)
-            blas_single_exit()
+        if w_pk != NULL:               # [W_ih^T; W_hh^T], or W_hh^T alone (Ix = 0)
+            if Ix > 0:
+                _pack_rows(w_pk, &w_ih[0, 0], I, G, I, 0, I + Hp)
+            _pack_rows(w_pk, &w_hh[0, 0], Hp, G, Hp, Ix, Ix + Hp)
+            if P > 0:
+                whr_pk = _pack(whr_pk, w_hr_p, H, P, H, True)
+        elif w_cat != NULL:
+            for g in range(G):
+                memcpy(w_cat + <Py_ssize_t> g * (I + Hp), &w_ih[g, 0], I * sizeof(floating))
+                memcpy(w_cat + <Py_ssize_t> g * (I + Hp) + I, &w_hh[g, 0], Hp * sizeof(floating))
+        if not fused:
+            # x_t W_ih^T + b for every step before the loop, block by block         (1)
+            for p in prange(n_parts, schedule="static",
+                            num_threads=team(n_threads, n_parts, <double> n * B * G * I,
+                                             MIN_PARALLEL_MACS)):
+                note_team()
+                blas_single_enter()
+                for kb in range(nb):
+                    bs = s0 + kb * S
+                    be = min(bs + S, s1)
+                    q0 = split((be - bs) * B, n_parts, p)
+                    q1 = split((be - bs) * B, n_parts, p + 1)
+                    if reverse:
+                        _gather_rows(xg_p + <Py_ssize_t> (bs - s0) * B * I, &x[0, 0, 0],
+                                     &lengths[0], bs, q0, q1, B, I, True)
+                    affine_rows(g_p + <Py_ssize_t> (bs - s0) * B * G,
+                                (xg_p + <Py_ssize_t> (bs - s0) * B * I) if reverse
+                                else &x[0, 0, 0] + <Py_ssize_t> bs * B * I,
+                                &w_ih[0, 0], bias_p, q0, q1, I, G)
+                blas_single_exit()
         for p in prange(n_chunks, schedule="static",
-                        num_threads=team(n_threads, n_chunks, <double> n * B * G * (Hp + P),
+                        num_threads=team(n_threads, n_chunks, <double> n * B * G * (Ix + Hp + P),
                                          MIN_PARALLEL_MACS)):
             note_team()
             blas_single_enter()
-            _forward_chunk(y_p, &h[0, 0], &c[0, 0], &gates[0, 0, 0], cc_p, tc_p, m_p, hpv_p,
-                           &hz[0, 0], mbuf_p, hp_p, hm_p, rm_p, &w_hh[0, 0], w_hr_p,
-                           whh_pk, whr_pk if P > 0 else NULL, &lengths[0],
-                           s0, s1, B, H, P, split(B, n_chunks, p), split(B, n_chunks, p + 1),
-                           reverse)
+            _forward_chunk(y_p, &h[0, 0], &c[0, 0], g_p if training else NULL,
+                           NULL if fused else g_p, cc_p, tc_p, m_p, hpv_p,
+                           xg_p if fused else NULL, &xh[0, 0], &hz[0, 0], mbuf_p, hp_p, rm_p,
+                           &x[0, 0, 0], &w_ih[0, 0], &w_hh[0, 0], w_hr_p, bias_p,
+                           w_pk, w_cat, whr_pk if (P > 0 and w_pk != NULL) else NULL,
+                           &lengths[0], s0, s1, B, I, Ix, H, P, split(B, n_chunks, p),
+                           split(B, n_chunks, p + 1), reverse)
             blas_single_exit()
 
 

@@ -34,13 +34,16 @@ static inline size_t cy_packed_size(int K, int N)
     return (size_t) ((N + CY_NR - 1) / CY_NR) * (size_t) K * CY_NR;
 }
 
-/* Pack W (K, N) for cy_gemm_packed_f32. trans = 0: w is W, row-major (K, N), row stride
- * ldw. trans = 1: w is W^T, row-major (N, K), row stride ldw (PyTorch's weight layout). */
-static inline void cy_pack_f32(float *packed, const float *w, int K, int N, int ldw, int trans)
+/* Pack W (K, N) into rows [k0, k0 + K) of panels that hold Kt rows (packed for a (Kt, N)
+ * matrix): stacking two matrices along K packs [W1; W2] for one product over both.
+ * trans = 0: w is W, row-major (K, N), row stride ldw. trans = 1: w is W^T, row-major
+ * (N, K), row stride ldw (PyTorch's weight layout). */
+static inline void cy_pack_rows_f32(float *packed, const float *w, int K, int N, int ldw,
+                                    int trans, int k0, int Kt)
 {
     int np = (N + CY_NR - 1) / CY_NR;
     for (int p = 0; p < np; p++) {
-        float *dst = packed + (size_t) p * K * CY_NR;
+        float *dst = packed + ((size_t) p * Kt + k0) * CY_NR;
         int n0 = p * CY_NR, nv = N - n0 < CY_NR ? N - n0 : CY_NR;
         for (int k = 0; k < K; k++) {
             float *row = dst + (size_t) k * CY_NR;
@@ -50,6 +53,12 @@ static inline void cy_pack_f32(float *packed, const float *w, int K, int N, int 
                 row[j] = 0.0f;
         }
     }
+}
+
+/* Pack W (K, N) for cy_gemm_packed_f32 (trans and ldw as in cy_pack_rows_f32). */
+static inline void cy_pack_f32(float *packed, const float *w, int K, int N, int ldw, int trans)
+{
+    cy_pack_rows_f32(packed, w, K, N, ldw, trans, 0, K);
 }
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
@@ -495,12 +504,13 @@ static inline size_t cy_packed_size_f64(int K, int N)
     return (size_t) ((N + CY_NR64 - 1) / CY_NR64) * (size_t) K * CY_NR64;
 }
 
-/* Pack W (K, N) for the float64 kernels; trans and ldw as in cy_pack_f32. */
-static inline void cy_pack_f64(double *packed, const double *w, int K, int N, int ldw, int trans)
+/* Pack W (K, N) into rows [k0, k0 + K) of float64 panels of Kt rows; as cy_pack_rows_f32. */
+static inline void cy_pack_rows_f64(double *packed, const double *w, int K, int N, int ldw,
+                                    int trans, int k0, int Kt)
 {
     int np = (N + CY_NR64 - 1) / CY_NR64;
     for (int p = 0; p < np; p++) {
-        double *dst = packed + (size_t) p * K * CY_NR64;
+        double *dst = packed + ((size_t) p * Kt + k0) * CY_NR64;
         int n0 = p * CY_NR64, nv = N - n0 < CY_NR64 ? N - n0 : CY_NR64;
         for (int k = 0; k < K; k++) {
             double *row = dst + (size_t) k * CY_NR64;
@@ -510,6 +520,12 @@ static inline void cy_pack_f64(double *packed, const double *w, int K, int N, in
                 row[j] = 0.0;
         }
     }
+}
+
+/* Pack W (K, N) for the float64 kernels; trans and ldw as in cy_pack_rows_f32. */
+static inline void cy_pack_f64(double *packed, const double *w, int K, int N, int ldw, int trans)
+{
+    cy_pack_rows_f64(packed, w, K, N, ldw, trans, 0, K);
 }
 
 #ifdef CY_HAVE_X86_KERNELS

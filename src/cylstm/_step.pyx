@@ -112,8 +112,9 @@ cdef void _step_units(
     cdef floating* mb
     if floating is float:
         blas = _dot == NULL
-    # (1) as the sequence forward computes it, (x W_ih^T + b) + h W_hh^T, so that with
-    # BLAS (float64) a step equals a sequence bitwise; BLAS gets whole rows [0, G)
+    # (1) as (x W_ih^T + b) + h W_hh^T, reading the weights in place (the sequence
+    # forward sums x and h in one product on packed weights, so the two agree to
+    # rounding; docs/math.md); BLAS gets whole rows [0, G)
     for qq in range(1 if blas else 4):
         q = 3 - qq if back and not blas else qq
         r0 = q * H + u0

@@ -44,6 +44,33 @@ N_PARTS = _usable_cores()
 #: Fewest time steps for which a float32 sequence call packs its recurrent weights.
 PACK_MIN_STEPS = _parallel.thresholds()["PACK_MIN_STEPS"]
 
+
+def _l2_bytes(default=1 << 20):
+    """The L2 cache of one core in bytes, from Linux's sysfs; `default` (1 MiB, as on
+    most server cores since 2017) where it cannot be read."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(os.listdir(base)):
+            path = os.path.join(base, entry)
+            with open(os.path.join(path, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(path, "type")) as f:
+                kind = f.read().strip()
+            if level == "2" and kind in ("Unified", "Data"):
+                with open(os.path.join(path, "size")) as f:
+                    size = f.read().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+                return int(size.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return default
+
+
+#: One core's L2 in bytes, read once at import: the forward computes the input's
+#: product inside each step when [W_ih | W_hh] fits in it (cylstm._lstm.input_in_step).
+#: Like N_PARTS it depends on the machine, never on the thread count.
+L2_BYTES = _l2_bytes()
+
 _global_setting = None          # set_num_threads(); None = default
 _SERIAL = not _parallel.openmp_enabled()     # serial build, or a forked child (below)
 _fork_warning_due = False       # a forked child runs serially and has not said so yet

@@ -34,6 +34,7 @@ from ._check import FLOATS as _FLOATS
 from ._check import checkpoint_every as _checkpoint_every
 from ._check import real_array
 from ._check import shape_str as _shape
+from . import _threads
 from ._threads import N_PARTS, PACK_MIN_STEPS, blas_single_threaded, get_num_threads
 
 __all__ = ["lstm_layer_forward", "lstm_layer_backward", "LayerCache", "Workspace",
@@ -119,7 +120,7 @@ def _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr):
     if b_ih is not None:
         b_ih = _as_array(b_ih, "b_ih", dtype, (4 * H,))
         b_hh = _as_array(b_hh, "b_hh", dtype, (4 * H,))
-        bias = b_ih + b_hh   # added once; the kernel fuses it into the input projection
+        bias = b_ih + b_hh   # added once, to each step's products
     return dtype, H, Hp, w_ih, w_hh, bias, w_hr
 
 
@@ -141,13 +142,44 @@ def _finite_padding(x, lengths):
     return x
 
 
-def _wpack(ws, dtype, shapes, T, name="wpack"):
-    """Scratch of the weights' dtype for the recurrent weights packed once per call
-    (see _rgemm.h), or None (short sequences, or a CPU without AVX2: BLAS)."""
-    if T < PACK_MIN_STEPS:
+def _wpack(ws, dtype, n, T, name="wpack"):
+    """Scratch of n elements of the weights' dtype for the weights in the form the
+    per-step products read, made once per call (packed, see _rgemm.h), or None (short
+    sequences, or nothing to pack: BLAS reads the weights in place)."""
+    if T < PACK_MIN_STEPS or not n:
         return None
-    n = sum(_lstm.pack_size(K, N, dtype) for K, N in shapes)
-    return ws.get(name, (n,), dtype) if n else None
+    return ws.get_at_least(name, n, dtype)
+
+
+def input_in_step(I, Hp, H, dtype):
+    """Whether the forward computes the input's product inside each step (when
+    [W_ih | W_hh] fits in a core's L2) or before the loop; see _lstm.input_in_step.
+    The two agree to rounding; each is exact under checkpointing and thread counts."""
+    return _lstm.input_in_step(I, Hp, 4 * H, dtype, _threads.L2_BYTES)
+
+
+def _forward_scratch(ws, dtype, T, B, I, H, Hp, proj, fused, wpack="wpack"):
+    """The forward kernel's scratch: each step's rows [x_t | h_{t-1}] (xh; h_{t-1} alone
+    when not fused), their products (hz), the projection's buffers and the weights
+    packed for the step's product ([W_ih | W_hh]^T or W_hh^T, and W_hr^T)."""
+    return dict(
+        xh=ws.get("xh", (B, (I if fused else 0) + Hp), dtype),
+        hz=ws.get("hz", (B, 4 * H), dtype),
+        mbuf=ws.get("mbuf", (B, H), dtype) if proj else None,
+        hp=ws.get("hp", (B, Hp), dtype) if proj else None,
+        wpack=_wpack(ws, dtype, _lstm.forward_pack_size(I, Hp, 4 * H, dtype, fused)
+                     + (_lstm.pack_size(H, Hp, dtype) if proj else 0), T, name=wpack),
+        fused=fused,
+    )
+
+
+def _kernel_bias(ws, bias, H, dtype):
+    """b_ih + b_hh, or zeros for a layer without bias (the kernel adds one either way)."""
+    if bias is not None:
+        return bias
+    zeros = ws.get("bias0", (4 * H,), dtype)
+    zeros[...] = 0
+    return zeros
 
 
 def _workspace_arg(workspace):
@@ -177,6 +209,16 @@ class Workspace:
             a = np.empty(shape, dtype=dtype)
             self._arrays[name] = a
         return a
+
+    def get_at_least(self, name, n, dtype):
+        """The first n elements of a 1-D scratch that only grows: callers whose sizes
+        differ (forward's and backward's packed weights) share it without reallocating
+        it at every call."""
+        a = self._arrays.get(name)
+        if a is None or a.ndim != 1 or a.shape[0] < n or a.dtype != dtype:
+            a = np.empty((n,), dtype=dtype)
+            self._arrays[name] = a
+        return a[:n]
 
     def clear(self):
         self._arrays.clear()
@@ -213,9 +255,9 @@ class LayerCache:
 
 
 def block_steps(B):
-    """Loop steps per time block of a batch of B sequences: the input projection, the
-    weight gradients and dx are computed block by block (cylstm._lstm), and checkpoint
-    segments are whole blocks."""
+    """Loop steps per time block of a batch of B sequences: backward computes the
+    weight gradients and dx block by block (cylstm._lstm), and checkpoint segments are
+    whole blocks."""
     return _lstm.block_steps(B)
 
 
@@ -302,14 +344,11 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     if training and not reverse:
         x = _finite_padding(x, lengths)     # dW_ih reads x at every row of a block
     proj = w_hr is not None
+    fused = input_in_step(I, Hp, H, dtype)
     args = dict(
-        x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=bias, lengths=lengths, reverse=reverse,
-        n_parts=N_PARTS, n_threads=get_num_threads(), rmask=rmask,
-        hz=ws.get("hz", (B, 4 * H), dtype),
-        mbuf=ws.get("mbuf", (B, H), dtype) if proj else None,
-        hp=ws.get("hp", (B, Hp), dtype) if proj else None,
-        hm=ws.get("hm", (B, Hp), dtype) if rmask is not None else None,
-        wpack=_wpack(ws, dtype, [(Hp, 4 * H)] + ([(H, Hp)] if proj else []), T),
+        x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=_kernel_bias(ws, bias, H, dtype),
+        lengths=lengths, reverse=reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
+        rmask=rmask, **_forward_scratch(ws, dtype, T, B, I, H, Hp, proj, fused),
     )
     cache = None
     with blas_single_threaded:
@@ -320,11 +359,12 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                                c=cc["c_cache"], tc=cc["tc_cache"], m=cc["m_cache"],
                                hprev=cc["hprev"])
         else:
-            # Inference, or the checkpointed training forward: segment by segment with
-            # one segment's scratch, keeping (when training) the state entering each.
+            # Inference, or the checkpointed training forward: segment by segment,
+            # keeping (when training) the state entering each; without the input in
+            # the step, one segment's projected input and (reverse) x in step order.
             n = T if k is None else k
-            gates = ws.get("gates", (n, B, 4 * H), dtype)
-            xg = ws.get("xg", (n, B, I), dtype) if reverse else None
+            gates = None if fused else ws.get("gates", (n, B, 4 * H), dtype)
+            xg = ws.get("xg", (n, B, I), dtype) if reverse and not fused else None
             if training:
                 n_seg = -(-T // k)
                 h_ck = ws.get("h_ck", (n_seg, B, Hp), dtype)
@@ -334,7 +374,8 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                 s1 = min(T, s0 + n)
                 if training:
                     h_ck[j], c_ck[j] = h, c
-                _lstm.lstm_forward(y=y, h=h, c=c, s0=s0, s1=s1, gates=gates[:s1 - s0],
+                _lstm.lstm_forward(y=y, h=h, c=c, s0=s0, s1=s1,
+                                   gates=None if gates is None else gates[:s1 - s0],
                                    xg=None if xg is None else xg[:s1 - s0], c_cache=None,
                                    tc_cache=None, m_cache=None, hprev=None, **args)
     if training:
@@ -408,7 +449,8 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
         dm=ws.get("dm", (B, H), dtype) if proj else None,
         dy=dy, dh_n=dh_n, x=cache.x, w_ih=cache.w_ih, w_hh=cache.w_hh, w_hr=cache.w_hr,
         lengths=cache.lengths, reverse=reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
-        wpack=_wpack(ws, dtype, [(4 * H, Hp)] + ([(Hp, H)] if proj else []), T),
+        wpack=_wpack(ws, dtype, _lstm.pack_size(4 * H, Hp, dtype)
+                     + (_lstm.pack_size(Hp, H, dtype) if proj else 0), T),
         rmask=cache.rmask,
     )
     dz = ws.get("dz", (n, B, 4 * H), dtype)
@@ -426,14 +468,12 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
             h = ws.get("seg_state_h", (B, Hp), dtype)
             c = ws.get("seg_state_c", (B, H), dtype)
             fwd = dict(
-                x=cache.x, w_ih=cache.w_ih, w_hh=cache.w_hh, w_hr=cache.w_hr, bias=cache.bias,
-                lengths=cache.lengths, reverse=reverse, n_parts=N_PARTS,
-                n_threads=get_num_threads(), rmask=cache.rmask, hm=None,
-                hz=ws.get("hz", (B, 4 * H), dtype),
-                mbuf=ws.get("mbuf", (B, H), dtype) if proj else None,
-                hp=ws.get("hp", (B, Hp), dtype) if proj else None,
-                wpack=_wpack(ws, dtype, [(Hp, 4 * H)] + ([(H, Hp)] if proj else []), T,
-                             name="wpack_fwd"),
+                x=cache.x, w_ih=cache.w_ih, w_hh=cache.w_hh, w_hr=cache.w_hr,
+                bias=_kernel_bias(ws, cache.bias, H, dtype), lengths=cache.lengths,
+                reverse=reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
+                rmask=cache.rmask,
+                **_forward_scratch(ws, dtype, T, B, I, H, Hp, proj,
+                                   input_in_step(I, Hp, H, dtype), wpack="wpack_fwd"),
             )
             n_seg = cache.h_ck.shape[0]
             for j in range(n_seg - 1, -1, -1):

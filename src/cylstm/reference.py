@@ -4,7 +4,7 @@ This is the slow, obviously-correct twin of the compiled kernels: every test of
 the kernels compares against it, and it is itself checked against finite
 differences. The math, gate order and weight layout are PyTorch's
 torch.nn.LSTM (see docs/math.md). Equation numbers are the kernels' (_lstm.pyx, _cell.h):
-    (1) z = (x W_ih^T + b) + h_{t-1} W_hh^T     (2) the gates i, f, g, o
+    (1) z = x W_ih^T + h_{t-1} W_hh^T + b       (2) the gates i, f, g, o
     (3) c_t = f c_{t-1} + i g                    (4) m_t = o tanh(c_t)
     (5) h_t = m_t W_hr^T with a projection, else h_t = m_t
 and the backward's (5')-(1') take the same steps in reverse. With recurrent dropout
