@@ -355,9 +355,9 @@ cdef inline int _time_of(const int* lengths, int s, int b, bint reverse) noexcep
 
 cdef void _gather_rows(
     floating* dst,              # (rows, n) OUT: row q <- src at (step s_first + q // B, b = q % B)
-    const floating* src,        # (T, B, n) time order
+    const floating* src,        # (T, B, n) time order, row (t, b) at t * st + b * sb
     const int* lengths,         # (B,)
-    int s_first, int q0, int q1, int B, int n, bint reverse,
+    int s_first, int q0, int q1, int B, int n, bint reverse, Py_ssize_t st, Py_ssize_t sb,
 ) noexcept nogil:
     """Rows [q0, q1) of a block in loop-step order: x at each row's own time, zeros where
     the row has ended (so that padding never reaches a product)."""
@@ -367,8 +367,7 @@ cdef void _gather_rows(
         if t < 0:
             memset(dst + <Py_ssize_t> q * n, 0, n * sizeof(floating))
         else:
-            memcpy(dst + <Py_ssize_t> q * n, src + (<Py_ssize_t> t * B + q % B) * n,
-                   n * sizeof(floating))
+            memcpy(dst + <Py_ssize_t> q * n, src + t * st + (q % B) * sb, n * sizeof(floating))
 
 
 cdef void _scatter_rows(
@@ -445,7 +444,8 @@ cdef inline int _rows_per_tile(int G, size_t item) noexcept nogil:
 
 
 cdef void _forward_chunk(
-    floating* y,                # (T, B, Hp) OUT at each row's times, rows [r0, r1); or NULL
+    floating* y,                # (T, B, Hp) OUT at each row's times, rows [r0, r1), row
+                                #   (t, b) at t * yst + b * ysb; or NULL
     floating* h,                # (B, Hp) INOUT: state at step s0 in, at s1 out
     floating* c,                # (B, H) INOUT
     floating* gates,            # (n, B, G) OUT activated gates (training), or NULL
@@ -464,7 +464,7 @@ cdef void _forward_chunk(
     floating* mbuf,             # (B, H) scratch: m_t before the projection (P > 0 only)
     floating* hp,               # (B, P) scratch: m_t W_hr^T (P > 0 only)
     const floating* rmask,      # (B, Hp) recurrent dropout mask, or NULL
-    const floating* x,          # (T, B, I) time order
+    const floating* x,          # (T, B, I) time order, row (t, b) at t * xst + b * xsb
     const floating* w_ih,       # (G, I)
     const floating* w_hh,       # (G, Hp)
     const floating* w_hr,       # (P, H) or NULL
@@ -474,6 +474,7 @@ cdef void _forward_chunk(
     const floating* whr_packed, # W_hr^T packed, or NULL
     const int* lengths,         # (B,) in 1..T
     int s0, int s1, int B, int I, int Ix, int H, int P, int r0, int r1, bint reverse,
+    Py_ssize_t xst, Py_ssize_t xsb, Py_ssize_t yst, Py_ssize_t ysb,
 ) noexcept nogil:
     """Loop steps [s0, s1) for batch rows [r0, r1), run by one thread. Per-step arrays
     (gates, caches) are indexed by the segment step sl = s - s0; x and y by time."""
@@ -507,7 +508,7 @@ cdef void _forward_chunk(
                         memset(xg + ro * I, 0, I * sizeof(floating))
                     continue
                 if Ix > 0:
-                    memcpy(xr, x + (<Py_ssize_t> t * B + b) * I, I * sizeof(floating))
+                    memcpy(xr, x + t * xst + b * xsb, I * sizeof(floating))
                     if xg != NULL:
                         memcpy(xg + ro * I, xr, I * sizeof(floating))
                 # h_{t-1} as the product reads it, masked with recurrent dropout; h
@@ -527,7 +528,7 @@ cdef void _forward_chunk(
                 if s >= lengths[b]:    # ended: state frozen; time s is padding, output 0
                     ro = <Py_ssize_t> sl * B + b
                     if y != NULL:
-                        memset(y + (<Py_ssize_t> s * B + b) * Hp, 0, Hp * sizeof(floating))
+                        memset(y + s * yst + b * ysb, 0, Hp * sizeof(floating))
                     if c_cache != NULL:
                         memset(gates + ro * G, 0, G * sizeof(floating))
                         memset(c_cache + ro * H, 0, H * sizeof(floating))
@@ -540,8 +541,7 @@ cdef void _forward_chunk(
                           B, H, sl, b)
                 if P == 0 and y != NULL:
                     t = _time_of(lengths, s, b, reverse)
-                    memcpy(y + (<Py_ssize_t> t * B + b) * H, m + <Py_ssize_t> b * H,
-                           H * sizeof(floating))
+                    memcpy(y + t * yst + b * ysb, m + <Py_ssize_t> b * H, H * sizeof(floating))
             rb = re
         if P > 0 and hi > r0:                                                # (5)
             _rec_mm(hi - r0, P, H, mbuf + <Py_ssize_t> r0 * H, H, w_hr, H, True,
@@ -551,7 +551,7 @@ cdef void _forward_chunk(
                 if t >= 0:             # ended rows keep their frozen h
                     memcpy(h + <Py_ssize_t> b * P, hp + <Py_ssize_t> b * P, P * sizeof(floating))
                     if y != NULL:
-                        memcpy(y + (<Py_ssize_t> t * B + b) * P, hp + <Py_ssize_t> b * P,
+                        memcpy(y + t * yst + b * ysb, hp + <Py_ssize_t> b * P,
                                P * sizeof(floating))
 
 
@@ -581,7 +581,8 @@ def lstm_forward(
     # (the first argument is never None: Cython picks the dtype from it)
     floating[:, ::1] h,                 # (B, Hp) INOUT: state at step s0 in, at s1 out
     floating[:, ::1] c,                 # (B, H) INOUT
-    floating[:, :, ::1] y,              # (T, B, Hp) OUT, or None (a recomputing forward)
+    floating[:, :, :] y,                # (T, B, Hp) OUT, last axis contiguous, or None (a
+                                        #   recomputing forward)
     floating[:, :, ::1] gates,          # (n, B, G) OUT activated gates in training; scratch
                                         #   for the projected input in inference unless
                                         #   fused, else None; n = s1 - s0
@@ -589,13 +590,15 @@ def lstm_forward(
     floating[:, :, ::1] tc_cache,       # (n, B, H) OUT or None (inference)
     floating[:, :, ::1] m_cache,        # (n, B, H) OUT with a projection in training, else None
     floating[:, :, ::1] hprev,          # (n, B, Hp) OUT in training, else None
-    floating[:, :, ::1] xg,             # (n, B, I) OUT x in loop-step order: in reverse, when
-                                        #   training or not fused; else None
+    floating[:, :, ::1] xg,             # (n, B, I) OUT x in loop-step order: in reverse when
+                                        #   training, and when not fused in reverse or for
+                                        #   an x that is not C-contiguous; else None
     floating[:, ::1] xh,                # (B, I + Hp) scratch if fused, else (B, Hp)
     floating[:, ::1] hz,                # (B, G) scratch
     floating[:, ::1] mbuf,              # (B, H) scratch with a projection, else None
     floating[:, ::1] hp,                # (B, P) scratch with a projection, else None
-    const floating[:, :, ::1] x,        # (T, B, I)
+    const floating[:, :, :] x,          # (T, B, I), last axis contiguous (a batch-first array
+                                        #   transposed, say; C-contiguous in training)
     const floating[:, ::1] w_ih,        # (G, I)
     const floating[:, ::1] w_hh,        # (G, Hp)
     const floating[:, ::1] w_hr,        # (P, H) or None (no projection)
@@ -638,12 +641,20 @@ def lstm_forward(
     cdef floating* w_cat = NULL
     cdef floating* whr_pk = NULL
     cdef const floating* rm_p = NULL
+    cdef Py_ssize_t item = sizeof(floating), xst, xsb, yst = 0, ysb = 0
+    cdef bint gather                    # the projection reads x gathered into xg
 
     _check(0 <= s0 < s1 <= T and s0 % S == 0 and (s1 % S == 0 or s1 == T), "s0/s1")
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
     _check(bias is not None and bias.shape[0] == G, "bias")
+    _check(_row_strides(x.shape, x.strides, item, &xst, &xsb), "x strides")
+    # C-contiguous as NumPy says it (the stride of a length-1 axis does not matter)
+    gather = not ((T == 1 or xst == <Py_ssize_t> B * I) and (B == 1 or xsb == I))
+    _check(not (training and gather), "x (training: C-contiguous)")
+    gather = gather or reverse
     if y is not None:
-        _check(_is(y.shape, T, B, Hp), "y")
+        _check(_is(y.shape, T, B, Hp) and _row_strides(y.shape, y.strides, item, &yst, &ysb)
+               and _rows_disjoint(T, B, Hp, yst, ysb), "y")
         y_p = &y[0, 0, 0]
     if rmask is not None:
         _check(_is(rmask.shape, B, Hp), "rmask")
@@ -660,7 +671,7 @@ def lstm_forward(
     if training or not fused:
         _check(gates is not None and _is(gates.shape, n, B, G), "gates")
         g_p = &gates[0, 0, 0]
-        if reverse:
+        if reverse or (gather and not fused):
             _check(xg is not None and _is(xg.shape, n, B, I), "xg")
             xg_p = &xg[0, 0, 0]
     if training:
@@ -702,11 +713,11 @@ def lstm_forward(
                     be = min(bs + S, s1)
                     q0 = split((be - bs) * B, n_parts, p)
                     q1 = split((be - bs) * B, n_parts, p + 1)
-                    if reverse:
+                    if gather:
                         _gather_rows(xg_p + <Py_ssize_t> (bs - s0) * B * I, &x[0, 0, 0],
-                                     &lengths[0], bs, q0, q1, B, I, True)
+                                     &lengths[0], bs, q0, q1, B, I, reverse, xst, xsb)
                     affine_rows(g_p + <Py_ssize_t> (bs - s0) * B * G,
-                                (xg_p + <Py_ssize_t> (bs - s0) * B * I) if reverse
+                                (xg_p + <Py_ssize_t> (bs - s0) * B * I) if gather
                                 else &x[0, 0, 0] + <Py_ssize_t> bs * B * I,
                                 &w_ih[0, 0], bias_p, q0, q1, I, G)
                 blas_single_exit()
@@ -721,7 +732,7 @@ def lstm_forward(
                            &x[0, 0, 0], &w_ih[0, 0], &w_hh[0, 0], w_hr_p, bias_p,
                            w_pk, w_cat, whr_pk if (P > 0 and w_pk != NULL) else NULL,
                            &lengths[0], s0, s1, B, I, Ix, H, P, split(B, n_chunks, p),
-                           split(B, n_chunks, p + 1), reverse)
+                           split(B, n_chunks, p + 1), reverse, xst, xsb, yst, ysb)
             blas_single_exit()
 
 
@@ -1034,6 +1045,34 @@ def lstm_backward(
                     _add_block(&db_ih[0] + g0, dbt_p + g0, g1 - g0)
                     _add_block(&db_hh[0] + g0, dbt_p + g0, g1 - g0)
             blas_single_exit()
+
+
+cdef bint _row_strides(Py_ssize_t* shape, Py_ssize_t* strides, Py_ssize_t item,
+                       Py_ssize_t* st, Py_ssize_t* sb) noexcept:
+    """The strides in elements of the rows (t, b) of a 3-D array into st and sb, True
+    when its last axis is contiguous. The stride of a length-1 axis never matters (NumPy
+    leaves it arbitrary): it is taken as C-contiguous's."""
+    if (shape[2] > 1 and strides[2] != item) or (shape[0] > 1 and strides[0] % item) \
+            or (shape[1] > 1 and strides[1] % item):
+        return False
+    st[0] = strides[0] // item if shape[0] > 1 else shape[1] * shape[2]
+    sb[0] = strides[1] // item if shape[1] > 1 else shape[2]
+    return True
+
+
+cdef bint _rows_disjoint(Py_ssize_t T, Py_ssize_t B, Py_ssize_t n, Py_ssize_t st,
+                         Py_ssize_t sb) noexcept:
+    """Whether the T*B rows of n elements at t * st + b * sb never overlap: the smaller
+    stride (in absolute value) spans a row, the larger spans all rows of the smaller."""
+    st = -st if st < 0 else st
+    sb = -sb if sb < 0 else sb
+    if T == 1:
+        return B == 1 or sb >= n
+    if B == 1:
+        return st >= n
+    if st <= sb:
+        return st >= n and sb >= T * st
+    return sb >= n and st >= B * sb
 
 
 cdef inline bint _is(Py_ssize_t* shape, Py_ssize_t a, Py_ssize_t b, Py_ssize_t c=-1) noexcept:

@@ -61,6 +61,43 @@ def _as_array(a, name, dtype, shape):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
+def _row_strides(a):
+    """(st, sb): the strides in elements of the rows a[t, b, :] of a 3-D array, or None
+    when its last axis is not contiguous. A length-1 axis's stride never matters (NumPy
+    leaves it arbitrary); it is taken as C-contiguous's."""
+    T, B, n = a.shape
+    s = a.itemsize
+    if (n > 1 and a.strides[2] != s) or (T > 1 and a.strides[0] % s) or (B > 1 and a.strides[1] % s):
+        return None
+    return (a.strides[0] // s if T > 1 else B * n), (a.strides[1] // s if B > 1 else n)
+
+
+def _as_rows(x, name, dtype, I):
+    """x (T, B, I) of `dtype` as it is when its last axis is contiguous (a transposed
+    batch-first array, say), else as a C-contiguous copy: what the inference kernel reads
+    in place."""
+    if (type(x) is np.ndarray and x.dtype == dtype and x.ndim == 3 and x.shape[2] == I
+            and _row_strides(x) is not None):
+        return x
+    return _as_array(x, name, dtype, (None, None, I))
+
+
+def _rows_disjoint(a):
+    """Whether the rows a[t, b, :] of a 3-D array never overlap (the smaller stride spans
+    a row, the larger all rows of the smaller); False when its last axis is not
+    contiguous."""
+    T, B, n = a.shape
+    strides = _row_strides(a)
+    if strides is None:
+        return False
+    st, sb = abs(strides[0]), abs(strides[1])
+    if T == 1:
+        return B == 1 or sb >= n
+    if B == 1:
+        return st >= n
+    return st >= n and sb >= T * st if st <= sb else sb >= n and st >= B * sb
+
+
 def _weight_dtype(w_ih, w_hh):
     for name, w in (("w_ih", w_ih), ("w_hh", w_hh)):
         if not isinstance(w, np.ndarray):
@@ -310,12 +347,14 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     Returns (y (T, B, Hp), h_n (B, Hp), c_n (B, H), cache), cache None unless training;
     Hp = P or H. ``workspace`` (a Workspace) reuses scratch and, in training mode, the
     cache arrays: a later forward with the same workspace then invalidates the earlier
-    cache. ``out``: an optional C-contiguous (T, B, H) array of the weights' dtype that
-    receives y (used to write straight into a wider output).
+    cache. ``out``: an optional writeable (T, B, Hp) array of the weights' dtype whose
+    last axis is contiguous and whose rows do not overlap (a batch-first array
+    transposed, or a slice of a wider output) that receives y. In inference x may be
+    such a view too (its last axis contiguous): the kernel reads it in place.
     """
     dtype, H, Hp, w_ih, w_hh, bias, w_hr = _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr)
     I = w_ih.shape[1]
-    x = _as_array(x, "x", dtype, (None, None, I))
+    x = _as_array(x, "x", dtype, (None, None, I)) if training else _as_rows(x, "x", dtype, I)
     T, B, _ = x.shape
     if T < 1 or B < 1:
         raise ValueError(f"x must have at least one step and one sequence, got {_shape(x)}")
@@ -336,10 +375,11 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
         y = np.empty((T, B, Hp), dtype)
     else:
         if (not isinstance(out, np.ndarray) or out.shape != (T, B, Hp) or out.dtype != dtype
-                or not out.flags.c_contiguous or not out.flags.writeable):
-            raise ValueError(f"out must be a writeable C-contiguous {dtype} array of shape "
-                             f"({T}, {B}, {Hp}), got {type(out).__name__} "
-                             f"{getattr(out, 'dtype', '')} {np.shape(out)}")
+                or not out.flags.writeable or not _rows_disjoint(out)):
+            raise ValueError(f"out must be a writeable {dtype} array of shape ({T}, {B}, {Hp}) "
+                             f"with a contiguous last axis and rows that do not overlap, got "
+                             f"{type(out).__name__} {getattr(out, 'dtype', '')} "
+                             f"{np.shape(out)} strides {getattr(out, 'strides', None)}")
         y = out
     if training and not reverse:
         x = _finite_padding(x, lengths)     # dW_ih reads x at every row of a block
@@ -364,7 +404,8 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
             # the step, one segment's projected input and (reverse) x in step order.
             n = T if k is None else k
             gates = None if fused else ws.get("gates", (n, B, 4 * H), dtype)
-            xg = ws.get("xg", (n, B, I), dtype) if reverse and not fused else None
+            xg = (ws.get("xg", (n, B, I), dtype)
+                  if (reverse or not x.flags.c_contiguous) and not fused else None)
             if training:
                 n_seg = -(-T // k)
                 h_ck = ws.get("h_ck", (n_seg, B, Hp), dtype)

@@ -385,7 +385,10 @@ class LSTM(Parametrised):
                 raise ValueError("lengths needs batched input; unbatched x is one sequence")
         elif self.batch_first:
             x = x.transpose(1, 0, 2)
-        xt = F._as_array(x, "x", self.dtype, (None, None, self.input_size))
+        # inference reads a (T, B, I) view in place when its last axis is contiguous
+        # (a batch-first array, transposed); training keeps a C-contiguous x
+        xt = (F._as_array(x, "x", self.dtype, (None, None, self.input_size)) if self.training
+              else F._as_rows(x, "x", self.dtype, self.input_size))
         T, B, _ = xt.shape
         if T < 1 or B < 1:
             raise ValueError(f"x must have at least one step and one sequence, got "
@@ -402,6 +405,14 @@ class LSTM(Parametrised):
 
         L, D, H, Hp = self.num_layers, self.num_directions, self.hidden_size, self.state_size
         training = self.training
+        # The last layer writes straight into the result, batch-first or not, each
+        # direction into its half: no transposing or concatenating copy afterwards.
+        # (Ragged batches in an unsorted order are reordered afterwards: a copy anyway.)
+        direct = order is None and not unbatched
+        if direct:
+            result = np.empty((B, T, D * Hp) if self.batch_first else (T, B, D * Hp),
+                              self.dtype)
+            final = result.transpose(1, 0, 2) if self.batch_first else result
         wss = self._acquire_workspaces(training, "forward")
         try:
             if training:
@@ -426,7 +437,10 @@ class LSTM(Parametrised):
                         rmasks[d] = self._inverted_mask((B, Hp), self.recurrent_dropout)
                         if order is not None:
                             rmasks[d] = rmasks[d][order]
-                def run(d, layer=layer, inp=inp, w_hh_dropped=w_hh_dropped, rmasks=rmasks):
+                out = (final if direct and layer == L - 1
+                       else np.empty((T, B, D * Hp), self.dtype))
+                def run(d, layer=layer, inp=inp, w_hh_dropped=w_hh_dropped, rmasks=rmasks,
+                        out=out):
                     (w_ih, w_hh, b_ih, b_hh, w_hr), _ = self._weights(layer, d)
                     k = layer * D + d
                     y, h_n[k], c_n[k], cache = F.lstm_layer_forward(
@@ -435,12 +449,12 @@ class LSTM(Parametrised):
                         None if h0 is None else h0[k], None if c0 is None else c0[k],
                         lengths, reverse=bool(d), training=training, w_hr=w_hr,
                         recurrent_mask=rmasks[d], checkpoint_every=self.checkpoint_every,
-                        workspace=self._workspace(layer, d, wss))
+                        workspace=self._workspace(layer, d, wss),
+                        out=out[:, :, d * Hp:(d + 1) * Hp])
                     return y, cache
                 results = [run(0)] if D == 1 else _both_directions(run)
-                outs = [y for y, _ in results]
                 caches += [cache for _, cache in results]
-                inp = outs[0] if D == 1 else np.concatenate(outs, axis=2)
+                inp = out
                 if training and self.dropout > 0 and layer < L - 1:
                     keep = 1.0 - self.dropout        # inverted dropout between layers only
                     mask = (self._dropout_rng.random(inp.shape) < keep).astype(self.dtype) / keep
@@ -451,6 +465,8 @@ class LSTM(Parametrised):
         finally:
             self._release_workspaces(wss)
 
+        if direct:
+            return result, (h_n, c_n)
         y = inp
         if order is not None:
             back = np.argsort(order)

@@ -1,0 +1,88 @@
+"""Layouts: inference reads x in place and writes y in place, whatever its layout.
+
+An eval-mode LSTM reads a batch-first x through a transposed view (no time-major copy)
+and every layer writes straight into its output (the last one into the batch-first
+result, each direction into its half): the same bits as the same input made
+C-contiguous, time-major, with no copy of x or y on the way."""
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import cylstm
+from cylstm import functional as F
+
+
+def _model(batch_first, D, L, P, dtype):
+    return cylstm.LSTM(6, 8, num_layers=L, bidirectional=D == 2, proj_size=P,
+                       batch_first=batch_first, dtype=dtype, seed=4).eval()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("D,L,P", [(1, 1, 0), (2, 2, 0), (1, 2, 3), (2, 1, 3)],
+                         ids=["plain", "bidi-stacked", "stacked-proj", "bidi-proj"])
+def test_batch_first_in_place_is_bitwise_the_time_major_path(D, L, P, dtype, input_path):
+    """A batch-first x (read through a transposed view) and the same values as a
+    C-contiguous time-major array give the same bits, y batch-first C-contiguous."""
+    T, B = 9, 5
+    x = np.random.default_rng(1).normal(size=(B, T, 6)).astype(dtype)
+    bf, tm = _model(True, D, L, P, dtype), _model(False, D, L, P, dtype)
+    y_bf, (h_bf, c_bf) = bf(x)
+    y_tm, (h_tm, c_tm) = tm(np.ascontiguousarray(x.transpose(1, 0, 2)))
+    assert y_bf.flags.c_contiguous and y_bf.shape == (B, T, D * (P or 8))
+    assert np.array_equal(y_bf, y_tm.transpose(1, 0, 2))
+    assert np.array_equal(h_bf, h_tm) and np.array_equal(c_bf, c_tm)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_functional_reads_strided_x_and_writes_strided_out(reverse, input_path):
+    """lstm_layer_forward in inference on a transposed and a sliced x (last axis
+    contiguous), writing into a slice of a wider batch-first output: the same bits as
+    contiguous arrays, and nothing outside the slice is written."""
+    T, B, I, H = 7, 4, 5, 6
+    r = np.random.default_rng(2)
+    w_ih, w_hh, b = r.normal(size=(4 * H, I)), r.normal(size=(4 * H, H)), r.normal(size=4 * H)
+    lengths = np.array([7, 3, 5, 1])
+    wide = r.normal(size=(B, T, 2 * I))
+    x = wide[:, :, I:].transpose(1, 0, 2)          # (T, B, I), strides (2I, 2TI, 1)
+    want, h_want, c_want, _ = F.lstm_layer_forward(
+        np.ascontiguousarray(x), w_ih, w_hh, b, b, lengths=lengths, reverse=reverse,
+        training=False)
+    result = np.full((B, T, 3 * H), np.nan)
+    out = result.transpose(1, 0, 2)[:, :, H:2 * H]
+    y, h, c, _ = F.lstm_layer_forward(x, w_ih, w_hh, b, b, lengths=lengths, reverse=reverse,
+                                      training=False, out=out)
+    assert y is out and np.array_equal(y, want)
+    assert np.array_equal(h, h_want) and np.array_equal(c, c_want)
+    assert np.isnan(result[:, :, :H]).all() and np.isnan(result[:, :, 2 * H:]).all()
+
+
+def test_out_with_overlapping_rows_or_a_strided_last_axis_is_refused():
+    T, B, I, H = 3, 2, 4, 5
+    r = np.random.default_rng(3)
+    w_ih, w_hh = r.normal(size=(4 * H, I)), r.normal(size=(4 * H, H))
+    x = r.normal(size=(T, B, I))
+    overlapping = np.lib.stride_tricks.as_strided(np.zeros(T * H + B), (T, B, H), (8 * H, 8, 8))
+    strided = np.zeros((T, B, 2 * H))[:, :, ::2]
+    for out in (overlapping, strided):
+        with pytest.raises(ValueError, match="out must be"):
+            F.lstm_layer_forward(x, w_ih, w_hh, training=False, out=out)
+
+
+def test_inference_copies_neither_x_nor_y():
+    """After a warm-up call, an eval-mode batch-first forward allocates y, h_n and c_n
+    and nothing else of x's or y's size (tracemalloc, NumPy's domain)."""
+    T, B, I, H = 50, 64, 32, 32
+    lstm = cylstm.LSTM(I, H, batch_first=True, seed=1).eval()
+    x = np.random.default_rng(4).normal(size=(B, T, I)).astype(np.float32)
+    lstm(x)                                            # workspaces
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        y, (h, c) = lstm(x)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # beyond y: the states and small arrays (lengths, zero initial states), far less
+    # than a copy of x (400 kB) or of y
+    assert peak <= y.nbytes + 65536 < y.nbytes + x.nbytes, (peak, y.nbytes, x.nbytes)
