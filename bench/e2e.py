@@ -53,7 +53,7 @@ import numpy as np
 import cylstm
 from cylstm import optim as cy_optim
 from cylstm import text as cy_text
-from cylstm._threads import other_blas_single_threaded
+from cylstm._threads import loop_hold
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results")
@@ -74,6 +74,7 @@ TARGETS = (
     ("fit, classifier: updates/s vs torch", "fit_cls", 1.5),
     ("sample: characters/s vs torch", "sample", 3.0),
     ("predict, classifier: sequences/s vs torch", "predict_cls", 1.2),
+    ("predict, char model: windows/s vs torch", "predict_char", 1.2),
 )
 
 
@@ -559,7 +560,7 @@ def profile_fit(sz, n, log):
 
 
 def _hold_once():
-    with other_blas_single_threaded:
+    with loop_hold:
         pass
 
 
@@ -621,11 +622,13 @@ def profile_inference(sz, n, log, torch, what):
     }
     if what == "evaluate":
         inside["loss and metrics (softmax cross-entropy)"] = ct(type(m)._loss)
-    # predict/evaluate hold NumPy's BLAS to one thread for the call (threadpoolctl);
-    # top_fn is that wrapper, so the hold is inside the total
-    hold = type(other_blas_single_threaded)
+    # predict/evaluate hold NumPy's BLAS to one thread and its huge-page hint off for
+    # the call (cylstm._threads.loop_hold); top_fn is that wrapper, so the hold is
+    # inside the total
+    hold = type(loop_hold)
     (a, na), (b, _) = ct(hold.__enter__), ct(hold.__exit__)
-    inside["holding NumPy's BLAS to one thread (enter + exit)"] = (a + b, na)
+    inside["holding NumPy's BLAS to one thread and its huge-page hint off (enter + exit)"] = \
+        (a + b, na)
 
     # each piece alone, on one batch's shapes, eval mode; torch's piece beside it
     emb, lstm, lin = m.layers
@@ -644,7 +647,7 @@ def profile_inference(sz, n, log, torch, what):
         "LSTM.forward around the kernel (layout copies, checks)": None,
         "Linear forward": lambda: lin.forward(h),
         "loss and metrics (softmax cross-entropy)": lambda: m._loss(out, yb, None),
-        "holding NumPy's BLAS to one thread (enter + exit)": _hold_once,
+        "holding NumPy's BLAS to one thread and its huge-page hint off (enter + exit)": _hold_once,
     }
     torch_fns = {}
     if tm is not None:
@@ -782,6 +785,8 @@ def markdown(run):
              f"- versions: Python {h['python']}, cylstm {h['cylstm']}, numpy {h['numpy']}, "
              f"torch {h['torch'] or 'absent'}"]
     lines += blas_lines(h["blas_kernels"], h["env"])
+    lines += [f"- transparent huge pages: {h.get('thp') or 'unknown'}; NumPy's huge-page "
+              f"hint: {h.get('numpy_hugepage_hint', 'on')}"]
     lines += [f"- char model: Embedding({h['vocab']}, {h['sizes']['embed']}) -> "
               f"LSTM({h['sizes']['embed']}, {h['sizes']['hidden']}) -> "
               f"Linear({h['sizes']['hidden']}, {h['vocab']}), Adam lr 2e-3, clip norm 1.0, "
@@ -964,7 +969,19 @@ def header(args, sz, torch):
             "torch": torch.__version__ if torch else None, "sizes": sz._asdict(),
             "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                                    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
-            "blas_kernels": blas_kernels()}
+            "blas_kernels": blas_kernels(), "thp": _thp_mode(),
+            "numpy_hugepage_hint": "on" if args.numpy_hugepages else
+            "off during cylstm's loops (cylstm._threads.loop_hold)"}
+
+
+def _thp_mode():
+    """The kernel's transparent huge page mode (the bracketed word), or None."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+        return text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        return None
 
 
 @contextlib.contextmanager
@@ -1101,6 +1118,9 @@ def main(argv=None):
                         f"process: {', '.join(BLAS_ENVS)} (haswell: OPENBLAS_CORETYPE="
                         "Haswell OPENBLAS_L2_SIZE=512; unset: neither variable), or 'all'. "
                         "Default: as-is, in this process")
+    p.add_argument("--numpy-hugepages", action="store_true",
+                   help="leave NumPy's huge-page hint on during cylstm's fit/predict/... "
+                        "(cylstm._threads.numpy_hugepage_hint_off disabled), to compare")
     p.add_argument("--no-torch", action="store_true", help="cylstm only")
     p.add_argument("--no-train", action="store_true",
                    help="skip the `python -m cylstm train` subprocess")
@@ -1110,6 +1130,8 @@ def main(argv=None):
     p.add_argument("--record", default="", help=argparse.SUPPRESS)   # a child's record
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    if args.numpy_hugepages:
+        cylstm._threads._HugePageHintHold.enabled = False
     if args.threads < 1:
         p.error("--threads must be >= 1")
     envs = list(BLAS_ENVS) if args.blas_env == "all" else \

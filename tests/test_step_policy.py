@@ -1,6 +1,7 @@
 """The training step's thread policy: the gradient norm is computed once per step, and
 every BLAS other than the kernels' own (NumPy's) is held to one thread during fit,
-evaluate, predict and sample, then restored; the kernels' own BLAS is left alone."""
+evaluate, predict and sample, then restored; the kernels' own BLAS is left alone; and
+NumPy's huge-page hint is off during those calls, then restored."""
 import threading
 
 import numpy as np
@@ -125,3 +126,59 @@ def test_the_hold_can_be_turned_off(monkeypatch):
     m = _char_model()
     m.fit(*_ids(), batch_size=8, epochs=1, verbose=0, callbacks=[seen])
     assert all(s == before for s in seen.seen)
+
+
+# ---- NumPy's huge-page hint ---------------------------------------------------------------
+
+def _hint():
+    """NumPy's current madvise(MADV_HUGEPAGE) setting (read by setting it back)."""
+    setter = _threads._madvise_setter()
+    before = setter(True)
+    setter(before)
+    return before
+
+
+class _SeenHint(cylstm.callbacks.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_batch_end(self, batch, logs):
+        self.seen.append(_hint())
+
+
+def test_numpy_has_the_hugepage_switch():
+    """The switch exists in the NumPy CI installs (a private function: if a NumPy ever
+    drops it, the hold becomes a no-op and this says so)."""
+    assert _threads._madvise_setter() is not None
+
+
+@pytest.mark.parametrize("start", [True, False])
+def test_hugepage_hint_off_during_the_calls_and_restored(start):
+    setter = _threads._madvise_setter()
+    original = setter(start)
+    try:
+        m = _char_model()
+        x, y = _ids()
+        seen = _SeenHint()
+        m.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[seen])
+        assert seen.seen and not any(seen.seen)
+        assert _hint() is start
+        m.evaluate(x, y)
+        m.predict(x)
+        vocab = cylstm.text.CharVocab("abcdefghij\n")
+        cylstm.text.sample(m, vocab, prime="ab", length=5, seed=0)
+        assert _hint() is start
+    finally:
+        setter(original)
+
+
+def test_the_hugepage_hold_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(cylstm._threads._HugePageHintHold, "enabled", False)
+    setter = _threads._madvise_setter()
+    original = setter(True)
+    try:
+        seen = _SeenHint()
+        _char_model().fit(*_ids(), batch_size=8, epochs=1, verbose=0, callbacks=[seen])
+        assert seen.seen and all(seen.seen)
+    finally:
+        setter(original)

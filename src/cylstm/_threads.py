@@ -335,3 +335,78 @@ class _OtherBlasHold:
 
 
 other_blas_single_threaded = _OtherBlasHold()
+
+
+# ---- NumPy's huge-page hint: off while cylstm trains or infers ---------------------------
+
+def _madvise_setter():
+    """NumPy's switch for madvise(MADV_HUGEPAGE) on new large arrays (a private
+    function; None where this NumPy has none)."""
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            return getattr(__import__(mod, fromlist=["_"]), "_set_madvise_hugepage")
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+class _HugePageHintHold:
+    """``with numpy_hugepage_hint_off:`` stops NumPy from asking the kernel for
+    transparent huge pages (madvise(MADV_HUGEPAGE)) on the large arrays it allocates,
+    for the duration of a fit, evaluate, predict or sample call, and restores the
+    setting after.
+
+    Why: a batch's activations and gradients are fresh arrays of megabytes. Where
+    transparent huge pages are "madvise" (many distributions and VMs), NumPy's hint makes
+    the kernel find (and, with memory fragmented, compact) a 2 MiB page at each first
+    touch, synchronously. On a 2-core VM that turned predict of the char model
+    (batches of 256 windows, 26 MB of LSTM output each) from 55 ms per batch into
+    56-152 ms, with up to 100 ms of system time per batch while the page faults
+    themselves were few (NUMPY_MADVISE_HUGEPAGE=0: 55-59 ms, 4-11 ms system time).
+    Only a hint changes: no value, no semantics. Reference counted under a lock, as
+    the BLAS hold; ``enabled = False`` turns it off (bench/e2e.py measures both).
+    """
+
+    enabled = True
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._count = 0
+        self._saved = None
+        self._setter = _madvise_setter()
+
+    def __enter__(self):
+        with self._lock:
+            if self._count == 0 and self.enabled and self._setter is not None:
+                self._saved = self._setter(False)
+            self._count += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._count -= 1
+            if self._count == 0 and self._saved is not None:
+                self._setter(self._saved)
+                self._saved = None
+        return False
+
+
+numpy_hugepage_hint_off = _HugePageHintHold()
+
+
+class _LoopHold:
+    """``with loop_hold:`` both holds above, around each of cylstm's loops (fit,
+    evaluate, predict, sample)."""
+
+    def __enter__(self):
+        other_blas_single_threaded.__enter__()
+        numpy_hugepage_hint_off.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        numpy_hugepage_hint_off.__exit__(*exc)
+        other_blas_single_threaded.__exit__(*exc)
+        return False
+
+
+loop_hold = _LoopHold()

@@ -38,7 +38,7 @@ from . import losses as _losses
 from . import optim as _optim
 from ._check import as_array
 from ._check import positive_int as _positive_int
-from ._threads import other_blas_single_threaded
+from ._threads import loop_hold
 from .base import Layer, Parametrised, arena, registered
 from .callbacks import Callback
 from .layers import Linear, _ragged_order
@@ -76,11 +76,12 @@ def pad_sequences(seqs, dtype=None, name="x"):
     return out, lengths
 
 
-def _holds_other_blas(fn):
-    """Run fn inside ``other_blas_single_threaded``."""
+def _in_loop_hold(fn):
+    """Run fn inside ``loop_hold``: NumPy's BLAS on one thread and its huge-page hint off
+    (cylstm._threads)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with other_blas_single_threaded:
+        with loop_hold:
             return fn(*args, **kwargs)
     return wrapper
 
@@ -636,7 +637,7 @@ class Sequential(Parametrised):
         return self.fit_batches(epoch_batches, -(-N // batch_size), epochs, validate,
                                 callbacks, verbose, initial_epoch=initial_epoch)
 
-    @_holds_other_blas
+    @_in_loop_hold
     def fit_batches(self, epoch_batches, n_batches, epochs, validate=None, callbacks=None,
                     verbose=1, stateful=False, initial_epoch=0):
         """The epoch loop behind ``fit`` and ``cylstm.text.fit_text``, for trainers of
@@ -724,7 +725,7 @@ class Sequential(Parametrised):
             stats.add(self.eval_step(*self._take(idx, x, y, lengths)))
         return stats
 
-    @_holds_other_blas
+    @_in_loop_hold
     def evaluate(self, x, y, batch_size=256, lengths=None):
         """The loss and metrics on (x, y), in eval mode: {"loss": ..., metric: ...}."""
         self._check_compiled()
@@ -733,7 +734,7 @@ class Sequential(Parametrised):
         return self._evaluate_arrays(x, y, lengths, _positive_int(batch_size, "batch_size")
                                      ).logs(self.metrics)
 
-    @_holds_other_blas
+    @_in_loop_hold
     def predict(self, x, batch_size=256, lengths=None):
         """The model's output for x, in eval mode (no caches kept), batch by batch:
         (N, ...) per sequence, or (N, T, ...) per step with zeros past each length."""

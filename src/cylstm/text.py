@@ -23,7 +23,7 @@ import numpy as np
 from ._check import positive_int as _positive_int
 from .embedding import Embedding
 from .layers import LSTM, Linear
-from ._threads import other_blas_single_threaded
+from ._threads import loop_hold
 from .model import Sequential, Stats
 
 __all__ = ["CharVocab", "default_text", "char_model", "stream_batches", "fit_text",
@@ -229,7 +229,7 @@ def sample(model, vocab, prime="", length=200, temperature=1.0, top_k=None, seed
     if not prime:
         prime = "\n" if "\n" in vocab.chars else vocab.chars[0]
     ids = vocab.encode(prime)
-    with other_blas_single_threaded:
+    with loop_hold:
         states = model.initial_state(1)
         tok = np.empty(1, np.int64)
         for i in ids[:-1]:
