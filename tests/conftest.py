@@ -225,12 +225,10 @@ def two_thread_teams():
 @pytest.fixture(params=[True, False], ids=["in-step", "hoisted"])
 def input_path(request, monkeypatch):
     """Run the test with the forward's input product inside each step (True) or as GEMMs
-    before the loop (False), whatever the shapes: cylstm._threads.L2_BYTES, the cache
-    size that chooses between them (cylstm.functional.input_in_step), set huge or 0."""
-    from cylstm import _threads
-    monkeypatch.setattr(_threads, "L2_BYTES", (1 << 40) if request.param else 0)
+    before the loop (False), whatever the shapes (cylstm.functional.input_in_step)."""
     from cylstm import functional as F
-    assert F.input_in_step(3, 4, 4, np.float32) is request.param
+    monkeypatch.setattr(F, "_FORCE_INPUT_IN_STEP", request.param)
+    assert F.input_in_step(3, 4, 4, np.float32, 1) is request.param
     yield request.param
 
 

@@ -86,3 +86,21 @@ def test_inference_copies_neither_x_nor_y():
     # beyond y: the states and small arrays (lengths, zero initial states), far less
     # than a copy of x (400 kB) or of y
     assert peak <= y.nbytes + 65536 < y.nbytes + x.nbytes, (peak, y.nbytes, x.nbytes)
+
+
+def test_the_input_path_rule():
+    """The input's product goes inside the step when [W_ih | W_hh] fits the cache and a
+    chunk has 8 rows or more, or the weights are small; the rule reads the batch and the
+    machine, never the thread count."""
+    from cylstm import _lstm, _threads
+    rule = _lstm.input_in_step
+    mib = 1 << 20
+    assert rule(64, 256, 1024, 4, 2 * mib, 16)          # the char model, 2 MiB L2
+    assert not rule(64, 256, 1024, 4, 1 * mib, 16)      # 1.25 MiB of weights, 1 MiB L2
+    assert not rule(64, 256, 1024, 4, 2 * mib, 4)       # few rows a chunk
+    assert not rule(128, 256, 1024, 8, 2 * mib, 16)     # float64: 3 MiB
+    assert rule(32, 64, 256, 4, 2 * mib, 1)             # 96 kB of weights: always
+    with cylstm.threads(1):
+        one = F.input_in_step(64, 256, 256, np.float32, 32)
+    assert one == F.input_in_step(64, 256, 256, np.float32, 32) == rule(
+        64, 256, 1024, 4, _threads.L2_BYTES, -(-32 // min(32, _threads.N_PARTS)))

@@ -16,8 +16,9 @@ Forward, per step t, numbered as in docs/math.md and cylstm/reference.py (the ba
 refers to these numbers):
     (1) z_t = [x_t | h_{t-1}] [W_ih | W_hh]^T + b           (B, G)
         one product per step over both inputs (K = I + Hp), then + b ("fused"); or,
-        when W_ih and W_hh do not fit a core's L2 together (input_in_step), x_t W_ih^T
-        + b for all steps before the loop and the step's product h_{t-1} W_hh^T
+        when W_ih and W_hh do not fit a core's L2 together or a thread's chunk has
+        few rows (input_in_step), x_t W_ih^T + b for all steps before the loop and the
+        step's product h_{t-1} W_hh^T
     (2) i = sigmoid(z[i])  f = sigmoid(z[f])  g = tanh(z[g])  o = sigmoid(z[o])
     (3) c_t = f * c_{t-1} + i * g
     (4) m_t = o * tanh(c_t)
@@ -57,8 +58,8 @@ one GEMM over all T*B rows before the loop: that GEMM writes T*B*G pre-activatio
 memory for the loop to read back (105 MB at T=100, B=256, H=256; at K = I = 64 it ran
 at about 115 GFLOP/s per core), while the step's product runs at the speed of the
 recurrent one on weights already in cache. When the weights do not fit in cache, each
-step would stream I*G more of them from L3, and the GEMMs before the loop win (figures:
-input_in_step). Those GEMMs (not fused) and the large GEMMs of backward (dW_ih, dW_hh,
+step would stream I*G more of them from L3, and with few rows a chunk they cost more
+than they save; the GEMMs before the loop win then (figures: input_in_step). Those GEMMs (not fused) and the large GEMMs of backward (dW_ih, dW_hh,
 db, dx) run over time blocks (block_steps), each cut into fixed row parts in a prange,
 each part one single-threaded GEMM.
 Chunk and block boundaries depend only on the shapes and on `n_parts` (fixed per process
@@ -224,16 +225,22 @@ def forward_pack_size(int I, int Hp, int G, dtype, bint fused=True):
     return n if n else G * (I + Hp)
 
 
-def input_in_step(int I, int Hp, int G, dtype, Py_ssize_t cache_bytes):
+def input_in_step(int I, int Hp, int G, Py_ssize_t itemsize, Py_ssize_t cache_bytes,
+                  int rows):
     """Whether the forward computes x_t W_ih^T inside each step's product (fused) rather
-    than as GEMMs over every step before the loop: when [W_ih | W_hh] fits in
-    `cache_bytes` (the core's L2, cylstm._threads.L2_BYTES). Each step then reads both
-    weights from cache, and no T*B*G pre-activations go through memory; when they do
-    not fit, every step would stream I*G more weights from L3 (2 threads, inference:
-    T=100 B=32 I=128 H=384 float32 16.9 ms hoisted vs 22.6 fused, H=256 float64 19.5 vs
-    28.9; H=256 float32 7.8 vs 7.5, and at B=256 67.7 vs 58.5)."""
-    import numpy as np
-    return <Py_ssize_t> (G * (I + Hp) * np.dtype(dtype).itemsize) <= cache_bytes
+    than as GEMMs over every step before the loop, for chunks of `rows` batch rows per
+    thread: when [W_ih | W_hh] fits in `cache_bytes` (the core's L2,
+    cylstm._threads.L2_BYTES) and either a chunk has 8 rows or more or the weights are
+    small (<= 256 kB). Fused, each step reads both weights from cache and no T*B*G
+    pre-activations go through memory; but every step streams the I*G extra weights
+    through the core, which a chunk of few rows cannot amortise, and which comes from
+    L3 when they do not fit. 2 threads, inference, float32 unless said, hoisted vs fused:
+    T=100 B=32 I=128 H=384 16.9 vs 22.6 ms and H=256 float64 19.5 vs 28.9 (not in L2);
+    B=1 I=64 H=256 0.93 vs 1.11 ms, B=8 I=128 H=256 2.37 vs 2.81 (4 rows a chunk);
+    B=16 I=64 H=128 1.27 vs 1.10, B=32 I=128 H=256 7.8 vs 7.5, B=256 I=64 H=256 67.7 vs
+    58.5 (8 rows or more); T=50 B=4 I=32 H=64 0.133 vs 0.120 (96 kB of weights)."""
+    cdef Py_ssize_t nbytes = <Py_ssize_t> G * (I + Hp) * itemsize
+    return nbytes <= cache_bytes and (rows >= 8 or nbytes <= 256 * 1024)
 
 
 def pack_floats(int K, int N):

@@ -188,11 +188,21 @@ def _wpack(ws, dtype, n, T, name="wpack"):
     return ws.get_at_least(name, n, dtype)
 
 
-def input_in_step(I, Hp, H, dtype):
-    """Whether the forward computes the input's product inside each step (when
-    [W_ih | W_hh] fits in a core's L2) or before the loop; see _lstm.input_in_step.
-    The two agree to rounding; each is exact under checkpointing and thread counts."""
-    return _lstm.input_in_step(I, Hp, 4 * H, dtype, _threads.L2_BYTES)
+#: True or False forces the forward's input path (tests); None follows input_in_step's rule.
+_FORCE_INPUT_IN_STEP = None
+
+
+def input_in_step(I, Hp, H, dtype, B):
+    """Whether the forward computes the input's product inside each step or before the
+    loop, for B sequences (see _lstm.input_in_step: [W_ih | W_hh] in a core's L2, and
+    chunks of 8 rows or more or small weights). The two agree to rounding; each is exact
+    under checkpointing and thread counts (the rule reads the shapes and the machine,
+    never the thread count)."""
+    if _FORCE_INPUT_IN_STEP is not None:
+        return _FORCE_INPUT_IN_STEP
+    rows = -(-B // min(B, N_PARTS))            # the largest batch chunk of a thread
+    return _lstm.input_in_step(I, Hp, 4 * H, np.dtype(dtype).itemsize, _threads.L2_BYTES,
+                               rows)
 
 
 def _forward_scratch(ws, dtype, T, B, I, H, Hp, proj, fused, wpack="wpack"):
@@ -384,7 +394,7 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     if training and not reverse:
         x = _finite_padding(x, lengths)     # dW_ih reads x at every row of a block
     proj = w_hr is not None
-    fused = input_in_step(I, Hp, H, dtype)
+    fused = input_in_step(I, Hp, H, dtype, B)
     args = dict(
         x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=_kernel_bias(ws, bias, H, dtype),
         lengths=lengths, reverse=reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
@@ -514,7 +524,7 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
                 reverse=reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
                 rmask=cache.rmask,
                 **_forward_scratch(ws, dtype, T, B, I, H, Hp, proj,
-                                   input_in_step(I, Hp, H, dtype), wpack="wpack_fwd"),
+                                   input_in_step(I, Hp, H, dtype, B), wpack="wpack_fwd"),
             )
             n_seg = cache.h_ck.shape[0]
             for j in range(n_seg - 1, -1, -1):

@@ -15,7 +15,8 @@ from ._check import positive_int as _positive_int
 from ._check import checkpoint_every as _checkpoint_every
 from ._check import out_array, probability, real_array, shape_str
 from .base import Features, Layer, Parametrised
-from ._threads import N_PARTS, blas_single_threaded, get_num_threads, threads
+from ._threads import (N_PARTS, blas_single_threaded, get_num_threads, numpy_hugepage_hint_off,
+                       threads)
 
 __all__ = ["LSTM", "LSTMState", "Linear", "Dropout", "LastStep"]
 
@@ -372,6 +373,12 @@ class LSTM(Parametrised):
 
     def forward(self, x, state=None, lengths=None):
         """Run the whole sequence. Returns (y, (h_n, c_n)); see the class docstring."""
+        # the output and the caches are fresh arrays of megabytes: NumPy's huge-page
+        # hint would make their first touch wait for memory compaction (_threads)
+        with numpy_hugepage_hint_off:
+            return self._forward(x, state, lengths)
+
+    def _forward(self, x, state, lengths):
         x = real_array(x, "x")
         unbatched = x.ndim == 2
         passed = x.shape                      # every message names the shape as passed
@@ -483,6 +490,10 @@ class LSTM(Parametrised):
         dy like the forward's y; dstate (dh_n, dc_n) like its state, or None (zeros).
         Returns (dx, (dh0, dc0)) shaped like x and the state.
         """
+        with numpy_hugepage_hint_off:          # as forward
+            return self._backward(dy, dstate)
+
+    def _backward(self, dy, dstate):
         if self._caches is None:
             raise RuntimeError("backward needs a forward in training mode first "
                                "(lstm.train(); y, state = lstm(x); lstm.backward(dy))")
