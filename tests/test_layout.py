@@ -104,3 +104,44 @@ def test_the_input_path_rule():
         one = F.input_in_step(64, 256, 256, np.float32, 32)
     assert one == F.input_in_step(64, 256, 256, np.float32, 32) == rule(
         64, 256, 1024, 4, _threads.L2_BYTES, -(-32 // min(32, _threads.N_PARTS)))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_row_order_runs_another_order_in_place(reverse, input_path):
+    """row_order = o runs sequence o[b] as kernel row b with x and y in the caller's
+    order: the same bits as permuting x, lengths and the state by hand and back."""
+    T, B, I, H = 8, 5, 3, 4
+    r = np.random.default_rng(5)
+    w_ih, w_hh, b = r.normal(size=(4 * H, I)), r.normal(size=(4 * H, H)), r.normal(size=4 * H)
+    x = r.normal(size=(T, B, I))
+    lengths = np.array([3, 8, 1, 6, 8])
+    o = np.array([1, 3, 0, 4, 2])
+    h0, c0 = r.normal(size=(B, H)), r.normal(size=(B, H))
+    want, hw, cw, _ = F.lstm_layer_forward(np.ascontiguousarray(x[:, o]), w_ih, w_hh, b, b,
+                                           h0[o], c0[o], lengths[o], reverse, training=False)
+    y, h, c, _ = F.lstm_layer_forward(x, w_ih, w_hh, b, b, h0[o], c0[o], lengths[o], reverse,
+                                      training=False, row_order=o)
+    back = np.argsort(o)
+    assert np.array_equal(y, want[:, back]) and np.array_equal(h, hw) and np.array_equal(c, cw)
+    with pytest.raises(ValueError, match="row_order"):
+        F.lstm_layer_forward(x, w_ih, w_hh, row_order=o)                 # training
+    with pytest.raises(ValueError, match="row_order"):
+        F.lstm_layer_forward(x, w_ih, w_hh, training=False, row_order=[0, 1, 1, 2, 3])
+
+
+def test_ragged_inference_copies_neither_x_nor_y():
+    """An eval-mode forward of a ragged batch in an unsorted order runs the sorted order
+    in place: no copy of x or y (the lengths-sorted copies it made before)."""
+    T, B, I, H = 50, 64, 32, 32
+    lstm = cylstm.LSTM(I, H, seed=1).eval()
+    x = np.random.default_rng(4).normal(size=(T, B, I)).astype(np.float32)
+    lengths = np.random.default_rng(5).integers(1, T + 1, B)
+    lstm(x, lengths=lengths)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        y, _ = lstm(x, lengths=lengths)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= y.nbytes + 65536 < y.nbytes + x.nbytes, (peak, y.nbytes, x.nbytes)

@@ -365,6 +365,7 @@ cdef void _gather_rows(
     const floating* src,        # (T, B, n) time order, row (t, b) at t * st + b * sb
     const int* lengths,         # (B,)
     int s_first, int q0, int q1, int B, int n, bint reverse, Py_ssize_t st, Py_ssize_t sb,
+    const int* rowmap,          # (B,) the source row of kernel row b, or NULL (b itself)
 ) noexcept nogil:
     """Rows [q0, q1) of a block in loop-step order: x at each row's own time, zeros where
     the row has ended (so that padding never reaches a product)."""
@@ -374,7 +375,9 @@ cdef void _gather_rows(
         if t < 0:
             memset(dst + <Py_ssize_t> q * n, 0, n * sizeof(floating))
         else:
-            memcpy(dst + <Py_ssize_t> q * n, src + t * st + (q % B) * sb, n * sizeof(floating))
+            memcpy(dst + <Py_ssize_t> q * n,
+                   src + t * st + (q % B if rowmap == NULL else rowmap[q % B]) * sb,
+                   n * sizeof(floating))
 
 
 cdef void _scatter_rows(
@@ -482,6 +485,8 @@ cdef void _forward_chunk(
     const int* lengths,         # (B,) in 1..T
     int s0, int s1, int B, int I, int Ix, int H, int P, int r0, int r1, bint reverse,
     Py_ssize_t xst, Py_ssize_t xsb, Py_ssize_t yst, Py_ssize_t ysb,
+    const int* rowmap,          # (B,) the row of x and y that kernel row b reads and
+                                #   writes, or NULL (b itself)
 ) noexcept nogil:
     """Loop steps [s0, s1) for batch rows [r0, r1), run by one thread. Per-step arrays
     (gates, caches) are indexed by the segment step sl = s - s0; x and y by time."""
@@ -515,7 +520,7 @@ cdef void _forward_chunk(
                         memset(xg + ro * I, 0, I * sizeof(floating))
                     continue
                 if Ix > 0:
-                    memcpy(xr, x + t * xst + b * xsb, I * sizeof(floating))
+                    memcpy(xr, x + t * xst + _row(rowmap, b) * xsb, I * sizeof(floating))
                     if xg != NULL:
                         memcpy(xg + ro * I, xr, I * sizeof(floating))
                 # h_{t-1} as the product reads it, masked with recurrent dropout; h
@@ -535,7 +540,7 @@ cdef void _forward_chunk(
                 if s >= lengths[b]:    # ended: state frozen; time s is padding, output 0
                     ro = <Py_ssize_t> sl * B + b
                     if y != NULL:
-                        memset(y + s * yst + b * ysb, 0, Hp * sizeof(floating))
+                        memset(y + s * yst + _row(rowmap, b) * ysb, 0, Hp * sizeof(floating))
                     if c_cache != NULL:
                         memset(gates + ro * G, 0, G * sizeof(floating))
                         memset(c_cache + ro * H, 0, H * sizeof(floating))
@@ -548,7 +553,8 @@ cdef void _forward_chunk(
                           B, H, sl, b)
                 if P == 0 and y != NULL:
                     t = _time_of(lengths, s, b, reverse)
-                    memcpy(y + t * yst + b * ysb, m + <Py_ssize_t> b * H, H * sizeof(floating))
+                    memcpy(y + t * yst + _row(rowmap, b) * ysb, m + <Py_ssize_t> b * H,
+                           H * sizeof(floating))
             rb = re
         if P > 0 and hi > r0:                                                # (5)
             _rec_mm(hi - r0, P, H, mbuf + <Py_ssize_t> r0 * H, H, w_hr, H, True,
@@ -558,7 +564,7 @@ cdef void _forward_chunk(
                 if t >= 0:             # ended rows keep their frozen h
                     memcpy(h + <Py_ssize_t> b * P, hp + <Py_ssize_t> b * P, P * sizeof(floating))
                     if y != NULL:
-                        memcpy(y + t * yst + b * ysb, hp + <Py_ssize_t> b * P,
+                        memcpy(y + t * yst + _row(rowmap, b) * ysb, hp + <Py_ssize_t> b * P,
                                P * sizeof(floating))
 
 
@@ -619,6 +625,9 @@ def lstm_forward(
     const floating[:, ::1] rmask,       # (B, Hp) recurrent dropout mask, or None
     int s0,                             # first loop step: a multiple of block_steps(B)
     int s1,                             # end: a multiple of block_steps(B), or T
+    const int[::1] rows=None,           # (B,) inference only: kernel row b reads x[:, rows[b]]
+                                        #   and writes y[:, rows[b]] (a permutation), so a
+                                        #   batch runs in another order without copies
 ):
     """One LSTM layer, one direction, loop steps [s0, s1) (all of them: s0 = 0, s1 = T);
     see the module docstring.
@@ -650,6 +659,7 @@ def lstm_forward(
     cdef const floating* rm_p = NULL
     cdef Py_ssize_t item = sizeof(floating), xst, xsb, yst = 0, ysb = 0
     cdef bint gather                    # the projection reads x gathered into xg
+    cdef const int* rows_p = NULL
 
     _check(0 <= s0 < s1 <= T and s0 % S == 0 and (s1 % S == 0 or s1 == T), "s0/s1")
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
@@ -658,7 +668,10 @@ def lstm_forward(
     # C-contiguous as NumPy says it (the stride of a length-1 axis does not matter)
     gather = not ((T == 1 or xst == <Py_ssize_t> B * I) and (B == 1 or xsb == I))
     _check(not (training and gather), "x (training: C-contiguous)")
-    gather = gather or reverse
+    if rows is not None:
+        _check(not training and rows.shape[0] == B and _permutation(rows), "rows")
+        rows_p = &rows[0]
+    gather = gather or reverse or rows_p != NULL
     if y is not None:
         _check(_is(y.shape, T, B, Hp) and _row_strides(y.shape, y.strides, item, &yst, &ysb)
                and _rows_disjoint(T, B, Hp, yst, ysb), "y")
@@ -722,7 +735,8 @@ def lstm_forward(
                     q1 = split((be - bs) * B, n_parts, p + 1)
                     if gather:
                         _gather_rows(xg_p + <Py_ssize_t> (bs - s0) * B * I, &x[0, 0, 0],
-                                     &lengths[0], bs, q0, q1, B, I, reverse, xst, xsb)
+                                     &lengths[0], bs, q0, q1, B, I, reverse, xst, xsb,
+                                     rows_p)
                     affine_rows(g_p + <Py_ssize_t> (bs - s0) * B * G,
                                 (xg_p + <Py_ssize_t> (bs - s0) * B * I) if gather
                                 else &x[0, 0, 0] + <Py_ssize_t> bs * B * I,
@@ -739,7 +753,7 @@ def lstm_forward(
                            &x[0, 0, 0], &w_ih[0, 0], &w_hh[0, 0], w_hr_p, bias_p,
                            w_pk, w_cat, whr_pk if (P > 0 and w_pk != NULL) else NULL,
                            &lengths[0], s0, s1, B, I, Ix, H, P, split(B, n_chunks, p),
-                           split(B, n_chunks, p + 1), reverse, xst, xsb, yst, ysb)
+                           split(B, n_chunks, p + 1), reverse, xst, xsb, yst, ysb, rows_p)
             blas_single_exit()
 
 
@@ -1052,6 +1066,21 @@ def lstm_backward(
                     _add_block(&db_ih[0] + g0, dbt_p + g0, g1 - g0)
                     _add_block(&db_hh[0] + g0, dbt_p + g0, g1 - g0)
             blas_single_exit()
+
+
+cdef inline Py_ssize_t _row(const int* rowmap, int b) noexcept nogil:
+    return b if rowmap == NULL else rowmap[b]
+
+
+cdef bint _permutation(const int[::1] rows) noexcept:
+    """Whether rows holds each of 0 .. len(rows)-1 once."""
+    cdef Py_ssize_t n = rows.shape[0], i
+    cdef bytearray seen = bytearray(n)
+    for i in range(n):
+        if rows[i] < 0 or rows[i] >= n or seen[rows[i]]:
+            return False
+        seen[rows[i]] = 1
+    return True
 
 
 cdef bint _row_strides(Py_ssize_t* shape, Py_ssize_t* strides, Py_ssize_t item,

@@ -343,7 +343,7 @@ def _caches(ws, dtype, n, B, I, H, Hp, proj, reverse, prefix=""):
 def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                        lengths=None, reverse=False, training=True, w_hr=None,
                        recurrent_mask=None, *, checkpoint_every=None, workspace=None,
-                       out=None):
+                       out=None, row_order=None):
     """One LSTM layer, one direction, whole sequence (see the module docstring).
 
     x (T, B, I); w_ih (4H, I); w_hh (4H, H); b_ih, b_hh (4H,) or both None; h0, c0
@@ -361,10 +361,21 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     last axis is contiguous and whose rows do not overlap (a batch-first array
     transposed, or a slice of a wider output) that receives y. In inference x may be
     such a view too (its last axis contiguous): the kernel reads it in place.
+    ``row_order`` (inference only): a permutation of the B sequences; the kernel runs
+    sequence row_order[b] as its row b (lengths, h0, c0, h_n and c_n are in that order;
+    x and y stay in the caller's), so a batch runs in another order without copies.
     """
     dtype, H, Hp, w_ih, w_hh, bias, w_hr = _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr)
     I = w_ih.shape[1]
     x = _as_array(x, "x", dtype, (None, None, I)) if training else _as_rows(x, "x", dtype, I)
+    if row_order is not None:
+        if training:
+            raise ValueError("row_order is for inference only (training=False)")
+        row_order = np.ascontiguousarray(row_order, dtype=np.int32)
+        if row_order.shape != (x.shape[1],) or not np.array_equal(
+                np.sort(row_order), np.arange(x.shape[1])):
+            raise ValueError(f"row_order must be a permutation of the {x.shape[1]} "
+                             f"sequences, got {_shape(row_order)}")
     T, B, _ = x.shape
     if T < 1 or B < 1:
         raise ValueError(f"x must have at least one step and one sequence, got {_shape(x)}")
@@ -415,7 +426,8 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
             n = T if k is None else k
             gates = None if fused else ws.get("gates", (n, B, 4 * H), dtype)
             xg = (ws.get("xg", (n, B, I), dtype)
-                  if (reverse or not x.flags.c_contiguous) and not fused else None)
+                  if (reverse or not x.flags.c_contiguous or row_order is not None)
+                  and not fused else None)
             if training:
                 n_seg = -(-T // k)
                 h_ck = ws.get("h_ck", (n_seg, B, Hp), dtype)
@@ -428,7 +440,8 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                 _lstm.lstm_forward(y=y, h=h, c=c, s0=s0, s1=s1,
                                    gates=None if gates is None else gates[:s1 - s0],
                                    xg=None if xg is None else xg[:s1 - s0], c_cache=None,
-                                   tc_cache=None, m_cache=None, hprev=None, **args)
+                                   tc_cache=None, m_cache=None, hprev=None,
+                                   rows=row_order, **args)
     if training:
         cache.c0, cache.w_ih, cache.w_hh, cache.w_hr = c0_kept, w_ih, w_hh, w_hr
         cache.bias, cache.lengths, cache.reverse, cache.dtype = bias, lengths, reverse, dtype

@@ -406,16 +406,20 @@ class LSTM(Parametrised):
         h0, c0 = self._state(state, "state", B, unbatched)
         order = _ragged_order(lengths)
         if order is not None:     # the kernels skip finished rows of length-sorted chunks
-            xt, lengths = xt[:, order], lengths[order]
+            lengths = lengths[order]
             if h0 is not None:
                 h0, c0 = h0[:, order], c0[:, order]
+            if self.training:     # the cache keeps x in the kernels' order
+                xt = xt[:, order]
+        # inference runs the kernels' order in place: x and y stay in the caller's
+        row_order = order if not self.training else None
 
         L, D, H, Hp = self.num_layers, self.num_directions, self.hidden_size, self.state_size
         training = self.training
         # The last layer writes straight into the result, batch-first or not, each
         # direction into its half: no transposing or concatenating copy afterwards.
-        # (Ragged batches in an unsorted order are reordered afterwards: a copy anyway.)
-        direct = order is None and not unbatched
+        # (Ragged batches trained in another order are reordered afterwards.)
+        direct = (order is None or not training) and not unbatched
         if direct:
             result = np.empty((B, T, D * Hp) if self.batch_first else (T, B, D * Hp),
                               self.dtype)
@@ -457,7 +461,7 @@ class LSTM(Parametrised):
                         lengths, reverse=bool(d), training=training, w_hr=w_hr,
                         recurrent_mask=rmasks[d], checkpoint_every=self.checkpoint_every,
                         workspace=self._workspace(layer, d, wss),
-                        out=out[:, :, d * Hp:(d + 1) * Hp])
+                        out=out[:, :, d * Hp:(d + 1) * Hp], row_order=row_order)
                     return y, cache
                 results = [run(0)] if D == 1 else _both_directions(run)
                 caches += [cache for _, cache in results]
@@ -473,6 +477,9 @@ class LSTM(Parametrised):
             self._release_workspaces(wss)
 
         if direct:
+            if order is not None:
+                back = np.argsort(order)
+                h_n, c_n = h_n[:, back], c_n[:, back]
             return result, (h_n, c_n)
         y = inp
         if order is not None:
