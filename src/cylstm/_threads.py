@@ -222,39 +222,57 @@ def _find_local_setter(libs):
     return 0
 
 
-class _GlobalBlasPin:
-    """Fallback: pin scipy's BLAS to one thread while any cylstm kernel runs.
+class _Hold:
+    """A process-wide setting changed while any caller is inside ``with hold:`` and
+    restored when the last one leaves: reference counted under a lock, so concurrent
+    calls from several Python threads change it once and restore it once. Subclasses
+    give ``_apply()`` (change it; return what ``_restore`` needs, or None for nothing
+    to restore) and ``_restore(saved)``. ``enabled = False`` (on the class) leaves the
+    setting alone."""
 
-    Reference counted and locked, so concurrent Python threads pin once and restore
-    once. Used only when the BLAS has no thread-local setter.
-    """
+    enabled = True
 
     def __init__(self):
         self._lock = threading.Lock()
         self._count = 0
-        self._limiter = None
+        self._saved = None
 
     def __enter__(self):
         with self._lock:
-            if self._count == 0:
-                from threadpoolctl import threadpool_limits
-                self._limiter = threadpool_limits(limits=1, user_api="blas")
+            if self._count == 0 and self.enabled:
+                self._saved = self._apply()
             self._count += 1
+        return self
 
     def __exit__(self, *exc):
         with self._lock:
             self._count -= 1
-            if self._count == 0:
-                self._limiter.restore_original_limits()
-                self._limiter = None
+            if self._count == 0 and self._saved is not None:
+                self._restore(self._saved)
+                self._saved = None
         return False
+
+
+class _GlobalBlasPin(_Hold):
+    """Fallback: pin scipy's BLAS to one thread while any cylstm kernel runs (a _Hold:
+    concurrent Python threads pin once and restore once). Used only when the BLAS has
+    no thread-local setter.
+    """
+
+    def _apply(self):
+        from threadpoolctl import threadpool_limits
+        return threadpool_limits(limits=1, user_api="blas")
+
+    def _restore(self, limiter):
+        limiter.restore_original_limits()
 
     def _after_fork_in_child(self):
         self._lock = threading.Lock()
         if self._count:                 # other threads' calls do not go on in the child
             self._count = 0
-            self._limiter.restore_original_limits()
-            self._limiter = None
+            if self._saved is not None:
+                self._restore(self._saved)
+                self._saved = None
 
 
 def _setup_blas():
@@ -280,7 +298,7 @@ if hasattr(os, "register_at_fork"):
 
 # ---- NumPy's BLAS: one thread while cylstm trains or infers ------------------------------
 
-class _OtherBlasHold:
+class _OtherBlasHold(_Hold):
     """``with other_blas_single_threaded:`` holds every BLAS other than the kernels' own
     (NumPy's OpenBLAS, ...) to one thread for the duration of a fit, evaluate, predict or
     sample call, and restores it after.
@@ -296,12 +314,8 @@ class _OtherBlasHold:
     (bench/step_profile.py measures both).
     """
 
-    enabled = True
-
     def __init__(self):
-        self._lock = threading.Lock()
-        self._count = 0
-        self._limiter = None
+        super().__init__()
         self._others = None          # threadpoolctl's selection, found once
 
     def _select(self):
@@ -317,21 +331,12 @@ class _OtherBlasHold:
                 self._others = False
         return self._others
 
-    def __enter__(self):
-        with self._lock:
-            if self._count == 0 and self.enabled:
-                others = self._select()
-                self._limiter = others.limit(limits=1) if others else None
-            self._count += 1
-        return self
+    def _apply(self):
+        others = self._select()
+        return others.limit(limits=1) if others else None
 
-    def __exit__(self, *exc):
-        with self._lock:
-            self._count -= 1
-            if self._count == 0 and self._limiter is not None:
-                self._limiter.restore_original_limits()
-                self._limiter = None
-        return False
+    def _restore(self, limiter):
+        limiter.restore_original_limits()
 
 
 other_blas_single_threaded = _OtherBlasHold()
@@ -350,7 +355,7 @@ def _madvise_setter():
     return None
 
 
-class _HugePageHintHold:
+class _HugePageHintHold(_Hold):
     """``with numpy_hugepage_hint_off:`` stops NumPy from asking the kernel for
     transparent huge pages (madvise(MADV_HUGEPAGE)) on the large arrays it allocates,
     for the duration of a fit, evaluate, predict or sample call, and restores the
@@ -364,31 +369,18 @@ class _HugePageHintHold:
     56-152 ms, with up to 100 ms of system time per batch while the page faults
     themselves were few (NUMPY_MADVISE_HUGEPAGE=0: 55-59 ms, 4-11 ms system time).
     Only a hint changes: no value, no semantics. Reference counted under a lock, as
-    the BLAS hold; ``enabled = False`` turns it off (bench/e2e.py measures both).
+    the BLAS hold; ``enabled = False`` turns it off (bench/e2e.py --numpy-hugepages).
     """
 
-    enabled = True
-
     def __init__(self):
-        self._lock = threading.Lock()
-        self._count = 0
-        self._saved = None
+        super().__init__()
         self._setter = _madvise_setter()
 
-    def __enter__(self):
-        with self._lock:
-            if self._count == 0 and self.enabled and self._setter is not None:
-                self._saved = self._setter(False)
-            self._count += 1
-        return self
+    def _apply(self):
+        return None if self._setter is None else self._setter(False)
 
-    def __exit__(self, *exc):
-        with self._lock:
-            self._count -= 1
-            if self._count == 0 and self._saved is not None:
-                self._setter(self._saved)
-                self._saved = None
-        return False
+    def _restore(self, saved):
+        self._setter(saved)
 
 
 numpy_hugepage_hint_off = _HugePageHintHold()
