@@ -402,9 +402,10 @@ class LSTM(Parametrised):
                              f"{shape_str(passed)}")
         if self.training and np.may_share_memory(xt, x):
             xt = xt.copy()   # the cache keeps x: never alias the caller's array
+        full = lengths is None                # the kernels' layers then make their own
         lengths = F._lengths(lengths, T, B)
         h0, c0 = self._state(state, "state", B, unbatched)
-        order = _ragged_order(lengths)
+        order = None if full else _ragged_order(lengths)
         if order is not None:     # the kernels skip finished rows of length-sorted chunks
             lengths = lengths[order]
             if h0 is not None:
@@ -458,7 +459,8 @@ class LSTM(Parametrised):
                         inp, w_ih, w_hh if w_hh_dropped[d] is None else w_hh_dropped[d],
                         b_ih, b_hh,
                         None if h0 is None else h0[k], None if c0 is None else c0[k],
-                        lengths, reverse=bool(d), training=training, w_hr=w_hr,
+                        None if full else lengths, reverse=bool(d), training=training,
+                        w_hr=w_hr,
                         recurrent_mask=rmasks[d], checkpoint_every=self.checkpoint_every,
                         workspace=self._workspace(layer, d, wss),
                         out=out[:, :, d * Hp:(d + 1) * Hp], row_order=row_order)
