@@ -145,3 +145,14 @@ def test_ragged_inference_copies_neither_x_nor_y():
     finally:
         tracemalloc.stop()
     assert peak <= y.nbytes + 65536 < y.nbytes + x.nbytes, (peak, y.nbytes, x.nbytes)
+
+
+def test_out_sharing_memory_with_x_is_refused():
+    """The kernel writes y while later steps still read x: an out that overlaps x is
+    refused rather than read after it was written."""
+    T, B, H = 4, 3, 5
+    r = np.random.default_rng(6)
+    w_ih, w_hh = r.normal(size=(4 * H, H)), r.normal(size=(4 * H, H))
+    buf = r.normal(size=(T + 1, B, H))
+    with pytest.raises(ValueError, match="share memory"):
+        F.lstm_layer_forward(buf[1:], w_ih, w_hh, training=False, out=buf[:-1])

@@ -179,6 +179,8 @@ def _after_fork_in_child():
     _parallel._after_fork_in_child()
     if isinstance(blas_single_threaded, _GlobalBlasPin):
         blas_single_threaded._after_fork_in_child()
+    other_blas_single_threaded._after_fork_in_child()
+    numpy_hugepage_hint_off._after_fork_in_child()
     if _parallel.max_team() > 1 and not _SERIAL:
         _SERIAL = True
         _parallel._set_serial_only(True)
@@ -251,6 +253,11 @@ class _Hold:
                 self._restore(self._saved)
                 self._saved = None
         return False
+
+    def _after_fork_in_child(self):
+        # a lock another thread held at fork is never released in the child; the count
+        # stays, so a hold taken then is simply kept (a setting, never a value)
+        self._lock = threading.Lock()
 
 
 class _GlobalBlasPin(_Hold):
@@ -392,7 +399,11 @@ class _LoopHold:
 
     def __enter__(self):
         other_blas_single_threaded.__enter__()
-        numpy_hugepage_hint_off.__enter__()
+        try:
+            numpy_hugepage_hint_off.__enter__()
+        except BaseException:
+            other_blas_single_threaded.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc):

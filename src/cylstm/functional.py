@@ -401,6 +401,9 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                              f"with a contiguous last axis and rows that do not overlap, got "
                              f"{type(out).__name__} {getattr(out, 'dtype', '')} "
                              f"{np.shape(out)} strides {getattr(out, 'strides', None)}")
+        if np.may_share_memory(out, x):
+            raise ValueError("out must not share memory with x: the kernel writes y while "
+                             "later steps still read x")
         y = out
     if training and not reverse:
         x = _finite_padding(x, lengths)     # dW_ih reads x at every row of a block

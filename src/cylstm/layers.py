@@ -572,8 +572,8 @@ class LSTM(Parametrised):
         """One time step for a batch of streams: x_t (B, I) -> y_t (B, Hp).
 
         Updates ``state`` (from ``initial_state``) in place and matches running the whole
-        sequence to rounding (not bitwise in float32: a sequence blocks its products
-        differently; float64 runs the same BLAS calls either way). Inference only (no
+        sequence to rounding (not bitwise: a sequence sums a step's products in another
+        order, see docs/math.md). Inference only (no
         dropout, no cache). The returned array is a buffer of ``state``, overwritten by the next
         call: copy it to keep it.
         """
