@@ -227,12 +227,15 @@ def worker_stream(args):
         for _ in range(3000):                       # warm: the runner, caches, the helper
             step(xt, state)
         n, blocks = args.calls, []
+        stats = getattr(_step, "_helper_stats", dict)()     # builds without a helper: {}
         for _ in range(args.blocks):
             w, c = time.perf_counter_ns(), time.thread_time_ns()
+            a = time.process_time_ns()
             for _ in range(n):
                 step(xt, state)
             blocks.append(((time.perf_counter_ns() - w) / n / 1e3,
-                           (time.thread_time_ns() - c) / n / 1e3))
+                           (time.thread_time_ns() - c) / n / 1e3,
+                           (time.process_time_ns() - a) / n / 1e3))
         single = np.empty(args.calls * 4)
         clock = time.perf_counter_ns
         for i in range(len(single)):
@@ -240,8 +243,12 @@ def worker_stream(args):
             step(xt, state)
             single[i] = clock() - t
         single /= 1e3
-        res[name] = {"wall": statistics.median(b[0] for b in blocks),
+        after = getattr(_step, "_helper_stats", dict)()
+        parts = {k: after[k] - stats[k] for k in ("helped", "taken_back") if k in stats}
+        res[name] = {"helper": parts,
+                     "wall": statistics.median(b[0] for b in blocks),
                      "cpu": statistics.median(b[1] for b in blocks),
+                     "cpu_all": statistics.median(b[2] for b in blocks),
                      "p50": float(np.percentile(single, 50)),
                      "p99": float(np.percentile(single, 99)),
                      "max": float(single.max())}
@@ -295,17 +302,25 @@ def stream_main(args):
     print(f"LSTM.step, B=1, I=H={STREAM_H}, {args.threads} threads unless named, "
           f"{'a busy process on CPU ' + str(args.busy) if busy else 'no competing process'}; "
           f"{forced}; medians of {args.rounds} processes")
-    print("us per call: wall and CPU = medians of blocks of back-to-back calls; "
-          "p50 / p99 / max of single calls")
-    print("| case | build | wall | CPU | p50 | p99 | max |")
-    print("|---|---|---|---|---|---|---|")
+    print("us per call: wall, CPU (the calling thread) and all CPU (every thread of the "
+          "process: the step's helper, OpenMP, BLAS) = medians of blocks of back-to-back "
+          "calls; p50 / p99 / max of single calls")
+    print("helper: parts the step's helper thread computed / took back from it, per call")
+    print("| case | build | wall | CPU | all CPU | p50 | p99 | max | helper |")
+    print("|---|---|---|---|---|---|---|---|---|")
     cases = [k for k in results[names[0]][0] if not k.startswith("_")]
     for case in cases:
         for name in names:
             runs = [run[case] for run in results[name]]
-            med = {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+            med = {k: statistics.median(run[k] for run in runs) for k in runs[0]
+                   if k != "helper"}
+            calls = args.calls * (args.blocks + 4)
+            hp = runs[0].get("helper") or {}
+            helper = (f"{hp['helped'] / calls:.2f} / {hp['taken_back'] / calls:.3f}"
+                      if hp else "-")
             print(f"| {case} | {name} | {med['wall']:.1f} | {med['cpu']:.1f} | "
-                  f"{med['p50']:.1f} | {med['p99']:.1f} | {med['max']:.0f} |")
+                  f"{med.get('cpu_all', float('nan')):.1f} | "
+                  f"{med['p50']:.1f} | {med['p99']:.1f} | {med['max']:.0f} | {helper} |")
     for name in names:
         print(f"{name}: {results[name][0]['_kernels']}")
 

@@ -42,6 +42,6 @@ def test_force_parallel_restores_the_scale_and_thresholds_are_named():
     with pytest.raises(ValueError):
         _parallel.set_min_work_scale(-1)
     t = _parallel.thresholds()
-    assert set(t) == {"MIN_PARALLEL_MACS", "MIN_PARALLEL_XENT", "MIN_PARALLEL_COPY",
+    assert set(t) == {"MIN_PARALLEL_MACS", "MIN_HELPER_MACS", "MIN_PARALLEL_XENT", "MIN_PARALLEL_COPY",
                       "MIN_PARALLEL_ELEMS", "MIN_PARALLEL_PASS", "PACK_MIN_STEPS"}
     assert _threads.PACK_MIN_STEPS == t["PACK_MIN_STEPS"] == cylstm.functional.PACK_MIN_STEPS

@@ -34,6 +34,10 @@ cdef extern from *:
 cdef enum:
     # LSTM sequence and step: multiply-adds of the GEMMs of one region.
     MIN_PARALLEL_MACS = 1 << 20
+    # A streaming step below MIN_PARALLEL_MACS shares its parts with the step's helper
+    # thread (_helper.h), which the caller never waits for, from this many: below it
+    # the hand-over costs about what the second core saves.
+    MIN_HELPER_MACS = 1 << 17
     # Softmax cross-entropy: logits (an exp, a max and a scale each). Inside a training
     # step a cheap 2-thread region can wait milliseconds for a second thread the
     # scheduler has not run yet on a busy machine, while it saves ~0.1 ms on (3200, 81)

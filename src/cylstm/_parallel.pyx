@@ -61,7 +61,8 @@ def openmp_max_threads():
 
 def thresholds():
     """The named work sizes of _parallel.pxd, by name."""
-    return {"MIN_PARALLEL_MACS": MIN_PARALLEL_MACS, "MIN_PARALLEL_XENT": MIN_PARALLEL_XENT,
+    return {"MIN_PARALLEL_MACS": MIN_PARALLEL_MACS, "MIN_HELPER_MACS": MIN_HELPER_MACS,
+            "MIN_PARALLEL_XENT": MIN_PARALLEL_XENT,
             "MIN_PARALLEL_COPY": MIN_PARALLEL_COPY, "MIN_PARALLEL_ELEMS": MIN_PARALLEL_ELEMS,
             "MIN_PARALLEL_PASS": MIN_PARALLEL_PASS,
             "PACK_MIN_STEPS": PACK_MIN_STEPS}

@@ -19,13 +19,27 @@ from libc.string cimport memcpy
 
 from cylstm._blas cimport gemm
 from cylstm._isa cimport on_level_change
-from cylstm._parallel cimport (MIN_PARALLEL_MACS, blas_single_enter, blas_single_exit,
-                               fallback_pin, note_team, split, team)
+from cylstm._parallel cimport (MIN_HELPER_MACS, MIN_PARALLEL_MACS, blas_single_enter,
+                               blas_single_exit, fallback_pin, note_team, split, team)
 
 
 from cylstm._kernels cimport (cy_act_f32, cy_act_select, cy_sigmoid_add_f64,
                               cy_tanh_add_f64, cy_cell_fns, cy_cell_select,
                               cy_dot_rows_fn, cy_dot_select)
+
+cdef extern from "_helper.h" nogil:
+    ctypedef void (*cy_part_fn)(const void* job, int part, int helper) noexcept nogil
+    void cy_helper_run(const void* job, size_t size, int n_parts, cy_part_fn fn,
+                       cy_part_fn collect, int reverse)
+    void cy_helper_quiesce()
+    int cy_helper_available()
+    void cy_helper_set_delay(long long ns)
+    void cy_helper_set_stay_awake(int on)
+    ctypedef struct cy_helper_t:
+        unsigned long long helped, taken_back, alone
+        long long caller_ns, wait_ns
+        int started
+    cy_helper_t cy_helper_g
 
 cdef cy_act_f32 _act
 cdef cy_cell_fns _cell
@@ -161,12 +175,11 @@ cdef void _step_units(
 # A step reads every weight once (2 MiB at H = I = 256 float32): with few rows it is
 # bound by memory, and one core's L2 cannot hold it all. Split by hidden units, each
 # thread reads only its slice, which stays in its own L2 from one step to the next.
-# The split waits for MIN_PARALLEL_MACS (_parallel.pxd) like everything else, although
-# a B = 1, I = H = 256 step (0.5 M multiply-adds) runs about twice as fast on two idle
-# cores: with another process on the other core, every region waits for the scheduler
-# to run the second thread, and a step then takes milliseconds instead of ~50 us. A
-# helper that the caller never waits for (it takes the parts the helper has not
-# claimed) would keep the gain without the stall.
+# An OpenMP team splits it from MIN_PARALLEL_MACS (_parallel.pxd) on, like everything
+# else. Smaller steps (B = 1, I = H = 256 is 0.5 M multiply-adds) share their parts with
+# the helper thread below instead: with another process on the other core, an OpenMP
+# region waits for the scheduler to run its second thread (a step then takes
+# milliseconds instead of ~15 us), the helper is never waited for.
 
 cdef struct StepLayer:        # one layer's arrays, held alive by the StepRunner
     const void* w_ih            # (G, I_l), I_l = I for layer 0, else Hp
@@ -193,23 +206,119 @@ cdef inline void _step_part(floating* m, const StepLayer* lp, floating* z, float
         blas_single_exit()
 
 
+# ---- The helper thread (_helper.h) ------------------------------------------------------
+#
+# Below MIN_PARALLEL_MACS a step's parts go to the caller and to one helper thread that
+# the caller never waits for (it takes a late part back and computes it itself), so a
+# B = 1 step uses two cores without the stall of an OpenMP barrier on a busy machine.
+# The helper computes into its own buffers (z2, hz2, bsum2, m2, c2) and the caller copies
+# a finished part's units of m and c out of them (_helper_collect). Every buffer a job
+# names belongs to the StepRunner, which waits for the helper before freeing them.
+
+cdef struct StepJob:          # one layer of one step, copied by value for the helper
+    StepLayer layer
+    const float* inp            # (B, I) the layer's input (a runner buffer, never x_t)
+    float* m                    # (B, H) OUT, the caller's
+    float* z                    # (B, G) the caller's scratch
+    float* hz
+    float* bsum                 # (G,)
+    float* z2                   # (B, G) the helper's scratch
+    float* hz2
+    float* bsum2                # (G,)
+    float* m2                   # (B, H) the helper's m and c
+    float* c2
+    int nB, nI, nH, nHp, n_parts      # B, I (of this layer), H, Hp
+    bint back
+
+
+cdef void _helper_part(const void* job, int p, int helper) noexcept nogil:
+    """Part p of a StepJob: into the layer's m and c (caller), or into m2 and c2 from a
+    copy of c's units (helper)."""
+    cdef const StepJob* j = <const StepJob*> job
+    cdef int H = j.nH, u0 = split(H, j.n_parts, p), u1 = split(H, j.n_parts, p + 1), b
+    cdef float* c = <float*> j.layer.c
+    if not helper:
+        _step_units(j.m, c, j.z, j.hz, j.bsum, j.inp, <const float*> j.layer.h,
+                    <const float*> j.layer.w_ih, <const float*> j.layer.w_hh,
+                    <const float*> j.layer.b_ih, <const float*> j.layer.b_hh,
+                    j.nB, j.nI, H, j.nHp, u0, u1, j.back)
+        return
+    for b in range(j.nB):
+        memcpy(j.c2 + <Py_ssize_t> b * H + u0, c + <Py_ssize_t> b * H + u0,
+               (u1 - u0) * sizeof(float))
+    _step_units(j.m2, j.c2, j.z2, j.hz2, j.bsum2, j.inp, <const float*> j.layer.h,
+                <const float*> j.layer.w_ih, <const float*> j.layer.w_hh,
+                <const float*> j.layer.b_ih, <const float*> j.layer.b_hh,
+                j.nB, j.nI, H, j.nHp, u0, u1, j.back)
+
+
+cdef void _helper_collect(const void* job, int p, int helper) noexcept nogil:
+    """Copy part p's units of m and c from the helper's buffers into the layer's."""
+    cdef const StepJob* j = <const StepJob*> job
+    cdef int H = j.nH, u0 = split(H, j.n_parts, p), u1 = split(H, j.n_parts, p + 1), b
+    cdef Py_ssize_t o
+    for b in range(j.nB):
+        o = <Py_ssize_t> b * H + u0
+        memcpy(j.m + o, j.m2 + o, (u1 - u0) * sizeof(float))
+        memcpy(<float*> j.layer.c + o, j.c2 + o, (u1 - u0) * sizeof(float))
+
+
+# 0: never (every part on the caller), 1: below MIN_PARALLEL_MACS from MIN_HELPER_MACS
+# on, 2: every float32 step with two parts or more (test hook)
+cdef int _helper_mode = 1
+
+
+def _set_helper_mode(int mode):
+    """Test/benchmark hook: 0 never use the step's helper thread, 1 by work size (the
+    default), 2 always (where the step splits into parts and may use 2 threads), with a
+    helper that never naps, so that every job goes through the hand-over.
+    Returns the previous mode."""
+    global _helper_mode
+    if mode not in (0, 1, 2):
+        raise ValueError(f"mode must be 0, 1 or 2, got {mode}")
+    previous = _helper_mode
+    _helper_mode = mode
+    cy_helper_set_stay_awake(mode == 2)
+    return previous
+
+
+def _helper_stats():
+    """Test/benchmark hook: parts the helper computed, parts the caller took back from
+    it, jobs run without it (it was busy with another caller, or could not start), and
+    the caller's time in its own parts and after them (waiting, taking back, copying)."""
+    return {"helped": cy_helper_g.helped, "taken_back": cy_helper_g.taken_back,
+            "alone": cy_helper_g.alone, "caller_ns": cy_helper_g.caller_ns,
+            "wait_ns": cy_helper_g.wait_ns, "started": cy_helper_g.started,
+            "available": bool(cy_helper_available())}
+
+
+def _set_helper_delay(long long ns):
+    """Test hook: the helper sleeps ns nanoseconds in every part it takes (a helper the
+    OS does not schedule); 0 turns it off."""
+    cy_helper_set_delay(ns)
+
+
 cdef void _step_layers(
     const StepLayer* layers,    # (L,) each layer's arrays
     floating* z,                # (B, G) scratch
     floating* hz,               # (B, G) scratch
     floating* bsum,             # (G,) scratch
     floating* mbuf,             # (B, H) scratch (P > 0 only)
+    floating* xbuf,             # (B, I) a copy of x for the helper
+    floating* helper_bufs,      # (2 B G + G + 2 B H,) z2, hz2, bsum2, m2, c2
     const floating* x,          # (B, I) layer 0's input
     int L, int B, int I, int H, int P, int n_parts, int n_threads, bint back,
 ) noexcept nogil:
     """Every layer of one step (1)-(5)."""
-    cdef int Hp = P if P > 0 else H, layer, p, pp, Il, nt
-    cdef bint blas = True
+    cdef int Hp = P if P > 0 else H, layer, p, pp, Il, nt, G = 4 * H
+    cdef bint blas = True, helper
     cdef const StepLayer* lp
     cdef floating* y
     cdef floating* h
     cdef floating* m
     cdef const floating* inp = x
+    cdef double work
+    cdef StepJob job
     if floating is float:
         blas = _dot == NULL
     for layer in range(L):
@@ -220,8 +329,33 @@ cdef void _step_layers(
         Il = I if layer == 0 else Hp
         if blas:
             n_parts = 1             # BLAS: one call over all rows, as the sequence forward
-        nt = team(n_threads, n_parts, <double> B * 4 * H * (Il + Hp), MIN_PARALLEL_MACS)
-        if nt > 1:
+        work = <double> B * 4 * H * (Il + Hp)
+        nt = team(n_threads, n_parts, work, MIN_PARALLEL_MACS)
+        helper = False
+        if floating is float:
+            if not blas and n_parts > 1 and _helper_mode != 0:
+                if _helper_mode == 2:
+                    helper = team(n_threads, n_parts, 1, 0) > 1
+                else:
+                    helper = nt == 1 and team(n_threads, n_parts, work, MIN_HELPER_MACS) > 1
+        if helper:
+            if floating is float:
+                if layer == 0:      # the helper may still read it after this call
+                    memcpy(xbuf, x, <size_t> B * I * sizeof(float))
+                    inp = xbuf
+                job.layer = lp[0]
+                job.inp = inp
+                job.m, job.z, job.hz, job.bsum = m, z, hz, bsum
+                job.z2 = helper_bufs
+                job.hz2 = job.z2 + <Py_ssize_t> B * G
+                job.bsum2 = job.hz2 + <Py_ssize_t> B * G
+                job.m2 = job.bsum2 + G
+                job.c2 = job.m2 + <Py_ssize_t> B * H
+                job.nB, job.nI, job.nH, job.nHp = B, Il, H, Hp
+                job.n_parts, job.back = n_parts, back
+                cy_helper_run(&job, sizeof(StepJob), n_parts, _helper_part, _helper_collect,
+                              back)
+        elif nt > 1:
             for p in prange(n_parts, schedule="static", num_threads=nt):
                 note_team()
                 _step_part(m, lp, z, hz, bsum, inp, h, B, Il, H, Hp, n_parts, p, blas, back)
@@ -276,11 +410,15 @@ cdef class StepRunner:
     cdef void* hz               # (B, G) scratch
     cdef void* bsum             # (G,) scratch
     cdef void* mbuf             # (B, H) scratch
+    cdef void* xbuf             # (B, I) x's copy for the helper thread
+    cdef void* helper_bufs      # (2 B G + G + 2 B H,) the helper thread's buffers
 
     def __cinit__(self):
         self.layers = NULL
 
     def __dealloc__(self):
+        # a part the helper thread computes late may still read this runner's arrays
+        cy_helper_quiesce()
         if self.layers != NULL:
             PyMem_Free(self.layers)
 
@@ -336,11 +474,13 @@ cdef class StepRunner:
             self.layers[layer].h = <void*> <size_t> h_all[layer].ctypes.data
             self.layers[layer].c = <void*> <size_t> c_all[layer].ctypes.data
         self.out = y_all[L - 1, 0]
-        scratch = [np.empty(n, dtype) for n in (B * G, B * G, G, B * H)]
+        scratch = [np.empty(n, dtype) for n in (B * G, B * G, G, B * H, B * I,
+                                                2 * B * G + G + 2 * B * H)]
         self.keep += scratch
         addr = [<size_t> a.ctypes.data for a in scratch]
         self.z, self.hz = <void*> <size_t> addr[0], <void*> <size_t> addr[1]
         self.bsum, self.mbuf = <void*> <size_t> addr[2], <void*> <size_t> addr[3]
+        self.xbuf, self.helper_bufs = <void*> <size_t> addr[4], <void*> <size_t> addr[5]
         flat = [(name, w) for names, ws in zip(keys, self.weights)
                 for name, w in zip(names, ws) if name is not None]
         self.keys = [name for name, _ in flat]
@@ -379,11 +519,13 @@ cdef class StepRunner:
                 if self.f32:
                     _step_layers(self.layers, <float*> self.z, <float*> self.hz,
                                  <float*> self.bsum, <float*> self.mbuf,
+                                 <float*> self.xbuf, <float*> self.helper_bufs,
                                  <const float*> view.buf, self.nL, self.nB, self.nI,
                                  self.nH, self.nP, n_parts, n_threads, self.back)
                 else:
                     _step_layers(self.layers, <double*> self.z, <double*> self.hz,
                                  <double*> self.bsum, <double*> self.mbuf,
+                                 <double*> self.xbuf, <double*> self.helper_bufs,
                                  <const double*> view.buf, self.nL, self.nB, self.nI,
                                  self.nH, self.nP, n_parts, n_threads, self.back)
         finally:
