@@ -78,6 +78,8 @@ typedef void (*cy_part_fn)(const void *job, int part, int helper);
 /* A job the helper finds later than this after it was published (it was napping) is
  * left to the caller. */
 #define CY_HELPER_LATE_NS 2000LL
+#define CY_HELPER_MISSES 4
+#define CY_HELPER_PROBE 16
 /* The caller waits for a part the helper holds at most twice its own part's time plus
  * this, then computes the part itself. */
 #define CY_HELPER_SLACK_NS 3000LL
@@ -103,6 +105,8 @@ typedef struct {
     int started;            /* 0 not yet, 1 running, -1 could not start */
     long long delay_ns;     /* test hook: the helper sleeps this long in each part */
     int stay_awake;         /* test hook: the helper never naps */
+    unsigned missed;        /* jobs in a row the helper took no part of (caller only) */
+    unsigned probes;        /* jobs run alone since then (caller only) */
     /* statistics (test and benchmark hooks), updated by the caller only */
     unsigned long long helped, taken_back, alone;
     long long caller_ns, wait_ns;   /* summed over jobs: the caller's own parts, then the rest */
@@ -314,7 +318,12 @@ static void cy_helper_run(const void *job, size_t size, int n_parts, cy_part_fn 
         cy_helper_alone(job, n_parts, fn, reverse);
         return;
     }
-    if (__atomic_load_n(&g->napping, __ATOMIC_SEQ_CST)) {
+    /* A helper that took no part of the last CY_HELPER_MISSES jobs (its core is busy
+     * with another process) is offered only every CY_HELPER_PROBE-th job meanwhile:
+     * the caller alone runs its parts in the snake order, which keeps more of the
+     * weights in its L2 than the fixed order of a shared job. */
+    int absent = g->missed >= CY_HELPER_MISSES && ++g->probes % CY_HELPER_PROBE != 0;
+    if (absent || __atomic_load_n(&g->napping, __ATOMIC_SEQ_CST)) {
         /* it would find the job too late: run alone, and tell it a stream is on */
         __atomic_fetch_add(&g->ping, 1, __ATOMIC_SEQ_CST);
         if (__atomic_load_n(&g->parked, __ATOMIC_SEQ_CST)) {
@@ -354,6 +363,7 @@ static void cy_helper_run(const void *job, size_t size, int n_parts, cy_part_fn 
     }
     long long tw0 = cy_now_ns();
     /* the helper's: wait a little for each, else take it back */
+    unsigned long long helped = g->helped;
     for (int p = 0; p < n_parts; p++) {
         uint64_t st = __atomic_load_n(&g->state[p], __ATOMIC_ACQUIRE);
         if (st == cy_part_word(s, CY_PART_CALLER))
@@ -380,6 +390,12 @@ static void cy_helper_run(const void *job, size_t size, int n_parts, cy_part_fn 
         g->helped++;
     }
     g->wait_ns += cy_now_ns() - tw0;
+    if (g->helped > helped) {
+        g->missed = 0;
+        g->probes = 0;
+    } else {
+        g->missed++;
+    }
     cy_helper_unlock();
 }
 
