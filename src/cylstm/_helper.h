@@ -84,20 +84,26 @@ typedef void (*cy_part_fn)(const void *job, int part, int helper);
  * this, then computes the part itself. */
 #define CY_HELPER_SLACK_NS 3000LL
 
+#if defined(__GNUC__) || defined(__clang__)
+#define CY_ALIGNED64 __attribute__((aligned(64)))   /* apart from the lines the other writes */
+#else
+#define CY_ALIGNED64
+#endif
+
 enum { CY_PART_FREE = 0, CY_PART_CALLER = 1, CY_PART_HELPER = 2, CY_PART_DONE = 3 };
 
 typedef struct {
     /* written by the caller that holds `slot`; read by the helper (a sequence lock:
      * odd while the caller writes the job, the job's number once published) */
-    uint64_t seq __attribute__((aligned(64)));
+    uint64_t seq CY_ALIGNED64;
     int n_parts;
     size_t size;
     cy_part_fn fn;
     long long published;    /* cy_now_ns() when the caller published the job */
     unsigned char job[CY_HELPER_JOB_BYTES];
     /* (seq << 2) | CY_PART_*: claims are compare-exchanges on these */
-    uint64_t state[CY_HELPER_MAX_PARTS] __attribute__((aligned(64)));
-    int slot __attribute__((aligned(64)));   /* 1 while a caller owns the helper */
+    uint64_t state[CY_HELPER_MAX_PARTS] CY_ALIGNED64;
+    int slot CY_ALIGNED64;   /* 1 while a caller owns the helper */
     int busy;               /* 1 while the helper may be inside a part function */
     int parked;             /* 1 while the helper sleeps (or is about to) */
     int napping;            /* 1 while the helper naps or sleeps: jobs run alone */
@@ -431,14 +437,9 @@ static void cy_helper_quiesce(void) {}
 
 static int cy_helper_available(void) { return CY_HAVE_HELPER; }
 
-static void cy_helper_set_delay(long long ns)
-{
-    __atomic_store_n(&cy_helper_g.delay_ns, ns, __ATOMIC_RELAXED);
-}
+/* test hooks: plain stores, read by the helper with relaxed loads */
+static void cy_helper_set_delay(long long ns) { cy_helper_g.delay_ns = ns; }
 
-static void cy_helper_set_stay_awake(int on)
-{
-    __atomic_store_n(&cy_helper_g.stay_awake, on, __ATOMIC_RELAXED);
-}
+static void cy_helper_set_stay_awake(int on) { cy_helper_g.stay_awake = on; }
 
 #endif
