@@ -179,7 +179,7 @@ cdef void _step_units(
 # else. Smaller steps (B = 1, I = H = 256 is 0.5 M multiply-adds) share their parts with
 # the helper thread below instead: with another process on the other core, an OpenMP
 # region waits for the scheduler to run its second thread (a step then takes
-# milliseconds instead of ~15 us), the helper is never waited for.
+# milliseconds instead of ~10 us), the helper is never waited for.
 
 cdef struct StepLayer:        # one layer's arrays, held alive by the StepRunner
     const void* w_ih            # (G, I_l), I_l = I for layer 0, else Hp
@@ -284,7 +284,8 @@ def _set_helper_mode(int mode):
 
 def _helper_stats():
     """Test/benchmark hook: parts the helper computed, parts the caller took back from
-    it, jobs run without it (it was busy with another caller, or could not start), and
+    it, jobs run without it (it napped, sat out the last jobs, served another caller, or
+    could not start), and
     the caller's time in its own parts and after them (waiting, taking back, copying)."""
     return {"helped": cy_helper_g.helped, "taken_back": cy_helper_g.taken_back,
             "alone": cy_helper_g.alone, "caller_ns": cy_helper_g.caller_ns,
