@@ -77,6 +77,26 @@ def test_layer_gradients_are_bitwise_those_of_the_full_cache(dtype, reverse, rag
         _assert_bitwise(ckpt, full)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("P", [0, 3], ids=["noproj", "proj"])
+def test_blocks_with_and_without_ended_rows_are_bitwise_with_checkpointing(dtype, reverse, P):
+    """Lengths in S..2S, unsorted: a block where every row runs (its products read the
+    rows in place), one with ended rows (the products run over the running rows,
+    gathered) and one where every row has ended, each its own segment or in one."""
+    T, B = 80, 64
+    S = F.block_steps(B)
+    problem = list(_layer_problem(dtype, T, B, 5, 7, P, False, True, True))
+    lengths = np.random.default_rng(3).integers(S, 2 * S + 1, B)
+    lengths[0], lengths[1] = S, 2 * S
+    problem[2] = lengths
+    full, _ = _layer_step(problem, reverse, None)
+    for k in (S, 2 * S):
+        ckpt, cache = _layer_step(problem, reverse, k)
+        assert cache.segment == k
+        _assert_bitwise(ckpt, full)
+
+
 def test_two_backward_calls_add_twice_with_checkpointing():
     problem = _layer_problem(np.float64, 50, 64, 5, 7, 0, True, True, True)
     once, _ = _layer_step(problem, True, 8)

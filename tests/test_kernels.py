@@ -27,6 +27,17 @@ def _ragged(T, B, seed):
     return [int(v) for v in L]
 
 
+def _blocky(T, B, seed):
+    """B lengths in S..2S (S = the time block's steps, T > 2S), unsorted: the first
+    block has every row active (its products read the rows in place), the second
+    has ended rows (they run over the active rows, gathered), the last none at all."""
+    S = F.block_steps(B)
+    assert T > 2 * S
+    L = np.random.default_rng(seed).integers(S, 2 * S + 1, size=B)
+    L[0], L[-1] = 2 * S, S
+    return [int(v) for v in L]
+
+
 # (T, B, I, H, lengths); B_MANY is larger than the number of work parts and (for
 # N_PARTS > 1) not divisible by it; B_DIV is a multiple of it.
 B_MANY = 2 * N_PARTS + 1
@@ -41,6 +52,7 @@ SIZES = {
     "T1B1": (1, 1, 2, 3, None),
     "B-many-parts": (4, B_MANY, 3, 4, _ragged(4, B_MANY, seed=99)),
     "B-divisible": (3, B_DIV, 2, 3, _ragged(3, B_DIV, seed=98)),
+    "blocks": (80, 64, 3, 4, _blocky(80, 64, seed=97)),       # 3 time blocks of 32 steps
 }
 
 
@@ -250,12 +262,14 @@ def test_batched_equals_step_by_step(reverse, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("blocks", [False, True], ids=["one-block", "three-blocks"])
 def test_results_are_bitwise_identical_for_any_thread_count(
-        reverse, dtype, two_thread_teams, kernel_level, input_path):
+        reverse, dtype, blocks, two_thread_teams, kernel_level, input_path):
     """threads(1), threads(2) and the default give identical forward and gradients.
-    Medium size, so that the batch really is chunked and the GEMMs are blocked."""
-    T, B, I, H = 20, 9, 16, 32
-    lengths = _ragged(T, B, seed=11)
+    Medium size, so that the batch really is chunked and the GEMMs are blocked; with
+    three time blocks, one of every kind (see _blocky)."""
+    T, B, I, H = (80, 64, 8, 16) if blocks else (20, 9, 16, 32)
+    lengths = _blocky(T, B, seed=10) if blocks else _ragged(T, B, seed=11)
     p = make_layer_problem(T, B, I, H, seed=12, dtype=dtype)
     dy, dh_n, dc_n = output_grads(T, B, H, seed=13, dtype=dtype)
 

@@ -129,21 +129,32 @@ def _predicted(T, B, I, H, s, fused=True):
     return forward, backward
 
 
-@pytest.mark.parametrize("T,B,I,H", [(50, 8, 16, 32), (3, 64, 8, 100), (200, 1, 5, 12)])
-def test_training_step_keeps_what_the_formula_says(T, B, I, H, traced, input_path):
+@pytest.mark.parametrize("T,B,I,H,ragged", [(50, 8, 16, 32, False), (3, 64, 8, 100, False),
+                                             (200, 1, 5, 12, False), (50, 8, 16, 32, True),
+                                             (40, 64, 8, 20, True)])
+def test_training_step_keeps_what_the_formula_says(T, B, I, H, ragged, traced, input_path):
     """tracemalloc (NumPy's domain) of a training step of one float64 layer, fresh model:
     the bytes the model holds after forward (caller's y, h_n, c_n excluded) and what
-    backward adds (caller's dx, dh0, dc0 excluded) equal the formula within 2% + 4 kB."""
+    backward adds (caller's dx, dh0, dc0 excluded) equal the formula within 2% + 4 kB.
+    Ragged lengths add backward's active rows (x and h_{t-1}, their places) and the dx
+    scratch of one time block."""
     from cylstm import _lstm
+    from cylstm._threads import N_PARTS
     x = np.random.default_rng(7).standard_normal((T, B, I))
+    lengths = np.random.default_rng(9).integers(1, T + 1, B) if ragged else None
+    if ragged:
+        lengths[0] = T
     lstm = cylstm.LSTM(I, H, dtype="float64", seed=8)
     want_fwd, want_bwd = _predicted(T, B, I, H, 8, input_path)
+    if ragged:
+        part_rows = -(-F.block_steps(B) * B // N_PARTS)
+        want_bwd += 8 * T * B * (I + H) + 4 * (2 * T * B + T + 1) + 8 * N_PARTS * part_rows * I
     if T >= F.PACK_MIN_STEPS:          # the packed weights, one slot for both passes
         pack_f = 8 * _lstm.forward_pack_size(I, H, 4 * H, np.float64, input_path)
         pack_b = 8 * _lstm.pack_size(4 * H, H, np.float64)
         want_fwd, want_bwd = want_fwd + pack_f, want_bwd + max(pack_b - pack_f, 0)
     base = numpy_bytes()
-    y, (h, c) = lstm(x)
+    y, (h, c) = lstm(x, lengths=lengths)
     fwd = numpy_bytes() - base - y.nbytes - h.nbytes - c.nbytes
     base = numpy_bytes()
     dx, (dh0, dc0) = lstm.backward(np.ones_like(y))
@@ -154,7 +165,7 @@ def test_training_step_keeps_what_the_formula_says(T, B, I, H, traced, input_pat
         assert abs(got - want) <= 0.02 * want + 4096, (got, want)
     # the next step of the same shape allocates nothing more for the model
     base = numpy_bytes()
-    y, (h, c) = lstm(x)
+    y, (h, c) = lstm(x, lengths=lengths)
     dx, (dh0, dc0) = lstm.backward(np.ones_like(y))
     assert numpy_bytes() - base <= 4096 + y.nbytes + x.nbytes
 

@@ -782,11 +782,19 @@ cdef void _backward_chunk(
     const floating* whr_packed, # W_hr packed, or NULL
     const floating* rmask,      # (B, Hp) recurrent dropout mask, or NULL
     const int* lengths,         # (B,)
-    int s0, int s1, int B, int H, int P, int r0, int r1, bint reverse,
+    const int* cpos,            # (n, B) a row's place among the active rows, or NULL
+                                #   (every row of dz in place); see "Active rows"
+    const int* coff,            # (n + 1,) active rows before each step, or NULL
+    const floating* xs,         # (n, B, I) the segment's x in loop-step order
+    const floating* hprev,      # (n, B, Hp) the forward's h_{t-1} cache
+    floating* xc,               # (rows, I) OUT x of the active rows of ragged blocks
+    floating* hc,               # (rows, Hp) OUT h_{t-1} of the same rows
+    int s0, int s1, int B, int I, int H, int P, int r0, int r1, int S, bint reverse,
 ) noexcept nogil:
     """BPTT over loop steps [s1 - 1 .. s0] for batch rows [r0, r1), run by one thread."""
     cdef int G = 4 * H, Hp = P if P > 0 else H
-    cdef int s, sl, b, t, j, L, hi
+    cdef int s, sl, b, t, j, L, hi, q
+    cdef bint gather = False
     cdef Py_ssize_t zo, ho, hpo, ro
     cdef const floating* z
     cdef const floating* cprev
@@ -797,11 +805,14 @@ cdef void _backward_chunk(
     memset(dzs + <Py_ssize_t> r0 * G, 0, (r1 - r0) * G * sizeof(floating))
     for s in range(s1 - 1, s0 - 1, -1):
         sl = s - s0
+        if cpos != NULL:               # this step's block is ragged: dz compact, x and h gathered
+            gather = _block_ragged(coff, sl, s1 - s0, S, B)
         # dL/dh_t = dy_t + (this row's dz W_hh of the later step, or dh_n at its last step)
         for b in range(r0, r1):
             L = lengths[b]
             if s >= L:                 # ended: no gradient, the state passes through
-                memset(dz + (<Py_ssize_t> sl * B + b) * G, 0, G * sizeof(floating))
+                if cpos == NULL:       # (compact: the row has no place in dz)
+                    memset(dz + (<Py_ssize_t> sl * B + b) * G, 0, G * sizeof(floating))
                 if P > 0:
                     memset(dhp + (<Py_ssize_t> sl * B + b) * P, 0, P * sizeof(floating))
                 continue
@@ -823,8 +834,9 @@ cdef void _backward_chunk(
         for b in range(r0, r1):
             if s >= lengths[b]:
                 continue
-            zo = (<Py_ssize_t> sl * B + b) * G
-            ho = (<Py_ssize_t> sl * B + b) * H
+            ro = <Py_ssize_t> sl * B + b
+            zo = ro * G
+            ho = ro * H
             z = gates + zo
             cprev = c_cache + ho - <Py_ssize_t> B * H if s > s0 else c_start + <Py_ssize_t> b * H
             dmb = (<const floating*> dm if P > 0 else dhbuf) + <Py_ssize_t> b * H
@@ -834,7 +846,14 @@ cdef void _backward_chunk(
                 _cell.gate_grads_f32(dzb, dcb, z, tc_cache + ho, cprev, dmb, H)
             else:
                 _cell.gate_grads_f64(dzb, dcb, z, tc_cache + ho, cprev, dmb, H)
-            memcpy(dz + zo, dzb, G * sizeof(floating))
+            if cpos == NULL:
+                memcpy(dz + zo, dzb, G * sizeof(floating))
+            else:
+                q = cpos[ro]           # == ro in a block where every row is active
+                memcpy(dz + <Py_ssize_t> q * G, dzb, G * sizeof(floating))
+                if gather:
+                    memcpy(xc + <Py_ssize_t> q * I, xs + ro * I, I * sizeof(floating))
+                    memcpy(hc + <Py_ssize_t> q * Hp, hprev + ro * Hp, Hp * sizeof(floating))
         _rec_mm(hi - r0, Hp, G, dzs + <Py_ssize_t> r0 * G, G, w_hh, Hp, False,    # (1')
                 whh_packed, dhs + <Py_ssize_t> r0 * Hp, Hp)
         if rmask != NULL:              # h_{t-1} entered (1) masked                 (1r')
@@ -842,6 +861,43 @@ cdef void _backward_chunk(
                 ro = <Py_ssize_t> b * Hp
                 for j in range(Hp):
                     dhs[ro + j] *= rmask[ro + j]
+
+
+# Active rows. With ragged lengths a block's weight-gradient and dx products run over
+# its active rows only (rows with s < L; ended rows have dz = 0 and add nothing), so the
+# padding costs nothing there: with lengths uniform in 1..T half of each product's rows
+# would be zeros. Backward's time loop writes each active row's dz at its place among
+# the block's active rows, in loop-step then row order, and (in a block with ended
+# rows) copies that row's x and h_{t-1} to the same place of xc and hc; the products
+# read those, and dx goes back to each row's time. A block whose rows are all active
+# keeps every row in place (its place is its own index) and reads x and h_{t-1} where
+# they are. The places depend only on the lengths, so the products and their results
+# are the same for any thread count and under checkpointing (a segment is whole blocks).
+
+cdef int _active_rows(int* cpos, int* crow, int* coff, const int* lengths,
+                      int s0, int n, int B) noexcept nogil:
+    """Places of the active rows of loop steps [s0, s0 + n): cpos[sl * B + b] for row b
+    at segment step sl (-1 when ended), crow the inverse (place -> sl * B + b), coff[sl]
+    the places before step sl (coff[n] = all). Returns coff[n]."""
+    cdef int sl, b, q = 0
+    for sl in range(n):
+        coff[sl] = q
+        for b in range(B):
+            if s0 + sl < lengths[b]:
+                cpos[<Py_ssize_t> sl * B + b] = q
+                crow[q] = sl * B + b
+                q += 1
+            else:
+                cpos[<Py_ssize_t> sl * B + b] = -1
+    coff[n] = q
+    return q
+
+
+cdef inline bint _block_ragged(const int* coff, int sl, int n, int S, int B) noexcept nogil:
+    """Whether the block holding segment step sl has an ended row. Rows only end as s
+    grows, so that is whether its last step does."""
+    cdef int last = min((sl // S + 1) * S, n) - 1
+    return coff[last + 1] - coff[last] < B
 
 
 cdef inline void _add_block(floating* acc, const floating* part, Py_ssize_t n) noexcept nogil:
@@ -855,12 +911,12 @@ cdef void _weight_grads_block(
     floating* dw_hh_tmp,        # (G, Hp) INOUT rows [g0, g1): dz^T h_{t-1}
     floating* dw_hr_tmp,        # (P, H) INOUT rows [q0, q1): dh^T m, or NULL
     floating* db_tmp,           # (G,) INOUT [g0, g1): sum of dz, or NULL (no bias)
-    const floating* dz,         # (rows, G) the block's dz
-    const floating* x,          # (rows, I) the block's x in loop-step order
-    const floating* hprev,      # (rows, Hp) the block's h_{t-1} as the product read it
-    const floating* dhp,        # (rows, P) dL/dh_t, or NULL
-    const floating* m_cache,    # (rows, H) m_t, or NULL
-    int rows, int I, int H, int P, int g0, int g1, int q0, int q1, bint first,
+    const floating* dz,         # (rows, G) the block's dz (its active rows, or all)
+    const floating* x,          # (rows, I) the same rows' x
+    const floating* hprev,      # (rows, Hp) the same rows' h_{t-1} as the product read it
+    const floating* dhp,        # (prows, P) dL/dh_t at every row of the block, or NULL
+    const floating* m_cache,    # (prows, H) m_t, or NULL
+    int rows, int prows, int I, int H, int P, int g0, int g1, int q0, int q1, bint first,
 ) noexcept nogil:
     """Adds one time block to the running weight-gradient sums              (1') (5').
 
@@ -874,7 +930,7 @@ cdef void _weight_grads_block(
     cdef Py_ssize_t k
     cdef floating beta = 0 if first else 1
     if P > 0 and q1 > q0:              # dW_hr += dh^T m
-        gemm(True, False, q1 - q0, H, rows, 1, dhp + q0, P, m_cache, H, beta,
+        gemm(True, False, q1 - q0, H, prows, 1, dhp + q0, P, m_cache, H, beta,
              dw_hr_tmp + <Py_ssize_t> q0 * H, H)
     if g1 <= g0:
         return
@@ -933,6 +989,12 @@ def lstm_backward(
     int n_threads,
     floating[::1] wpack=None,           # scratch: pack_size(G, Hp) + pack_size(P, H) elements
     const floating[:, ::1] rmask,       # (B, Hp) the forward's recurrent dropout mask, or None
+    int[::1] cpos=None,                 # (n * B,) scratch for ragged lengths, or None: the
+                                        #   products then run over every row ("Active rows")
+    int[::1] crow=None,                 # (n * B,) scratch, with cpos
+    int[::1] coff=None,                 # (n + 1,) scratch, with cpos
+    floating[:, ::1] xc=None,           # (n * B, I) scratch, with cpos
+    floating[:, ::1] hc=None,           # (n * B, Hp) scratch, with cpos
     int s0,                             # as the forward's; segments go last to first
     int s1,
     bint first,                         # the first call of this backward (s1 = T)
@@ -945,8 +1007,16 @@ def lstm_backward(
     cdef int G = w_hh.shape[0], H = w_hh.shape[0] // 4, Hp = w_hh.shape[1]
     cdef int P = 0 if w_hr is None else w_hr.shape[0]
     cdef int S = block_steps(B), n = s1 - s0
-    cdef int p, n_chunks, bs, be, nb, k, q0, q1, g0, g1, r0, r1, part_rows
-    cdef bint blk_first
+    cdef int p, n_chunks, bs, be, nb, k, q0, q1, g0, g1, r0, r1, part_rows, rows, c0, q, ro
+    cdef bint blk_first, ragged
+    cdef int* cpos_p = NULL
+    cdef int* crow_p = NULL
+    cdef int* coff_p = NULL
+    cdef floating* xc_p = NULL
+    cdef floating* hc_p = NULL
+    cdef const floating* bx_p
+    cdef const floating* bh_p
+    cdef floating* dxs_p
     cdef const floating* w_hr_p = NULL
     cdef const floating* m_p = NULL
     cdef const floating* x_p = NULL
@@ -979,6 +1049,16 @@ def lstm_backward(
     _check(_is(dzs.shape, B, G) and db_tmp.shape[0] == G, "dzs/db_tmp")
     _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
     part_rows = (S * B + n_parts - 1) // n_parts
+    if cpos is not None:
+        _check(crow is not None and coff is not None and xc is not None and hc is not None
+               and cpos.shape[0] >= n * B and crow.shape[0] >= n * B and coff.shape[0] >= n + 1
+               and xc.shape[0] >= n * B and xc.shape[1] == I and hc.shape[0] >= n * B
+               and hc.shape[1] == Hp and dxg is not None
+               and _is(dxg.shape, n_parts * part_rows, I), "active rows scratch")
+        cpos_p, crow_p, coff_p = &cpos[0], &crow[0], &coff[0]
+        xc_p, hc_p = &xc[0, 0], &hc[0, 0]
+        dxg_p = &dxg[0, 0]
+        _active_rows(cpos_p, crow_p, coff_p, &lengths[0], s0, n, B)
     if reverse:
         _check(xg is not None and _is(xg.shape, n, B, I) and dxg is not None
                and _is(dxg.shape, n_parts * part_rows, I), "xg/dxg")
@@ -1016,8 +1096,9 @@ def lstm_backward(
                             &dhbuf[0, 0], dm_p, &dy[0, 0, 0], &dh_n[0, 0], &gates[0, 0, 0],
                             &c_cache[0, 0, 0], &tc_cache[0, 0, 0], &c_start[0, 0], &w_hh[0, 0],
                             w_hr_p, whh_pk, whr_pk if P > 0 else NULL, rm_p, &lengths[0],
-                            s0, s1, B, H, P,
-                            split(B, n_chunks, p), split(B, n_chunks, p + 1), reverse)
+                            cpos_p, coff_p, x_p, &hprev[0, 0, 0], xc_p, hc_p,
+                            s0, s1, B, I, H, P,
+                            split(B, n_chunks, p), split(B, n_chunks, p + 1), S, reverse)
             blas_single_exit()
         # Weight gradients and dx, block by block from the last: gradient rows [g0, g1)
         # and [q0, q1) and dx rows [r0, r1) of each block belong to part p alone.
@@ -1034,16 +1115,31 @@ def lstm_backward(
                 bs = s0 + k * S
                 be = min(bs + S, s1)
                 blk_first = first and k == nb - 1
+                # the block's rows: its active ones gathered, or all of them in place
+                ragged = cpos_p != NULL and _block_ragged(coff_p, k * S, n, S, B)
+                c0 = k * S * B if cpos_p == NULL else coff_p[k * S]
+                rows = (be - bs) * B if cpos_p == NULL else coff_p[be - s0] - c0
+                bx_p = (xc_p + <Py_ssize_t> c0 * I) if ragged else x_p + <Py_ssize_t> k * S * B * I
+                bh_p = (hc_p + <Py_ssize_t> c0 * Hp) if ragged \
+                    else &hprev[0, 0, 0] + <Py_ssize_t> k * S * B * Hp
                 _weight_grads_block(&dw_ih_tmp[0, 0], &dw_hh_tmp[0, 0], dw_hr_tmp_p, dbt_p,
-                                    &dz[0, 0, 0] + <Py_ssize_t> k * S * B * G,
-                                    x_p + <Py_ssize_t> k * S * B * I,
-                                    &hprev[0, 0, 0] + <Py_ssize_t> k * S * B * Hp,
+                                    &dz[0, 0, 0] + <Py_ssize_t> c0 * G, bx_p, bh_p,
                                     (dhp_p + <Py_ssize_t> k * S * B * P) if P > 0 else NULL,
                                     (m_p + <Py_ssize_t> k * S * B * H) if P > 0 else NULL,
-                                    (be - bs) * B, I, H, P, g0, g1, q0, q1, blk_first)
-                r0 = split((be - bs) * B, n_parts, p)                       # dx = dz W_ih (1')
-                r1 = split((be - bs) * B, n_parts, p + 1)
-                if r1 > r0:
+                                    rows, (be - bs) * B, I, H, P, g0, g1, q0, q1, blk_first)
+                r0 = split(rows, n_parts, p)                                # dx = dz W_ih (1')
+                r1 = split(rows, n_parts, p + 1)
+                if r1 > r0 and ragged:  # into this part's rows of the scratch, then to their times
+                    dxs_p = dxg_p + <Py_ssize_t> p * part_rows * I
+                    gemm(False, False, r1 - r0, I, G, 1, &dz[0, 0, 0] + (<Py_ssize_t> c0 + r0) * G,
+                         G, &w_ih[0, 0], I, 0, dxs_p, I)
+                    for q in range(r0, r1):
+                        ro = crow_p[c0 + q]
+                        memcpy(&dx[0, 0, 0] + (<Py_ssize_t> _time_of(&lengths[0], s0 + ro // B,
+                                                                    ro % B, reverse) * B
+                                               + ro % B) * I,
+                               dxs_p + <Py_ssize_t> (q - r0) * I, I * sizeof(floating))
+                elif r1 > r0:
                     if reverse:        # into this part's own rows of the scratch, then out
                         gemm(False, False, r1 - r0, I, G, 1,
                              &dz[0, 0, 0] + (<Py_ssize_t> k * S * B + r0) * G, G, &w_ih[0, 0], I,

@@ -161,24 +161,6 @@ def _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr):
     return dtype, H, Hp, w_ih, w_hh, bias, w_hr
 
 
-def _finite_padding(x, lengths):
-    """x, or a copy with zeros at padded positions when any of those is not finite.
-
-    Backward forms dW_ih over every row of a time block, where padded rows have dz = 0;
-    but 0 * NaN is NaN, and PyTorch never reads padding. Checking costs a pass over the
-    padding only. (In reverse, x is gathered into loop-step order with zero padding.)
-    """
-    T = x.shape[0]
-    if lengths.min() == T:
-        return x
-    pad = np.arange(T)[:, None] >= lengths[None, :]          # (T, B)
-    if np.isfinite(x[pad]).all():
-        return x
-    x = x.copy()
-    x[pad] = 0
-    return x
-
-
 def _wpack(ws, dtype, n, T, name="wpack"):
     """Scratch of n elements of the weights' dtype for the weights in the form the
     per-step products read, made once per call (packed, see _rgemm.h), or None (short
@@ -405,8 +387,6 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
             raise ValueError("out must not share memory with x: the kernel writes y while "
                              "later steps still read x")
         y = out
-    if training and not reverse:
-        x = _finite_padding(x, lengths)     # dW_ih reads x at every row of a block
     proj = w_hr is not None
     fused = input_in_step(I, Hp, H, dtype, B)
     args = dict(
@@ -499,26 +479,34 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
         raise ValueError("the layer has no bias: db_ih and db_hh must be None")
     ws = _workspace_arg(workspace)
     reverse = cache.reverse
-    # reverse scatters dx at the active rows' times only: the padding stays zero
-    dx = (np.zeros if reverse else np.empty)((T, B, I), dtype)
-    dh = np.empty((B, Hp), dtype)
     k = cache.segment
     n = T if k is None else k
     part_rows = -(-block_steps(B) * B // N_PARTS)
+    # Ragged lengths: the products after the time loop run over the active rows only
+    # (_lstm.pyx, "Active rows"), gathered into this scratch.
+    ragged = cache.lengths.min() < T
+    active = dict(
+        cpos=ws.get("cpos", (n * B,), np.int32), crow=ws.get("crow", (n * B,), np.int32),
+        coff=ws.get("coff", (n + 1,), np.int32), xc=ws.get("xc", (n * B, I), dtype),
+        hc=ws.get("hc", (n * B, Hp), dtype),
+    ) if ragged else {}
+    # dx is written at the active rows' times only (reverse or ragged): padding stays zero
+    dx = (np.zeros if reverse or ragged else np.empty)((T, B, I), dtype)
+    dh = np.empty((B, Hp), dtype)
     fixed = dict(
         dx=dx, dh=dh, dc=dc, dw_ih=dw_ih, dw_hh=dw_hh, dw_hr=dw_hr, db_ih=db_ih, db_hh=db_hh,
         dw_ih_tmp=ws.get("dw_ih_tmp", (4 * H, I), dtype),
         dw_hh_tmp=ws.get("dw_hh_tmp", (4 * H, Hp), dtype),
         dw_hr_tmp=ws.get("dw_hr_tmp", (Hp, H), dtype) if proj else None,
         db_tmp=ws.get("db_tmp", (4 * H,), dtype),
-        dxg=ws.get("dxg", (N_PARTS * part_rows, I), dtype) if reverse else None,
+        dxg=ws.get("dxg", (N_PARTS * part_rows, I), dtype) if reverse or ragged else None,
         dzs=ws.get("dzs", (B, 4 * H), dtype), dhbuf=ws.get("dhbuf", (B, Hp), dtype),
         dm=ws.get("dm", (B, H), dtype) if proj else None,
         dy=dy, dh_n=dh_n, x=cache.x, w_ih=cache.w_ih, w_hh=cache.w_hh, w_hr=cache.w_hr,
         lengths=cache.lengths, reverse=reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
         wpack=_wpack(ws, dtype, _lstm.pack_size(4 * H, Hp, dtype)
                      + (_lstm.pack_size(Hp, H, dtype) if proj else 0), T),
-        rmask=cache.rmask,
+        rmask=cache.rmask, **active,
     )
     dz = ws.get("dz", (n, B, 4 * H), dtype)
     dhp = ws.get("dhp", (n, B, Hp), dtype) if proj else None
