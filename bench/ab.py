@@ -21,13 +21,15 @@ import statistics
 import subprocess
 import sys
 
-CASES = {   # name: (T, B, I, H, layers[, dtype]); float32 unless a dtype is given
+CASES = {   # name: (T, B, I, H, layers[, dtype[, "varlen"]]); float32 unless a dtype is given
     "tiny": (50, 1, 32, 64, 1),
     "small": (100, 16, 64, 128, 1),
     "medium": (100, 32, 128, 256, 1),
     "charrnn": (128, 32, 96, 512, 2),
     "medium/float64": (100, 32, 128, 256, 1, "float64"),
-}
+    "small/varlen": (100, 16, 64, 128, 1, "float32", "varlen"),
+    "medium/varlen": (100, 32, 128, 256, 1, "float32", "varlen"),
+}   # "varlen": lengths uniform in 1..T, as bench/run.py's variant
 
 WORKER = r'''
 import json, sys, time
@@ -47,15 +49,17 @@ rng = np.random.default_rng(0)
 out = {}
 for name, (T, B, I, H, L, *dt) in cases.items():
     dtype = dt[0] if dt else "float32"
+    lengths = (np.random.default_rng(2).integers(1, T + 1, B)
+               if dt[1:] == ["varlen"] else None)
     lstm = cylstm.LSTM(I, H, num_layers=L, seed=0, dtype=dtype)
     x = rng.standard_normal((T, B, I)).astype(dtype)
     dy = rng.standard_normal((T, B, H)).astype(dtype)
     reps = 5 if quick else (30 if T * B * H < 10**6 else 10)
     lstm.eval()
-    out[f"{name} inference ms"] = 1e3 * med(lambda: lstm(x), reps)
+    out[f"{name} inference ms"] = 1e3 * med(lambda: lstm(x, lengths=lengths), reps)
     lstm.train()
     def train():
-        lstm.zero_grad(); lstm(x); lstm.backward(dy)
+        lstm.zero_grad(); lstm(x, lengths=lengths); lstm.backward(dy)
     out[f"{name} training step ms"] = 1e3 * med(train, reps)
 from threadpoolctl import threadpool_info
 out["BLAS"] = "; ".join(sorted(f"{i.get('internal_api')} {i.get('version')} "
