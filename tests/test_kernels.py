@@ -408,6 +408,41 @@ def test_workspace_reuse(dtype):
             assert_close(got[name], want[name], KERNEL_TOL[np.dtype(dt)], name)
 
 
+@pytest.mark.parametrize("proj", [False, True], ids=["noproj", "proj"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_padding_of_a_reused_workspace_is_never_read(dtype, reverse, proj):
+    """No result depends on what a reused workspace held: with every float scratch
+    (caches, the active rows' gathered x and h_{t-1}, dz, dx's scratch) filled with NaN
+    between two runs, forward and backward over ragged lengths (time blocks of every
+    kind) give bitwise what a fresh workspace gives."""
+    T, B, I, H, lengths = SIZES["blocks"]
+    P = 3 if proj else None
+    p = make_layer_problem(T, B, I, H, seed=27, dtype=dtype, proj_size=P)
+    outs = output_grads(T, B, H, seed=28, dtype=dtype, proj_size=P)
+    ws = F.Workspace()
+
+    def run():
+        y, h, c, cache = F.lstm_layer_forward(**p, lengths=lengths, reverse=reverse,
+                                              workspace=ws)
+        g = grad_buffers(p)
+        dx, dh0, dc0 = F.lstm_layer_backward(cache, *outs, workspace=ws, **g)
+        return dict(y=y, h_n=h, c_n=c, dx=dx, dh0=dh0, dc0=dc0,
+                    **{k: v for k, v in g.items() if v is not None})
+
+    first = run()
+    poisoned = 0
+    for a in ws._arrays.values():
+        if a.dtype.kind == "f":
+            a.fill(np.nan)
+            poisoned += a.size
+    assert poisoned > 0
+    second = run()
+    for name, want in first.items():
+        assert np.isfinite(want).all(), name
+        assert np.array_equal(second[name], want), name
+
+
 # ---------------------------------------------------------------- gate activations
 
 def _gate_probe(z, dtype):
