@@ -274,3 +274,16 @@ def test_checkpoint_bench_reports_time_and_memory_per_variant(capsys):
     assert full[2].strip() == "None" and full[7].strip() == "1.00x"
     for row in ckpt:                              # really checkpointed: k < T
         assert int(row[3]) < 40 and float(row[8]) > 0
+
+
+def test_varlen_rows_reports_the_curve_and_both_shares(capsys):
+    import varlen_rows
+    varlen_rows.main(["--shape", "12", "6", "3", "8", "--rounds", "1", "--reps", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line[:3] in {f"| {m}" for m in range(1, 4)}]
+    assert [int(r[1]) for r in rows] == [1, 2, 3]            # m = 1 .. B/2
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    for what in ("predicted from the curve", "measured, 2 threads"):
+        line = next(line for line in out.splitlines() if what in line)
+        share = float(line.split(": ")[1].split("%")[0])
+        assert 0 < share < 1000, line
