@@ -762,7 +762,8 @@ def lstm_forward(
 # ----------------------------------------------------------------------------------------
 
 cdef void _backward_chunk(
-    floating* dz,               # (n, B, G) OUT dL/dz, zero where a row has ended
+    floating* dz,               # (n, B, G) OUT dL/dz: every row in place, zero where a row
+                                #   has ended; with cpos, at the active rows' places only
     floating* dhp,              # (n, B, P) OUT dL/dh_t with a projection (0 where ended), or NULL
     floating* dzs,              # (B, G) scratch: dz of the current step
     floating* dhs,              # (B, Hp) INOUT: dz_{s+1} W_hh of the later step (from the
@@ -863,13 +864,15 @@ cdef void _backward_chunk(
                     dhs[ro + j] *= rmask[ro + j]
 
 
-# Active rows. With ragged lengths a block's weight-gradient and dx products run over
+# Active rows. With ragged lengths a block's dW_ih, dW_hh, db and dx products run over
 # its active rows only (rows with s < L; ended rows have dz = 0 and add nothing), so the
 # padding costs nothing there: with lengths uniform in 1..T half of each product's rows
 # would be zeros. Backward's time loop writes each active row's dz at its place among
-# the block's active rows, in loop-step then row order, and (in a block with ended
-# rows) copies that row's x and h_{t-1} to the same place of xc and hc; the products
-# read those, and dx goes back to each row's time. A block whose rows are all active
+# the segment's active rows, in loop-step then row order (a block's rows start at
+# coff[its first step]), and (in a block with ended rows) copies that row's x and
+# h_{t-1} to the same place of xc and hc; the products read those, and dx goes back to
+# each row's time. dW_hr keeps the block's full rows: dL/dh_t and m_t are zero at ended
+# rows (both loops write the zeros), so those rows add nothing there either. A block whose rows are all active
 # keeps every row in place (its place is its own index) and reads x and h_{t-1} where
 # they are. The places depend only on the lengths, so the products and their results
 # are the same for any thread count and under checkpointing (a segment is whole blocks).
@@ -952,7 +955,7 @@ cdef void _weight_grads_block(
 def lstm_backward(
     *,
     floating[:, :, ::1] dx,             # (T, B, I) OUT at the active rows' times in [s0, s1);
-                                        #   zeros elsewhere are the caller's (reverse)
+                                        #   zeros elsewhere are the caller's (reverse, ragged)
     floating[:, ::1] dh,                # (B, Hp) INOUT: carried between segments; dh0 at the end
     floating[:, ::1] dc,                # (B, H) INOUT: dL/dc_n in, dc0 at the end
     floating[:, ::1] dw_ih,             # (G, I) INOUT, accumulated (+=) by the last call
@@ -966,7 +969,8 @@ def lstm_backward(
     floating[::1] db_tmp,               # (G,)
     floating[:, :, ::1] dz,             # (n, B, G) scratch
     floating[:, :, ::1] dhp,            # (n, B, P) scratch with a projection, else None
-    floating[:, ::1] dxg,               # (n_parts * ceil(S*B / n_parts), I) scratch, reverse only
+    floating[:, ::1] dxg,               # (n_parts * ceil(S*B / n_parts), I) scratch: reverse, or
+                                        #   with cpos (ragged); else None
     floating[:, ::1] dzs,               # (B, G) scratch
     floating[:, ::1] dhbuf,             # (B, Hp) scratch
     floating[:, ::1] dm,                # (B, H) scratch with a projection, else None
