@@ -23,16 +23,16 @@ import numpy as np
 
 import cylstm
 import cylstm.functional as F
+import timing     # bench/timing.py
 from cylstm.layers import _ragged_order
 
 
 def best(f, reps):
+    """The fastest of reps timed calls, after one untimed (a shared machine's noise only
+    adds time)."""
     f()
     ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
+    timing.timed(f, reps, ts)
     return min(ts)
 
 
@@ -49,6 +49,7 @@ def main(argv=None):
     lstm.eval()
     lengths = np.random.default_rng(2).integers(1, T + 1, B)   # as bench/run.py's varlen
     x = rng.standard_normal((T, B, I)).astype(np.float32)
+    x2 = np.concatenate([x, x], axis=1)     # 2m rows for m up to (B + 1) // 2
     rows = range(1, (B + 1) // 2 + 1)
     per_step = {m: [] for m in rows}
     ratio = []
@@ -59,8 +60,7 @@ def main(argv=None):
         F._FORCE_INPUT_IN_STEP = path
         try:
             for m in rows:                # 2 threads, each a chunk of m rows
-                xm = np.ascontiguousarray(x[:, :2 * m] if 2 * m <= B else
-                                          np.concatenate([x] * 2, axis=1)[:, :2 * m])
+                xm = np.ascontiguousarray(x2[:, :2 * m])
                 per_step[m].append(best(lambda: lstm(xm), a.reps) / T)
         finally:
             F._FORCE_INPUT_IN_STEP = None

@@ -280,7 +280,8 @@ def test_varlen_rows_reports_the_curve_and_both_shares(capsys):
     import varlen_rows
     varlen_rows.main(["--shape", "12", "6", "3", "8", "--rounds", "1", "--reps", "1"])
     out = capsys.readouterr().out
-    rows = [line.split("|") for line in out.splitlines() if line[:3] in {f"| {m}" for m in range(1, 4)}]
+    heads = {f"| {m}" for m in range(1, 4)}
+    rows = [line.split("|") for line in out.splitlines() if line[:3] in heads]
     assert [int(r[1]) for r in rows] == [1, 2, 3]            # m = 1 .. B/2
     assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
     for what in ("predicted from the curve", "measured, 2 threads"):

@@ -871,11 +871,12 @@ cdef void _backward_chunk(
 # the segment's active rows, in loop-step then row order (a block's rows start at
 # coff[its first step]), and (in a block with ended rows) copies that row's x and
 # h_{t-1} to the same place of xc and hc; the products read those, and dx goes back to
-# each row's time. dW_hr keeps the block's full rows: dL/dh_t and m_t are zero at ended
-# rows (both loops write the zeros), so those rows add nothing there either. A block whose rows are all active
-# keeps every row in place (its place is its own index) and reads x and h_{t-1} where
-# they are. The places depend only on the lengths, so the products and their results
-# are the same for any thread count and under checkpointing (a segment is whole blocks).
+# each row's time. A block whose rows are all active keeps every row in place (its
+# place is its own index) and reads x and h_{t-1} where they are. dW_hr keeps the
+# block's full rows: dL/dh_t and m_t are zero at ended rows (both loops write the
+# zeros), so those rows add nothing there either. The places depend only on the
+# lengths, so the products and their results are the same for any thread count and
+# under checkpointing (a segment is whole blocks).
 
 cdef int _active_rows(int* cpos, int* crow, int* coff, const int* lengths,
                       int s0, int n, int B) noexcept nogil:
