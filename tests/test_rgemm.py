@@ -45,13 +45,17 @@ def test_rows_do_not_depend_on_their_neighbours(kernel_level, dtype):
     what makes results independent of how threads split the batch."""
     rng = np.random.default_rng(1)
     a = rng.standard_normal((17, 40)).astype(dtype)
-    w = rng.standard_normal((100, 40)).astype(dtype)
     mm = MATMUL[dtype]
-    full = mm(a, w, True)
-    for i in range(17):
-        assert np.array_equal(mm(a[i:i + 1], w, True), full[i:i + 1])
-    assert np.array_equal(mm(a[3:12], w, True), full[3:12])
-    assert np.array_equal(mm(a[9:13], w, True), full[9:13])
+    # N = 257: whole groups of panels and a ragged last one for the few-row paths (1-3
+    # rows take several panels at once, and AVX2's 1-2 rows groups of full panels)
+    for n in (100, 257):
+        w = rng.standard_normal((n, 40)).astype(dtype)
+        full = mm(a, w, True)
+        for m in (1, 2, 3):
+            for i in range(17 - m + 1):
+                assert np.array_equal(mm(a[i:i + m], w, True), full[i:i + m]), (n, m, i)
+        assert np.array_equal(mm(a[3:12], w, True), full[3:12])
+        assert np.array_equal(mm(a[9:13], w, True), full[9:13])
 
 
 def _forward(p, wpack, dtype, fused):
