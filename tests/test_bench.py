@@ -276,6 +276,25 @@ def test_checkpoint_bench_reports_time_and_memory_per_variant(capsys):
         assert int(row[3]) < 40 and float(row[8]) > 0
 
 
+def test_rgemm_rows_times_every_level_and_row_count(capsys):
+    import rgemm_rows
+    from cylstm import _isa
+    args = ["--shape", "40", "7", "--rows", "1-3,9", "--rounds", "1", "--seconds", "0.001",
+            "--dtype", "float64"]
+    levels = _isa.cpu_level()          # 1 AVX2, 2 AVX-512: that many tables
+    if levels == 0:                    # no packed kernel: says so, times nothing
+        with pytest.raises(SystemExit, match="no packed kernel"):
+            rgemm_rows.main(args)
+        return
+    rgemm_rows.main(args)
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ")
+            and line[2].isdigit()]
+    assert [int(r[1]) for r in rows] == [1, 2, 3, 9] * levels
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    assert out.count("(level ") == levels
+
+
 def test_varlen_rows_reports_the_curve_and_both_shares(capsys):
     import varlen_rows
     varlen_rows.main(["--shape", "12", "6", "3", "8", "--rounds", "1", "--reps", "1"])

@@ -273,6 +273,35 @@ def _packed_matmul(const floating[:, ::1] a, const floating[:, ::1] w, bint tran
 _packed_matmul_f32 = _packed_matmul_f64 = _packed_matmul
 
 
+def _packed_matmul_seconds(const floating[:, ::1] a, const floating[:, ::1] w, bint trans,
+                           int reps):
+    """Benchmark hook (bench/rgemm_rows.py): seconds per call of the packed per-step
+    kernel, A (M, K) @ op(W) as _packed_matmul, over `reps` back-to-back calls on W
+    packed once, as the time loop runs it (the weights packed, A and C in cache)."""
+    import time
+    import numpy as np
+    cdef int M = a.shape[0], K = a.shape[1], N = w.shape[0] if trans else w.shape[1], i
+    cdef bint kernel = (_rgemm != NULL) if floating is float else (_rgemm64 != NULL)
+    if not kernel:
+        raise RuntimeError("no packed kernel on this CPU (rgemm_level() == 0)")
+    if (w.shape[1] if trans else w.shape[0]) != K or M < 1 or N < 1 or K < 1 or reps < 1:
+        raise ValueError("shapes do not match, or reps < 1")
+    dtype = np.float32 if floating is float else np.float64
+    # 64-byte aligned, as _wpack_slot places the time loop's packed weights: a panel row
+    # is one cache line, and unaligned ones would each straddle two
+    packed = np.empty(_packed_elems(K, N, sizeof(floating)) + 64 // sizeof(floating), dtype)
+    out = np.empty((M, N), dtype)
+    cdef floating[::1] pk = packed
+    cdef floating[:, ::1] c = out
+    cdef floating* dst = &pk[0] + ((64 - (<size_t> &pk[0] & 63)) & 63) // sizeof(floating)
+    cdef const floating* pw = _pack(dst, &w[0, 0], K, N, w.shape[1], trans)
+    t0 = time.perf_counter()
+    with nogil:
+        for i in range(reps):
+            _rec_mm(M, N, K, &a[0, 0], K, &w[0, 0], w.shape[1], trans, pw, &c[0, 0], N)
+    return (time.perf_counter() - t0) / reps
+
+
 
 cdef floating* _wpack_slot(floating[::1] wpack, int K, int N, int Kr, int Nr) except? NULL:
     """Start of the packed (K, N) recurrent weight in the caller's scratch, 64-byte
