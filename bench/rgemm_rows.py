@@ -27,9 +27,12 @@ from cylstm import _isa, _lstm
 def parse_rows(text):
     """'1-8,12,16' -> [1, ..., 8, 12, 16]."""
     rows = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        rows += range(int(lo), int(hi or lo) + 1)
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            rows += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise SystemExit(f"--rows: counts and ranges like 1-8,12,16, got {text!r}") from None
     if not rows or min(rows) < 1:
         raise SystemExit(f"--rows: row counts >= 1, got {text!r}")
     return rows
@@ -45,6 +48,8 @@ def main(argv=None):
                     help="timed calls per cell and round: about this long")
     a = ap.parse_args(argv)
     N, K = a.shape
+    if a.rounds < 1 or a.seconds <= 0 or N < 1 or K < 1:
+        raise SystemExit("--rounds, --seconds and the --shape must be positive")
     rows = parse_rows(a.rows)
     levels = [lvl for lvl in range(1, _isa.cpu_level() + 1)]
     if not levels:
@@ -60,9 +65,9 @@ def main(argv=None):
                 with _isa.use_level(lvl):
                     for m in rows:
                         am = x[:m]
-                        once = _lstm._packed_matmul_seconds(am, w, True, 1)
+                        once = _lstm._packed_product(am, w, True, 1)[1]
                         reps = max(1, int(a.seconds / max(once, 1e-7)))
-                        t = _lstm._packed_matmul_seconds(am, w, True, reps)
+                        t = _lstm._packed_product(am, w, True, reps)[1]
                         best[lvl, m] = min(best.get((lvl, m), np.inf), t)
     print(f"packed per-step product, {a.dtype}, N={N} K={K}, 1 thread, fastest of "
           f"{a.rounds} rounds:")
@@ -72,7 +77,7 @@ def main(argv=None):
         print("| --- | --- | --- | --- |")
         for m in rows:
             t = best[lvl, m]
-            print(f"| {m} | {t * 1e6:.2f} | {t * 1e6 / m:.2f} | {2 * m * N * K / t / 1e9:.1f} |")
+            print(f"| {m} | {t * 1e6:.4g} | {t * 1e6 / m:.4g} | {2 * m * N * K / t / 1e9:.4g} |")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@
 With lengths uniform in 1..T about half of the row-steps are valid, but a step's product
 does not cost in proportion to its rows: the packed kernel (_rgemm.h) streams all of the
 step's weights from L2 once per block of up to 8 rows, so one running row costs about a
-third of what 8 do. This script measures the time per step of inference on 2 threads, each running a chunk
-of m = 1 .. B/2 rows (on the varlen batch's path), then predicts from that curve the
-time of the varlen batch that bench/run.py times (each thread's rows as
-cylstm.layers._ragged_order deals them, the slower thread setting the pace) as a share
-of the full-length time, and measures that share on 2 threads in the same run.
+third of what 8 do. This script measures the time per step of inference on 2 threads,
+each running a chunk of m = 1 .. B/2 rows (on the varlen batch's path), then predicts
+from that curve the time of the varlen batch that bench/run.py times (each thread's
+rows as cylstm.layers._ragged_order deals them, the slower thread setting the pace) as
+a share of the full-length time, and measures that share on 2 threads in the same run.
 Minimum over repetitions of each cell (a shared machine's noise only adds time), then
 the median over rounds.
 """

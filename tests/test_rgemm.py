@@ -1,7 +1,8 @@
 """The packed per-step kernels (src/cylstm/_rgemm.h), float32 and float64, against a
-wider-precision product, on the shapes that exercise their edges: row blocks of 8 and
-their remainders 1..7, panels of 16 (float32) or 8 (float64) columns and a ragged last
-panel, K = 1, both packing layouts; and each ISA level. Also how float64 packs into the
+wider-precision product, on the shapes that exercise their edges: every row-block size
+1..8 (blocks of 8, and 9-11 rows left cut in two), panels of 16 (float32) or 8
+(float64) columns and a ragged last panel, K = 1, both packing layouts; and each ISA
+level. Also how float64 packs into the
 kernels' float32 scratch (wpack): only when the scratch holds the doubles and there is
 no projection, else BLAS, never a write past the scratch."""
 import numpy as np
@@ -16,7 +17,7 @@ pytestmark = [
     pytest.mark.parametrize("kernel_level", [1, 2], ids=["avx2", "avx512"], indirect=True),
 ]
 
-SHAPES = [(M, N, K) for M in (1, 2, 3, 4, 5, 7, 8, 9, 16, 17)
+SHAPES = [(M, N, K) for M in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 14, 16, 17, 19)
           for N, K in ((1, 1), (8, 5), (16, 3), (20, 7), (64, 32), (100, 13), (257, 40))]
 
 MATMUL = {np.float32: _lstm._packed_matmul_f32, np.float64: _lstm._packed_matmul_f64}
@@ -46,12 +47,13 @@ def test_rows_do_not_depend_on_their_neighbours(kernel_level, dtype):
     rng = np.random.default_rng(1)
     a = rng.standard_normal((17, 40)).astype(dtype)
     mm = MATMUL[dtype]
-    # N = 257: whole groups of panels and a ragged last one for the few-row paths (1-3
-    # rows take several panels at once, and AVX2's 1-2 rows groups of full panels)
+    # N = 257: whole groups of panels and a ragged last one for the few-row paths (1-6
+    # rows take several panels at once, AVX2's 1-2 rows groups of full panels), and
+    # 9-11 rows, which are cut in two blocks
     for n in (100, 257):
         w = rng.standard_normal((n, 40)).astype(dtype)
         full = mm(a, w, True)
-        for m in (1, 2, 3):
+        for m in (1, 2, 3, 4, 5, 6, 9, 10, 11):
             for i in range(17 - m + 1):
                 assert np.array_equal(mm(a[i:i + m], w, True), full[i:i + m]), (n, m, i)
         assert np.array_equal(mm(a[3:12], w, True), full[3:12])

@@ -249,35 +249,21 @@ def pack_floats(int K, int N):
     return pack_size(K, N, np.float32)
 
 
-def _packed_matmul(const floating[:, ::1] a, const floating[:, ::1] w, bint trans):
-    """Test hook: A (M, K) @ op(W) through the packed per-step kernel of a's dtype (the
-    kernels' own _pack and _rec_mm); op(W) = W^T if trans (w is (N, K)), else W (w is
-    (K, N)). Raises if this CPU has no such kernel."""
-    import numpy as np
-    cdef int M = a.shape[0], K = a.shape[1], N = w.shape[0] if trans else w.shape[1]
-    cdef bint kernel = (_rgemm != NULL) if floating is float else (_rgemm64 != NULL)
-    if not kernel:
-        raise RuntimeError("no packed kernel on this CPU (rgemm_level() == 0)")
-    if (w.shape[1] if trans else w.shape[0]) != K or M < 1 or N < 1 or K < 1:
-        raise ValueError("shapes do not match")
-    dtype = np.float32 if floating is float else np.float64
-    packed = np.empty(_packed_elems(K, N, sizeof(floating)), dtype)
-    out = np.empty((M, N), dtype)
-    cdef floating[::1] pk = packed
-    cdef floating[:, ::1] c = out
-    _rec_mm(M, N, K, &a[0, 0], K, &w[0, 0], w.shape[1], trans,
-            _pack(&pk[0], &w[0, 0], K, N, w.shape[1], trans), &c[0, 0], N)
-    return out
+cdef inline floating* _pack_aligned(floating* p) noexcept nogil:
+    """The first 64-byte boundary at or after p, within the _PACK_SLACK_BYTES of slack
+    that packing scratch has (NumPy aligns arrays to their item size at least)."""
+    return p + ((_PACK_SLACK_BYTES - (<size_t> p & (_PACK_SLACK_BYTES - 1)))
+                & (_PACK_SLACK_BYTES - 1)) // sizeof(floating)
 
 
-_packed_matmul_f32 = _packed_matmul_f64 = _packed_matmul
-
-
-def _packed_matmul_seconds(const floating[:, ::1] a, const floating[:, ::1] w, bint trans,
-                           int reps):
-    """Benchmark hook (bench/rgemm_rows.py): seconds per call of the packed per-step
-    kernel, A (M, K) @ op(W) as _packed_matmul, over `reps` back-to-back calls on W
-    packed once, as the time loop runs it (the weights packed, A and C in cache)."""
+def _packed_product(const floating[:, ::1] a, const floating[:, ::1] w, bint trans,
+                    int reps):
+    """Test and benchmark hook: (A (M, K) @ op(W), seconds per call) through the packed
+    per-step kernel of a's dtype (the kernels' own _pack and _rec_mm), op(W) = W^T if
+    trans (w is (N, K)), else W (w is (K, N)). W is packed once into 64-byte aligned
+    scratch, as _wpack_slot places the time loop's weights, and the product runs `reps`
+    times back to back, as the loop's steps run it (bench/rgemm_rows.py). Raises if this
+    CPU has no such kernel."""
     import time
     import numpy as np
     cdef int M = a.shape[0], K = a.shape[1], N = w.shape[0] if trans else w.shape[1], i
@@ -287,19 +273,24 @@ def _packed_matmul_seconds(const floating[:, ::1] a, const floating[:, ::1] w, b
     if (w.shape[1] if trans else w.shape[0]) != K or M < 1 or N < 1 or K < 1 or reps < 1:
         raise ValueError("shapes do not match, or reps < 1")
     dtype = np.float32 if floating is float else np.float64
-    # 64-byte aligned, as _wpack_slot places the time loop's packed weights: a panel row
-    # is one cache line, and unaligned ones would each straddle two
-    packed = np.empty(_packed_elems(K, N, sizeof(floating)) + 64 // sizeof(floating), dtype)
+    packed = np.empty(pack_size(K, N, dtype), dtype)
     out = np.empty((M, N), dtype)
     cdef floating[::1] pk = packed
     cdef floating[:, ::1] c = out
-    cdef floating* dst = &pk[0] + ((64 - (<size_t> &pk[0] & 63)) & 63) // sizeof(floating)
-    cdef const floating* pw = _pack(dst, &w[0, 0], K, N, w.shape[1], trans)
+    cdef const floating* pw = _pack(_pack_aligned(&pk[0]), &w[0, 0], K, N, w.shape[1], trans)
     t0 = time.perf_counter()
     with nogil:
         for i in range(reps):
             _rec_mm(M, N, K, &a[0, 0], K, &w[0, 0], w.shape[1], trans, pw, &c[0, 0], N)
-    return (time.perf_counter() - t0) / reps
+    return out, (time.perf_counter() - t0) / reps
+
+
+def _packed_matmul(a, w, trans):
+    """Test hook: A (M, K) @ op(W) through the packed per-step kernel (_packed_product)."""
+    return _packed_product(a, w, trans, 1)[0]
+
+
+_packed_matmul_f32 = _packed_matmul_f64 = _packed_matmul
 
 
 
@@ -313,7 +304,7 @@ cdef floating* _wpack_slot(floating[::1] wpack, int K, int N, int Kr, int Nr) ex
         return NULL
     _check(<size_t> wpack.shape[0] >= _packed_elems(K, N, item) + _PACK_SLACK_BYTES // item
            + (_packed_elems(Kr, Nr, item) if Kr > 0 and Nr > 0 else 0), "wpack")
-    return &wpack[0] + ((64 - (<size_t> &wpack[0] & 63)) & 63) // item
+    return _pack_aligned(&wpack[0])
 
 
 cdef inline void _rec_mm(int m, int n, int k, const floating* a, int lda,

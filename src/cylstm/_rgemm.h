@@ -6,16 +6,18 @@
  * the whole recurrent matrix T times per sequence (perf: 20-23% of a medium training step
  * in sgemm_*copy). Here W is packed once per kernel call and read by every step from
  * the calling thread's cache. M (the thread's batch rows) is small, so the kernel keeps
- * up to 6 rows x 64 columns or 8 rows x 32 columns of C in registers and streams the
- * packed panels.
+ * a block of C in registers (AVX-512: up to 6 rows x 64 columns or 8 rows x 32) and
+ * streams the packed panels.
  *
  * Packed layout: panel p (columns 16p .. 16p+15) holds K rows of 16 floats, row k being
  * W[k, 16p .. 16p+15], zero-padded past N. Panels follow each other.
  *
  * Determinism: every element of C is one FMA chain over k = 0..K-1 in order, whatever M
  * and however the rows are grouped, so results never depend on the thread count. The
- * AVX-512 and AVX2 versions are alike; the ISA level (_isa.h) chooses one. Level 0 (and
- * non-x86 CPUs) gets NULL from cy_rgemm_select, and the kernels use BLAS.
+ * AVX-512 and AVX2 versions compute the same chains with different blockings (AVX-512:
+ * blocks of up to 8 rows x 1-4 panels; AVX2: 1-2 rows x 2-4 panels, or up to 6 rows x
+ * one panel); the ISA level (_isa.h) chooses one. Level 0 (and non-x86 CPUs) gets NULL
+ * from cy_rgemm_select, and the kernels use BLAS.
  *
  * The medium config's step alone (M=16 N=1024 K=256, 1 thread, AVX-512) runs at about
  * 137 GFLOP/s. */
@@ -281,7 +283,7 @@ cy_gemm_packed_avx2(int M, int N, int K, const float *A, int lda, const float *B
                     float *C, int ldc)
 {
     int p = 0;
-    if (M <= 2) {                       /* full panels in groups: see cy_few_avx2 */
+    if (M == 1 || M == 2) {             /* full panels in groups: see cy_few_avx2 */
         size_t pstride = (size_t) K * CY_NR;
         int NP = M == 1 ? 4 : 2;
         for (; p + NP <= N / CY_NR; p += NP) {
@@ -572,8 +574,9 @@ static inline cy_gemm_packed_fn cy_rgemm_select(int level)
  * sgemm did (perf, medium float64 training at 1 thread: dgemm's copy routines 24% of
  * the time; 7% with this kernel, that of the large GEMMs). A panel row is 8
  * doubles, one 64-byte line, as a float32 panel row is 16 floats, so the layout and the
- * kernels are the float32 ones with twice as many panels. The order of the loops
- * differs: a pair of panels (K x 16 doubles, 32 kB at K = 256) is taken through every
+ * blocks are the float32 ones with twice as many panels. The order of the loops and
+ * the blocking differ (4 rows or more take 2 panels at a time, and rows come in blocks
+ * of 8 and a remainder; AVX2 takes one panel at a time whatever the rows): a pair of panels (K x 16 doubles, 32 kB at K = 256) is taken through every
  * row block before the next pair, so that the second block of rows reads it from L1;
  * the double-precision W_hh of the medium config (2 MB) no longer fits in L2 next to
  * everything else, and streaming it once per row block would read it from L3.
@@ -642,7 +645,7 @@ cy_block64_avx512(const int MR, const int NP, int K, const double *A, int lda,
 #define CY_B64(MR, NP) cy_block64_avx512(MR, NP, K, a, lda, panel, pstride, c, ldc, mask)
 
 /* One block of MR (1..8) rows against npan (1..4) consecutive panels. With 4 or more
- * rows two panels (up to 16 accumulators), with fewer all npan at once, as for float32. */
+ * rows two panels (up to 16 accumulators), with fewer all npan at once. */
 __attribute__((target("avx512f"))) static void
 cy_rows64_avx512(int MR, int npan, int K, const double *a, int lda, const double *panel,
                  size_t pstride, double *c, int ldc, const __mmask8 *mask)
