@@ -254,7 +254,9 @@ cy_few_avx2(const int MR, const int NP, int K, const float *A, int lda, const fl
         }
 }
 
-/* Every row against one panel at a time, 6-row blocks. */
+/* Every row against one panel at a time, 6-row blocks. (cy_gemm_packed_avx2 gives a
+ * remainder of 1-2 rows to cy_few_avx2 instead: M = 7, N = 1024, K = 384 took 94.6 us
+ * against 58.6 for M = 6, the lone row running 2 FMA chains per panel.) */
 __attribute__((target("avx2,fma"))) static void
 cy_panels_avx2(int M, int N, int K, const float *A, int lda, const float *Bp, float *C,
                int ldc)
@@ -282,7 +284,13 @@ __attribute__((target("avx2,fma"))) static void
 cy_gemm_packed_avx2(int M, int N, int K, const float *A, int lda, const float *Bp,
                     float *C, int ldc)
 {
-    int p = 0;
+    int p = 0, r = M % 6;
+    if (M > 6 && (r == 1 || r == 2)) {  /* 6-row blocks, then the last 1-2 rows as below */
+        cy_panels_avx2(M - r, N, K, A, lda, Bp, C, ldc);
+        cy_gemm_packed_avx2(r, N, K, A + (size_t) (M - r) * lda, lda, Bp,
+                            C + (size_t) (M - r) * ldc, ldc);
+        return;
+    }
     if (M == 1 || M == 2) {             /* full panels in groups: see cy_few_avx2 */
         size_t pstride = (size_t) K * CY_NR;
         int NP = M == 1 ? 4 : 2;
