@@ -1,6 +1,7 @@
 """A/B: time two installed builds of cylstm against each other, interleaved in one run.
 
     python bench/ab.py --a /path/to/old-venv/bin/python --b .venv/bin/python [--rounds 5]
+    python bench/ab.py ... --isa-level 1     # both builds on their AVX2 kernels
 
 Each round starts one fresh process per build, alternating A and B, and each process
 times every case (median of its repetitions); the table shows, per case, the median over
@@ -45,6 +46,9 @@ def med(fn, reps, warm=2):
     return float(np.median(ts))
 
 cases, quick, others = json.loads(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+if int(sys.argv[4]) >= 0:       # --isa-level: the kernels' SIMD level (cylstm._isa)
+    from cylstm import _isa
+    _isa.set_level(min(int(sys.argv[4]), _isa.cpu_level()))
 rng = np.random.default_rng(0)
 out = {}
 for name, (T, B, I, H, L, *dt) in cases.items():
@@ -62,6 +66,8 @@ for name, (T, B, I, H, L, *dt) in cases.items():
         lstm.zero_grad(); lstm(x, lengths=lengths); lstm.backward(dy)
     out[f"{name} training step ms"] = 1e3 * med(train, reps)
 from threadpoolctl import threadpool_info
+from cylstm import _isa
+out["ISA"] = _isa.NAMES[_isa.get_level()]
 out["BLAS"] = "; ".join(sorted(f"{i.get('internal_api')} {i.get('version')} "
                                f"{i.get('architecture')}"
                                for i in threadpool_info() if i.get("user_api") == "blas"))
@@ -101,9 +107,9 @@ print(json.dumps(out))
 '''
 
 
-def run(python, quick, env, cases, others):
+def run(python, quick, env, cases, others, isa_level):
     res = subprocess.run([python, "-c", WORKER, json.dumps(cases), "1" if quick else "0",
-                          "1" if others else "0"],
+                          "1" if others else "0", str(isa_level)],
                          capture_output=True, text=True, cwd="/", env=env, timeout=1800)
     if res.returncode:
         sys.exit(f"{python} failed:\n{res.stderr}")
@@ -119,6 +125,10 @@ def main(argv=None):
     p.add_argument("--cases", default=None,
                    help=f"comma-separated layer cases of {','.join(CASES)} (default: all); "
                         "given, the streaming step and fit cases are not run")
+    p.add_argument("--isa-level", type=int, default=-1,
+                   help="run both builds' kernels at this SIMD level (1 AVX2, 2 AVX-512; "
+                        "at most the CPU's) instead of the widest: an AVX2 machine's "
+                        "kernels timed on an AVX-512 one")
     args = p.parse_args(argv)
     cases = CASES
     if args.cases:
@@ -133,19 +143,21 @@ def main(argv=None):
     for r in range(args.rounds):
         for build, python in (("A", args.a), ("B", args.b)) if r % 2 == 0 else \
                 (("B", args.b), ("A", args.a)):
-            results[build].append(run(python, args.quick, env, cases, not args.cases))
+            results[build].append(run(python, args.quick, env, cases, not args.cases,
+                                      args.isa_level))
             print(f"round {r + 1}/{args.rounds}: {build} done", file=sys.stderr)
     print("| case | A median | B median | B speed-up |")
     print("| --- | --- | --- | --- |")
     for key in results["A"][0]:
-        if key == "BLAS":
+        if key in ("BLAS", "ISA"):
             continue
         a = statistics.median(x[key] for x in results["A"])
         b = statistics.median(x[key] for x in results["B"])
         ratio = b / a if "/s" in key else a / b      # above 1: B is faster
         print(f"| {key} | {a:.4g} | {b:.4g} | {ratio:.2f}x |")
     for build in "AB":
-        print(f"\nBLAS of {build}: " + " / ".join(sorted({x["BLAS"] for x in results[build]})))
+        print(f"\nBLAS of {build}: " + " / ".join(sorted({x["BLAS"] for x in results[build]}))
+              + "; kernels: " + " / ".join(sorted({x["ISA"] for x in results[build]})))
 
 
 if __name__ == "__main__":
