@@ -400,6 +400,24 @@ cdef void _gather_rows(
                    n * sizeof(floating))
 
 
+cdef void _gather_active(
+    floating* dst,              # (rows, n) OUT: place q <- src at the time of crow[q]
+    const floating* src,        # (T, B, n) time order, row (t, b) at t * st + b * sb
+    const int* lengths,         # (B,)
+    const int* crow,            # (rows,) place -> sl * B + b (_active_rows)
+    int s0, int q0, int q1, int B, int n, bint reverse, Py_ssize_t st, Py_ssize_t sb,
+    const int* rowmap,          # (B,) the source row of kernel row b, or NULL (b itself)
+) noexcept nogil:
+    """Places [q0, q1) of the active rows of a segment starting at loop step s0: the
+    compact twin of _gather_rows (ended rows have no place)."""
+    cdef int q, b
+    for q in range(q0, q1):
+        b = crow[q] % B
+        memcpy(dst + <Py_ssize_t> q * n,
+               src + _time_of(lengths, s0 + crow[q] // B, b, reverse) * st
+               + _row(rowmap, b) * sb, n * sizeof(floating))
+
+
 cdef void _scatter_rows(
     floating* dst,              # (T, B, n) OUT at the active rows' times
     const floating* src,        # (q1 - q0, n) rows [q0, q1) of a block, loop-step order
@@ -481,6 +499,8 @@ cdef void _forward_chunk(
     floating* gates,            # (n, B, G) OUT activated gates (training), or NULL
     const floating* xproj,      # (n, B, G) x_t W_ih^T + b projected before the loop (may
                                 #   be gates itself), or NULL: the input is in the step
+    const int* xpos,            # (n, B) the place of row (sl, b) in xproj when it holds
+                                #   the active rows only (cpos of _active_rows), or NULL
     floating* c_cache,          # (n, B, H) OUT or NULL (inference)
     floating* tc_cache,         # (n, B, H) OUT or NULL
     floating* m_cache,          # (n, B, H) OUT or NULL
@@ -569,7 +589,9 @@ cdef void _forward_chunk(
                         memset(m_cache + ro * H, 0, H * sizeof(floating))
                     continue
                 _cell_row(m, c, z + <Py_ssize_t> b * G, gates, c_cache, tc_cache, m_cache,
-                          bias if xproj == NULL else xproj + (<Py_ssize_t> sl * B + b) * G,
+                          bias if xproj == NULL else xproj + G * (
+                              <Py_ssize_t> sl * B + b if xpos == NULL
+                              else xpos[<Py_ssize_t> sl * B + b]),
                           B, H, sl, b)
                 if P == 0 and y != NULL:
                     t = _time_of(lengths, s, b, reverse)
@@ -648,6 +670,11 @@ def lstm_forward(
     const int[::1] rows=None,           # (B,) inference only: kernel row b reads x[:, rows[b]]
                                         #   and writes y[:, rows[b]] (a permutation), so a
                                         #   batch runs in another order without copies
+    int[::1] cpos=None,                 # (n * B,) scratch, inference only, or None: with
+                                        #   ragged lengths and the input projected before
+                                        #   the loop, it runs over the active rows only
+    int[::1] crow=None,                 # (n * B,) scratch, with cpos
+    int[::1] coff=None,                 # (n + 1,) scratch, with cpos
 ):
     """One LSTM layer, one direction, loop steps [s0, s1) (all of them: s0 = 0, s1 = T);
     see the module docstring.
@@ -680,6 +707,10 @@ def lstm_forward(
     cdef Py_ssize_t item = sizeof(floating), xst, xsb, yst = 0, ysb = 0
     cdef bint gather                    # the projection reads x gathered into xg
     cdef const int* rows_p = NULL
+    cdef int* cpos_p = NULL             # set when the projection runs over active rows
+    cdef int* crow_p = NULL
+    cdef int* coff_p = NULL
+    cdef int c0, nrows
 
     _check(0 <= s0 < s1 <= T and s0 % S == 0 and (s1 % S == 0 or s1 == T), "s0/s1")
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
@@ -729,6 +760,15 @@ def lstm_forward(
         if training:
             _check(m_cache is not None and _is(m_cache.shape, n, B, H), "m_cache")
             m_p = &m_cache[0, 0, 0]
+    if cpos is not None and not fused:
+        _check(not training and crow is not None and coff is not None and xg is not None
+               and cpos.shape[0] >= n * B and crow.shape[0] >= n * B
+               and coff.shape[0] >= n + 1 and _is(xg.shape, n, B, I), "active rows scratch")
+        if _active_rows(&cpos[0], &crow[0], &coff[0], &lengths[0], s0, n, B) < n * B:
+            # Ragged: project the active rows only, gathered to their places (the
+            # padding's products would never be read). xg holds them compactly.
+            cpos_p, crow_p, coff_p = &cpos[0], &crow[0], &coff[0]
+            xg_p = &xg[0, 0, 0]
     n_chunks = min(B, n_parts)
     with nogil:
         if w_pk != NULL:               # [W_ih^T; W_hh^T], or W_hh^T alone (Ix = 0)
@@ -751,6 +791,15 @@ def lstm_forward(
                 for kb in range(nb):
                     bs = s0 + kb * S
                     be = min(bs + S, s1)
+                    if cpos_p != NULL:     # the block's active rows, at their places
+                        c0 = coff_p[bs - s0]
+                        nrows = coff_p[be - s0] - c0
+                        q0 = c0 + split(nrows, n_parts, p)
+                        q1 = c0 + split(nrows, n_parts, p + 1)
+                        _gather_active(xg_p, &x[0, 0, 0], &lengths[0], crow_p, s0, q0, q1,
+                                       B, I, reverse, xst, xsb, rows_p)
+                        affine_rows(g_p, xg_p, &w_ih[0, 0], bias_p, q0, q1, I, G)
+                        continue
                     q0 = split((be - bs) * B, n_parts, p)
                     q1 = split((be - bs) * B, n_parts, p + 1)
                     if gather:
@@ -768,7 +817,7 @@ def lstm_forward(
             note_team()
             blas_single_enter()
             _forward_chunk(y_p, &h[0, 0], &c[0, 0], g_p if training else NULL,
-                           NULL if fused else g_p, cc_p, tc_p, m_p, hpv_p,
+                           NULL if fused else g_p, cpos_p, cc_p, tc_p, m_p, hpv_p,
                            xg_p if fused else NULL, &xh[0, 0], &hz[0, 0], mbuf_p, hp_p, rm_p,
                            &x[0, 0, 0], &w_ih[0, 0], &w_hh[0, 0], w_hr_p, bias_p,
                            w_pk, w_cat, whr_pk if (P > 0 and w_pk != NULL) else NULL,
@@ -887,7 +936,12 @@ cdef void _backward_chunk(
 # Active rows. With ragged lengths a block's dW_ih, dW_hh, db and dx products run over
 # its active rows only (rows with s < L; ended rows have dz = 0 and add nothing), so the
 # padding costs nothing there: with lengths uniform in 1..T half of each product's rows
-# would be zeros. Backward's time loop writes each active row's dz at its place among
+# would be zeros. An inference that projects the input before the loop does the same
+# (lstm_forward's cpos): x of the active rows gathered to their places in xg, their
+# projections at the same places of the gates scratch, which the time loop reads through
+# cpos. The training forward keeps every row in place, since its gates scratch is the
+# activated-gates cache written in place as the loop goes (a compact row of a later step
+# would be overwritten before it is read). Backward's time loop writes each active row's dz at its place among
 # the segment's active rows, in loop-step then row order (a block's rows start at
 # coff[its first step]), and (in a block with ended rows) copies that row's x and
 # h_{t-1} to the same place of xc and hc; the products read those, and dx goes back to

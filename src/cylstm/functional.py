@@ -408,8 +408,15 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
             # the step, one segment's projected input and (reverse) x in step order.
             n = T if k is None else k
             gates = None if fused else ws.get("gates", (n, B, 4 * H), dtype)
+            # Ragged inference projects the active rows only (_lstm.pyx, "Active rows"),
+            # gathered into xg. Not in training: a checkpointed forward must give the
+            # bits that backward's recomputation of each segment (in place) gives.
+            active = {} if training or fused or lengths.min() == T else dict(
+                cpos=ws.get("cpos", (n * B,), np.int32),
+                crow=ws.get("crow", (n * B,), np.int32),
+                coff=ws.get("coff", (n + 1,), np.int32))
             xg = (ws.get("xg", (n, B, I), dtype)
-                  if (reverse or not x.flags.c_contiguous or row_order is not None)
+                  if (reverse or not x.flags.c_contiguous or row_order is not None or active)
                   and not fused else None)
             if training:
                 n_seg = -(-T // k)
@@ -424,7 +431,7 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                                    gates=None if gates is None else gates[:s1 - s0],
                                    xg=None if xg is None else xg[:s1 - s0], c_cache=None,
                                    tc_cache=None, m_cache=None, hprev=None,
-                                   rows=row_order, **args)
+                                   rows=row_order, **active, **args)
     if training:
         cache.c0, cache.w_ih, cache.w_hh, cache.w_hr = c0_kept, w_ih, w_hh, w_hr
         cache.bias, cache.lengths, cache.reverse, cache.dtype = bias, lengths, reverse, dtype
