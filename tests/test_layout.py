@@ -103,7 +103,26 @@ def test_the_input_path_rule():
     with cylstm.threads(1):
         one = F.input_in_step(64, 256, 256, np.float32, 32)
     assert one == F.input_in_step(64, 256, 256, np.float32, 32) == rule(
-        64, 256, 1024, 4, _threads.L2_BYTES, -(-32 // min(32, _threads.N_PARTS)))
+        64, 256, 1024, 4, _threads.STEP_WEIGHT_BYTES, -(-32 // min(32, _threads.N_PARTS)))
+
+
+def test_the_step_weight_budget_is_the_l2_unless_measured_otherwise(tmp_path):
+    """How many bytes of weights a step may stream (the budget of the rule above): one
+    core's L2, and 8 of them on AMD Zen 5 (family 26), where the step's 8-row blocks stay
+    near peak with weights read from L3 (figures: _threads._step_weight_bytes)."""
+    from cylstm import _threads
+    mib = 1 << 20
+    assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 26)) == 8 * mib
+    assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 25)) == mib
+    assert _threads._step_weight_bytes(2 * mib, ("GenuineIntel", 6)) == 2 * mib
+    assert _threads._step_weight_bytes(mib, ("", 0)) == mib
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
+                    "model\t\t: 2\n\nprocessor\t: 1\nvendor_id\t: GenuineIntel\n")
+    assert _threads._cpu_id(str(info)) == ("AuthenticAMD", 26)
+    assert _threads._cpu_id(str(tmp_path / "missing")) == ("", 0)
+    assert _threads.STEP_WEIGHT_BYTES == _threads._step_weight_bytes(
+        _threads.L2_BYTES, _threads._cpu_id())
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])

@@ -16,7 +16,8 @@ Forward, per step t, numbered as in docs/math.md and cylstm/reference.py (the ba
 refers to these numbers):
     (1) z_t = [x_t | h_{t-1}] [W_ih | W_hh]^T + b           (B, G)
         one product per step over both inputs (K = I + Hp), then + b ("fused"); or,
-        when W_ih and W_hh do not fit a core's L2 together or a thread's chunk has
+        when W_ih and W_hh do not fit a core's L2 together (8 of them on Zen 5:
+        _threads.STEP_WEIGHT_BYTES) or a thread's chunk has
         few rows (input_in_step), x_t W_ih^T + b for all steps before the loop and the
         step's product h_{t-1} W_hh^T
     (2) i = sigmoid(z[i])  f = sigmoid(z[f])  g = tanh(z[g])  o = sigmoid(z[o])
@@ -229,16 +230,17 @@ def input_in_step(int I, int Hp, int G, Py_ssize_t itemsize, Py_ssize_t cache_by
                   int rows):
     """Whether the forward computes x_t W_ih^T inside each step's product (fused) rather
     than as GEMMs over every step before the loop, for chunks of `rows` batch rows per
-    thread: when [W_ih | W_hh] fits in `cache_bytes` (the core's L2,
-    cylstm._threads.L2_BYTES) and either a chunk has 8 rows or more or the weights are
-    small (<= 256 kB). Fused, each step reads both weights from cache and no T*B*G
+    thread: when [W_ih | W_hh] fits in `cache_bytes` (the core's L2, or more where the
+    core reads weights from L3 fast enough: cylstm._threads.STEP_WEIGHT_BYTES) and
+    either a chunk has 8 rows or more or the weights are small (<= 256 kB). Fused, each step reads both weights from cache and no T*B*G
     pre-activations go through memory; but every step streams the I*G extra weights
     through the core, which a chunk of few rows cannot amortise, and which comes from
     L3 when they do not fit. 2 threads, inference, float32 unless said, hoisted vs fused:
     T=100 B=32 I=128 H=384 16.9 vs 22.6 ms and H=256 float64 19.5 vs 28.9 (not in L2);
     B=1 I=64 H=256 0.93 vs 1.11 ms, B=8 I=128 H=256 2.37 vs 2.81 (4 rows a chunk);
     B=16 I=64 H=128 1.27 vs 1.10, B=32 I=128 H=256 7.8 vs 7.5, B=256 I=64 H=256 67.7 vs
-    58.5 (8 rows or more); T=50 B=4 I=32 H=64 0.133 vs 0.120 (96 kB of weights)."""
+    58.5 (8 rows or more); T=50 B=4 I=32 H=64 0.133 vs 0.120 (96 kB of weights). (Those
+    on a 2 MiB-L2 Intel Xeon; a Zen 5's figures are with STEP_WEIGHT_BYTES.)"""
     cdef Py_ssize_t nbytes = <Py_ssize_t> G * (I + Hp) * itemsize
     return nbytes <= cache_bytes and (rows >= 8 or nbytes <= 256 * 1024)
 

@@ -66,10 +66,53 @@ def _l2_bytes(default=1 << 20):
     return default
 
 
-#: One core's L2 in bytes, read once at import: the forward computes the input's
-#: product inside each step when [W_ih | W_hh] fits in it (cylstm._lstm.input_in_step).
-#: Like N_PARTS it depends on the machine, never on the thread count.
+#: One core's L2 in bytes, read once at import. Like N_PARTS it depends on the machine,
+#: never on the thread count.
 L2_BYTES = _l2_bytes()
+
+
+def _cpu_id(path="/proc/cpuinfo"):
+    """(vendor, family) of the first CPU from Linux's /proc/cpuinfo, e.g.
+    ("AuthenticAMD", 26); ("", 0) where it cannot be read."""
+    vendor, family = "", 0
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key == "cpu family" and not family:
+                    family = int(value)
+                if vendor and family or not line.strip():
+                    break
+    except (OSError, ValueError):
+        pass
+    return vendor, family
+
+
+def _step_weight_bytes(l2, cpu):
+    """The most bytes of [W_ih | W_hh] the forward streams through each step's product
+    before it projects the input with GEMMs ahead of the loop instead
+    (cylstm._lstm.input_in_step): one core's L2 (`l2`), except where the core reads
+    weights from L3 fast enough for the step's 8-row blocks to stay near its peak.
+
+    Measured (bench: inference, T = 100, 2 threads, fused vs hoisted ms). A 2-core Intel
+    Xeon, 2 MiB L2: B=32 I=128 H=384 (3 MiB of weights) 22.6 vs 16.9, and H=256 float64
+    (3 MiB) 28.9 vs 19.5: from L3 the fused step loses. An AMD EPYC Zen 5 (family 26),
+    1 MiB L2, 32 MiB L3: B=32 I=128 H=256 (1.5 MiB) 6.84 vs 7.61, I=256 H=256 (2 MiB)
+    8.75 vs 9.51, B=64 I=512 H=512 (8 MiB) 68.4 vs 71.1, I=512 H=640 (11 MiB) 90.9 vs
+    92.6, but I=H=768 (18 MiB) 157.7 vs 150.7 and I=H=1024 (32 MiB) 220 vs 138: there
+    the step may stream up to 8 L2s' worth. Other CPUs keep the L2 until measured."""
+    vendor, family = cpu
+    if vendor == "AuthenticAMD" and family >= 26:
+        return 8 * l2
+    return l2
+
+
+#: Bytes of [W_ih | W_hh] up to which the forward computes the input's product inside
+#: each step (cylstm._lstm.input_in_step); read once at import, from the machine.
+STEP_WEIGHT_BYTES = _step_weight_bytes(L2_BYTES, _cpu_id())
 
 _global_setting = None          # set_num_threads(); None = default
 _SERIAL = not _parallel.openmp_enabled()     # serial build, or a forked child (below)

@@ -176,15 +176,16 @@ _FORCE_INPUT_IN_STEP = None
 
 def input_in_step(I, Hp, H, dtype, B):
     """Whether the forward computes the input's product inside each step or before the
-    loop, for B sequences (see _lstm.input_in_step: [W_ih | W_hh] in a core's L2, and
-    chunks of 8 rows or more or small weights). The two agree to rounding; each is exact
+    loop, for B sequences (see _lstm.input_in_step: [W_ih | W_hh] within
+    _threads.STEP_WEIGHT_BYTES, a core's L2 on most machines, and chunks of 8 rows or
+    more or small weights). The two agree to rounding; each is exact
     under checkpointing and thread counts (the rule reads the shapes and the machine,
     never the thread count)."""
     if _FORCE_INPUT_IN_STEP is not None:
         return _FORCE_INPUT_IN_STEP
     rows = -(-B // min(B, N_PARTS))            # the largest batch chunk of a thread
-    return _lstm.input_in_step(I, Hp, 4 * H, np.dtype(dtype).itemsize, _threads.L2_BYTES,
-                               rows)
+    return _lstm.input_in_step(I, Hp, 4 * H, np.dtype(dtype).itemsize,
+                               _threads.STEP_WEIGHT_BYTES, rows)
 
 
 def _forward_scratch(ws, dtype, T, B, I, H, Hp, proj, fused, wpack="wpack"):
