@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 
-CASES = {   # name: (T, B, I, H, layers[, dtype[, "varlen"]]); float32 unless a dtype is given
+CASES = {   # name: (T, B, I, H, layers[, dtype[, variant]]); float32 unless a dtype is given
     "tiny": (50, 1, 32, 64, 1),
     "small": (100, 16, 64, 128, 1),
     "medium": (100, 32, 128, 256, 1),
@@ -30,7 +30,9 @@ CASES = {   # name: (T, B, I, H, layers[, dtype[, "varlen"]]); float32 unless a 
     "medium/float64": (100, 32, 128, 256, 1, "float64"),
     "small/varlen": (100, 16, 64, 128, 1, "float32", "varlen"),
     "medium/varlen": (100, 32, 128, 256, 1, "float32", "varlen"),
-}   # "varlen": lengths uniform in 1..T, as bench/run.py's variant
+    "small/bidir": (100, 16, 64, 128, 1, "float32", "bidir"),
+    "medium/bidir": (100, 32, 128, 256, 1, "float32", "bidir"),
+}   # variants as bench/run.py's: "varlen", lengths uniform in 1..T; "bidir", bidirectional
 
 WORKER = r'''
 import json, sys, time
@@ -55,9 +57,10 @@ for name, (T, B, I, H, L, *dt) in cases.items():
     dtype = dt[0] if dt else "float32"
     lengths = (np.random.default_rng(2).integers(1, T + 1, B)
                if dt[1:] == ["varlen"] else None)
-    lstm = cylstm.LSTM(I, H, num_layers=L, seed=0, dtype=dtype)
+    D = 2 if dt[1:] == ["bidir"] else 1
+    lstm = cylstm.LSTM(I, H, num_layers=L, seed=0, dtype=dtype, bidirectional=D == 2)
     x = rng.standard_normal((T, B, I)).astype(dtype)
-    dy = rng.standard_normal((T, B, H)).astype(dtype)
+    dy = rng.standard_normal((T, B, D * H)).astype(dtype)
     reps = 5 if quick else (30 if T * B * H < 10**6 else 10)
     lstm.eval()
     out[f"{name} inference ms"] = 1e3 * med(lambda: lstm(x, lengths=lengths), reps)

@@ -45,3 +45,49 @@ def test_force_parallel_restores_the_scale_and_thresholds_are_named():
     assert set(t) == {"MIN_PARALLEL_MACS", "MIN_HELPER_MACS", "MIN_PARALLEL_XENT", "MIN_PARALLEL_COPY",
                       "MIN_PARALLEL_ELEMS", "MIN_PARALLEL_PASS", "PACK_MIN_STEPS"}
     assert _threads.PACK_MIN_STEPS == t["PACK_MIN_STEPS"] == cylstm.functional.PACK_MIN_STEPS
+
+
+def test_run_pair_runs_both_at_once_and_raises_what_they_raise():
+    """_parallel.run_pair (a bidirectional layer's two directions on two threads): both
+    results in order, from two different threads of a team of two that really
+    overlap (each waits until the other has started, so a pair run one after the other
+    would time out), and an exception from either is raised after both ran."""
+    import threading
+    if not cylstm.openmp_enabled() or _threads.N_PARTS < 2:
+        pytest.skip("a team of two needs an OpenMP build and two usable cores")
+    started = [threading.Event(), threading.Event()]
+
+    def call(i):
+        started[i].set()
+        assert started[1 - i].wait(timeout=30), "the other call did not run at once"
+        return i, threading.get_ident()
+    (a, ta), (b, tb) = _parallel.run_pair(lambda: call(0), lambda: call(1))
+    assert (a, b) == (0, 1) and ta != tb and threading.get_ident() in (ta, tb)
+
+    ran = []
+
+    def fails():
+        ran.append("f0")
+        raise KeyError("f0")
+    with pytest.raises(KeyError, match="f0"):
+        _parallel.run_pair(fails, lambda: ran.append("f1"))
+    assert sorted(ran) == ["f0", "f1"]
+    with pytest.raises(ValueError, match="f1"):
+        _parallel.run_pair(lambda: 0, lambda: (_ for _ in ()).throw(ValueError("f1")))
+
+
+def test_bidirectional_layer_on_two_threads_is_bitwise_one_thread():
+    """The pair path of a bidirectional layer (forward and backward) gives the bits of
+    the directions run one after the other."""
+    lstm = cylstm.LSTM(16, 32, bidirectional=True, seed=3)
+    x = np.random.default_rng(4).standard_normal((40, 9, 16)).astype(np.float32)
+    lengths = np.random.default_rng(5).integers(1, 41, 9)
+    out = {}
+    for n in (1, 2):
+        lstm.zero_grad()
+        with cylstm.threads(n):
+            y, (h, c) = lstm(x, lengths=lengths)
+            dx, _ = lstm.backward(np.ones_like(y))
+        out[n] = (y, h, c, dx, lstm.flat_grads.copy())
+    for u, v in zip(out[1], out[2]):
+        assert np.array_equal(u, v)

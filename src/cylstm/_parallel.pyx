@@ -6,6 +6,7 @@ and the BLAS pin from here (see _parallel.pxd and docs/architecture.md, "Thread 
 
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
                                PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
+from cython.parallel cimport prange
 
 cdef extern from *:
     """
@@ -57,6 +58,42 @@ def openmp_enabled():
 def openmp_max_threads():
     """omp_get_max_threads(): OMP_NUM_THREADS if set, else the usable cores (1 if serial)."""
     return omp_get_max_threads()
+
+
+def run_pair(f0, f1):
+    """[f0(), f1()] run at once on a team of two OpenMP threads: this thread and a
+    worker of its own OpenMP pool, each calling one with the GIL held (the kernels they
+    call release it, and any region they open runs inside that thread alone, a nested
+    region of one thread). For the two directions of a bidirectional layer on two
+    threads (cylstm.layers._both_directions): a Python helper thread there competes for
+    the cores with this thread's pool worker, which spins for a while after each region
+    (libgomp), and a small layer then ran no faster than the directions one after the
+    other; the pool worker itself costs nothing to wake. Sequential in a serial build or
+    a forked child. An exception from either is raised after both have run (f0's first).
+    """
+    cdef int i
+    results = [None, None]
+    errors = [None, None]
+    calls = (f0, f1)
+    if _serial_only or not CYLSTM_OPENMP:
+        for i in range(2):
+            try:
+                results[i] = calls[i]()
+            except BaseException as e:
+                errors[i] = e
+    else:
+        with nogil:
+            for i in prange(2, num_threads=2, schedule="static", chunksize=1):
+                note_team()            # a forked child must then run serially
+                with gil:
+                    try:
+                        results[i] = calls[i]()
+                    except BaseException as e:
+                        errors[i] = e
+    for e in errors:
+        if e is not None:
+            raise e
+    return results
 
 
 def thresholds():
