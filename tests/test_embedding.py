@@ -256,19 +256,19 @@ def test_kernels_check_their_own_arguments():
                                n_parts=N_PARTS, n_threads=1)
     kw = dict(dweight=w, n_parts=N_PARTS, n_threads=1)
     with pytest.raises(ValueError):
-        _ops.embedding_backward(dout=np.empty((2, 2)), indices=idx, order=order,
+        _ops.embedding_backward(dout=np.empty((2, 2))[:, None], indices=idx, order=order,
                                 padding_idx=-1, **kw)
     with pytest.raises(ValueError):
-        _ops.embedding_backward(dout=np.empty((2, 3)), indices=idx, order=order[:1],
+        _ops.embedding_backward(dout=np.empty((2, 3))[:, None], indices=idx, order=order[:1],
                                 padding_idx=-1, **kw)
     with pytest.raises(ValueError, match="padding_idx"):
-        _ops.embedding_backward(dout=np.empty((2, 3)), indices=idx, order=order,
+        _ops.embedding_backward(dout=np.empty((2, 3))[:, None], indices=idx, order=order,
                                 padding_idx=4, **kw)
     with pytest.raises(ValueError, match="indices"):
-        _ops.embedding_backward(dout=np.empty((2, 3)), indices=np.array([-1, 0], np.int32),
+        _ops.embedding_backward(dout=np.empty((2, 3))[:, None], indices=np.array([-1, 0], np.int32),
                                 order=order, padding_idx=-1, **kw)
     with pytest.raises(ValueError, match="order"):
-        _ops.embedding_backward(dout=np.empty((2, 3)), indices=idx, order=np.array([0, 2]),
+        _ops.embedding_backward(dout=np.empty((2, 3))[:, None], indices=idx, order=np.array([0, 2]),
                                 padding_idx=-1, **kw)
 
 
@@ -281,7 +281,31 @@ def test_any_order_gives_the_right_sums():
     want = add_at_reference(V, D, idx, dout, np.float64)
     for order in (np.arange(N), rng.permutation(N), np.argsort(idx, kind="stable")):
         g = np.zeros((V, D))
-        _ops.embedding_backward(dweight=g, dout=dout, indices=idx,
+        _ops.embedding_backward(dweight=g, dout=dout[:, None], indices=idx,
                                 order=order.astype(np.int64), padding_idx=-1,
                                 n_parts=N_PARTS, n_threads=1)
         assert np.array_equal(g, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_backward_reads_a_strided_dout_in_place(dtype):
+    """dout as the LSTM gives it to a batch-first model (a transposed view of a time-major
+    array): the same bits as its contiguous copy, and no copy made."""
+    emb = cylstm.Embedding(7, 5, dtype=dtype, seed=0)
+    idx = np.random.default_rng(1).integers(0, 7, (4, 9))          # (B, T)
+    tm = np.random.default_rng(2).standard_normal((9, 4, 5)).astype(dtype)   # (T, B, D)
+    dout = tm.transpose(1, 0, 2)
+    assert not dout.flags.c_contiguous
+    from cylstm.embedding import _rows3
+    assert np.shares_memory(_rows3(dout, 5), dout)                  # read in place
+    assert np.shares_memory(_rows3(tm.reshape(-1, 5), 5), tm)
+    emb.forward(idx)
+    emb.backward(np.ascontiguousarray(dout))
+    want = emb.grad.copy()
+    emb.zero_grad()
+    emb.forward(idx)
+    emb.backward(dout)
+    assert np.array_equal(emb.grad, want)
+    np.testing.assert_allclose(want, add_at_reference(7, 5, idx.ravel(),
+                                                      dout.reshape(-1, 5), np.float64),
+                               rtol=1e-5)

@@ -456,11 +456,12 @@ cdef inline Py_ssize_t _split_aligned(Py_ssize_t n, int parts, int p) noexcept n
 
 cdef void _scatter_block(
     floating* dweight,          # (V, D) INOUT columns [d0, d1), +=                     (5')
-    const floating* dout,       # (N, D)
+    const floating* dout,       # (N, D): row n at (n // inner) * s0 + (n % inner) * s1
     const index_t* idx,         # (N,) in 0..V-1
     const int64_t* order,       # (N,) a stable argsort of idx: groups of equal indices
     int64_t padding_idx,        # rows with this index get nothing; -1 = none
     Py_ssize_t N, Py_ssize_t D, Py_ssize_t d0, Py_ssize_t d1,
+    Py_ssize_t inner, Py_ssize_t s0, Py_ssize_t s1,
 ) noexcept nogil:
     """dweight[v, d0:d1] += sum of dout[n, d0:d1] over idx[n] = v, one add per group."""
     cdef floating acc[_SCATTER_COLS]
@@ -474,12 +475,12 @@ cdef void _scatter_block(
         i = 0
         while i < N:
             v = idx[order[i]]
-            src = dout + order[i] * D + c0
+            src = dout + (order[i] // inner) * s0 + (order[i] % inner) * s1 + c0
             for j in range(w):
                 acc[j] = src[j]
             i += 1
             while i < N and idx[order[i]] == v:
-                src = dout + order[i] * D + c0
+                src = dout + (order[i] // inner) * s0 + (order[i] % inner) * s1 + c0
                 for j in range(w):
                     acc[j] = acc[j] + src[j]
                 i += 1
@@ -493,7 +494,10 @@ cdef void _scatter_block(
 def embedding_backward(
     *,
     floating[:, ::1] dweight,           # (V, D) INOUT: accumulated (+=)              (5')
-    const floating[:, ::1] dout,        # (N, D) dL/dout
+    const floating[:, :, :] dout,       # (A, C, D) dL/dout, row n = (n // C, n % C), the
+                                        #   last axis contiguous, any other strides (a
+                                        #   batch-first view of a time-major array, say);
+                                        #   a flat (N, D) array as (N, 1, D)
     const index_t[::1] indices,         # (N,) in 0..V-1, the forward's
     const int64_t[::1] order,           # (N,) np.argsort(indices, kind="stable")
     int64_t padding_idx,                # 0..V-1: that row gets no gradient; -1: none
@@ -506,17 +510,25 @@ def embedding_backward(
     any permutation of 0..N-1 gives the right sums, only their rounding and the number
     of adds differ. Values outside 0..N-1 raise ValueError."""
     cdef Py_ssize_t N = indices.shape[0], V = dweight.shape[0], D = dweight.shape[1]
-    cdef Py_ssize_t n, bad = -1
+    cdef Py_ssize_t n, bad = -1, inner = dout.shape[1]
+    cdef Py_ssize_t s0 = dout.strides[0] // <Py_ssize_t> sizeof(floating)
+    cdef Py_ssize_t s1 = dout.strides[1] // <Py_ssize_t> sizeof(floating)
     cdef int p
-    if dout.shape[0] != N or dout.shape[1] != D or order.shape[0] != N:
-        raise ValueError(f"embedding_backward: dout must have shape ({N}, {D}) and order "
-                         f"({N},), got ({dout.shape[0]}, {dout.shape[1]}) and ({order.shape[0]},)")
+    if (dout.shape[0] * dout.shape[1] != N or dout.shape[2] != D or order.shape[0] != N
+            or dout.strides[0] % sizeof(floating) or dout.strides[1] % sizeof(floating)
+            or (D > 1 and dout.strides[2] != sizeof(floating))):
+        raise ValueError(f"embedding_backward: dout must have ({N}, {D}) rows, its last "
+                         f"axis contiguous, and order "
+                         f"({N},), got ({dout.shape[0]}, {dout.shape[1]}, {dout.shape[2]}) "
+                         f"and ({order.shape[0]},)")
     if n_parts < 1 or n_threads < 1:
         raise ValueError("embedding_backward: n_parts and n_threads must be >= 1")
     if padding_idx < -1 or padding_idx >= V:
         raise ValueError(f"padding_idx must be in 0..{V - 1} or -1 (none), got {padding_idx}")
     if N == 0:
         return
+    if inner == 0:
+        inner = 1                       # no rows at all; N == 0 returned above
     with nogil:
         bad = _first_bad_index(&indices[0], N, V)
         if bad < 0:
@@ -535,8 +547,9 @@ def embedding_backward(
                         num_threads=team(n_threads, n_parts, <double> N * D,
                                          MIN_PARALLEL_COPY)):
             note_team()
-            _scatter_block(&dweight[0, 0], &dout[0, 0], &indices[0], &order[0], padding_idx,
-                           N, D, _split_aligned(D, n_parts, p), _split_aligned(D, n_parts, p + 1))
+            _scatter_block(&dweight[0, 0], &dout[0, 0, 0], &indices[0], &order[0],
+                           padding_idx, N, D, _split_aligned(D, n_parts, p),
+                           _split_aligned(D, n_parts, p + 1), inner, s0, s1)
 
 
 # ----------------------------------------------------------------------------------------

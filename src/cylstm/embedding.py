@@ -44,6 +44,23 @@ def _storage(a, name, shape, dtype):
     return a
 
 
+def _rows3(a, D):
+    """a (..., D) as an (A, C, D) view whose row n is a's n-th row in C order, with the
+    last axis contiguous: in place for a batch-first view of a time-major array (the
+    LSTM's dx), a copy only where no such view exists."""
+    if a.ndim == 3 and a.strides[2] == a.itemsize:
+        return a
+    if a.ndim != 3:
+        try:                            # a view when the leading axes flatten in place
+            v = a.view()
+            v.shape = (-1, 1, D)
+            if v.strides[2] == a.itemsize:
+                return v
+        except AttributeError:
+            pass
+    return np.ascontiguousarray(a).reshape(-1, 1, D)
+
+
 class Embedding(Parametrised):
     """A (V, D) table of learned vectors looked up by integer index.
 
@@ -176,9 +193,13 @@ class Embedding(Parametrised):
         if dout.shape != want:
             raise ValueError(f"dout must have shape {_shape(want)} (the forward output's), "
                              f"got {_shape(dout.shape)}")
-        dout = np.ascontiguousarray(dout, dtype=self.dtype).reshape(-1, self.embedding_dim)
+        dout = _rows3(dout.astype(self.dtype, copy=False), self.embedding_dim)
         if self._order is None:     # groups equal indices: each row's sum is added once
-            self._order = np.argsort(self._indices, kind="stable").astype(np.int64, copy=False)
+            # A stable sort's permutation is unique, so sorting the indices as int16 (radix
+            # sort, where they fit: 3200 of them 9 us against 33) gives the same order.
+            keys = (self._indices.astype(np.int16) if self.num_embeddings <= 1 << 15
+                    else self._indices)
+            self._order = np.argsort(keys, kind="stable").astype(np.int64, copy=False)
         _ops.embedding_backward(
             dweight=self.grad, dout=dout,
             indices=self._indices, order=self._order,
