@@ -309,3 +309,24 @@ def test_backward_reads_a_strided_dout_in_place(dtype):
     np.testing.assert_allclose(want, add_at_reference(7, 5, idx.ravel(),
                                                       dout.reshape(-1, 5), np.float64),
                                rtol=1e-5)
+    for view in (tm[::-1].transpose(1, 0, 2), tm.transpose(1, 0, 2)[::-1, ::2][:, :5],
+                 np.broadcast_to(tm[:1, :1], (4, 9, 5))):       # negative, zero strides
+        ids = idx[:view.shape[0], :view.shape[1]]
+        for d in (np.ascontiguousarray(view), view):
+            emb.zero_grad()
+            emb.forward(ids)
+            emb.backward(d)
+            if d is not view:
+                want = emb.grad.copy()
+        assert np.array_equal(emb.grad, want)
+
+
+@pytest.mark.parametrize("V", [32768, 32769])
+def test_backward_order_is_the_stable_argsort(V):
+    """Up to 32768 rows backward sorts the indices as int16: the same permutation."""
+    emb = cylstm.Embedding(V, 2, seed=0)
+    idx = np.random.default_rng(3).integers(0, V, 5000)
+    idx[:3] = [V - 1, 0, V - 1]
+    emb.forward(idx)
+    emb.backward(np.ones((5000, 2), np.float32))
+    assert np.array_equal(emb._order, np.argsort(idx, kind="stable"))

@@ -164,17 +164,24 @@ def test_ragged_inference_projects_the_active_rows(order, reverse, dtype, monkey
     junk = p["x"].copy()
     junk[pad] = np.nan
 
-    def infer(x, n):
-        ws = F.Workspace()
+    def infer(x, n, ws=None, k=None):
         with cylstm.threads(n):
             out = F.lstm_layer_forward(**{**p, "x": x}, lengths=lengths, reverse=reverse,
-                                       training=False, workspace=ws,
+                                       training=False, workspace=ws, checkpoint_every=k,
                                        row_order=row_order if order else None)
-        assert "crow" in ws._arrays                # the active-rows projection ran
         return out[:3]
 
-    got = infer(p["x"], 1)
+    ws = F.Workspace()
+    infer(p["x"], 1, ws)
+    gates = ws._arrays["gates"].reshape(-1, 4 * H)
+    gates[:] = np.nan
+    got = infer(p["x"], 1, ws)
+    # the projections sit at the active rows' places, the rest of the scratch untouched
+    n_active = int(np.sum(lengths))
+    assert not np.isnan(gates[:n_active]).any() and np.isnan(gates[n_active:]).all()
     for a, b in zip(got, infer(junk, 2)):
+        assert np.array_equal(a, b)
+    for a, b in zip(got, infer(p["x"], 2, k=32)):     # segments of one time block each
         assert np.array_equal(a, b)
     yk, h_n, c_n, _ = ref.lstm_layer_forward(
         **as_dtype({**p, "x": p["x"][:, row_order]}, np.float64), lengths=lengths,

@@ -114,6 +114,7 @@ def test_the_step_weight_budget_is_the_l2_unless_measured_otherwise(tmp_path):
     mib = 1 << 20
     assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 26)) == 8 * mib
     assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 25)) == mib
+    assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 27)) == mib   # not measured
     assert _threads._step_weight_bytes(2 * mib, ("GenuineIntel", 6)) == 2 * mib
     assert _threads._step_weight_bytes(mib, ("", 0)) == mib
     info = tmp_path / "cpuinfo"

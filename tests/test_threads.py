@@ -75,10 +75,21 @@ def test_run_pair_runs_both_at_once_and_raises_what_they_raise():
     with pytest.raises(ValueError, match="f1"):
         _parallel.run_pair(lambda: 0, lambda: (_ for _ in ()).throw(ValueError("f1")))
 
+    def raises(e):
+        raise e
+    with pytest.raises(KeyError) as info:
+        _parallel.run_pair(lambda: raises(KeyError("a")), lambda: raises(ValueError("b")))
+    assert isinstance(info.value.__context__, ValueError)      # neither is lost
 
-def test_bidirectional_layer_on_two_threads_is_bitwise_one_thread():
+
+def test_bidirectional_layer_on_two_threads_is_bitwise_one_thread(monkeypatch):
     """The pair path of a bidirectional layer (forward and backward) gives the bits of
     the directions run one after the other."""
+    if not cylstm.openmp_enabled() or _threads.N_PARTS < 2:
+        pytest.skip("the pair path needs an OpenMP build and two usable cores")
+    pairs = []
+    real = _parallel.run_pair
+    monkeypatch.setattr(_parallel, "run_pair", lambda f0, f1: pairs.append(1) or real(f0, f1))
     lstm = cylstm.LSTM(16, 32, bidirectional=True, seed=3)
     x = np.random.default_rng(4).standard_normal((40, 9, 16)).astype(np.float32)
     lengths = np.random.default_rng(5).integers(1, 41, 9)
@@ -89,5 +100,6 @@ def test_bidirectional_layer_on_two_threads_is_bitwise_one_thread():
             y, (h, c) = lstm(x, lengths=lengths)
             dx, _ = lstm.backward(np.ones_like(y))
         out[n] = (y, h, c, dx, lstm.flat_grads.copy())
+    assert len(pairs) == 2                  # threads(2): forward and backward ran as pairs
     for u, v in zip(out[1], out[2]):
         assert np.array_equal(u, v)

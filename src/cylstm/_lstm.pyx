@@ -533,9 +533,10 @@ cdef void _forward_chunk(
     """Loop steps [s0, s1) for batch rows [r0, r1), run by one thread. Per-step arrays
     (gates, caches) are indexed by the segment step sl = s - s0; x and y by time."""
     cdef int G = 4 * H, Hp = P if P > 0 else H, K = Ix + Hp
-    # Tiles only when the weights stay in cache (fused: input_in_step's rule), since
-    # every tile reads all of them; BLAS re-packs them at every call. Otherwise the
-    # whole chunk at once.
+    # Tiles only on the packed kernel with the input in the step (input_in_step's
+    # rule: the weights in L2, or on Zen 5 read from L3 fast enough), since every tile
+    # reads all of them; BLAS re-packs them at every call. Otherwise the whole chunk at
+    # once.
     cdef int R = _rows_per_tile(G, sizeof(floating)) \
         if w_packed != NULL and Ix > 0 else r1 - r0
     cdef int s, sl, b, t, hi, j, rb, re, pe

@@ -475,12 +475,14 @@ cdef void _scatter_block(
         i = 0
         while i < N:
             v = idx[order[i]]
-            src = dout + (order[i] // inner) * s0 + (order[i] % inner) * s1 + c0
+            src = dout + (order[i] * s0 if inner == 1 else
+                         (order[i] // inner) * s0 + (order[i] % inner) * s1) + c0
             for j in range(w):
                 acc[j] = src[j]
             i += 1
             while i < N and idx[order[i]] == v:
-                src = dout + (order[i] // inner) * s0 + (order[i] % inner) * s1 + c0
+                src = dout + (order[i] * s0 if inner == 1 else
+                         (order[i] // inner) * s0 + (order[i] % inner) * s1) + c0
                 for j in range(w):
                     acc[j] = acc[j] + src[j]
                 i += 1

@@ -69,7 +69,9 @@ def run_pair(f0, f1):
     the cores with this thread's pool worker, which spins for a while after each region
     (libgomp), and a small layer then ran no faster than the directions one after the
     other; the pool worker itself costs nothing to wake. Sequential in a serial build or
-    a forked child. An exception from either is raised after both have run (f0's first).
+    a forked child. An exception from either is raised after both have run (f0's, with
+    f1's as its context, when both raise); so a KeyboardInterrupt in this thread waits
+    for the other call to end.
     """
     cdef int i
     results = [None, None]
@@ -77,23 +79,29 @@ def run_pair(f0, f1):
     calls = (f0, f1)
     if _serial_only or not CYLSTM_OPENMP:
         for i in range(2):
-            try:
-                results[i] = calls[i]()
-            except BaseException as e:
-                errors[i] = e
+            _call_into(calls, i, results, errors)
     else:
         with nogil:
             for i in prange(2, num_threads=2, schedule="static", chunksize=1):
                 note_team()            # a forked child must then run serially
                 with gil:
-                    try:
-                        results[i] = calls[i]()
-                    except BaseException as e:
-                        errors[i] = e
-    for e in errors:
-        if e is not None:
-            raise e
+                    _call_into(calls, i, results, errors)
+    if errors[0] is not None:
+        if errors[1] is not None and errors[0].__context__ is None:
+            errors[0].__context__ = errors[1]     # shown as "During handling of ..."
+        raise errors[0]
+    if errors[1] is not None:
+        raise errors[1]
     return results
+
+
+cdef void _call_into(tuple calls, int i, list results, list errors) noexcept:
+    """results[i] = calls[i](), or errors[i] = what it raised (names local to the call,
+    so the two threads of run_pair share nothing but the lists' own slots)."""
+    try:
+        results[i] = calls[i]()
+    except BaseException as exc:
+        errors[i] = exc
 
 
 def thresholds():

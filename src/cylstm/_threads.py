@@ -102,10 +102,11 @@ def _step_weight_bytes(l2, cpu):
     (3 MiB) 28.9 vs 19.5: from L3 the fused step loses. An AMD EPYC Zen 5 (family 26),
     1 MiB L2, 32 MiB L3: B=32 I=128 H=256 (1.5 MiB) 6.84 vs 7.61, I=256 H=256 (2 MiB)
     8.75 vs 9.51, B=64 I=512 H=512 (8 MiB) 68.4 vs 71.1, I=512 H=640 (11 MiB) 90.9 vs
-    92.6, but I=H=768 (18 MiB) 157.7 vs 150.7 and I=H=1024 (32 MiB) 220 vs 138: there
-    the step may stream up to 8 L2s' worth. Other CPUs keep the L2 until measured."""
+    92.6, but I=H=768 (18 MiB) 157.7 vs 150.7 and I=H=1024 (32 MiB) 220 vs 138; float64
+    B=32 I=128 H=256 (3 MiB) 16.7 vs 19.3: there the step may stream up to 8 L2s'
+    worth. Other CPUs (other AMD families included) keep the L2 until measured."""
     vendor, family = cpu
-    if vendor == "AuthenticAMD" and family >= 26:
+    if vendor == "AuthenticAMD" and family == 26:
         return 8 * l2
     return l2
 

@@ -15,6 +15,7 @@ Parameters can live in a model's arena: pass ``weight=`` and ``grad=`` views and
 layer uses them as its storage (initialising them in place) instead of allocating.
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -48,17 +49,12 @@ def _rows3(a, D):
     """a (..., D) as an (A, C, D) view whose row n is a's n-th row in C order, with the
     last axis contiguous: in place for a batch-first view of a time-major array (the
     LSTM's dx), a copy only where no such view exists."""
-    if a.ndim == 3 and a.strides[2] == a.itemsize:
+    if a.ndim != 3:                     # a view where the leading axes flatten in place
+        a = a.reshape(math.prod(a.shape[:-1]), 1, D)
+    if (D < 2 or a.strides[2] == a.itemsize) and all(
+            st % a.itemsize == 0 for st in a.strides[:2]):
         return a
-    if a.ndim != 3:
-        try:                            # a view when the leading axes flatten in place
-            v = a.view()
-            v.shape = (-1, 1, D)
-            if v.strides[2] == a.itemsize:
-                return v
-        except AttributeError:
-            pass
-    return np.ascontiguousarray(a).reshape(-1, 1, D)
+    return np.ascontiguousarray(a)
 
 
 class Embedding(Parametrised):
