@@ -26,6 +26,7 @@ CASES = {   # name: (T, B, I, H, layers[, dtype[, variant]]); float32 unless a d
     "tiny": (50, 1, 32, 64, 1),
     "small": (100, 16, 64, 128, 1),
     "medium": (100, 32, 128, 256, 1),
+    "large": (100, 64, 512, 512, 1),
     "charrnn": (128, 32, 96, 512, 2),
     "medium/float64": (100, 32, 128, 256, 1, "float64"),
     "small/varlen": (100, 16, 64, 128, 1, "float32", "varlen"),
