@@ -256,19 +256,21 @@ def test_kernels_check_their_own_arguments():
                                n_parts=N_PARTS, n_threads=1)
     kw = dict(dweight=w, n_parts=N_PARTS, n_threads=1)
     with pytest.raises(ValueError):
-        _ops.embedding_backward(dout=np.empty((2, 2))[:, None], indices=idx, order=order,
+        _ops.embedding_backward(dout=np.empty((2, 1, 2)), indices=idx, order=order,
                                 padding_idx=-1, **kw)
     with pytest.raises(ValueError):
-        _ops.embedding_backward(dout=np.empty((2, 3))[:, None], indices=idx, order=order[:1],
+        _ops.embedding_backward(dout=np.empty((2, 1, 3)), indices=idx, order=order[:1],
                                 padding_idx=-1, **kw)
     with pytest.raises(ValueError, match="padding_idx"):
-        _ops.embedding_backward(dout=np.empty((2, 3))[:, None], indices=idx, order=order,
+        _ops.embedding_backward(dout=np.empty((2, 1, 3)), indices=idx, order=order,
                                 padding_idx=4, **kw)
     with pytest.raises(ValueError, match="indices"):
-        _ops.embedding_backward(dout=np.empty((2, 3))[:, None], indices=np.array([-1, 0], np.int32),
+        _ops.embedding_backward(dout=np.empty((2, 1, 3)),
+                                indices=np.array([-1, 0], np.int32),
                                 order=order, padding_idx=-1, **kw)
     with pytest.raises(ValueError, match="order"):
-        _ops.embedding_backward(dout=np.empty((2, 3))[:, None], indices=idx, order=np.array([0, 2]),
+        _ops.embedding_backward(dout=np.empty((2, 1, 3)), indices=idx,
+                                order=np.array([0, 2]),
                                 padding_idx=-1, **kw)
 
 

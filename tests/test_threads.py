@@ -89,7 +89,8 @@ def test_bidirectional_layer_on_two_threads_is_bitwise_one_thread(monkeypatch):
         pytest.skip("the pair path needs an OpenMP build and two usable cores")
     pairs = []
     real = _parallel.run_pair
-    monkeypatch.setattr(_parallel, "run_pair", lambda f0, f1: pairs.append(1) or real(f0, f1))
+    monkeypatch.setattr(_parallel, "run_pair",
+                        lambda f0, f1: pairs.append(1) or real(f0, f1))
     lstm = cylstm.LSTM(16, 32, bidirectional=True, seed=3)
     x = np.random.default_rng(4).standard_normal((40, 9, 16)).astype(np.float32)
     lengths = np.random.default_rng(5).integers(1, 41, 9)

@@ -232,10 +232,11 @@ def input_in_step(int I, int Hp, int G, Py_ssize_t itemsize, Py_ssize_t cache_by
     than as GEMMs over every step before the loop, for chunks of `rows` batch rows per
     thread: when [W_ih | W_hh] fits in `cache_bytes` (the core's L2, or more where the
     core reads weights from L3 fast enough: cylstm._threads.STEP_WEIGHT_BYTES) and
-    either a chunk has 8 rows or more or the weights are small (<= 256 kB). Fused, each step reads both weights from cache and no T*B*G
-    pre-activations go through memory; but every step streams the I*G extra weights
-    through the core, which a chunk of few rows cannot amortise, and which comes from
-    L3 when they do not fit. 2 threads, inference, float32 unless said, hoisted vs fused:
+    either a chunk has 8 rows or more or the weights are small (<= 256 kB). Fused,
+    each step reads both weights from cache and no T*B*G pre-activations go through
+    memory; but every step streams the I*G extra weights through the core, which a
+    chunk of few rows cannot amortise, and which comes from L3 when they do not fit.
+    2 threads, inference, float32 unless said, hoisted vs fused:
     T=100 B=32 I=128 H=384 16.9 vs 22.6 ms and H=256 float64 19.5 vs 28.9 (not in L2);
     B=1 I=64 H=256 0.93 vs 1.11 ms, B=8 I=128 H=256 2.37 vs 2.81 (4 rows a chunk);
     B=16 I=64 H=128 1.27 vs 1.10, B=32 I=128 H=256 7.8 vs 7.5, B=256 I=64 H=256 67.7 vs
@@ -939,12 +940,7 @@ cdef void _backward_chunk(
 # Active rows. With ragged lengths a block's dW_ih, dW_hh, db and dx products run over
 # its active rows only (rows with s < L; ended rows have dz = 0 and add nothing), so the
 # padding costs nothing there: with lengths uniform in 1..T half of each product's rows
-# would be zeros. An inference that projects the input before the loop does the same
-# (lstm_forward's cpos): x of the active rows gathered to their places in xg, their
-# projections at the same places of the gates scratch, which the time loop reads through
-# cpos. The training forward keeps every row in place, since its gates scratch is the
-# activated-gates cache written in place as the loop goes (a compact row of a later step
-# would be overwritten before it is read). Backward's time loop writes each active row's dz at its place among
+# would be zeros. Backward's time loop writes each active row's dz at its place among
 # the segment's active rows, in loop-step then row order (a block's rows start at
 # coff[its first step]), and (in a block with ended rows) copies that row's x and
 # h_{t-1} to the same place of xc and hc; the products read those, and dx goes back to
@@ -954,6 +950,12 @@ cdef void _backward_chunk(
 # zeros), so those rows add nothing there either. The places depend only on the
 # lengths, so the products and their results are the same for any thread count and
 # under checkpointing (a segment is whole blocks).
+# An inference that projects the input before the loop uses the same places
+# (lstm_forward's cpos): x of the active rows gathered to their places in xg, their
+# projections at the same places of the gates scratch, which the time loop reads
+# through cpos. The training forward keeps every row in place, since its gates scratch
+# is the activated-gates cache that the loop writes in place as it goes (a compact row
+# of a later step would be overwritten before it is read).
 
 cdef int _active_rows(int* cpos, int* crow, int* coff, const int* lengths,
                       int s0, int n, int B) noexcept nogil:

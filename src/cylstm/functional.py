@@ -417,8 +417,8 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                 crow=ws.get("crow", (n * B,), np.int32),
                 coff=ws.get("coff", (n + 1,), np.int32))
             xg = (ws.get("xg", (n, B, I), dtype)
-                  if (reverse or not x.flags.c_contiguous or row_order is not None or active)
-                  and not fused else None)
+                  if (reverse or not x.flags.c_contiguous or row_order is not None
+                      or active) and not fused else None)
             if training:
                 n_seg = -(-T // k)
                 h_ck = ws.get("h_ck", (n_seg, B, Hp), dtype)
