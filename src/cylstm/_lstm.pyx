@@ -17,9 +17,8 @@ refers to these numbers):
     (1) z_t = [x_t | h_{t-1}] [W_ih | W_hh]^T + b           (B, G)
         one product per step over both inputs (K = I + Hp), then + b ("fused"); or,
         when W_ih and W_hh do not fit a core's L2 together (8 of them on Zen 5:
-        _threads.STEP_WEIGHT_BYTES) or a thread's chunk has
-        few rows (input_in_step), x_t W_ih^T + b for all steps before the loop and the
-        step's product h_{t-1} W_hh^T
+        _threads.STEP_WEIGHT_BYTES) or a thread's chunk has few rows (input_in_step),
+        x_t W_ih^T + b for all steps before the loop and the step's product h_{t-1} W_hh^T
     (2) i = sigmoid(z[i])  f = sigmoid(z[f])  g = tanh(z[g])  o = sigmoid(z[o])
     (3) c_t = f * c_{t-1} + i * g
     (4) m_t = o * tanh(c_t)
@@ -384,41 +383,26 @@ cdef inline int _time_of(const int* lengths, int s, int b, bint reverse) noexcep
 
 
 cdef void _gather_rows(
-    floating* dst,              # (rows, n) OUT: row q <- src at (step s_first + q // B, b = q % B)
+    floating* dst,              # (rows, n) OUT: row q <- src at (step s_first + r // B,
+                                #   b = r % B), r = q, or crow[q] with crow
     const floating* src,        # (T, B, n) time order, row (t, b) at t * st + b * sb
     const int* lengths,         # (B,)
     int s_first, int q0, int q1, int B, int n, bint reverse, Py_ssize_t st, Py_ssize_t sb,
     const int* rowmap,          # (B,) the source row of kernel row b, or NULL (b itself)
+    const int* crow=NULL,       # place -> sl * B + b (_active_rows; s_first the segment's
+                                #   first step): only the active rows, compactly
 ) noexcept nogil:
     """Rows [q0, q1) of a block in loop-step order: x at each row's own time, zeros where
     the row has ended (so that padding never reaches a product)."""
-    cdef int q, t
+    cdef int q, r, t
     for q in range(q0, q1):
-        t = _time_of(lengths, s_first + q // B, q % B, reverse)
+        r = q if crow == NULL else crow[q]
+        t = _time_of(lengths, s_first + r // B, r % B, reverse)
         if t < 0:
             memset(dst + <Py_ssize_t> q * n, 0, n * sizeof(floating))
         else:
-            memcpy(dst + <Py_ssize_t> q * n,
-                   src + t * st + (q % B if rowmap == NULL else rowmap[q % B]) * sb,
+            memcpy(dst + <Py_ssize_t> q * n, src + t * st + _row(rowmap, r % B) * sb,
                    n * sizeof(floating))
-
-
-cdef void _gather_active(
-    floating* dst,              # (rows, n) OUT: place q <- src at the time of crow[q]
-    const floating* src,        # (T, B, n) time order, row (t, b) at t * st + b * sb
-    const int* lengths,         # (B,)
-    const int* crow,            # (rows,) place -> sl * B + b (_active_rows)
-    int s0, int q0, int q1, int B, int n, bint reverse, Py_ssize_t st, Py_ssize_t sb,
-    const int* rowmap,          # (B,) the source row of kernel row b, or NULL (b itself)
-) noexcept nogil:
-    """Places [q0, q1) of the active rows of a segment starting at loop step s0: the
-    compact twin of _gather_rows (ended rows have no place)."""
-    cdef int q, b
-    for q in range(q0, q1):
-        b = crow[q] % B
-        memcpy(dst + <Py_ssize_t> q * n,
-               src + _time_of(lengths, s0 + crow[q] // B, b, reverse) * st
-               + _row(rowmap, b) * sb, n * sizeof(floating))
 
 
 cdef void _scatter_rows(
@@ -800,8 +784,8 @@ def lstm_forward(
                         nrows = coff_p[be - s0] - c0
                         q0 = c0 + split(nrows, n_parts, p)
                         q1 = c0 + split(nrows, n_parts, p + 1)
-                        _gather_active(xg_p, &x[0, 0, 0], &lengths[0], crow_p, s0, q0, q1,
-                                       B, I, reverse, xst, xsb, rows_p)
+                        _gather_rows(xg_p, &x[0, 0, 0], &lengths[0], s0, q0, q1, B, I,
+                                     reverse, xst, xsb, rows_p, crow_p)
                         affine_rows(g_p, xg_p, &w_ih[0, 0], bias_p, q0, q1, I, G)
                         continue
                     q0 = split((be - bs) * B, n_parts, p)

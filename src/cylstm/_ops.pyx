@@ -454,6 +454,12 @@ cdef inline Py_ssize_t _split_aligned(Py_ssize_t n, int parts, int p) noexcept n
     return min(n, _SCATTER_ALIGN * ((units * p) // parts))
 
 
+cdef inline Py_ssize_t _row_at(int64_t n, Py_ssize_t inner, Py_ssize_t s0,
+                               Py_ssize_t s1) noexcept nogil:
+    """Offset of row n of an (A, inner, D) array with element strides s0, s1."""
+    return n * s0 if inner == 1 else (n // inner) * s0 + (n % inner) * s1
+
+
 cdef void _scatter_block(
     floating* dweight,          # (V, D) INOUT columns [d0, d1), +=                     (5')
     const floating* dout,       # (N, D): row n at (n // inner) * s0 + (n % inner) * s1
@@ -475,14 +481,12 @@ cdef void _scatter_block(
         i = 0
         while i < N:
             v = idx[order[i]]
-            src = dout + (order[i] * s0 if inner == 1 else
-                         (order[i] // inner) * s0 + (order[i] % inner) * s1) + c0
+            src = dout + _row_at(order[i], inner, s0, s1) + c0
             for j in range(w):
                 acc[j] = src[j]
             i += 1
             while i < N and idx[order[i]] == v:
-                src = dout + (order[i] * s0 if inner == 1 else
-                         (order[i] // inner) * s0 + (order[i] % inner) * s1) + c0
+                src = dout + _row_at(order[i], inner, s0, s1) + c0
                 for j in range(w):
                     acc[j] = acc[j] + src[j]
                 i += 1
@@ -529,8 +533,6 @@ def embedding_backward(
         raise ValueError(f"padding_idx must be in 0..{V - 1} or -1 (none), got {padding_idx}")
     if N == 0:
         return
-    if inner == 0:
-        inner = 1                       # no rows at all; N == 0 returned above
     with nogil:
         bad = _first_bad_index(&indices[0], N, V)
         if bad < 0:
