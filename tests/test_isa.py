@@ -49,8 +49,10 @@ def test_avx2_and_avx512_levels_are_exercised_where_the_cpu_has_them():
     want = _expected_level() or 0
     for lvl in range(want + 1):
         with _isa.use_level(lvl):
+            # the backward's own products exist at level 2 only (BLAS below)
             assert _lstm._kernel_levels() == {"activations": lvl, "activations_f64": lvl,
-                                              "cell": lvl, "rgemm": lvl, "rgemm_f64": lvl}
+                                              "cell": lvl, "rgemm": lvl, "rgemm_f64": lvl,
+                                              "bgemm": lvl if lvl == 2 else 0}
             assert _step._kernel_levels() == {"activations": lvl, "cell": lvl, "dot": lvl}
             assert _ops._kernel_levels() == {"softmax": lvl}
             assert _lstm.rgemm_level() == lvl

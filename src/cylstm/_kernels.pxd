@@ -45,3 +45,6 @@ cdef extern from "_rgemm.h" nogil:
                           int k0, int Kt)
     cy_gemm_packed64_fn cy_rgemm64_select(int level)
     cy_dot_rows_fn cy_dot_select(int level)
+    ctypedef void (*cy_bgemm_fn)(int, int, int, int, const float*, int, const float*, int,
+                                 float*, int, int) noexcept nogil
+    cy_bgemm_fn cy_bgemm_select(int level)

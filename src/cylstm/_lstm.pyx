@@ -97,23 +97,26 @@ from cylstm._kernels cimport (cy_act_f32, cy_act_select, cy_act_f64, cy_act_sele
                               cy_cell_fns, cy_cell_select,
                               cy_gemm_packed_fn, cy_packed_size, cy_pack_f32, cy_pack_rows_f32,
                               cy_rgemm_select, cy_gemm_packed64_fn, cy_packed_size_f64,
-                              cy_pack_f64, cy_pack_rows_f64, cy_rgemm64_select)
+                              cy_pack_f64, cy_pack_rows_f64, cy_rgemm64_select,
+                              cy_bgemm_fn, cy_bgemm_select)
 
 cdef cy_act_f32 _act
 cdef cy_act_f64 _act64
 cdef cy_cell_fns _cell
 cdef cy_gemm_packed_fn _rgemm = NULL       # NULL at level 0: BLAS
 cdef cy_gemm_packed64_fn _rgemm64 = NULL   # NULL at level 0: BLAS
+cdef cy_bgemm_fn _bgemm = NULL             # the backward's float32 products; NULL below 2: BLAS
 cdef int _level = 0
 
 
 cdef void _use_level(int level) noexcept nogil:
-    global _act, _act64, _cell, _rgemm, _rgemm64, _level
+    global _act, _act64, _cell, _rgemm, _rgemm64, _bgemm, _level
     _act = cy_act_select(level)
     _act64 = cy_act_select_f64(level)
     _cell = cy_cell_select(level)
     _rgemm = cy_rgemm_select(level)
     _rgemm64 = cy_rgemm64_select(level)
+    _bgemm = cy_bgemm_select(level)
     _level = level
 
 
@@ -140,6 +143,8 @@ def _kernel_levels():
             levels.setdefault("rgemm", lvl)     # level 0 has none (BLAS)
         if cy_rgemm64_select(lvl) == _rgemm64:
             levels.setdefault("rgemm_f64", lvl)
+        if cy_bgemm_select(lvl) == _bgemm:
+            levels.setdefault("bgemm", lvl)     # levels 0 and 1 have none (BLAS)
     return levels
 
 
@@ -293,6 +298,33 @@ def _packed_matmul(a, w, trans):
 
 
 _packed_matmul_f32 = _packed_matmul_f64 = _packed_matmul
+
+
+def _backward_product(const float[:, :] a, const float[:, ::1] b, float[:, ::1] c, bint ta,
+                      bint accumulate, int reps=1):
+    """Test and benchmark hook: c (M, N) = [c +] op(a) @ b through the backward's own
+    float32 kernel, op(a) = a^T if ta (a is (K, M)) else a (a is (M, K)); a's rows may
+    have any stride (its last axis contiguous), as the backward's dz columns. Runs
+    `reps` times (accumulating each time if asked) and returns the seconds per call.
+    Raises if this CPU level has no such kernel (bgemm is BLAS there)."""
+    import time
+    cdef int M = a.shape[1] if ta else a.shape[0], K = a.shape[0] if ta else a.shape[1]
+    cdef int N = b.shape[1], i
+    if _bgemm == NULL:
+        raise RuntimeError("no backward kernel at this level (level < 2)")
+    if a.shape[1] > 1 and a.strides[1] != sizeof(float):
+        raise ValueError("a's last axis must be contiguous")
+    if b.shape[0] != K or c.shape[0] != M or c.shape[1] != N or reps < 1:
+        raise ValueError("shapes do not match, or reps < 1")
+    cdef int lda = a.strides[0] // sizeof(float)
+    if M == 0 or N == 0:
+        return 0.0
+    t0 = time.perf_counter()
+    with nogil:
+        for i in range(reps):
+            _bgemm(ta, M, N, K, &a[0, 0] if a.shape[0] and a.shape[1] else NULL, lda,
+                   &b[0, 0] if K and N else NULL, N, &c[0, 0], N, accumulate)
+    return (time.perf_counter() - t0) / reps
 
 
 
@@ -973,6 +1005,37 @@ cdef inline void _add_block(floating* acc, const floating* part, Py_ssize_t n) n
         acc[k] += part[k]
 
 
+# The backward's own product kernel (_rgemm.h, cy_bgemm) runs every large product where
+# OpenBLAS would not run AVX-512 kernels, and only the thin ones where it would: there,
+# with I = 64 (the char model) it was 1.11-1.15x OpenBLAS's SkylakeX kernels alone, and
+# with I = H = 512 the training step ran 0.93x as fast as with them (2 threads, Zen 5).
+cdef enum:
+    _BGEMM_THIN = 64
+
+
+cdef inline void _dx_product(bint own, int m, int I, int G, const floating* dz,
+                             const floating* w_ih, floating* out) noexcept nogil:
+    """out (m, I) = dz (m, G) @ W_ih (G, I)                                            (1')
+    through the backward's own kernel (own: float32 at level 2) or BLAS."""
+    if floating is float:
+        if own:
+            _bgemm(0, m, I, G, dz, G, w_ih, I, out, I, 0)
+            return
+    gemm(False, False, m, I, G, 1, dz, G, w_ih, I, 0, out, I)
+
+
+cdef inline void _w_product(bint own, int n, int K, int rows, int G, const floating* dz,
+                            const floating* a, floating* c, bint acc) noexcept nogil:
+    """c (n, K) = [c +] dz^T @ a: dz (rows, n) (row stride G) the block's gate-gradient
+    columns of one part, a (rows, K) its x or h_{t-1}: those rows of a weight gradient,
+    through the backward's own kernel (own) or BLAS                                   (1')"""
+    if floating is float:
+        if own:
+            _bgemm(1, n, K, rows, dz, G, a, K, c, K, acc)
+            return
+    gemm(True, False, n, K, rows, 1, dz, G, a, K, 1 if acc else 0, c, K)
+
+
 cdef void _weight_grads_block(
     floating* dw_ih_tmp,        # (G, I) INOUT rows [g0, g1): the running sum of dz^T x
     floating* dw_hh_tmp,        # (G, Hp) INOUT rows [g0, g1): dz^T h_{t-1}
@@ -984,6 +1047,8 @@ cdef void _weight_grads_block(
     const floating* dhp,        # (prows, P) dL/dh_t at every row of the block, or NULL
     const floating* m_cache,    # (prows, H) m_t, or NULL
     int rows, int prows, int I, int H, int P, int g0, int g1, int q0, int q1, bint first,
+    bint own_i,                 # the own kernel for dW_ih (float32, level 2), else BLAS
+    bint own_h,                 # and for dW_hh
 ) noexcept nogil:
     """Adds one time block to the running weight-gradient sums              (1') (5').
 
@@ -1001,10 +1066,10 @@ cdef void _weight_grads_block(
              dw_hr_tmp + <Py_ssize_t> q0 * H, H)
     if g1 <= g0:
         return
-    gemm(True, False, g1 - g0, I, rows, 1, dz + g0, G, x, I, beta,             # dz^T x
-         dw_ih_tmp + <Py_ssize_t> g0 * I, I)
-    gemm(True, False, g1 - g0, Hp, rows, 1, dz + g0, G, hprev, Hp, beta,       # dz^T h_{t-1}
-         dw_hh_tmp + <Py_ssize_t> g0 * Hp, Hp)
+    _w_product(own_i, g1 - g0, I, rows, G, dz + g0, x, dw_ih_tmp + <Py_ssize_t> g0 * I,
+               not first)                                                       # dz^T x
+    _w_product(own_h, g1 - g0, Hp, rows, G, dz + g0, hprev, dw_hh_tmp + <Py_ssize_t> g0 * Hp,
+               not first)                                                       # dz^T h_{t-1}
     # db += sum dz (b_ih and b_hh have the same gradient). Rows in order, each summed into
     # the part's columns: reading dz column by column instead (stride G) took 15% of a
     # medium training step.
@@ -1067,6 +1132,9 @@ def lstm_backward(
     int s1,
     bint first,                         # the first call of this backward (s1 = T)
     bint last,                          # the last call (s0 = 0): add the sums to the gradients
+    bint own_wide=True,                 # float32 at level 2: the own kernel for every large
+                                        #   product, else only for the thin ones (I or
+                                        #   Hp <= 64): _threads.BACKWARD_OWN_WIDE
 ):
     """BPTT through one layer and direction over loop steps [s0, s1). A whole backward is
     one call (s0 = 0, s1 = T, first and last), or one call per segment from the last
@@ -1076,7 +1144,7 @@ def lstm_backward(
     cdef int P = 0 if w_hr is None else w_hr.shape[0]
     cdef int S = block_steps(B), n = s1 - s0
     cdef int p, n_chunks, bs, be, nb, k, q0, q1, g0, g1, r0, r1, part_rows, rows, c0, q, ro
-    cdef bint blk_first, ragged
+    cdef bint blk_first, ragged, own_i = False, own_h = False
     cdef int* cpos_p = NULL
     cdef int* crow_p = NULL
     cdef int* coff_p = NULL
@@ -1151,6 +1219,10 @@ def lstm_backward(
         dm_p = &dm[0, 0]
     n_chunks = min(B, n_parts)
     nb = (n + S - 1) // S
+    if floating is float:         # which products run on the own kernel, the rest on BLAS
+        if _bgemm != NULL:
+            own_i = own_wide or I <= _BGEMM_THIN          # dW_ih and dx
+            own_h = own_wide or Hp <= _BGEMM_THIN         # dW_hh
     with nogil:
         whh_pk = _pack(whh_pk, &w_hh[0, 0], G, Hp, Hp, False)
         if P > 0 and whh_pk != NULL:
@@ -1194,13 +1266,14 @@ def lstm_backward(
                                     &dz[0, 0, 0] + <Py_ssize_t> c0 * G, bx_p, bh_p,
                                     (dhp_p + <Py_ssize_t> k * S * B * P) if P > 0 else NULL,
                                     (m_p + <Py_ssize_t> k * S * B * H) if P > 0 else NULL,
-                                    rows, (be - bs) * B, I, H, P, g0, g1, q0, q1, blk_first)
+                                    rows, (be - bs) * B, I, H, P, g0, g1, q0, q1, blk_first,
+                                    own_i, own_h)
                 r0 = split(rows, n_parts, p)                                # dx = dz W_ih (1')
                 r1 = split(rows, n_parts, p + 1)
                 if r1 > r0 and ragged:  # into this part's rows of the scratch, then to their times
                     dxs_p = dxg_p + <Py_ssize_t> p * part_rows * I
-                    gemm(False, False, r1 - r0, I, G, 1, &dz[0, 0, 0] + (<Py_ssize_t> c0 + r0) * G,
-                         G, &w_ih[0, 0], I, 0, dxs_p, I)
+                    _dx_product(own_i, r1 - r0, I, G, &dz[0, 0, 0] + (<Py_ssize_t> c0 + r0) * G,
+                                &w_ih[0, 0], dxs_p)
                     for q in range(r0, r1):
                         ro = crow_p[c0 + q]
                         memcpy(&dx[0, 0, 0] + (<Py_ssize_t> _time_of(&lengths[0], s0 + ro // B,
@@ -1209,15 +1282,15 @@ def lstm_backward(
                                dxs_p + <Py_ssize_t> (q - r0) * I, I * sizeof(floating))
                 elif r1 > r0:
                     if reverse:        # into this part's own rows of the scratch, then out
-                        gemm(False, False, r1 - r0, I, G, 1,
-                             &dz[0, 0, 0] + (<Py_ssize_t> k * S * B + r0) * G, G, &w_ih[0, 0], I,
-                             0, dxg_p + <Py_ssize_t> p * part_rows * I, I)
+                        _dx_product(own_i, r1 - r0, I, G,
+                                    &dz[0, 0, 0] + (<Py_ssize_t> k * S * B + r0) * G, &w_ih[0, 0],
+                                    dxg_p + <Py_ssize_t> p * part_rows * I)
                         _scatter_rows(&dx[0, 0, 0], dxg_p + <Py_ssize_t> p * part_rows * I,
                                       &lengths[0], bs, r0, r1, B, I, True)
                     else:
-                        gemm(False, False, r1 - r0, I, G, 1,
-                             &dz[0, 0, 0] + (<Py_ssize_t> k * S * B + r0) * G, G, &w_ih[0, 0], I,
-                             0, &dx[0, 0, 0] + (<Py_ssize_t> bs * B + r0) * I, I)
+                        _dx_product(own_i, r1 - r0, I, G,
+                                    &dz[0, 0, 0] + (<Py_ssize_t> k * S * B + r0) * G, &w_ih[0, 0],
+                                    &dx[0, 0, 0] + (<Py_ssize_t> bs * B + r0) * I)
             if last:
                 _add_block(&dw_ih[0, 0] + <Py_ssize_t> g0 * I, &dw_ih_tmp[0, 0] + <Py_ssize_t> g0 * I,
                            (g1 - g0) * <Py_ssize_t> I)

@@ -25,6 +25,7 @@
 #define CYLSTM_RGEMM_H
 
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "_isa.h"
@@ -569,6 +570,167 @@ static inline cy_gemm_packed_fn cy_rgemm_select(int level)
         return cy_gemm_packed_avx512;
     if (level == 1)
         return cy_gemm_packed_avx2;
+#endif
+    (void) level;
+    return NULL;
+}
+
+/* ---- The backward's large products, float32, on unpacked operands --------------------
+ *
+ *   C (M, N) = [C +] op(A) @ B,   op(A)[m, k] = A[m * lda + k] (ta = 0) or A[k * lda + m]
+ *                                 (ta = 1),   B (K, N) row-major, row stride ldb
+ *
+ * Two products of each backward time block (docs/math.md (1')): the weight gradients'
+ * dW^T += [x | h_{t-1}]^T @ dz (ta = 1, accumulating over the blocks) and dx = dz @ W_ih
+ * (ta = 0). They are a large share of a training step (the char model: 2.5 of its 6.3
+ * GFLOP), and through OpenBLAS they ride on whatever kernel it picks: with
+ * OPENBLAS_CORETYPE=Haswell (AVX2) the char model's training step took 24.2 ms against
+ * 19.2 on its SkylakeX kernels. This kernel keeps AVX-512 whatever OpenBLAS does.
+ *
+ Each column group of B (64 floats wide, CY_BG_KC rows at a time) stays in L2 while
+ * every row block of A passes over it. It is copied into a contiguous buffer first
+ * when B's rows are wider (dz, 4H floats a row): 4 KB apart, a group's lines fall in a
+ * sixteenth of the L2's sets and evict each other (dW_hh of H = 256 on Zen 5: 0.92x
+ * OpenBLAS's time unpacked). The copy moves values, so it changes no bit. Rows of A
+ * are broadcast one float at a time, so op(A) is read in place whichever way it is
+ * stored.
+ *
+ * Determinism: every element of C is one FMA chain over k = 0..K-1 in order, starting
+ * from 0 or from C's own value (accumulate); a chain cut at a K chunk is stored to C and
+ * reloaded, exactly (float32 in, float32 out). So results never depend on how M and N
+ * are split (threads) and a product accumulated over blocks equals the same blocks in
+ * one sequence (checkpointed segments). AVX-512 only: at level 1 the backward keeps
+ * BLAS (cy_bgemm_select gives NULL). */
+#ifdef CY_HAVE_X86_KERNELS
+#define CY_BG_MR 6          /* rows of C per register block */
+#define CY_BG_NP 4          /* panels of 16 columns per register block */
+#define CY_BG_KC 256        /* rows of B per pass (a 64-column group: 64 KB) */
+
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) void
+cy_bblock_avx512(const int MR, const int NP, const int TA, const int TAIL, int K,
+                 const float *A, int lda, const float *B, int ldb, float *C, int ldc,
+                 const __mmask16 *mask, int acc0)
+{
+    __m512 acc[CY_BG_MR][CY_BG_NP];
+    for (int r = 0; r < MR; r++)
+        for (int q = 0; q < NP; q++)
+            acc[r][q] = acc0 ? _mm512_maskz_loadu_ps(mask[q], C + (size_t) r * ldc + q * CY_NR)
+                             : _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m512 b[CY_BG_NP];
+        for (int q = 0; q < NP; q++)    /* masked only where it must be: on Zen 5 a masked
+                                           load in this loop cost two thirds of the speed */
+            b[q] = TAIL && q == NP - 1
+                       ? _mm512_maskz_loadu_ps(mask[q], B + (size_t) k * ldb + q * CY_NR)
+                       : _mm512_loadu_ps(B + (size_t) k * ldb + q * CY_NR);
+        CY_KEEP_IN_REGISTERS(MR, NP, b);
+        for (int r = 0; r < MR; r++) {
+            __m512 a = _mm512_set1_ps(TA ? A[(size_t) k * lda + r] : A[(size_t) r * lda + k]);
+            for (int q = 0; q < NP; q++)
+                acc[r][q] = _mm512_fmadd_ps(a, b[q], acc[r][q]);
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int q = 0; q < NP; q++)
+            _mm512_mask_storeu_ps(C + (size_t) r * ldc + q * CY_NR, mask[q], acc[r][q]);
+}
+
+/* A block of MR (1..6) rows of C against np (1..4) panels, the last one partial if tail;
+ * a is row m of op(A). */
+#define CY_BG_CASE(MR, NP, TA)                                                            \
+    (tail ? cy_bblock_avx512(MR, NP, TA, 1, K, a, lda, B, ldb, C, ldc, mask, acc0)       \
+          : cy_bblock_avx512(MR, NP, TA, 0, K, a, lda, B, ldb, C, ldc, mask, acc0))
+#define CY_BG_ROWS(TA)                                                                      \
+    switch (MR * 4 + np) {                                                                  \
+    case 25: CY_BG_CASE(6, 1, TA); break;  case 26: CY_BG_CASE(6, 2, TA); break;          \
+    case 27: CY_BG_CASE(6, 3, TA); break;  case 28: CY_BG_CASE(6, 4, TA); break;          \
+    case 21: CY_BG_CASE(5, 1, TA); break;  case 22: CY_BG_CASE(5, 2, TA); break;          \
+    case 23: CY_BG_CASE(5, 3, TA); break;  case 24: CY_BG_CASE(5, 4, TA); break;          \
+    case 17: CY_BG_CASE(4, 1, TA); break;  case 18: CY_BG_CASE(4, 2, TA); break;          \
+    case 19: CY_BG_CASE(4, 3, TA); break;  case 20: CY_BG_CASE(4, 4, TA); break;          \
+    case 13: CY_BG_CASE(3, 1, TA); break;  case 14: CY_BG_CASE(3, 2, TA); break;          \
+    case 15: CY_BG_CASE(3, 3, TA); break;  case 16: CY_BG_CASE(3, 4, TA); break;          \
+    case 9: CY_BG_CASE(2, 1, TA); break;   case 10: CY_BG_CASE(2, 2, TA); break;          \
+    case 11: CY_BG_CASE(2, 3, TA); break;  case 12: CY_BG_CASE(2, 4, TA); break;          \
+    case 5: CY_BG_CASE(1, 1, TA); break;   case 6: CY_BG_CASE(1, 2, TA); break;           \
+    case 7: CY_BG_CASE(1, 3, TA); break;   case 8: CY_BG_CASE(1, 4, TA); break;           \
+    default: break;                                                                         \
+    }
+
+__attribute__((target("avx512f"))) static void
+cy_brows_avx512(int ta, int MR, int np, int K, const float *a, int lda, const float *B,
+                int ldb, float *C, int ldc, const __mmask16 *mask, int acc0)
+{
+    int tail = mask[np - 1] != (__mmask16) 0xFFFF;
+    if (ta)
+        CY_BG_ROWS(1)
+    else
+        CY_BG_ROWS(0)
+}
+#undef CY_BG_ROWS
+#undef CY_BG_CASE
+
+__attribute__((target("avx512f"))) static void
+cy_bgemm_avx512(int ta, int M, int N, int K, const float *A, int lda, const float *B, int ldb,
+                float *C, int ldc, int accumulate)
+{
+    if (M <= 0 || N <= 0)
+        return;
+    if (K <= 0) {                       /* an empty sum: C stays, or becomes 0 */
+        if (!accumulate)
+            for (int i = 0; i < M; i++)
+                memset(C + (size_t) i * ldc, 0, (size_t) N * sizeof(float));
+        return;
+    }
+    const int GW = CY_BG_NP * CY_NR;    /* a column group's width */
+    /* without a buffer (none needed, or malloc failed) B is read in place: same bits */
+    float *buf = ldb > GW && M >= 2 * CY_BG_MR
+                     ? (float *) aligned_alloc(64, (size_t) CY_BG_KC * GW * sizeof(float))
+                     : NULL;
+    for (int k0 = 0; k0 < K; k0 += CY_BG_KC) {
+        int kc = K - k0 < CY_BG_KC ? K - k0 : CY_BG_KC;
+        int acc0 = accumulate || k0 > 0;
+        const float *Ak = ta ? A + (size_t) k0 * lda : A + k0;
+        const float *Bk = B + (size_t) k0 * ldb;
+        for (int n0 = 0; n0 < N; n0 += GW) {
+            int nc = N - n0 < GW ? N - n0 : GW;
+            int np = (nc + CY_NR - 1) / CY_NR;
+            __mmask16 mask[CY_BG_NP];
+            for (int q = 0; q < np; q++) {
+                int nv = nc - q * CY_NR < CY_NR ? nc - q * CY_NR : CY_NR;
+                mask[q] = (__mmask16) ((1u << nv) - 1u);
+            }
+            const float *Bg = Bk + n0;
+            int ldg = ldb;
+            if (buf != NULL) {
+                for (int k = 0; k < kc; k++)
+                    memcpy(buf + (size_t) k * GW, Bk + (size_t) k * ldb + n0,
+                           (size_t) nc * sizeof(float));
+                Bg = buf;
+                ldg = GW;
+            }
+            for (int m0 = 0, mr; m0 < M; m0 += mr) {
+                /* 7-11 rows left are cut in two near-equal blocks rather than 6 + 1-5 */
+                mr = M - m0 <= CY_BG_MR ? M - m0 : M - m0 < 12 ? (M - m0 + 1) / 2 : CY_BG_MR;
+                const float *a = ta ? Ak + m0 : Ak + (size_t) m0 * lda;
+                cy_brows_avx512(ta, mr, np, kc, a, lda, Bg, ldg,
+                                C + (size_t) m0 * ldc + n0, ldc, mask, acc0);
+            }
+        }
+    }
+    free(buf);
+}
+#endif
+
+typedef void (*cy_bgemm_fn)(int, int, int, int, const float *, int, const float *, int,
+                            float *, int, int);
+
+/* The backward's product kernel of a level (NULL below 2: use BLAS). */
+static inline cy_bgemm_fn cy_bgemm_select(int level)
+{
+#ifdef CY_HAVE_X86_KERNELS
+    if (level >= 2)
+        return cy_bgemm_avx512;
 #endif
     (void) level;
     return NULL;

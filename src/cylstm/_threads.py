@@ -26,7 +26,7 @@ import os
 import threading
 import warnings
 
-from . import _parallel
+from . import _isa, _parallel
 
 __all__ = ["set_num_threads", "get_num_threads", "threads", "openmp_enabled"]
 
@@ -326,20 +326,48 @@ class _GlobalBlasPin(_Hold):
                 self._saved = None
 
 
+# OpenBLAS cores with AVX-512 kernels (threadpoolctl's "architecture"). Environments that
+# set OPENBLAS_CORETYPE=Haswell get AVX2 ones on the same CPU.
+_AVX512_OPENBLAS_CORES = {"skylakex", "cooperlake", "sapphirerapids"}
+
+
+def _blas_runs_avx512(libs):
+    """Whether scipy's BLAS runs AVX-512 kernels: OpenBLAS on one of the cores above, or
+    MKL (which picks the CPU's widest itself) on a CPU that has AVX-512."""
+    if len(libs) != 1:
+        return False
+    lib = libs[0]
+    if lib.get("internal_api") == "mkl":
+        return _isa.cpu_level() >= 2
+    return str(lib.get("architecture", "")).lower() in _AVX512_OPENBLAS_CORES
+
+
 def _setup_blas():
+    """The BLAS pin, and whether the backward runs its own kernel on every large product
+    (BACKWARD_OWN_WIDE below)."""
     try:
-        address = _find_local_setter(_scipy_blas_libraries())
+        libs = _scipy_blas_libraries()
+        address = _find_local_setter(libs)
+        avx512 = _blas_runs_avx512(libs)
     except Exception:  # threadpoolctl cannot inspect this BLAS: use the global pin
-        address = 0
+        address, avx512 = 0, False
     _parallel._register_blas_set_local(address)
     pin = contextlib.nullcontext() if address else _GlobalBlasPin()
     _parallel._register_fallback_pin(None if address else pin)
-    return pin
+    return pin, not avx512
 
 
 #: ``with blas_single_threaded:`` around every kernel call (a no-op when the kernels
 #: hold BLAS to one thread themselves, thread-locally).
-blas_single_threaded = _setup_blas()
+blas_single_threaded, _own_wide = _setup_blas()
+#: The backward's weight-gradient and dx products on cylstm's own AVX-512 kernel for
+#: every shape (True), or only for the thin ones, input or state of at most 64 features,
+#: with OpenBLAS's for the rest (False): False where scipy's BLAS runs AVX-512 kernels
+#: itself, which were as fast or faster on the large products (Zen 5, 2 threads: the
+#: I = H = 512 training step 0.93x as fast on the own kernel); True where it runs AVX2
+#: ones (OPENBLAS_CORETYPE=Haswell: the same step 1.35x faster on the own kernel).
+#: Read by cylstm.functional; the choice changes results by rounding only.
+BACKWARD_OWN_WIDE = _own_wide
 #: True when the kernels hold BLAS to one thread themselves (thread-locally).
 BLAS_THREAD_LOCAL = _parallel.blas_set_local_registered()
 

@@ -514,7 +514,7 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
         lengths=cache.lengths, reverse=reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
         wpack=_wpack(ws, dtype, _lstm.pack_size(4 * H, Hp, dtype)
                      + (_lstm.pack_size(Hp, H, dtype) if proj else 0), T),
-        rmask=cache.rmask, **active,
+        rmask=cache.rmask, own_wide=_threads.BACKWARD_OWN_WIDE, **active,
     )
     dz = ws.get("dz", (n, B, 4 * H), dtype)
     dhp = ws.get("dhp", (n, B, Hp), dtype) if proj else None
