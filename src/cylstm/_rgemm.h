@@ -581,19 +581,18 @@ static inline cy_gemm_packed_fn cy_rgemm_select(int level)
  *                                 (ta = 1),   B (K, N) row-major, row stride ldb
  *
  * Two products of each backward time block (docs/math.md (1')): the weight gradients'
- * dW^T += [x | h_{t-1}]^T @ dz (ta = 1, accumulating over the blocks) and dx = dz @ W_ih
- * (ta = 0). They are a large share of a training step (the char model: 2.5 of its 6.3
+ * dW += dz^T @ x and dz^T @ h_{t-1} (ta = 1, A = a thread's gate columns of dz, rows
+ * 4H floats apart; accumulating over the blocks) and dx = dz @ W_ih (ta = 0). They are a large share of a training step (the char model: 2.5 of its 6.3
  * GFLOP), and through OpenBLAS they ride on whatever kernel it picks: with
  * OPENBLAS_CORETYPE=Haswell (AVX2) the char model's training step took 24.2 ms against
  * 19.2 on its SkylakeX kernels. This kernel keeps AVX-512 whatever OpenBLAS does.
  *
- Each column group of B (64 floats wide, CY_BG_KC rows at a time) stays in L2 while
+ * Each column group of B (64 floats wide, CY_BG_KC rows at a time) stays in L2 while
  * every row block of A passes over it. It is copied into a contiguous buffer first
- * when B's rows are wider (dz, 4H floats a row): 4 KB apart, a group's lines fall in a
- * sixteenth of the L2's sets and evict each other (dW_hh of H = 256 on Zen 5: 0.92x
- * OpenBLAS's time unpacked). The copy moves values, so it changes no bit. Rows of A
- * are broadcast one float at a time, so op(A) is read in place whichever way it is
- * stored.
+ * when B's rows are wider (x or h_{t-1} of more than 64 features, W_ih): rows kilobytes
+ * apart put a group's lines in a few of the L2's sets, where they evict each other. The
+ * copy moves values, so it changes no bit. Rows of A are broadcast one float at a time,
+ * so op(A) is read in place whichever way it is stored.
  *
  * Determinism: every element of C is one FMA chain over k = 0..K-1 in order, starting
  * from 0 or from C's own value (accumulate); a chain cut at a K chunk is stored to C and

@@ -364,8 +364,8 @@ blas_single_threaded, _own_wide = _setup_blas()
 #: every shape (True), or only for the thin ones, input or state of at most 64 features,
 #: with OpenBLAS's for the rest (False): False where scipy's BLAS runs AVX-512 kernels
 #: itself, which were as fast or faster on the large products (Zen 5, 2 threads: the
-#: I = H = 512 training step 0.93x as fast on the own kernel); True where it runs AVX2
-#: ones (OPENBLAS_CORETYPE=Haswell: the same step 1.35x faster on the own kernel).
+#: I = H = 512 training step 244.1 ms on the own kernel, 235.2 on OpenBLAS's); True where
+#: it runs AVX2 ones (OPENBLAS_CORETYPE=Haswell: the same step 304.7 -> 224.0 ms).
 #: Read by cylstm.functional; the choice changes results by rounding only.
 BACKWARD_OWN_WIDE = _own_wide
 #: True when the kernels hold BLAS to one thread themselves (thread-locally).
