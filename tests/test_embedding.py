@@ -289,6 +289,69 @@ def test_any_order_gives_the_right_sums():
         assert np.array_equal(g, want)
 
 
+@pytest.mark.parametrize("itype", [np.int32, np.int64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("V,D", [(3, 1), (40, 67), (9, 150), (5, 64)])
+def test_walk_and_sorted_walk_give_the_same_bits(dtype, itype, V, D, two_thread_teams):
+    """Without an order the kernel walks dout in row order and sums each index's rows in
+    scratch: the same sums, bit for bit, as walking the stable argsort's groups, for D
+    over several 64-column chunks, padding, a strided dout and either thread count. The
+    scratch starts with garbage: a sum must never read what it did not write."""
+    rng = np.random.default_rng(V * D)
+    idx = rng.integers(0, V, (7, 61)).astype(itype)                 # (B, T)
+    tm = (rng.standard_normal((61, 7, D)) * 10.0 ** rng.integers(-6, 6, (61, 7, 1))
+          ).astype(dtype)                                          # values that round
+    dout = tm.transpose(1, 0, 2)                                    # read in place
+    order = np.argsort(idx.ravel(), kind="stable").astype(np.int64)
+    acc, seen = _ops.scatter_scratch(V, D, dtype, N_PARTS)
+    for pad in (-1, V // 2):
+        base = rng.standard_normal((V, D)).astype(dtype)            # accumulate onto it
+        runs = []
+        for n in (1, 2):
+            for how in ("sorted", "walk"):
+                acc.fill(np.nan)
+                seen.fill(1)
+                g = base.copy()
+                _ops.embedding_backward(
+                    dweight=g, dout=dout, indices=idx.ravel(), padding_idx=pad,
+                    n_parts=N_PARTS, n_threads=n,
+                    **(dict(order=order) if how == "sorted" else dict(acc=acc, seen=seen)))
+                runs.append(g)
+        for g in runs[1:]:
+            assert g.tobytes() == runs[0].tobytes()
+        want = base + add_at_reference(V, D, idx, dout, dtype, None if pad < 0 else pad)
+        np.testing.assert_allclose(runs[0], want, rtol=1e-4 if dtype == np.float32 else 1e-12,
+                                   atol=1e-6)
+        if pad >= 0:
+            assert np.array_equal(runs[0][pad], base[pad])
+
+
+def test_scatter_scratch_is_the_one_rule_for_the_walk():
+    """The walk's sums of one part stay within 64 KiB; above, the layer sorts; the kernel
+    refuses a walk without (enough) scratch."""
+    assert _ops.scatter_scratch(256, 64, np.float32, 2)[0].shape == (2, 256 * 64)
+    assert _ops.scatter_scratch(257, 64, np.float32, 2) is None
+    assert _ops.scatter_scratch(128, 64, np.float64, 1)[1].shape == (1, 128)
+    assert _ops.scatter_scratch(129, 300, np.float64, 1) is None      # 64 columns a pass
+    assert _ops.scatter_scratch(8192, 2, np.float32, 1) is not None
+    for V, D in ((256, 64), (257, 64)):                     # either way: np.add.at's bits
+        emb = Embedding(V, D, seed=1)
+        idx = np.random.default_rng(2).integers(0, V, (5, 40))
+        dout = np.random.default_rng(3).standard_normal((5, 40, D)).astype(np.float32)
+        emb(idx)
+        emb.backward(dout)
+        assert np.array_equal(emb.grad, add_at_reference(V, D, idx, dout, np.float32))
+        assert (emb._order is None) == (V == 256)
+    acc, seen = _ops.scatter_scratch(4, 3, np.float64, N_PARTS)
+    kw = dict(dweight=np.zeros((4, 3)), dout=np.zeros((2, 1, 3)),
+              indices=np.array([0, 1], np.int64), padding_idx=-1, n_parts=N_PARTS,
+              n_threads=1)
+    for bad in (dict(), dict(acc=acc), dict(acc=np.zeros((N_PARTS, 5)), seen=seen),
+                dict(acc=acc, seen=np.zeros((N_PARTS, 3), np.uint8))):
+        with pytest.raises(ValueError, match="scatter_scratch"):
+            _ops.embedding_backward(**kw, **bad)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_backward_reads_a_strided_dout_in_place(dtype):
     """dout as the LSTM gives it to a batch-first model (a transposed view of a time-major

@@ -5,9 +5,11 @@
 
 Both run in the compiled kernels of ``cylstm._ops`` without the GIL. The backward is a
 scatter-add that stays deterministic with repeated indices: the D feature columns are
-cut into fixed blocks, each thread owns its columns and walks all positions grouped by
-index (a stable argsort), so no two threads ever write one element and every sum has
-one fixed order (bitwise identical for any thread count). Each row's sum is added to
+cut into fixed blocks, each thread owns its columns and walks all positions in order,
+summing each index's rows in a small scratch table (or, for a table too large for a
+core's cache, grouped by index through a stable argsort: the same order), so no two
+threads ever write one element and every sum has one fixed order (bitwise identical
+for any thread count). Each row's sum is added to
 ``grad`` once, so two backward calls give exactly twice one, and from zero the result
 is bitwise ``np.add.at(grad, indices, dout)``.
 
@@ -108,7 +110,7 @@ class Embedding(Parametrised):
         self.training = True
         self._indices = None            # flat int32/int64 copy of the last forward's
         self._indices_shape = None
-        self._order = None              # stable argsort of _indices, made by backward
+        self._order = None              # stable argsort of _indices (large tables), by backward
 
     # ---- parameters ----------------------------------------------------------------------
 
@@ -190,15 +192,19 @@ class Embedding(Parametrised):
             raise ValueError(f"dout must have shape {_shape(want)} (the forward output's), "
                              f"got {_shape(dout.shape)}")
         dout = _rows3(dout.astype(self.dtype, copy=False), self.embedding_dim)
-        if self._order is None:     # groups equal indices: each row's sum is added once
+        # A small table's group sums stay in cache: the kernel walks dout in order, no sort.
+        scratch = _ops.scatter_scratch(self.num_embeddings, self.embedding_dim, self.dtype,
+                                       N_PARTS)
+        if scratch is None and self._order is None:     # a large one: grouped by index
             # A stable sort's permutation is unique, so sorting the indices as int16 (radix
             # sort, where they fit: 3200 of them 9 us against 33) gives the same order.
             keys = (self._indices.astype(np.int16) if self.num_embeddings <= 1 << 15
                     else self._indices)
             self._order = np.argsort(keys, kind="stable").astype(np.int64, copy=False)
+        acc, seen = scratch or (None, None)
         _ops.embedding_backward(
-            dweight=self.grad, dout=dout,
-            indices=self._indices, order=self._order,
+            dweight=self.grad, dout=dout, indices=self._indices,
+            order=None if scratch else self._order, acc=acc, seen=seen,
             padding_idx=-1 if self.padding_idx is None else self.padding_idx,
             n_parts=N_PARTS, n_threads=get_num_threads(),
         )
