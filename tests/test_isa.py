@@ -54,7 +54,8 @@ def test_avx2_and_avx512_levels_are_exercised_where_the_cpu_has_them():
                                               "cell": lvl, "rgemm": lvl, "rgemm_f64": lvl,
                                               "bgemm": lvl if lvl == 2 else 0}
             assert _step._kernel_levels() == {"activations": lvl, "cell": lvl, "dot": lvl}
-            assert _ops._kernel_levels() == {"softmax": lvl}
+            assert _ops._kernel_levels() == {"softmax": lvl,
+                                             "bgemm": lvl if lvl == 2 else 0}
             assert _lstm.rgemm_level() == lvl
     assert _isa.get_level() == _isa.cpu_level()
 

@@ -125,6 +125,47 @@ def test_linear_bitwise_for_any_thread_count(dtype):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("kernel_level", [2], ids=["avx512"], indirect=True)
+@pytest.mark.parametrize("N,I,O", [(700, 64, 48), (37, 256, 81), (300, 17, 1030), (5, 3, 1)])
+def test_linear_backward_products_on_the_own_kernel(kernel_level, N, I, O, two_thread_teams):
+    """At AVX-512 the float32 backward runs its products on the LSTM backward's own kernel
+    by one rule (_ops._linear_own): dW up to 1024 output rows, and dx too with own_wide
+    (OpenBLAS on AVX2 code). Each product is then bitwise that kernel's whole product
+    (rows and output rows split over the parts change no element), the same for 1 and 2
+    threads, accumulates onto dW, and matches float64 to rounding."""
+    from cylstm import _lstm
+    rng = np.random.default_rng(N + O)
+    x = rng.standard_normal((N, I)).astype(np.float32)
+    dy = rng.standard_normal((N, O)).astype(np.float32)
+    w = rng.standard_normal((O, I)).astype(np.float32)
+    dw0 = rng.standard_normal((O, I)).astype(np.float32)          # += onto this
+    own_dx = np.empty((N, I), np.float32)
+    _lstm._backward_product(dy, w, own_dx, False, False)
+    own_dw = dw0.copy()
+    _lstm._backward_product(dy, x, own_dw, True, True)
+    for own_wide in (False, True):
+        runs = []
+        for n in (1, 2):
+            dx, dw, db = np.empty((N, I), np.float32), dw0.copy(), np.zeros(O, np.float32)
+            with cylstm.threads(n):
+                _ops.linear_backward(dx=dx, dweight=dw, dbias=db, scratch=np.empty(O),
+                                     dy=dy, x=x, weight=w, n_parts=N_PARTS,
+                                     n_threads=n, own_wide=own_wide)
+            runs.append((dx, dw, db))
+        for a, b in zip(runs[0], runs[1]):
+            assert a.tobytes() == b.tobytes()
+        dx, dw, db = runs[0]
+        # (where BLAS runs instead its bits may or may not differ: nothing to assert)
+        if own_wide or O <= 1024:
+            assert dw.tobytes() == own_dw.tobytes()
+        if own_wide:
+            assert dx.tobytes() == own_dx.tobytes()
+        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+        assert_close(dx, dy64 @ w, TOL[np.float32], "dx")
+        assert_close(dw, dw0 + dy64.T @ x64, TOL[np.float32], "dW")
+        assert_close(db, dy64.sum(axis=0), TOL[np.float32], "db")
+
+
 def test_linear_kernel_checks_shapes():
     x = np.zeros((3, 4), np.float32)
     w = np.zeros((2, 4), np.float32)

@@ -60,6 +60,7 @@ from libc.string cimport memcpy, memset
 
 from cylstm._blas cimport affine_rows, gemm
 from cylstm._isa cimport on_level_change
+from cylstm._kernels cimport cy_bgemm_fn, cy_bgemm_select
 from cylstm._parallel cimport (MIN_PARALLEL_COPY, MIN_PARALLEL_MACS, MIN_PARALLEL_XENT,
                                blas_single_enter, blas_single_exit, note_team, split,
                                team)
@@ -183,21 +184,24 @@ cdef extern from *:
 
 
 cdef cy_ops_rows_f32 _rows
+cdef cy_bgemm_fn _bgemm = NULL      # Linear backward's float32 products; NULL below 2: BLAS
 
 
 cdef void _use_level(int level) noexcept nogil:
-    global _rows
+    global _rows, _bgemm
     _rows = cy_ops_select(level)
+    _bgemm = cy_bgemm_select(level)
 
 
 on_level_change(_use_level)
 
 
 def _kernel_levels():
-    """Test hook: the level of the softmax row functions this module calls now."""
+    """Test hook: the level of the softmax row functions this module calls now, and of
+    Linear backward's own product kernel (0: none, BLAS)."""
     for lvl in range(3):
         if cy_ops_select(lvl).exp_sum == _rows.exp_sum:
-            return {"softmax": lvl}
+            return {"softmax": lvl, "bgemm": 2 if _bgemm != NULL else 0}
 
 
 # ----------------------------------------------------------------------------------------
@@ -668,6 +672,24 @@ def embedding_backward(
 # ----------------------------------------------------------------------------------------
 
 
+# Linear's backward products on the LSTM backward's own float32 kernel (cy_bgemm, level 2),
+# by one rule: both where OpenBLAS would run AVX2 code (own_wide, the LSTM's policy,
+# cylstm._threads.BACKWARD_OWN_WIDE); elsewhere the weight gradient dy^T x up to
+# _LINEAR_OWN_DW_ROWS output rows, where its long sum over N and few rows suit the own
+# kernel better than OpenBLAS's SkylakeX code. One thread, N = 3200, Zen 5 (ms, OpenBLAS
+# SkylakeX / own): dW I=256 O=81 0.675 / 0.396, I=256 O=256 1.57 / 1.27, I=512 O=1024
+# 10.5 / 9.36, I=256 O=4096 22.1 / 23.2; dx (1600 rows) I=256 O=81 0.391 / 0.374, I=64
+# O=9 0.015 / 0.035, I=512 O=1024 9.17 / 10.5: no rule, BLAS. With the Haswell kernels
+# the own kernel was 1.4-3x faster on every one of these but the 0.015 ms one.
+cdef enum:
+    _LINEAR_OWN_DW_ROWS = 1024
+
+
+cdef inline bint _linear_own(bint own_wide, bint weight_grad, Py_ssize_t O) noexcept nogil:
+    """Whether a float32 Linear backward product runs on the own kernel (rule above)."""
+    return _bgemm != NULL and (own_wide or (weight_grad and O <= _LINEAR_OWN_DW_ROWS))
+
+
 cdef void _linear_bwd_block(
     floating* dx,               # (N, I) OUT rows [r0, r1), or NULL                 (6')
     floating* dw,               # (O, I) INOUT rows [o0, o1), +=
@@ -678,15 +700,24 @@ cdef void _linear_bwd_block(
     const floating* w,          # (O, I)
     Py_ssize_t N, int I, int O,
     Py_ssize_t r0, Py_ssize_t r1, int o0, int o1,
+    bint own_dx, bint own_dw,   # on the own kernel (float32 only; _linear_own)
 ) noexcept nogil:
     cdef Py_ssize_t n
     cdef int o
     cdef const floating* row
     if dx != NULL and r1 > r0:
-        gemm(False, False, <int> (r1 - r0), I, O, 1, dy + r0 * O, O, w, I, 0, dx + r0 * I, I)
+        if floating is float and own_dx:
+            _bgemm(0, <int> (r1 - r0), I, O, dy + r0 * O, O, w, I, dx + r0 * I, I, 0)
+        else:
+            gemm(False, False, <int> (r1 - r0), I, O, 1, dy + r0 * O, O, w, I, 0,
+                 dx + r0 * I, I)
     if o1 <= o0:
         return
-    gemm(True, False, o1 - o0, I, <int> N, 1, dy + o0, O, x, I, 1, dw + <Py_ssize_t> o0 * I, I)
+    if floating is float and own_dw:
+        _bgemm(1, o1 - o0, I, <int> N, dy + o0, O, x, I, dw + <Py_ssize_t> o0 * I, I, 1)
+    else:
+        gemm(True, False, o1 - o0, I, <int> N, 1, dy + o0, O, x, I, 1,
+             dw + <Py_ssize_t> o0 * I, I)
     if db != NULL:
         for o in range(o0, o1):
             acc[o] = 0
@@ -758,12 +789,15 @@ def linear_backward(
     const floating[:, ::1] weight,      # (O, I)
     int n_parts,
     int n_threads,
+    bint own_wide=False,                # OpenBLAS runs AVX2 code: every float32 product
+                                        #   on the own kernel (_linear_own)
 ):
     """dx = dy W; dW += dy^T x; db += sum_n dy_n (see the module docstring)."""
     cdef Py_ssize_t N = x.shape[0], I = x.shape[1], O = weight.shape[0]
     cdef floating* dx_p = NULL
     cdef floating* db_p = NULL
     cdef int p
+    cdef bint own_dx = _linear_own(own_wide, False, O), own_dw = _linear_own(own_wide, True, O)
     if weight.shape[1] != I or dy.shape[0] != N or dy.shape[1] != O \
             or dweight.shape[0] != O or dweight.shape[1] != I \
             or (dx is not None and (dx.shape[0] != N or dx.shape[1] != I)) \
@@ -782,7 +816,7 @@ def linear_backward(
         return
     if I == 0:                          # only the bias sums have work
         _linear_bwd_block(<floating*> NULL, <floating*> NULL, db_p, &scratch[0], &dy[0, 0], NULL, NULL,
-                                    N, 0, <int> O, 0, 0, 0, <int> O)
+                                    N, 0, <int> O, 0, 0, 0, <int> O, False, False)
         return
     with nogil:
         for p in prange(n_parts, schedule="static",
@@ -793,5 +827,6 @@ def linear_backward(
             _linear_bwd_block(dx_p, &dweight[0, 0], db_p, &scratch[0], &dy[0, 0], &x[0, 0],
                               &weight[0, 0], N, <int> I, <int> O,
                               split(N, n_parts, p), split(N, n_parts, p + 1),
-                              <int> split(O, n_parts, p), <int> split(O, n_parts, p + 1))
+                              <int> split(O, n_parts, p), <int> split(O, n_parts, p + 1),
+                              own_dx, own_dw)
             blas_single_exit()

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import _ops, _parallel, _step
+from . import _ops, _parallel, _step, _threads
 from . import functional as F
 from ._check import float_dtype as _dtype
 from ._check import positive_int as _positive_int
@@ -757,7 +757,8 @@ class Linear(Parametrised):
                                  dbias=self.grads["bias"] if self.bias else None,
                                  scratch=np.empty(self.out_features), dy=dy2, x=self._x,
                                  weight=self.params["weight"], n_parts=N_PARTS,
-                                 n_threads=get_num_threads())
+                                 n_threads=get_num_threads(),
+                                 own_wide=_threads.BACKWARD_OWN_WIDE)
         return dx.reshape(self._lead + (self.in_features,))
 
     def __repr__(self):
