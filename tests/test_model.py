@@ -192,6 +192,22 @@ def test_chain_and_dtype_errors():
         model.compile(loss="cross_entropy", metrics=["rmse"])
 
 
+def test_calling_the_model_is_predict_on_one_batch():
+    """model(x), as with a torch module, gives predict's output for x as one batch, in
+    eval mode, lengths included; no AttributeError for a missing forward."""
+    model = _model("classify", "float32")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 4, 3)).astype(np.float32)
+    lengths = np.array([4, 1, 3, 2, 4])
+    model.train()
+    out = model(x, lengths=lengths)
+    assert not model.training
+    assert out.tobytes() == model.predict(x, batch_size=5, lengths=lengths).tobytes()
+    assert model(x[:1]).shape == model.predict(x[:1]).shape
+    with pytest.raises(ValueError, match=r"x must have shape"):
+        model(np.zeros((2, 3)))
+
+
 # ---- fitting ------------------------------------------------------------------------------
 
 def _parity_task(n=256, seed=0):

@@ -776,6 +776,13 @@ class Sequential(Parametrised):
             out[np.arange(out.shape[1])[None, :] >= lengths[:, None]] = 0
         return out
 
+    def forward(self, x, lengths=None):
+        """``model(x)``: the output for x as one batch, in eval mode, as
+        ``predict(x, batch_size=len(x), lengths=lengths)`` (the model has no backward of
+        its own to feed: training goes through ``fit`` / ``train_step``)."""
+        n = len(x) if hasattr(x, "__len__") else 0
+        return self.predict(x, batch_size=max(1, n), lengths=lengths)
+
     # ---- streaming -----------------------------------------------------------------------
 
     def initial_state(self, batch):
