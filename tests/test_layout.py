@@ -176,3 +176,59 @@ def test_out_sharing_memory_with_x_is_refused():
     buf = r.normal(size=(T + 1, B, H))
     with pytest.raises(ValueError, match="share memory"):
         F.lstm_layer_forward(buf[1:], w_ih, w_hh, training=False, out=buf[:-1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("ragged,reverse,P,k", [(False, False, 0, None), (True, True, 0, None),
+                                               (True, False, 3, 2), (False, True, 0, 3)],
+                         ids=["plain", "ragged-reverse", "ragged-proj-ckpt", "reverse-ckpt"])
+def test_backward_reads_strided_dy_in_place(dtype, ragged, reverse, P, k):
+    """lstm_layer_backward reads dy in place when its last axis is contiguous: a
+    transposed batch-first dy, one half of a wider one, negative and zero row strides
+    all give the bits of the same values made C-contiguous."""
+    T, B, I, H = 7, 4, 5, 6
+    Hp = P or H
+    r = np.random.default_rng(5)
+    w_ih, w_hh = r.normal(size=(4 * H, I)).astype(dtype), r.normal(size=(4 * H, Hp)).astype(dtype)
+    b = r.normal(size=4 * H).astype(dtype)
+    w_hr = r.normal(size=(P, H)).astype(dtype) if P else None
+    lengths = np.array([7, 3, 5, 1]) if ragged else None
+    x = r.normal(size=(T, B, I)).astype(dtype)
+    wide = r.normal(size=(B, T, 3 * Hp)).astype(dtype)
+    views = [wide[:, :, Hp:2 * Hp].transpose(1, 0, 2),           # batch-first half, (T, B, Hp)
+             wide[::-1, ::-1, :Hp].transpose(1, 0, 2),           # negative row strides
+             np.broadcast_to(wide[:1, :1, :Hp], (T, B, Hp))]     # one row for every row
+    for dy in views:
+        assert not dy.flags.c_contiguous
+        runs = []
+        for d in (np.ascontiguousarray(dy), dy):
+            _, _, _, cache = F.lstm_layer_forward(x, w_ih, w_hh, b, b, lengths=lengths,
+                                                  reverse=reverse, w_hr=w_hr,
+                                                  checkpoint_every=k)
+            g = [np.zeros_like(w_ih), np.zeros_like(w_hh), np.zeros_like(b), np.zeros_like(b),
+                 np.zeros_like(w_hr) if P else None]
+            dx, dh0, dc0 = F.lstm_layer_backward(cache, d, dw_ih=g[0], dw_hh=g[1],
+                                                 db_ih=g[2], db_hh=g[3], dw_hr=g[4])
+            runs.append([dx, dh0, dc0] + [a for a in g if a is not None])
+        for a, b_ in zip(*runs):
+            assert a.tobytes() == b_.tobytes()
+
+
+def test_batch_first_backward_copies_neither_dy_nor_dx():
+    """A batch-first layer's backward takes dy through a transposed view and hands dx
+    back as one (the Embedding below reads it in place): the bits of the time-major
+    layer, dx a view of a time-major array."""
+    T, B = 9, 5
+    r = np.random.default_rng(6)
+    x = r.normal(size=(B, T, 6)).astype(np.float32)
+    dy = r.normal(size=(B, T, 8)).astype(np.float32)
+    bf = cylstm.LSTM(6, 8, batch_first=True, seed=4)
+    tm = cylstm.LSTM(6, 8, seed=4)
+    bf(x)
+    dx_bf, (dh_bf, dc_bf) = bf.backward(dy)
+    tm(np.ascontiguousarray(x.transpose(1, 0, 2)))
+    dx_tm, (dh_tm, dc_tm) = tm.backward(np.ascontiguousarray(dy.transpose(1, 0, 2)))
+    assert dx_bf.shape == (B, T, 6) and dx_bf.transpose(1, 0, 2).flags.c_contiguous
+    assert np.array_equal(dx_bf, dx_tm.transpose(1, 0, 2))
+    assert np.array_equal(dh_bf, dh_tm) and np.array_equal(dc_bf, dc_tm)
+    assert bf.flat_grads.tobytes() == tm.flat_grads.tobytes()

@@ -860,7 +860,7 @@ cdef void _backward_chunk(
     floating* dc,               # (B, H) INOUT: dL/dc at step s1 in, at s0 out
     floating* dhbuf,            # (B, Hp) scratch: dL/dh_t of this step
     floating* dm,               # (B, H) scratch: dL/dm_t = dh W_hr (P > 0 only)
-    const floating* dy,         # (T, B, Hp) time order
+    const floating* dy,         # (T, B, Hp) time order: row (t, b) at t * dyt + b * dyb
     const floating* dh_n,       # (B, Hp)
     const floating* gates,      # (n, B, G) activated
     const floating* c_cache,    # (n, B, H)
@@ -880,6 +880,7 @@ cdef void _backward_chunk(
     floating* xc,               # (rows, I) OUT x of the active rows of ragged blocks
     floating* hc,               # (rows, Hp) OUT h_{t-1} of the same rows
     int s0, int s1, int B, int I, int H, int P, int r0, int r1, int S, bint reverse,
+    Py_ssize_t dyt, Py_ssize_t dyb,
 ) noexcept nogil:
     """BPTT over loop steps [s1 - 1 .. s0] for batch rows [r0, r1), run by one thread."""
     cdef int G = 4 * H, Hp = P if P > 0 else H
@@ -907,7 +908,7 @@ cdef void _backward_chunk(
                     memset(dhp + (<Py_ssize_t> sl * B + b) * P, 0, P * sizeof(floating))
                 continue
             t = L - 1 - s if reverse else s
-            hpo = (<Py_ssize_t> t * B + b) * Hp
+            hpo = <Py_ssize_t> t * dyt + <Py_ssize_t> b * dyb
             dhin = <const floating*> dhs + <Py_ssize_t> b * Hp if s + 1 < L \
                 else dh_n + <Py_ssize_t> b * Hp
             for j in range(Hp):
@@ -1104,7 +1105,9 @@ def lstm_backward(
     floating[:, ::1] dzs,               # (B, G) scratch
     floating[:, ::1] dhbuf,             # (B, Hp) scratch
     floating[:, ::1] dm,                # (B, H) scratch with a projection, else None
-    const floating[:, :, ::1] dy,       # (T, B, Hp)
+    const floating[:, :, :] dy,         # (T, B, Hp) its last axis contiguous, rows that
+                                        #   never overlap (a batch-first array transposed,
+                                        #   or one direction's half of a bidirectional dy)
     const floating[:, ::1] dh_n,        # (B, Hp)
     const floating[:, :, ::1] gates,    # (n, B, G) from lstm_forward over [s0, s1)
     const floating[:, :, ::1] c_cache,  # (n, B, H)
@@ -1146,6 +1149,7 @@ def lstm_backward(
     cdef int S = block_steps(B), n = s1 - s0
     cdef int p, n_chunks, bs, be, nb, k, q0, q1, g0, g1, r0, r1, part_rows, rows, c0, q, ro
     cdef bint blk_first, ragged, own_i = False, own_h = False
+    cdef Py_ssize_t dyt = 0, dyb = 0      # dy's row strides (elements)
     cdef int* cpos_p = NULL
     cdef int* crow_p = NULL
     cdef int* coff_p = NULL
@@ -1177,7 +1181,8 @@ def lstm_backward(
         whr_pk = whh_pk + _packed_elems(G, Hp, sizeof(floating))
     _check(_is(dw_ih.shape, G, I) and _is(dw_hh.shape, G, Hp), "weight grads")
     _check(_is(dw_ih_tmp.shape, G, I) and _is(dw_hh_tmp.shape, G, Hp), "weight grad sums")
-    _check(_is(dx.shape, T, B, I) and _is(dy.shape, T, B, Hp), "dx/dy")
+    _check(_is(dx.shape, T, B, I) and _is(dy.shape, T, B, Hp)
+           and _row_strides(dy.shape, dy.strides, sizeof(floating), &dyt, &dyb), "dx/dy")
     _check(_is(c_cache.shape, n, B, H) and _is(tc_cache.shape, n, B, H)
            and _is(hprev.shape, n, B, Hp), "cache")
     _check(_is(dz.shape, n, B, G) and _is(gates.shape, n, B, G), "dz/gates")
@@ -1239,7 +1244,8 @@ def lstm_backward(
                             w_hr_p, whh_pk, whr_pk if P > 0 else NULL, rm_p, &lengths[0],
                             cpos_p, coff_p, x_p, &hprev[0, 0, 0], xc_p, hc_p,
                             s0, s1, B, I, H, P,
-                            split(B, n_chunks, p), split(B, n_chunks, p + 1), S, reverse)
+                            split(B, n_chunks, p), split(B, n_chunks, p + 1), S, reverse,
+                            dyt, dyb)
             blas_single_exit()
         # Weight gradients and dx, block by block from the last: gradient rows [g0, g1)
         # and [q0, q1) and dx rows [r0, r1) of each block belong to part p alone.

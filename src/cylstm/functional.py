@@ -72,14 +72,16 @@ def _row_strides(a):
     return (a.strides[0] // s if T > 1 else B * n), (a.strides[1] // s if B > 1 else n)
 
 
-def _as_rows(x, name, dtype, I):
+def _as_rows(x, name, dtype, I, lead=(None, None)):
     """x (T, B, I) of `dtype` as it is when its last axis is contiguous (a transposed
-    batch-first array, say), else as a C-contiguous copy: what the inference kernel reads
-    in place."""
+    batch-first array, say), else as a C-contiguous copy: what the inference kernel and
+    backward's dy read in place. ``lead``: the two leading sizes it must have (None:
+    any)."""
     if (type(x) is np.ndarray and x.dtype == dtype and x.ndim == 3 and x.shape[2] == I
+            and all(w is None or g == w for g, w in zip(x.shape, lead))
             and _row_strides(x) is not None):
         return x
-    return _as_array(x, name, dtype, (None, None, I))
+    return _as_array(x, name, dtype, tuple(lead) + (I,))
 
 
 def _rows_disjoint(a):
@@ -467,7 +469,9 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
     dtype = cache.dtype
     T, B, I, H, Hp = cache.shape
     proj = cache.w_hr is not None
-    dy = _as_array(dy, "dy", dtype, (T, B, Hp))
+    # read in place when its last axis is contiguous (a batch-first dy transposed, one
+    # direction's half): a 3.2 MB copy per char-model update saved
+    dy = _as_rows(dy, "dy", dtype, Hp, (T, B))
     dh_n = np.zeros((B, Hp), dtype) if dh_n is None else _as_array(dh_n, "dh_n", dtype, (B, Hp))
     dc = np.zeros((B, H), dtype) if dc_n is None else _as_array(dc_n, "dc_n", dtype, (B, H)).copy()
     dw_ih = _grad_buffer(dw_ih, "dw_ih", dtype, (4 * H, I))

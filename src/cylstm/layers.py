@@ -126,6 +126,9 @@ class LSTM(Parametrised):
     ``dx, (dh0, dc0) = lstm.backward(dy, dstate=None)``
         after a training-mode forward: dy like y, dstate (dh_n, dc_n) like the state or
         None; *accumulates* into ``lstm.grads`` (call ``zero_grad()`` between steps).
+        dy is read in place wherever its last axis is contiguous; with ``batch_first``
+        dx is a (B, T, I) view of the kernels' time-major array (``np.ascontiguousarray``
+        it if you need that layout).
     ``state = lstm.initial_state(B)``; ``y_t = lstm.step(x_t, state)``
         streaming inference, one time step at a time (unidirectional models).
 
@@ -518,12 +521,13 @@ class LSTM(Parametrised):
                                "(lstm.train(); y, state = lstm(x); lstm.backward(dy))")
         caches, masks, wmasks, T, B, unbatched, order = self._caches
         L, D, H, Hp = self.num_layers, self.num_directions, self.hidden_size, self.state_size
+        # dy is read in place when its rows are (F._as_rows): a batch-first dy transposed
         if unbatched:
             dy = F._as_array(dy, "dy", self.dtype, (T, D * Hp))[:, None, :]
         elif self.batch_first:
-            dy = F._as_array(dy, "dy", self.dtype, (B, T, D * Hp)).transpose(1, 0, 2)
+            dy = F._as_rows(dy, "dy", self.dtype, D * Hp, (B, T)).transpose(1, 0, 2)
         else:
-            dy = F._as_array(dy, "dy", self.dtype, (T, B, D * Hp))
+            dy = F._as_rows(dy, "dy", self.dtype, D * Hp, (T, B))
         dh_n, dc_n = self._state(dstate, "dstate", B, unbatched)
         if order is not None:     # the batch order of the forward's kernels
             dy = dy[:, order]
@@ -546,7 +550,7 @@ class LSTM(Parametrised):
                         # kept weights receive it: dW_hh += dW_dropped * mask      (1w')
                         dw_hh_into = ws.get("dwhh_dropped", dw_hh.shape, self.dtype)
                         dw_hh_into[...] = 0
-                    dyd = dy if D == 1 else np.ascontiguousarray(dy[:, :, d * Hp:(d + 1) * Hp])
+                    dyd = dy if D == 1 else dy[:, :, d * Hp:(d + 1) * Hp]   # read in place
                     dxd, dh0[k], dc0[k] = F.lstm_layer_backward(
                         caches[k], dyd, None if dh_n is None else dh_n[k],
                         None if dc_n is None else dc_n[k], dw_ih=dw_ih, dw_hh=dw_hh_into,
@@ -565,8 +569,8 @@ class LSTM(Parametrised):
             dx, dh0, dc0 = dx[:, back], dh0[:, back], dc0[:, back]
         if unbatched:
             return dx[:, 0, :], (dh0[:, 0, :], dc0[:, 0, :])
-        if self.batch_first:
-            dx = np.ascontiguousarray(dx.transpose(1, 0, 2))
+        if self.batch_first:      # a view: the layer below reads its rows in place
+            dx = dx.transpose(1, 0, 2)
         return dx, (dh0, dc0)
 
     # ---- streaming inference -------------------------------------------------------------
