@@ -509,7 +509,7 @@ def profile_fit(sz, n, log):
     out = lin.forward(h)
     _, dout, *_ = m._loss(out, yb, None)
     dh = rng.standard_normal(h.shape).astype(h.dtype)
-    de = rng.standard_normal(e.shape).astype(e.dtype)
+    de = lstm.backward(dh)[0]           # as fit hands it down: the LSTM's dx (a view)
 
     def lstm_fb():
         lstm.forward(e)
@@ -532,26 +532,27 @@ def profile_fit(sz, n, log):
         "loss (cross-entropy + its gradient)": lambda: m._loss(out, yb, None),
     }
     reps = max(3, min(50, U // 2))
-    alone, cold = {}, {}
-    # "Cold": the same call after writing a buffer twice the last-level cache's usual
-    # size from this thread (64 MiB), so its operands start in memory as they may inside
-    # fit after the LSTM's working set. Inside close to cold and well above alone: the
-    # piece pays for caches, not for a thread pool.
-    flush = np.ones(8 << 20)
+    alone, after = {}, {}
+    # "After the LSTM": each call timed right after the LSTM's forward + backward on the
+    # same batch (the LSTM's own after the Linear's), untimed: the caches and the thread
+    # team as the piece finds them inside fit, with no other Python code around it.
+    # Inside near that and well above alone: the piece pays for what the LSTM left in
+    # the caches, not for the loop around it or a second thread pool.
+    before = {k: lin_fb if k == "LSTM forward + backward" else lstm_fb for k in alone_fns}
     with cylstm.threads(n):
         for k, fn in alone_fns.items():
             fn()
-            ts, tc = [], []
+            ts, ta = [], []
             for _ in range(reps):
                 t0 = time.perf_counter()
                 fn()
                 ts.append(time.perf_counter() - t0)
             for _ in range(reps):
-                flush += 1.0
+                before[k]()
                 t0 = time.perf_counter()
                 fn()
-                tc.append(time.perf_counter() - t0)
-            alone[k], cold[k] = float(np.median(ts)), float(np.median(tc))
+                ta.append(time.perf_counter() - t0)
+            alone[k], after[k] = float(np.median(ts)), float(np.median(ta))
     rows = []
     for k, parts in inside.items():
         t = sum(p[0] for p in parts)
@@ -559,7 +560,7 @@ def profile_fit(sz, n, log):
         rows.append({"piece": k, "calls_per_update": calls / U, "inside_ms": 1e3 * t / U,
                      "share": t / fit_ct if fit_ct else None,
                      "alone_ms": 1e3 * alone[k] * (calls / U),
-                     "cold_ms": 1e3 * cold[k] * (calls / U)})
+                     "after_lstm_ms": 1e3 * after[k] * (calls / U)})
     rest = fit_ct - sum(sum(p[0] for p in parts) for parts in inside.values())
     res = {"updates": U, "fit_ms_per_update": 1e3 * plain,
            "profiled_ms_per_update": 1e3 * profiled, "fit_ct_ms_per_update": 1e3 * fit_ct / U,
@@ -881,23 +882,23 @@ def profile_markdown(p, h):
               "(the profiler adds a little per Python call). Alone: the same calls on one "
               "batch's shapes, timed without the profiler (median), times the calls per "
               "update. Inside well above alone means fit pays for something around the "
-              "call (cold caches, a thread pool waking up, extra copies). Alone, cold: the "
-              "same, each call right after 64 MiB were written from this thread (its "
-              "operands out of cache, as they may be inside fit after the LSTM): inside "
-              "near that and well above alone is the price of caches, not of a thread "
-              "pool.", ""]
+              "call (cold caches, a thread pool waking up, extra copies). After the "
+              "LSTM: the same calls, each right after an untimed LSTM forward + backward "
+              "on the batch (the LSTM's after the Linear's), the caches and thread team "
+              "as inside fit: inside near that and well above alone is the price of what "
+              "the LSTM leaves in the caches, not of the loop or a second thread pool.", ""]
     rows = [[r["piece"], f"{r['calls_per_update']:.0f}", f"{r['inside_ms']:.2f}",
              "-" if r["share"] is None else f"{100 * r['share']:.0f}%",
              f"{r['alone_ms']:.2f}",
              f"{r['inside_ms'] / r['alone_ms']:.2f}x" if r["alone_ms"] else "-",
-             f"{r['cold_ms']:.2f}" if "cold_ms" in r else "-",
-             f"{r['inside_ms'] / r['cold_ms']:.2f}x" if r.get("cold_ms") else "-"]
+             f"{r['after_lstm_ms']:.2f}" if "after_lstm_ms" in r else "-",
+             f"{r['inside_ms'] / r['after_lstm_ms']:.2f}x" if r.get("after_lstm_ms") else "-"]
             for r in p["rows"]]
     rows.append(["everything else in fit (batching, copies, checks, metrics)", "",
                  f"{p['rest_ms']:.2f}", f"{100 * p['rest_ms'] / p['fit_ct_ms_per_update']:.0f}%"
                  if p["fit_ct_ms_per_update"] else "-", "", "", "", ""])
     lines += table(["piece", "calls/update", "inside fit ms", "% of fit", "alone ms",
-                    "inside / alone", "alone, cold ms", "inside / cold"], rows)
+                    "inside / alone", "after the LSTM ms", "inside / after"], rows)
     lines += ["", "Functions with the most own time (ms per update):", ""]
     lines += table(["function", "own ms", "cumulative ms", "calls/update"],
                    [[t["function"], f"{t['own_ms']:.2f}", f"{t['cum_ms']:.2f}",

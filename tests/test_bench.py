@@ -234,7 +234,7 @@ def test_e2e_profile_groups_fit_by_piece(tmp_path, capsys):
     assert len(pieces) == 6 and "LSTM forward + backward" in md
     for r in pieces.values():                  # every piece was found inside fit
         assert r["calls_per_update"] >= 1 and r["inside_ms"] > 0 and r["alone_ms"] > 0
-        assert r["cold_ms"] > 0
+        assert r["after_lstm_ms"] > 0 and "| after the LSTM ms |" in md
 
 
 @pytest.mark.parametrize("what", ["predict", "evaluate"])
