@@ -178,6 +178,8 @@ def test_chain_and_dtype_errors():
         cylstm.Sequential([cylstm.Linear(3, 3), cylstm.Embedding(4, 3)])
     with pytest.raises(TypeError, match="Sequential takes"):
         cylstm.Sequential([object()])
+    with pytest.raises(TypeError, match=r"layers\[1\] is a Sequential"):   # model(x) exists,
+        cylstm.Sequential([cylstm.LSTM(3, 5), _model("classify")])   # but not as a layer
     model = _model("classify", "float32")
     with pytest.raises(RuntimeError, match="compile"):
         model.fit(np.zeros((2, 3, 3)), [0, 1])

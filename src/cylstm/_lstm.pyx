@@ -1105,9 +1105,9 @@ def lstm_backward(
     floating[:, ::1] dzs,               # (B, G) scratch
     floating[:, ::1] dhbuf,             # (B, Hp) scratch
     floating[:, ::1] dm,                # (B, H) scratch with a projection, else None
-    const floating[:, :, :] dy,         # (T, B, Hp) its last axis contiguous, rows that
-                                        #   never overlap (a batch-first array transposed,
-                                        #   or one direction's half of a bidirectional dy)
+    const floating[:, :, :] dy,         # (T, B, Hp) its last axis contiguous, any row
+                                        #   strides (read only: a batch-first array
+                                        #   transposed, one direction's half, a broadcast)
     const floating[:, ::1] dh_n,        # (B, Hp)
     const floating[:, :, ::1] gates,    # (n, B, G) from lstm_forward over [s0, s1)
     const floating[:, :, ::1] c_cache,  # (n, B, H)

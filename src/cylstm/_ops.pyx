@@ -7,9 +7,10 @@ Dimension legend (used in every shape comment):
     C  classes (logit columns)        V  vocabulary rows      D  embedding features
     I  Linear input features         O  Linear output features
     P  fixed work parts (n_parts: the machine's cores, never the thread count)
-Every array is C-contiguous. Outputs come first, then inputs, then sizes. The Python
-layer (cylstm/losses.py, cylstm/embedding.py) validates and allocates; the kernels here
-allocate nothing and run without the GIL. Each `def` still checks what would make it
+Every array is C-contiguous unless its comment says otherwise (the embedding's dout).
+Outputs come first, then inputs, then sizes. The Python layer (cylstm/losses.py,
+cylstm/embedding.py) validates and allocates the arrays; the kernels run without the GIL
+(the own product kernel, cy_bgemm, allocates its small B buffer itself). Each `def` still checks what would make it
 read or write out of bounds (shapes, and target / index values, in one serial O(N)
 pass before the parallel one) and raises ValueError naming the argument.
 
@@ -37,10 +38,11 @@ Linear, y = x W^T + b:
     (6)  forward     y = x W^T + b                     (N, O) <- (N, I), W (O, I), b (O,)
     (6') backward    dx = dy W;  dW += dy^T x;  db += S,  S_o = sum_n dy_no (float64)
 Every product is a single-threaded BLAS gemm inside cylstm's own OpenMP team (the pin
-of _lstm.pyx), so no BLAS thread pool runs beside the team. y and dx are cut into P
-fixed row blocks, one gemm each; dW and db into P fixed blocks of its O rows, each one
-gemm over all N rows (and the bias sums in row order): every element is computed by
-the same gemm call for any number of threads, so results are bitwise the same.
+of _lstm.pyx), so no BLAS thread pool runs beside the team, or, in the backward, the own
+float32 kernel cy_bgemm (rule: _linear_own). y and dx are cut into P fixed row blocks,
+one product each; dW and db into P fixed blocks of its O rows, each one product over
+all N rows (and the bias sums in row order): every element is computed by the same
+call for any number of threads, so results are bitwise the same.
 
 Parallel structure and reproducibility. Cross-entropy and the gather split the rows
 into P fixed blocks; each row is independent, and the loss is summed in float64 per
@@ -456,11 +458,11 @@ def embedding_forward(
 # arrays, float32 V=65, D=128, N=6400 takes about 0.2 ms on two threads of a 2-core
 # Xeon (np.add.at: 30 times that).
 # Where one part's group sums fit in _SCATTER_WALK_BYTES, the walk in row order
-# (_scatter_walk_block) needs no sort and reads dout front to back. Zen 5, float32,
+# (_scatter_walk_block) needs no sort and reads dout's rows in order. Zen 5, float32,
 # D=64, N=3200, 2 threads: V=81 41 us against 44 + 9 for the argsort; V=256 35 against
 # 44; with N=32000 and V=256, 276 against 421. It stays ahead up to sums of about 2 MiB
 # a part, and falls behind beyond the L2 (V=50000, D=256: 215 against 146); the bound
-# is kept low enough that the layer's per-call scratch comes from malloc's heap.
+# is kept low so that the per-call scratch (N_PARTS x 64 KiB) stays small.
 cdef enum:
     _SCATTER_COLS = 64
     _SCATTER_ALIGN = 16
@@ -612,7 +614,7 @@ def embedding_backward(
     of np.add.at); any permutation of 0..N-1 gives the right sums, only their rounding
     and the number of adds differ. Values outside 0..N-1 raise ValueError. Without it,
     it walks the rows in order and sums each group in ``acc`` (``scatter_scratch``'s):
-    bitwise the stable argsort's sums, without the sort, reading dout front to back."""
+    bitwise the stable argsort's sums, without the sort, reading dout's rows in order."""
     cdef Py_ssize_t N = indices.shape[0], V = dweight.shape[0], D = dweight.shape[1]
     cdef Py_ssize_t n, bad = -1, inner = dout.shape[1], w = min(D, <Py_ssize_t> _SCATTER_COLS)
     cdef Py_ssize_t s0 = dout.strides[0] // <Py_ssize_t> sizeof(floating)
@@ -626,7 +628,7 @@ def embedding_backward(
         raise ValueError(f"embedding_backward: dout must have ({N}, {D}) rows, its last "
                          f"axis contiguous, and order "
                          f"({N},), got ({dout.shape[0]}, {dout.shape[1]}, {dout.shape[2]}) "
-                         f"and {'None' if walk else f'({order.shape[0]},)'}")
+                         f"and {'no order (the walk)' if walk else f'({order.shape[0]},)'}")
     if walk and (acc is None or seen is None or acc.shape[0] < n_parts
                  or acc.shape[1] < V * w or seen.shape[0] < n_parts or seen.shape[1] < V):
         raise ValueError(f"embedding_backward: without order, acc must be at least "

@@ -216,6 +216,9 @@ class Sequential(Parametrised):
         if not layers:
             raise ValueError("Sequential needs at least one layer")
         for i, layer in enumerate(layers):
+            if isinstance(layer, Sequential):
+                raise TypeError(f"layers[{i}] is a Sequential; a model takes layers, not "
+                                f"models: pass its layers (model.layers) instead")
             if not isinstance(layer, Layer):
                 raise TypeError(f"layers[{i}] is a {type(layer).__name__}; Sequential takes "
                                 f"layers (cylstm.base.Layer: {', '.join(_BUILTIN_LAYERS)} "
