@@ -4,6 +4,7 @@ An eval-mode LSTM reads a batch-first x through a transposed view (no time-major
 and every layer writes straight into its output (the last one into the batch-first
 result, each direction into its half): the same bits as the same input made
 C-contiguous, time-major, with no copy of x or y on the way."""
+import contextlib
 import tracemalloc
 
 import numpy as np
@@ -178,6 +179,22 @@ def test_out_sharing_memory_with_x_is_refused():
         F.lstm_layer_forward(buf[1:], w_ih, w_hh, training=False, out=buf[:-1])
 
 
+@contextlib.contextmanager
+def _copies():
+    """The names of the arrays functional._as_array (the copy _as_rows falls back to)
+    is called on inside the block."""
+    copied, as_array = [], F._as_array
+
+    def spy(a, name, *args):
+        copied.append(name)
+        return as_array(a, name, *args)
+    F._as_array = spy
+    try:
+        yield copied
+    finally:
+        F._as_array = as_array
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("ragged,reverse,P,k", [(False, False, 0, None), (True, True, 0, None),
                                                (True, False, 3, 2), (False, True, 0, 3)],
@@ -198,11 +215,6 @@ def test_backward_reads_strided_dy_in_place(dtype, ragged, reverse, P, k):
     views = [wide[:, :, Hp:2 * Hp].transpose(1, 0, 2),           # batch-first half, (T, B, Hp)
              wide[::-1, ::-1, :Hp].transpose(1, 0, 2),           # negative row strides
              np.broadcast_to(wide[:1, :1, :Hp], (T, B, Hp))]     # one row for every row
-    copied = []
-    as_array = F._as_array
-    def spy(a, name, *args):                    # the copy _as_rows falls back to
-        copied.append(name)
-        return as_array(a, name, *args)
     for dy in views:
         assert not dy.flags.c_contiguous
         runs = []
@@ -212,12 +224,9 @@ def test_backward_reads_strided_dy_in_place(dtype, ragged, reverse, P, k):
                                                   checkpoint_every=k)
             g = [np.zeros_like(w_ih), np.zeros_like(w_hh), np.zeros_like(b), np.zeros_like(b),
                  np.zeros_like(w_hr) if P else None]
-            F._as_array = spy
-            try:
+            with _copies() as copied:
                 dx, dh0, dc0 = F.lstm_layer_backward(cache, d, dw_ih=g[0], dw_hh=g[1],
                                                      db_ih=g[2], db_hh=g[3], dw_hr=g[4])
-            finally:
-                F._as_array = as_array
             assert "dy" not in copied                   # read in place, not copied
             runs.append([dx, dh0, dc0] + [a for a in g if a is not None])
         for a, b_ in zip(*runs):
@@ -235,16 +244,8 @@ def test_batch_first_backward_copies_neither_dy_nor_dx():
     bf = cylstm.LSTM(6, 8, batch_first=True, seed=4)
     tm = cylstm.LSTM(6, 8, seed=4)
     bf(x)
-    copied = []
-    as_array = F._as_array
-    def spy(a, name, *args):
-        copied.append(name)
-        return as_array(a, name, *args)
-    F._as_array = spy
-    try:
+    with _copies() as copied:
         dx_bf, (dh_bf, dc_bf) = bf.backward(dy)
-    finally:
-        F._as_array = as_array
     assert "dy" not in copied
     tm(np.ascontiguousarray(x.transpose(1, 0, 2)))
     dx_tm, (dh_tm, dc_tm) = tm.backward(np.ascontiguousarray(dy.transpose(1, 0, 2)))
