@@ -40,6 +40,34 @@ def test_packed_kernel_matches_blas(kernel_level, trans, dtype):
         assert np.all(np.abs(got - want) <= bound + 1e-300), (M, N, K)
 
 
+def _packed_reference(w, k0, Kt, width):
+    """W^T (K, N), w being W (N, K), as rows [k0, k0 + K) of (Kt, N) panels of `width`
+    columns, zero-padded past N, flat: what the forward's packing must write."""
+    N, K = w.shape
+    out = np.zeros((-(-N // width), Kt, width), w.dtype)
+    for p in range(out.shape[0]):
+        cols = w[p * width:(p + 1) * width].T
+        out[p, k0:k0 + K, :cols.shape[1]] = cols
+    return out.ravel()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_packing_is_an_exact_transposed_copy(kernel_level, dtype):
+    """The transposing pack (8 x 8 or 4 x 4 register blocks, element by element at the
+    edges) puts every weight where the panel layout says, at every edge: N and K around
+    the block and panel sizes, and a pack into the middle rows of taller panels
+    ([W_ih | W_hh] is two such packs)."""
+    rng = np.random.default_rng(3)
+    width = 16 if dtype == np.float32 else 8
+    for N in (1, 3, 4, 7, 8, 9, 15, 16, 17, 24, 33, 100):
+        for K in (1, 3, 4, 5, 7, 8, 9, 16, 17, 40):
+            for k0, extra in ((0, 0), (3, 5), (8, 1)):
+                w = rng.standard_normal((N, K)).astype(dtype)
+                got, _ = _lstm._pack_panels(w, k0, k0 + K + extra)
+                want = _packed_reference(w, k0, k0 + K + extra, width)
+                assert np.array_equal(got, want), (N, K, k0, extra)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_rows_do_not_depend_on_their_neighbours(kernel_level, dtype):
     """A row's result is the same whether it is computed alone or in any row block:

@@ -292,6 +292,28 @@ def _packed_product(const floating[:, ::1] a, const floating[:, ::1] w, bint tra
     return out, (time.perf_counter() - t0) / reps
 
 
+def _pack_panels(const floating[:, ::1] w, int k0=0, int Kt=0, int reps=1):
+    """Test and benchmark hook: (W^T packed as rows [k0, k0 + K) of (Kt, N) panels,
+    seconds per pack), w being W (N, K) (PyTorch's layout), exactly as the forward packs
+    [W_ih | W_hh] (_pack_rows); Kt = 0 means K. The panels are returned flat, one panel of
+    Kt rows of a panel's width after another; rows outside [k0, k0 + K) are left as the
+    scratch had them (zeros here)."""
+    import time
+    import numpy as np
+    cdef int N = w.shape[0], K = w.shape[1], i
+    Kt = Kt or K
+    if N < 1 or K < 1 or k0 < 0 or k0 + K > Kt or reps < 1:
+        raise ValueError("shapes do not match, or reps < 1")
+    dtype = np.float32 if floating is float else np.float64
+    out = np.zeros(_packed_elems(Kt, N, sizeof(floating)), dtype)
+    cdef floating[::1] pk = out
+    t0 = time.perf_counter()
+    with nogil:
+        for i in range(reps):
+            _pack_rows(&pk[0], &w[0, 0], K, N, K, k0, Kt)
+    return out, (time.perf_counter() - t0) / reps
+
+
 def _packed_matmul(a, w, trans):
     """Test hook: A (M, K) @ op(W) through the packed per-step kernel (_packed_product)."""
     return _packed_product(a, w, trans, 1)[0]
