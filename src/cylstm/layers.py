@@ -416,7 +416,8 @@ class LSTM(Parametrised):
         if self.training and np.may_share_memory(xt, x):
             xt = xt.copy()   # the cache keeps x: never alias the caller's array
         full = lengths is None                # the kernels' layers then make their own
-        lengths = F._lengths(lengths, T, B)
+        if not full:
+            lengths = F._lengths(lengths, T, B)
         h0, c0 = self._state(state, "state", B, unbatched)
         order = None if full else _ragged_order(lengths)
         if order is not None:     # the kernels skip finished rows of length-sorted chunks
