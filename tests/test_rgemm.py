@@ -8,7 +8,7 @@ no projection, else BLAS, never a write past the scratch."""
 import numpy as np
 import pytest
 
-from cylstm import _lstm
+from cylstm import _isa, _lstm
 
 pytestmark = [
     pytest.mark.skipif(_lstm.rgemm_level() == 0,
@@ -40,32 +40,39 @@ def test_packed_kernel_matches_blas(kernel_level, trans, dtype):
         assert np.all(np.abs(got - want) <= bound + 1e-300), (M, N, K)
 
 
-def _packed_reference(w, k0, Kt, width):
+def _packed_reference(w, k0, Kt, width, fill):
     """W^T (K, N), w being W (N, K), as rows [k0, k0 + K) of (Kt, N) panels of `width`
-    columns, zero-padded past N, flat: what the forward's packing must write."""
+    columns, zero-padded past N, flat, the other rows left at `fill`: what the forward's
+    packing must write, and nothing else."""
     N, K = w.shape
-    out = np.zeros((-(-N // width), Kt, width), w.dtype)
+    out = np.full((-(-N // width), Kt, width), fill, w.dtype)
     for p in range(out.shape[0]):
         cols = w[p * width:(p + 1) * width].T
+        out[p, k0:k0 + K] = 0
         out[p, k0:k0 + K, :cols.shape[1]] = cols
     return out.ravel()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_packing_is_an_exact_transposed_copy(kernel_level, dtype):
-    """The transposing pack (8 x 8 or 4 x 4 register blocks, element by element at the
-    edges) puts every weight where the panel layout says, at every edge: N and K around
-    the block and panel sizes, and a pack into the middle rows of taller panels
-    ([W_ih | W_hh] is two such packs)."""
+    """The transposing pack (8 x 8 or 4 x 4 register blocks from level 1 on, element by
+    element at the edges and at level 0, which this CPU runs too) puts every weight where
+    the panel layout says and zeros past N, at every edge: N and K around the block and
+    panel sizes, and a pack into the middle rows of taller panels ([W_ih | W_hh] is two
+    such packs), which leaves the other rows (NaN here) alone."""
     rng = np.random.default_rng(3)
     width = 16 if dtype == np.float32 else 8
-    for N in (1, 3, 4, 7, 8, 9, 15, 16, 17, 24, 33, 100):
-        for K in (1, 3, 4, 5, 7, 8, 9, 16, 17, 40):
-            for k0, extra in ((0, 0), (3, 5), (8, 1)):
-                w = rng.standard_normal((N, K)).astype(dtype)
-                got, _ = _lstm._pack_panels(w, k0, k0 + K + extra)
-                want = _packed_reference(w, k0, k0 + K + extra, width)
-                assert np.array_equal(got, want), (N, K, k0, extra)
+    for level in (0, kernel_level):
+        with _isa.use_level(level):
+            for N in (1, 3, 4, 7, 8, 9, 15, 16, 17, 24, 33, 100):
+                for K in (1, 3, 4, 5, 7, 8, 9, 16, 17, 40):
+                    for k0, extra in ((0, 0), (3, 5), (8, 1)):
+                        w = rng.standard_normal((N, K)).astype(dtype)
+                        Kt = k0 + K + extra
+                        got, _ = _lstm._pack_panels(w, k0, Kt, fill=np.nan)
+                        want = _packed_reference(w, k0, Kt, width, np.nan)
+                        assert np.array_equal(got, want, equal_nan=True), (
+                            level, N, K, k0, extra)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])

@@ -33,6 +33,7 @@ cdef extern from "_rgemm.h" nogil:
     ctypedef void (*cy_dot_rows_fn)(int, int, int, const float*, int, const float*, int,
                                     float*, int) noexcept nogil
     size_t cy_packed_size(int K, int N)
+    int cy_pack_level
     void cy_pack_f32(float* packed, const float* w, int K, int N, int ldw, int trans)
     void cy_pack_rows_f32(float* packed, const float* w, int K, int N, int ldw, int trans,
                           int k0, int Kt)

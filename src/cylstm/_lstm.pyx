@@ -98,7 +98,7 @@ from cylstm._kernels cimport (cy_act_f32, cy_act_select, cy_act_f64, cy_act_sele
                               cy_gemm_packed_fn, cy_packed_size, cy_pack_f32, cy_pack_rows_f32,
                               cy_rgemm_select, cy_gemm_packed64_fn, cy_packed_size_f64,
                               cy_pack_f64, cy_pack_rows_f64, cy_rgemm64_select,
-                              cy_bgemm_fn, cy_bgemm_select)
+                              cy_bgemm_fn, cy_bgemm_select, cy_pack_level)
 
 cdef cy_act_f32 _act
 cdef cy_act_f64 _act64
@@ -110,13 +110,14 @@ cdef int _level = 0
 
 
 cdef void _use_level(int level) noexcept nogil:
-    global _act, _act64, _cell, _rgemm, _rgemm64, _bgemm, _level
+    global _act, _act64, _cell, _rgemm, _rgemm64, _bgemm, _level, cy_pack_level
     _act = cy_act_select(level)
     _act64 = cy_act_select_f64(level)
     _cell = cy_cell_select(level)
     _rgemm = cy_rgemm_select(level)
     _rgemm64 = cy_rgemm64_select(level)
     _bgemm = cy_bgemm_select(level)
+    cy_pack_level = level
     _level = level
 
 
@@ -292,12 +293,13 @@ def _packed_product(const floating[:, ::1] a, const floating[:, ::1] w, bint tra
     return out, (time.perf_counter() - t0) / reps
 
 
-def _pack_panels(const floating[:, ::1] w, int k0=0, int Kt=0, int reps=1):
+def _pack_panels(const floating[:, ::1] w, int k0=0, int Kt=0, int reps=1,
+                 double fill=0.0):
     """Test and benchmark hook: (W^T packed as rows [k0, k0 + K) of (Kt, N) panels,
     seconds per pack), w being W (N, K) (PyTorch's layout), exactly as the forward packs
-    [W_ih | W_hh] (_pack_rows); Kt = 0 means K. The panels are returned flat, one panel of
-    Kt rows of a panel's width after another; rows outside [k0, k0 + K) are left as the
-    scratch had them (zeros here)."""
+    [W_ih | W_hh] (_pack_rows), at the current ISA level; Kt = 0 means K. The panels are
+    returned flat, one panel of Kt rows of a panel's width after another, in scratch
+    first filled with `fill`: rows outside [k0, k0 + K) must keep it."""
     import time
     import numpy as np
     cdef int N = w.shape[0], K = w.shape[1], i
@@ -305,7 +307,7 @@ def _pack_panels(const floating[:, ::1] w, int k0=0, int Kt=0, int reps=1):
     if N < 1 or K < 1 or k0 < 0 or k0 + K > Kt or reps < 1:
         raise ValueError("shapes do not match, or reps < 1")
     dtype = np.float32 if floating is float else np.float64
-    out = np.zeros(_packed_elems(Kt, N, sizeof(floating)), dtype)
+    out = np.full(_packed_elems(Kt, N, sizeof(floating)), fill, dtype)
     cdef floating[::1] pk = out
     t0 = time.perf_counter()
     with nogil:

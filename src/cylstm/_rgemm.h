@@ -37,10 +37,16 @@
  * The forward packs W^T from PyTorch's (N, K) layout at every call, one panel element
  * per weight: element by element, each read strided by a row of W, it cost about as
  * much as 8 of the tiny config's 50 steps (N = 256, K = 96: 9.7 us; the medium config's
- * [W_ih | W_hh], N = 1024, K = 512: 204 us). With AVX2 the bulk goes through 8 x 8
- * register transposes (8 rows of W, 8 consecutive k, each row read as one vector); the
- * edges are copied as before. Packing only copies, so every path gives the same bits. */
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+ * [W_ih | W_hh], N = 1024, K = 512: 204 us). At ISA level 1 and up (_isa.h) the bulk
+ * goes through AVX2 register transposes (8 x 8 floats, 4 x 4 doubles: rows of W, each
+ * read as one vector); the edges, and everything at level 0, are copied element by
+ * element. Packing only copies, so every path gives the same bits. */
+
+/* The ISA level the transposing packs follow, set by the including module's level hook
+ * (never above the CPU's level, so level >= 1 means AVX2 is there). */
+static int cy_pack_level = 0;
+
+#ifdef CY_HAVE_X86_LEVELS
 #include <immintrin.h>
 #define CY_HAVE_X86_PACK 1
 
@@ -105,12 +111,6 @@ cy_pack_block_f64(double *dst, const double *w, int jv, int kv, int ldw, int NR)
         for (int k = 0; k < kv; k += 4)
             cy_transpose4_f64(dst + (size_t) k * NR + j0, NR, w + (size_t) j0 * ldw + k, ldw);
 }
-
-static inline int cy_pack_has_avx2(void)
-{
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2");
-}
 #endif
 
 /* Floats needed to pack a (K, N) matrix. */
@@ -128,7 +128,7 @@ static inline void cy_pack_rows_f32(float *packed, const float *w, int K, int N,
 {
     int np = (N + CY_NR - 1) / CY_NR, fast = 0;
 #ifdef CY_HAVE_X86_PACK
-    fast = trans && cy_pack_has_avx2();
+    fast = trans && cy_pack_level >= 1;
 #endif
     for (int p = 0; p < np; p++) {
         float *dst = packed + ((size_t) p * Kt + k0) * CY_NR;
@@ -855,7 +855,7 @@ static inline void cy_pack_rows_f64(double *packed, const double *w, int K, int 
 {
     int np = (N + CY_NR64 - 1) / CY_NR64, fast = 0;
 #ifdef CY_HAVE_X86_PACK
-    fast = trans && cy_pack_has_avx2();
+    fast = trans && cy_pack_level >= 1;
 #endif
     for (int p = 0; p < np; p++) {
         double *dst = packed + ((size_t) p * Kt + k0) * CY_NR64;
