@@ -491,12 +491,17 @@ def profile_fit(sz, n, log):
     # computes its own.
     step_fn = getattr(type(opt), "_step_with_norm", type(opt).step)
     fit_ct, _ = ct(type(m).fit)
+    # The Embedding hands its ids to the LSTM (token input: the LSTM projects the
+    # Embedding's table, and its backward fills the Embedding's gradient), so the two are
+    # one piece: the LSTM's batch calls, plus the Embedding's own calls for a batch where
+    # the table would not pay (then forward_batch calls Embedding.forward inside it).
     inside = {
-        "LSTM forward + backward": [ct(LSTM.forward), ct(LSTM.backward)],
+        "Embedding + LSTM forward + backward": [ct(LSTM.forward_batch),
+                                                ct(LSTM.backward_batch),
+                                                ct(Embedding.backward)],
         "gradient norm (NaN/Inf check)": [ct(cy_optim._norm, type(m).train_step)],
         "optimiser step (clip + Adam)": [ct(step_fn)],
         "Linear forward + backward": [ct(Linear.forward), ct(Linear.backward)],
-        "Embedding forward + backward": [ct(Embedding.forward), ct(Embedding.backward)],
         "loss (cross-entropy + its gradient)": [ct(type(m)._loss)],
     }
     # the same calls alone, on one batch's shapes, no profiler
@@ -504,31 +509,26 @@ def profile_fit(sz, n, log):
     xb, yb = x[:sz.batch], y[:sz.batch]
     rng = np.random.default_rng(0)
     m.train()
-    e = emb.forward(xb)
-    h, _ = lstm.forward(e)
+    h, _ = lstm.forward_batch(emb.token_batch(xb))     # as Sequential runs the pair
     out = lin.forward(h)
     _, dout, *_ = m._loss(out, yb, None)
     dh = rng.standard_normal(h.shape).astype(h.dtype)
-    de = lstm.backward(dh)[0]           # as fit hands it down: the LSTM's dx (a view)
 
     def lstm_fb():
-        lstm.forward(e)
-        lstm.backward(dh)
+        lstm.forward_batch(emb.token_batch(xb))
+        de = lstm.backward_batch(dh)
+        if de is not None:                 # the table did not pay: the Embedding's own
+            emb.backward(de)
 
     def lin_fb():
         lin.forward(h)
         lin.backward(dout)
 
-    def emb_fb():
-        emb.forward(xb)
-        emb.backward(de)
-
     alone_fns = {
-        "LSTM forward + backward": lstm_fb,
+        "Embedding + LSTM forward + backward": lstm_fb,
         "gradient norm (NaN/Inf check)": lambda: cy_optim._norm(m.flat_grads),
         "optimiser step (clip + Adam)": opt.step,
         "Linear forward + backward": lin_fb,
-        "Embedding forward + backward": emb_fb,
         "loss (cross-entropy + its gradient)": lambda: m._loss(out, yb, None),
     }
     reps = max(3, min(50, U // 2))
@@ -538,7 +538,8 @@ def profile_fit(sz, n, log):
     # team as the piece finds them inside fit, with no other Python code around it.
     # Inside near that and well above alone: the piece pays for what the LSTM left in
     # the caches, not for the loop around it or a second thread pool.
-    before = {k: lin_fb if k == "LSTM forward + backward" else lstm_fb for k in alone_fns}
+    before = {k: lin_fb if k == "Embedding + LSTM forward + backward" else lstm_fb
+              for k in alone_fns}
     with cylstm.threads(n):
         for k, fn in alone_fns.items():
             fn()
@@ -625,11 +626,14 @@ def profile_inference(sz, n, log, torch, what):
     kernel = getattr(cy_F, "lstm_layer_forward", None)
     top_ct, _ = ct(top_fn)
     k_ct, k_n = ct(kernel)
-    l_ct, l_n = ct(LSTM.forward)
+    e_ct, _ = ct(Embedding.forward)            # only where the table does not pay
+    l_ct, l_n = ct(LSTM.forward_batch)
+    # The Embedding hands its ids to the LSTM, whose kernel call projects the
+    # Embedding's table (token input): the lookup is inside the kernel's piece.
     inside = {
-        "Embedding forward (gather)": ct(Embedding.forward),
-        "LSTM kernel (functional.lstm_layer_forward)": (k_ct, k_n),
-        "LSTM.forward around the kernel (layout copies, checks)": (l_ct - k_ct, l_n),
+        "Embedding + LSTM kernel (functional.lstm_layer_forward)": (k_ct + e_ct, k_n),
+        "LSTM.forward_batch around the kernel (layout copies, checks)":
+            (l_ct - k_ct - e_ct, l_n),
         "Linear forward": ct(Linear.forward),
     }
     if what == "evaluate":
@@ -646,17 +650,23 @@ def profile_inference(sz, n, log, torch, what):
     emb, lstm, lin = m.layers
     m.eval()
     xb, yb = np.ascontiguousarray(cx[:bs]), np.ascontiguousarray(cy[:bs])
-    e = emb.forward(xb)
-    h, _ = lstm.forward(e)
+    h, _ = lstm.forward_batch(emb.token_batch(xb))     # as Sequential runs the pair
     out = lin.forward(h)
-    et = np.ascontiguousarray(e.transpose(1, 0, 2))
     (w_ih, w_hh, b_ih, b_hh, _), _ = lstm._weights(0, 0)
     ws = cy_F.Workspace()           # scratch kept across calls, as LSTM.forward keeps it
+    if cy_F.token_table(emb.num_embeddings, xb.shape[1], xb.shape[0]):
+        tok = cy_F.Tokens(np.ascontiguousarray(xb.T, dtype=np.int32), emb.weight, emb.grad)
+
+        def emb_lstm_kernel():
+            return kernel(None, w_ih, w_hh, b_ih, b_hh, training=False, workspace=ws,
+                          tokens=tok)
+    else:
+        def emb_lstm_kernel():
+            et = np.ascontiguousarray(emb.forward(xb).transpose(1, 0, 2))
+            return kernel(et, w_ih, w_hh, b_ih, b_hh, training=False, workspace=ws)
     alone_fns = {
-        "Embedding forward (gather)": lambda: emb.forward(xb),
-        "LSTM kernel (functional.lstm_layer_forward)": lambda: kernel(
-            et, w_ih, w_hh, b_ih, b_hh, training=False, workspace=ws),
-        "LSTM.forward around the kernel (layout copies, checks)": None,
+        "Embedding + LSTM kernel (functional.lstm_layer_forward)": emb_lstm_kernel,
+        "LSTM.forward_batch around the kernel (layout copies, checks)": None,
         "Linear forward": lambda: lin.forward(h),
         "loss and metrics (softmax cross-entropy)": lambda: m._loss(out, yb, None),
         "holding NumPy's BLAS to one thread and its huge-page hint off (enter + exit)": _hold_once,
@@ -670,8 +680,8 @@ def profile_inference(sz, n, log, torch, what):
             th = tm.lstm(te)[0]
             tout = tm.lin(th)
         torch_fns = {
-            "Embedding forward (gather)": lambda: tm.emb(txb),
-            "LSTM kernel (functional.lstm_layer_forward)": lambda: tm.lstm(te),
+            "Embedding + LSTM kernel (functional.lstm_layer_forward)":
+                lambda: tm.lstm(tm.emb(txb)),
             "Linear forward": lambda: tm.lin(th),
             "loss and metrics (softmax cross-entropy)": lambda: F.cross_entropy(
                 tout.reshape(-1, tout.shape[-1]), tyb.reshape(-1), reduction="sum").item(),
@@ -689,15 +699,16 @@ def profile_inference(sz, n, log, torch, what):
             alone[k] = float(np.median(res["cylstm"])) if "cylstm" in res else None
             t_alone[k] = float(np.median(res["torch"])) if "torch" in res else None
     lstm_alone = None
+    kpiece = "Embedding + LSTM kernel (functional.lstm_layer_forward)"
     with cylstm.threads(n), ctx:
-        fns = {"cylstm": lambda: lstm.forward(e)}
+        fns = {"cylstm": lambda: lstm.forward_batch(emb.token_batch(xb))}
         if tm is not None:
-            fns["torch"] = torch_fns["LSTM kernel (functional.lstm_layer_forward)"]
+            fns["torch"] = torch_fns[kpiece]
         res = alternate(fns, max(5, 2 * reps))
         lstm_alone = {k: 1e3 * float(np.median(v)) for k, v in res.items()}
-    if "LSTM kernel (functional.lstm_layer_forward)" in alone:
-        alone["LSTM.forward around the kernel (layout copies, checks)"] = \
-            lstm_alone["cylstm"] / 1e3 - alone["LSTM kernel (functional.lstm_layer_forward)"]
+    if kpiece in alone:
+        alone["LSTM.forward_batch around the kernel (layout copies, checks)"] = \
+            lstm_alone["cylstm"] / 1e3 - alone[kpiece]
     rows = []
     for k, (t, c) in inside.items():
         a, ta = alone.get(k), t_alone.get(k)
@@ -921,9 +932,9 @@ def inference_profile_markdown(p, h):
               + f"; {p['profiled_ms_per_batch']:.1f} ms under cProfile"]
     la = p.get("lstm_alone") or {}
     if la:
-        lines += [f"- the LSTM layer alone at these shapes (LSTM.forward, eval mode): "
-                  f"cylstm {la['cylstm']:.1f} ms"
-                  + (f", torch nn.LSTM {la['torch']:.1f} ms (cylstm / torch speed "
+        lines += [f"- the Embedding and the LSTM alone at these shapes (LSTM.forward_batch "
+                  f"on the ids, eval mode): cylstm {la['cylstm']:.1f} ms"
+                  + (f", torch nn.Embedding + nn.LSTM {la['torch']:.1f} ms (cylstm / torch speed "
                      f"{la['torch'] / la['cylstm']:.2f}x)" if "torch" in la else "")]
     lines += ["", f"Per batch. Inside: cProfile's cumulative time of the piece's calls in "
               f"{w}. Alone: the same calls on one batch's shapes without the profiler "

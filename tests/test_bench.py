@@ -231,7 +231,7 @@ def test_e2e_profile_groups_fit_by_piece(tmp_path, capsys):
     md = (tmp_path / "e2e_profile.md").read_text()
     rec = json.loads((tmp_path / "e2e_profile.jsonl").read_text().splitlines()[0])
     pieces = {r["piece"]: r for r in rec["profile"]["rows"]}
-    assert len(pieces) == 6 and "LSTM forward + backward" in md
+    assert len(pieces) == 5 and "Embedding + LSTM forward + backward" in md
     for r in pieces.values():                  # every piece was found inside fit
         assert r["calls_per_update"] >= 1 and r["inside_ms"] > 0 and r["alone_ms"] > 0
         assert r["after_lstm_ms"] > 0 and "| after the LSTM ms |" in md
@@ -248,7 +248,7 @@ def test_e2e_profile_groups_inference_by_piece(what, tmp_path, capsys):
     assert ("loss and metrics (softmax cross-entropy)" in pieces) == (what == "evaluate")
     for k, r in pieces.items():                # every piece was found inside the call
         assert r["calls_per_batch"] > 0 and r["inside_ms"] > 0, k
-        if k != "LSTM.forward around the kernel (layout copies, checks)":
+        if k != "LSTM.forward_batch around the kernel (layout copies, checks)":
             assert r["alone_ms"] > 0, k        # (that one is a difference of two medians)
         if HAVE_TORCH and "Embedding" in k:
             assert r["torch_ms"] > 0

@@ -697,7 +697,8 @@ def lstm_forward(
     floating[:, ::1] mbuf,              # (B, H) scratch with a projection, else None
     floating[:, ::1] hp,                # (B, P) scratch with a projection, else None
     const floating[:, :, :] x,          # (T, B, I), last axis contiguous (a batch-first array
-                                        #   transposed, say; C-contiguous in training)
+                                        #   transposed, say; C-contiguous in training), or
+                                        #   None when projected
     const floating[:, ::1] w_ih,        # (G, I)
     const floating[:, ::1] w_hh,        # (G, Hp)
     const floating[:, ::1] w_hr,        # (P, H) or None (no projection)
@@ -719,6 +720,10 @@ def lstm_forward(
                                         #   the loop, it runs over the active rows only
     int[::1] crow=None,                 # (n * B,) scratch, with cpos
     int[::1] coff=None,                 # (n + 1,) scratch, with cpos
+    bint projected=False,               # gates already holds x_t W_ih^T + b of steps
+                                        #   [s0, s1) (token_rows): no step (1) here, x None;
+                                        #   never fused
+    int steps=0,                        # T when x is None
 ):
     """One LSTM layer, one direction, loop steps [s0, s1) (all of them: s0 = 0, s1 = T);
     see the module docstring.
@@ -726,7 +731,7 @@ def lstm_forward(
     Callers pass every argument by keyword (cylstm.functional does); shapes are checked
     again here so that a wrong call raises instead of reading out of bounds.
     """
-    cdef int T = x.shape[0], B = x.shape[1], I = x.shape[2]
+    cdef int T = steps if x is None else x.shape[0], B = h.shape[0], I = w_ih.shape[1]
     cdef int G = w_hh.shape[0], H = w_hh.shape[0] // 4, Hp = w_hh.shape[1]
     cdef int P = 0 if w_hr is None else w_hr.shape[0]
     cdef int Ix = I if fused else 0     # input columns of the step's product
@@ -755,18 +760,26 @@ def lstm_forward(
     cdef int* crow_p = NULL
     cdef int* coff_p = NULL
     cdef int c0, nrows
+    cdef const floating* x_p = NULL
 
     _check(0 <= s0 < s1 <= T and s0 % S == 0 and (s1 % S == 0 or s1 == T), "s0/s1")
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
     _check(bias is not None and bias.shape[0] == G, "bias")
-    _check(_row_strides(x.shape, x.strides, item, &xst, &xsb), "x strides")
-    # C-contiguous as NumPy says it (the stride of a length-1 axis does not matter)
-    gather = not ((T == 1 or xst == <Py_ssize_t> B * I) and (B == 1 or xsb == I))
-    _check(not (training and gather), "x (training: C-contiguous)")
+    if projected:      # gates holds the input's projection; x is never read
+        _check(x is None and not fused and cpos is None and gates is not None, "projected")
+        xst = xsb = 0
+        gather = False
+    else:
+        _check(x is not None and x.shape[1] == B and x.shape[2] == I, "x")
+        _check(_row_strides(x.shape, x.strides, item, &xst, &xsb), "x strides")
+        x_p = &x[0, 0, 0]
+        # C-contiguous as NumPy says it (the stride of a length-1 axis does not matter)
+        gather = not ((T == 1 or xst == <Py_ssize_t> B * I) and (B == 1 or xsb == I))
+        _check(not (training and gather), "x (training: C-contiguous)")
     if rows is not None:
         _check(not training and rows.shape[0] == B and _permutation(rows), "rows")
         rows_p = &rows[0]
-    gather = gather or reverse or rows_p != NULL
+    gather = not projected and (gather or reverse or rows_p != NULL)
     if y is not None:
         _check(_is(y.shape, T, B, Hp) and _row_strides(y.shape, y.strides, item, &yst, &ysb)
                and _rows_disjoint(T, B, Hp, yst, ysb), "y")
@@ -786,7 +799,7 @@ def lstm_forward(
     if training or not fused:
         _check(gates is not None and _is(gates.shape, n, B, G), "gates")
         g_p = &gates[0, 0, 0]
-        if reverse or (gather and not fused):
+        if not projected and (reverse or (gather and not fused)):
             _check(xg is not None and _is(xg.shape, n, B, I), "xg")
             xg_p = &xg[0, 0, 0]
     if training:
@@ -825,7 +838,7 @@ def lstm_forward(
             for g in range(G):
                 memcpy(w_cat + <Py_ssize_t> g * (I + Hp), &w_ih[g, 0], I * sizeof(floating))
                 memcpy(w_cat + <Py_ssize_t> g * (I + Hp) + I, &w_hh[g, 0], Hp * sizeof(floating))
-        if not fused:
+        if not fused and not projected:
             # x_t W_ih^T + b for every step before the loop, block by block         (1)
             for p in prange(n_parts, schedule="static",
                             num_threads=team(n_threads, n_parts, <double> n * B * G * I,
@@ -840,19 +853,19 @@ def lstm_forward(
                         nrows = coff_p[be - s0] - c0
                         q0 = c0 + split(nrows, n_parts, p)
                         q1 = c0 + split(nrows, n_parts, p + 1)
-                        _gather_rows(xg_p, &x[0, 0, 0], &lengths[0], s0, q0, q1, B, I,
+                        _gather_rows(xg_p, x_p, &lengths[0], s0, q0, q1, B, I,
                                      reverse, xst, xsb, rows_p, crow_p)
                         affine_rows(g_p, xg_p, &w_ih[0, 0], bias_p, q0, q1, I, G)
                         continue
                     q0 = split((be - bs) * B, n_parts, p)
                     q1 = split((be - bs) * B, n_parts, p + 1)
                     if gather:
-                        _gather_rows(xg_p + <Py_ssize_t> (bs - s0) * B * I, &x[0, 0, 0],
+                        _gather_rows(xg_p + <Py_ssize_t> (bs - s0) * B * I, x_p,
                                      &lengths[0], bs, q0, q1, B, I, reverse, xst, xsb,
                                      rows_p)
                     affine_rows(g_p + <Py_ssize_t> (bs - s0) * B * G,
                                 (xg_p + <Py_ssize_t> (bs - s0) * B * I) if gather
-                                else &x[0, 0, 0] + <Py_ssize_t> bs * B * I,
+                                else x_p + <Py_ssize_t> bs * B * I,
                                 &w_ih[0, 0], bias_p, q0, q1, I, G)
                 blas_single_exit()
         for p in prange(n_chunks, schedule="static",
@@ -863,7 +876,7 @@ def lstm_forward(
             _forward_chunk(y_p, &h[0, 0], &c[0, 0], g_p if training else NULL,
                            NULL if fused else g_p, cpos_p, cc_p, tc_p, m_p, hpv_p,
                            xg_p if fused else NULL, &xh[0, 0], &hz[0, 0], mbuf_p, hp_p, rm_p,
-                           &x[0, 0, 0], &w_ih[0, 0], &w_hh[0, 0], w_hr_p, bias_p,
+                           x_p, &w_ih[0, 0], &w_hh[0, 0], w_hr_p, bias_p,
                            w_pk, w_cat, whr_pk if (P > 0 and w_pk != NULL) else NULL,
                            &lengths[0], s0, s1, B, I, Ix, H, P, split(B, n_chunks, p),
                            split(B, n_chunks, p + 1), reverse, xst, xsb, yst, ysb, rows_p)
@@ -1068,7 +1081,7 @@ cdef void _weight_grads_block(
     floating* dw_hr_tmp,        # (P, H) INOUT rows [q0, q1): dh^T m, or NULL
     floating* db_tmp,           # (G,) INOUT [g0, g1): sum of dz, or NULL (no bias)
     const floating* dz,         # (rows, G) the block's dz (its active rows, or all)
-    const floating* x,          # (rows, I) the same rows' x
+    const floating* x,          # (rows, I) the same rows' x, or NULL (no dW_ih)
     const floating* hprev,      # (rows, Hp) the same rows' h_{t-1} as the product read it
     const floating* dhp,        # (prows, P) dL/dh_t at every row of the block, or NULL
     const floating* m_cache,    # (prows, H) m_t, or NULL
@@ -1092,8 +1105,9 @@ cdef void _weight_grads_block(
              dw_hr_tmp + <Py_ssize_t> q0 * H, H)
     if g1 <= g0:
         return
-    _w_product(own_i, g1 - g0, I, rows, G, dz + g0, x, dw_ih_tmp + <Py_ssize_t> g0 * I,
-               not first)                                                       # dz^T x
+    if x != NULL:              # NULL: the input's gradients are not wanted (tokens)
+        _w_product(own_i, g1 - g0, I, rows, G, dz + g0, x, dw_ih_tmp + <Py_ssize_t> g0 * I,
+                   not first)                                                   # dz^T x
     _w_product(own_h, g1 - g0, Hp, rows, G, dz + g0, hprev, dw_hh_tmp + <Py_ssize_t> g0 * Hp,
                not first)                                                       # dz^T h_{t-1}
     # db += sum dz (b_ih and b_hh have the same gradient). Rows in order, each summed into
@@ -1109,9 +1123,11 @@ cdef void _weight_grads_block(
 
 def lstm_backward(
     *,
-    floating[:, :, ::1] dx,             # (T, B, I) OUT at the active rows' times in [s0, s1);
-                                        #   zeros elsewhere are the caller's (reverse, ragged)
+    # (the first argument is never None: Cython picks the dtype from it)
     floating[:, ::1] dh,                # (B, Hp) INOUT: carried between segments; dh0 at the end
+    floating[:, :, ::1] dx,             # (T, B, I) OUT at the active rows' times in [s0, s1);
+                                        #   zeros elsewhere are the caller's (reverse, ragged);
+                                        #   None without input_grads
     floating[:, ::1] dc,                # (B, H) INOUT: dL/dc_n in, dc0 at the end
     floating[:, ::1] dw_ih,             # (G, I) INOUT, accumulated (+=) by the last call
     floating[:, ::1] dw_hh,             # (G, Hp) INOUT, accumulated (+=)
@@ -1138,7 +1154,8 @@ def lstm_backward(
     const floating[:, :, ::1] tc_cache, # (n, B, H)
     const floating[:, :, ::1] m_cache,  # (n, B, H) with a projection, else None
     const floating[:, :, ::1] hprev,    # (n, B, Hp)
-    const floating[:, :, ::1] x,        # (T, B, I) the forward's input (forward direction)
+    const floating[:, :, ::1] x,        # (T, B, I) the forward's input (forward direction),
+                                        #   or None without input_grads
     const floating[:, :, ::1] xg,       # (n, B, I) from lstm_forward (reverse), else None
     const floating[:, ::1] c_start,     # (B, H) the state c entering step s0 (c0 when s0 = 0)
     const floating[:, ::1] w_ih,        # (G, I)
@@ -1163,6 +1180,9 @@ def lstm_backward(
     bint own_wide=True,                 # float32 at level 2: the own kernel for every large
                                         #   product, else only for the thin ones (I or
                                         #   Hp <= 64): _threads.BACKWARD_OWN_WIDE
+    bint input_grads=True,              # False: neither dx nor dW_ih (token input: token_scatter
+                                        #   and token_grads take them from dz); then no
+                                        #   ragged compaction (cpos)
 ):
     """BPTT through one layer and direction over loop steps [s0, s1). A whole backward is
     one call (s0 = 0, s1 = T, first and last), or one call per segment from the last
@@ -1205,8 +1225,9 @@ def lstm_backward(
         whr_pk = whh_pk + _packed_elems(G, Hp, sizeof(floating))
     _check(_is(dw_ih.shape, G, I) and _is(dw_hh.shape, G, Hp), "weight grads")
     _check(_is(dw_ih_tmp.shape, G, I) and _is(dw_hh_tmp.shape, G, Hp), "weight grad sums")
-    _check(_is(dx.shape, T, B, I) and _is(dy.shape, T, B, Hp)
+    _check((not input_grads or _is(dx.shape, T, B, I)) and _is(dy.shape, T, B, Hp)
            and _row_strides(dy.shape, dy.strides, sizeof(floating), &dyt, &dyb), "dx/dy")
+    _check(input_grads or (cpos is None and dx is None), "input_grads")
     _check(_is(c_cache.shape, n, B, H) and _is(tc_cache.shape, n, B, H)
            and _is(hprev.shape, n, B, Hp), "cache")
     _check(_is(dz.shape, n, B, G) and _is(gates.shape, n, B, G), "dz/gates")
@@ -1225,7 +1246,9 @@ def lstm_backward(
         xc_p, hc_p = &xc[0, 0], &hc[0, 0]
         dxg_p = &dxg[0, 0]
         _active_rows(cpos_p, crow_p, coff_p, &lengths[0], s0, n, B)
-    if reverse:
+    if not input_grads:
+        pass                    # x_p stays NULL: no dz^T x, no dx
+    elif reverse:
         _check(xg is not None and _is(xg.shape, n, B, I) and dxg is not None
                and _is(dxg.shape, n_parts * part_rows, I), "xg/dxg")
         x_p = &xg[0, 0, 0]
@@ -1290,7 +1313,8 @@ def lstm_backward(
                 ragged = cpos_p != NULL and _block_ragged(coff_p, k * S, n, S, B)
                 c0 = k * S * B if cpos_p == NULL else coff_p[k * S]
                 rows = (be - bs) * B if cpos_p == NULL else coff_p[be - s0] - c0
-                bx_p = (xc_p + <Py_ssize_t> c0 * I) if ragged else x_p + <Py_ssize_t> k * S * B * I
+                bx_p = (xc_p + <Py_ssize_t> c0 * I) if ragged else \
+                    (x_p + <Py_ssize_t> k * S * B * I if x_p != NULL else NULL)
                 bh_p = (hc_p + <Py_ssize_t> c0 * Hp) if ragged \
                     else &hprev[0, 0, 0] + <Py_ssize_t> k * S * B * Hp
                 _weight_grads_block(&dw_ih_tmp[0, 0], &dw_hh_tmp[0, 0], dw_hr_tmp_p, dbt_p,
@@ -1301,7 +1325,9 @@ def lstm_backward(
                                     own_i, own_h)
                 r0 = split(rows, n_parts, p)                                # dx = dz W_ih (1')
                 r1 = split(rows, n_parts, p + 1)
-                if r1 > r0 and ragged:  # into this part's rows of the scratch, then to their times
+                if not input_grads:
+                    pass
+                elif r1 > r0 and ragged:  # into this part's rows of the scratch, then to their times
                     dxs_p = dxg_p + <Py_ssize_t> p * part_rows * I
                     _dx_product(own_i, r1 - r0, I, G, &dz[0, 0, 0] + (<Py_ssize_t> c0 + r0) * G,
                                 &w_ih[0, 0], dxs_p)
@@ -1322,9 +1348,10 @@ def lstm_backward(
                         _dx_product(own_i, r1 - r0, I, G,
                                     &dz[0, 0, 0] + (<Py_ssize_t> k * S * B + r0) * G, &w_ih[0, 0],
                                     &dx[0, 0, 0] + (<Py_ssize_t> bs * B + r0) * I)
-            if last:
+            if last and input_grads:
                 _add_block(&dw_ih[0, 0] + <Py_ssize_t> g0 * I, &dw_ih_tmp[0, 0] + <Py_ssize_t> g0 * I,
                            (g1 - g0) * <Py_ssize_t> I)
+            if last:
                 _add_block(&dw_hh[0, 0] + <Py_ssize_t> g0 * Hp, &dw_hh_tmp[0, 0] + <Py_ssize_t> g0 * Hp,
                            (g1 - g0) * <Py_ssize_t> Hp)
                 if P > 0:
@@ -1333,6 +1360,193 @@ def lstm_backward(
                 if dbt_p != NULL:
                     _add_block(&db_ih[0] + g0, dbt_p + g0, g1 - g0)
                     _add_block(&db_hh[0] + g0, dbt_p + g0, g1 - g0)
+            blas_single_exit()
+
+
+# ----------------------------------------------------------------------------------------
+# Token input: an Embedding (V, I) feeding layer 0 (cylstm.functional, "Token input")
+# ----------------------------------------------------------------------------------------
+#
+# x_t = E[id_t] makes the input's projection a lookup: x_t W_ih^T + b = (E W_ih^T + b)[id_t].
+# With V token values and T*B rows, the table costs V*I*G multiply-adds instead of
+# T*B*I*G, and the backward's input products follow the same way: with S (V, G) the sum
+# of dz over the rows of each token value, dW_ih += S^T E and dE += S W_ih instead of
+# dz^T x and dz W_ih over every row (at V = 81 and T*B = 3200, 40x fewer). The forward
+# then runs as "projected" (lstm_forward) and the backward without its input products
+# (token_table, token_rows; lstm_backward with input_grads=False, token_scatter, token_grads).
+
+
+cdef bint _ids_in_range(const int* ids, Py_ssize_t n, int V) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if ids[i] < 0 or ids[i] >= V:
+            return False
+    return True
+
+
+def token_table(
+    *,
+    floating[:, ::1] table,             # (V, G) OUT E W_ih^T + b
+    const floating[:, ::1] emb,         # (V, I) the embedding table E
+    const floating[:, ::1] w_ih,        # (G, I)
+    const floating[::1] bias,           # (G,) b_ih + b_hh (zeros without bias)
+    int n_parts,
+    int n_threads,
+):
+    """The projected table of a layer fed by token ids, rows cut into fixed parts."""
+    cdef int V = emb.shape[0], I = emb.shape[1], G = w_ih.shape[0], p
+    _check(_is(table.shape, V, G) and _is(w_ih.shape, G, I) and bias.shape[0] == G
+           and n_parts >= 1 and n_threads >= 1, "token_table shapes")
+    with nogil:
+        for p in prange(n_parts, schedule="static",
+                        num_threads=team(n_threads, n_parts, <double> V * G * I,
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            blas_single_enter()
+            affine_rows(&table[0, 0], &emb[0, 0], &w_ih[0, 0], &bias[0],
+                        split(V, n_parts, p), split(V, n_parts, p + 1), I, G)
+            blas_single_exit()
+
+
+def token_rows(
+    *,
+    floating[:, :, ::1] gates,          # (n, B, G) OUT row (sl, b): the table's row of the
+                                        #   id at its time; zeros where the row has ended
+    const floating[:, ::1] table,       # (V, G) from token_table
+    const int[:, ::1] ids,              # (T, B) token ids in time order, the caller's rows
+    const int[::1] lengths,             # (B,) in 1..T, kernel row order
+    int s0,                             # the first loop step of gates
+    bint reverse,
+    int n_parts,
+    int n_threads,
+    const int[::1] rows=None,           # (B,) kernel row b reads ids[:, rows[b]], or None
+):
+    """The input's projection of loop steps [s0, s0 + n): lstm_forward's step (1) for an
+    Embedding's output, one row of the table each (lstm_forward then runs projected)."""
+    cdef int n = gates.shape[0], B = gates.shape[1], G = gates.shape[2]
+    cdef int T = ids.shape[0], V = table.shape[0], p, s, b, t
+    cdef Py_ssize_t r0, r1, r
+    cdef const int* rows_p = NULL
+    _check(table.shape[1] == G and ids.shape[1] == B and lengths.shape[0] == B
+           and 0 <= s0 and s0 + n <= T and n_parts >= 1 and n_threads >= 1,
+           "token_rows shapes")
+    if rows is not None:
+        _check(rows.shape[0] == B and _permutation(rows), "rows")
+        rows_p = &rows[0]
+    if not _ids_in_range(&ids[0, 0], <Py_ssize_t> T * B, V):
+        raise ValueError(f"token ids must be in 0..{V - 1}")
+    with nogil:
+        for p in prange(n_parts, schedule="static",
+                        num_threads=team(n_threads, n_parts, <double> n * B * G,
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            r0 = split(<Py_ssize_t> n * B, n_parts, p)
+            r1 = split(<Py_ssize_t> n * B, n_parts, p + 1)
+            for r in range(r0, r1):
+                s = s0 + <int> (r // B)
+                b = <int> (r % B)
+                t = _time_of(&lengths[0], s, b, reverse)
+                if t < 0:
+                    memset(&gates[0, 0, 0] + r * G, 0, G * sizeof(floating))
+                else:
+                    memcpy(&gates[0, 0, 0] + r * G,
+                           &table[0, 0] + <Py_ssize_t> ids[t, _row(rows_p, b)] * G,
+                           G * sizeof(floating))
+
+
+def token_scatter(
+    *,
+    floating[:, ::1] ssum,              # (V, G) INOUT S: dz summed by token value
+    const floating[:, :, ::1] dz,       # (n, B, G) from lstm_backward over loop steps
+                                        #   [s0, s0 + n) (every row in place, zeros where a
+                                        #   row has ended)
+    const int[:, ::1] ids,              # (T, B) as token_rows had them (training: the
+                                        #   caller's rows are the kernel's)
+    const int[::1] lengths,             # (B,)
+    int s0,
+    bint reverse,
+    bint first,                         # the backward's first call: S starts at zero
+    int n_parts,
+    int n_threads,
+):
+    """Adds the rows of dz to S by token, a part of the G columns per thread, each part
+    walking the steps from the last to the first (rows in order within a step): every
+    sum has one order, the same for any thread count and, segment by segment from the
+    last (checkpointed BPTT), the same as one call over the whole sequence."""
+    cdef int n = dz.shape[0], B = dz.shape[1], G = dz.shape[2]
+    cdef int T = ids.shape[0], V = ssum.shape[0], p, s, b, t, j, g0, g1, v
+    cdef floating* srow
+    cdef const floating* zrow
+    _check(ssum.shape[1] == G and ids.shape[1] == B and lengths.shape[0] == B
+           and 0 <= s0 and s0 + n <= T and n_parts >= 1 and n_threads >= 1,
+           "token_scatter shapes")
+    if not _ids_in_range(&ids[0, 0], <Py_ssize_t> T * B, V):
+        raise ValueError(f"token ids must be in 0..{V - 1}")
+    with nogil:
+        for p in prange(n_parts, schedule="static",
+                        num_threads=team(n_threads, n_parts, <double> n * B * G,
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            g0 = split(G, n_parts, p)
+            g1 = split(G, n_parts, p + 1)
+            if first:
+                for v in range(V):
+                    memset(&ssum[0, 0] + <Py_ssize_t> v * G + g0, 0,
+                           (g1 - g0) * sizeof(floating))
+            for s in range(s0 + n - 1, s0 - 1, -1):
+                for b in range(B):
+                    t = _time_of(&lengths[0], s, b, reverse)
+                    if t < 0:
+                        continue
+                    srow = &ssum[0, 0] + <Py_ssize_t> ids[t, b] * G
+                    zrow = &dz[0, 0, 0] + (<Py_ssize_t> (s - s0) * B + b) * G
+                    for j in range(g0, g1):
+                        srow[j] += zrow[j]
+
+
+def token_grads(
+    *,
+    floating[:, ::1] demb,              # (V, I) INOUT += S W_ih, except the padding row
+    floating[:, ::1] dw_ih,             # (G, I) INOUT += S^T E
+    const floating[:, ::1] ssum,        # (V, G) S from token_scatter
+    floating[:, ::1] demb_tmp,          # (V, I) scratch
+    floating[:, ::1] dw_tmp,            # (G, I) scratch
+    const floating[:, ::1] emb,         # (V, I)
+    const floating[:, ::1] w_ih,        # (G, I)
+    int padding_idx,                    # a row of E that gets no gradient, or -1
+    int n_parts,
+    int n_threads,
+):
+    """The input's gradients of a layer fed by token ids, from S: each product's rows
+    belong to one fixed part, and each result is added once (two backward calls add
+    twice one)."""
+    cdef int V = emb.shape[0], I = emb.shape[1], G = w_ih.shape[0], p, g0, g1, v, v0, v1
+    _check(_is(demb.shape, V, I) and _is(dw_ih.shape, G, I) and _is(ssum.shape, V, G)
+           and _is(demb_tmp.shape, V, I) and _is(dw_tmp.shape, G, I) and _is(w_ih.shape, G, I)
+           and n_parts >= 1 and n_threads >= 1 and -1 <= padding_idx < V,
+           "token_grads shapes")
+    with nogil:
+        for p in prange(n_parts, schedule="static",
+                        num_threads=team(n_threads, n_parts, <double> 2 * V * G * I,
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            blas_single_enter()
+            g0 = split(G, n_parts, p)
+            g1 = split(G, n_parts, p + 1)
+            if g1 > g0:                                                      # S^T E
+                gemm(True, False, g1 - g0, I, V, 1, &ssum[0, 0] + g0, G, &emb[0, 0], I, 0,
+                     &dw_tmp[0, 0] + <Py_ssize_t> g0 * I, I)
+                _add_block(&dw_ih[0, 0] + <Py_ssize_t> g0 * I,
+                           &dw_tmp[0, 0] + <Py_ssize_t> g0 * I, (g1 - g0) * <Py_ssize_t> I)
+            v0 = split(V, n_parts, p)
+            v1 = split(V, n_parts, p + 1)
+            if v1 > v0:                                                      # S W_ih
+                gemm(False, False, v1 - v0, I, G, 1, &ssum[0, 0] + <Py_ssize_t> v0 * G, G,
+                     &w_ih[0, 0], I, 0, &demb_tmp[0, 0] + <Py_ssize_t> v0 * I, I)
+                for v in range(v0, v1):
+                    if v != padding_idx:
+                        _add_block(&demb[0, 0] + <Py_ssize_t> v * I,
+                                   &demb_tmp[0, 0] + <Py_ssize_t> v * I, I)
             blas_single_exit()
 
 

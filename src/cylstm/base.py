@@ -23,6 +23,13 @@ Compute
                       parameter gradients are *accumulated* into ``grads``
     step(x_t, state) -> y_t    one time step of B streams, eval mode
     initial_state(batch)       (recurrent layers) the state ``step`` starts from
+    token_batch(x), takes_token_batch
+                      optional: a first layer with ``token_batch`` (the Embedding)
+                      hands its ids, as a ``TokenBatch``, to a second layer whose
+                      ``takes_token_batch`` is True (the LSTM); that layer's
+                      forward_batch then gets the TokenBatch and either uses the
+                      table itself (its backward_batch then returns None, the first
+                      layer's gradient accumulated) or calls ``embed()``
 Parameters (``Parametrised`` implements these from ``_layout``)
     _layout           [(name, shape)] in arena order; empty for a layer without any
     params / grads    {name: view}; flat_params / flat_grads the arrays behind them

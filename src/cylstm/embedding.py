@@ -29,7 +29,7 @@ from ._check import positive_int as _positive_int
 from ._check import as_array, float_dtype, shape_str as _shape
 from .base import Features, Parametrised
 
-__all__ = ["Embedding"]
+__all__ = ["Embedding", "TokenBatch"]
 
 _KERNEL_INTS = (np.dtype(np.int32), np.dtype(np.int64))
 
@@ -163,6 +163,11 @@ class Embedding(Parametrised):
             flat = indices.astype(np.int64).reshape(-1)
         return flat, shape
 
+    def token_batch(self, indices):
+        """The batch's ids (B, T) as a TokenBatch, for a next layer that takes them
+        (``takes_token_batch``) instead of this layer's output; see TokenBatch."""
+        return TokenBatch(self, indices)
+
     def forward(self, indices):
         """out[..., :] = weight[indices[...], :]: integers (...) in 0..V-1 -> (..., D).
         Keeps a copy of the indices for backward."""
@@ -214,3 +219,47 @@ class Embedding(Parametrised):
         pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
         return (f"Embedding({self.num_embeddings}, {self.embedding_dim}, "
                 f"dtype={self.dtype.name!r}{pad})")
+
+
+class TokenBatch:
+    """A batch of token ids (B, T) that an Embedding hands to the layer after it, in
+    place of the vectors it would look up (``Sequential`` does this when that layer's
+    ``takes_token_batch`` is True).
+
+    The next layer either takes the ids and the table itself (an LSTM projects the
+    table once, E W_ih^T + b, instead of every embedded row: cylstm.functional,
+    ``token_table``), and then its backward accumulates the Embedding's gradient and
+    returns None; or it calls ``embed()``, which is the Embedding's forward (its
+    backward then follows as usual). The ids are checked here, with the Embedding's
+    messages, so both ways refuse the same input.
+    """
+
+    __slots__ = ("embedding", "ids")
+
+    def __init__(self, embedding, indices):
+        flat, shape = embedding._check_indices(indices)
+        if len(shape) != 2:
+            raise ValueError(f"indices must have shape (B, T), got {_shape(shape)}")
+        V = embedding.num_embeddings
+        if flat.size:
+            lo, hi = int(flat.min()), int(flat.max())
+            if lo < 0 or hi >= V:
+                n = int(np.argmax((flat < 0) | (flat >= V)))
+                raise ValueError(f"indices must be in 0..{V - 1} (num_embeddings={V}), "
+                                 f"got {flat[n]} at flat position {n}")
+        self.embedding = embedding
+        self.ids = flat.reshape(shape)          # (B, T), a private copy
+
+    @property
+    def shape(self):
+        return self.ids.shape
+
+    def time_major(self, order=None):
+        """The ids (T, B) int32, C-contiguous, the batch's rows in ``order`` if given."""
+        ids = self.ids if order is None else self.ids[order]
+        return np.ascontiguousarray(ids.T, dtype=np.int32)
+
+    def embed(self):
+        """The Embedding's output (B, T, D) for these ids: its forward, which readies its
+        backward."""
+        return self.embedding.forward(self.ids)

@@ -38,7 +38,7 @@ from . import _threads
 from ._threads import N_PARTS, PACK_MIN_STEPS, blas_single_threaded, get_num_threads
 
 __all__ = ["lstm_layer_forward", "lstm_layer_backward", "LayerCache", "Workspace",
-           "segment_steps", "block_steps"]
+           "Tokens", "token_table", "segment_steps", "block_steps"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -280,11 +280,13 @@ class LayerCache:
     Checkpointed (``segment`` = k steps): gates, c, tc, m, hprev and xg are None; h_ck
     (ceil(T/k), B, Hp) and c_ck (ceil(T/k), B, H) hold the state entering each segment,
     from which backward recomputes the segment's caches just before it needs them.
+    Token input (``tokens``, a Tokens): x and xg are None; token_table (V, 4H) the
+    projected table the gates were filled from (recomputed segments read it again).
     """
 
     __slots__ = ("x", "xg", "gates", "c", "tc", "m", "hprev", "c0", "w_ih", "w_hh", "w_hr",
                  "bias", "lengths", "reverse", "dtype", "rmask", "segment", "h_ck", "c_ck",
-                 "shape")
+                 "shape", "tokens", "token_table")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -298,6 +300,33 @@ def block_steps(B):
     weight gradients and dx block by block (cylstm._lstm), and checkpoint segments are
     whole blocks."""
     return _lstm.block_steps(B)
+
+
+class Tokens:
+    """Token input of a layer: the ids an Embedding looks up, and that Embedding's table.
+
+    ids (T, B) int32, time-major, C-contiguous, in 0..V-1 (the caller checks them; the
+    kernels check again); table (V, I) the Embedding's weight (the layer's x_t is
+    table[ids[t]]); grad (V, I) the Embedding's gradient, accumulated (+=) by
+    ``lstm_layer_backward``; padding_idx the row that gets no gradient, or -1. See
+    ``token_table`` for when a layer takes its input this way.
+    """
+
+    __slots__ = ("ids", "table", "grad", "padding_idx")
+
+    def __init__(self, ids, table, grad, padding_idx=-1):
+        self.ids, self.table, self.grad, self.padding_idx = ids, table, grad, padding_idx
+
+
+def token_table(V, T, B):
+    """Whether an Embedding of V rows feeding a layer of T steps and B sequences runs
+    through a table of projected rows (_lstm.token_table: E W_ih^T + b, V x 4H, then
+    one row per step) instead of the embedded x: when the table has at most half as
+    many rows as the T * B it serves, so its product (V rows) costs at most half the
+    input's (T * B rows), and the backward's input products shrink in the same ratio
+    (_lstm.token_scatter, token_grads). The two ways agree to rounding; each gives the
+    same bits for any thread count and with or without checkpointing."""
+    return 2 * V <= T * B
 
 
 def segment_steps(checkpoint_every, T, B):
@@ -335,7 +364,7 @@ def _caches(ws, dtype, n, B, I, H, Hp, proj, reverse, prefix=""):
 def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                        lengths=None, reverse=False, training=True, w_hr=None,
                        recurrent_mask=None, *, checkpoint_every=None, workspace=None,
-                       out=None, row_order=None):
+                       out=None, row_order=None, tokens=None):
     """One LSTM layer, one direction, whole sequence (see the module docstring).
 
     x (T, B, I); w_ih (4H, I); w_hh (4H, H); b_ih, b_hh (4H,) or both None; h0, c0
@@ -356,23 +385,30 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     ``row_order`` (inference only): a permutation of the B sequences; the kernel runs
     sequence row_order[b] as its row b (lengths, h0, c0, h_n and c_n are in that order;
     x and y stay in the caller's), so a batch runs in another order without copies.
+    ``tokens`` (a Tokens, with x None): the input is tokens.table[tokens.ids] (T, B, I),
+    projected through a table (token_table says when that pays);
+    backward then accumulates the Embedding's gradient into tokens.grad and returns no dx.
     """
     dtype, H, Hp, w_ih, w_hh, bias, w_hr = _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr)
     I = w_ih.shape[1]
-    x = _as_array(x, "x", dtype, (None, None, I)) if training else _as_rows(x, "x", dtype, I)
+    if tokens is not None:
+        x = _check_tokens(tokens, x, I, dtype)
+        T, B = tokens.ids.shape
+    else:
+        x = (_as_array(x, "x", dtype, (None, None, I)) if training
+             else _as_rows(x, "x", dtype, I))
+        T, B, _ = x.shape
     if row_order is not None:
         if training:
             raise ValueError("row_order is for inference only (training=False)")
         row_order = np.ascontiguousarray(row_order, dtype=np.int32)
-        if row_order.shape != (x.shape[1],) or not np.array_equal(
-                np.sort(row_order), np.arange(x.shape[1])):
-            raise ValueError(f"row_order must be a permutation of the {x.shape[1]} "
+        if row_order.shape != (B,) or not np.array_equal(np.sort(row_order), np.arange(B)):
+            raise ValueError(f"row_order must be a permutation of the {B} "
                              f"sequences, got {_shape(row_order)}")
-    T, B, _ = x.shape
     if T < 1 or B < 1:
         raise ValueError(f"x must have at least one step and one sequence, got {_shape(x)}")
     if T * B * max(4 * H, I) > _INT32_MAX:
-        raise ValueError(f"x {_shape(x)} with H={H} is too large for 32-bit BLAS indexing")
+        raise ValueError(f"x ({T}, {B}, {I}) with H={H} is too large for 32-bit BLAS indexing")
     lengths = _lengths(lengths, T, B)
     k = segment_steps(checkpoint_every, T, B)
     reverse = bool(reverse)
@@ -393,12 +429,12 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                              f"with a contiguous last axis and rows that do not overlap, got "
                              f"{type(out).__name__} {getattr(out, 'dtype', '')} "
                              f"{np.shape(out)} strides {getattr(out, 'strides', None)}")
-        if np.may_share_memory(out, x):
+        if tokens is None and np.may_share_memory(out, x):
             raise ValueError("out must not share memory with x: the kernel writes y while "
                              "later steps still read x")
         y = out
     proj = w_hr is not None
-    fused = input_in_step(I, Hp, H, dtype, B)
+    fused = tokens is None and input_in_step(I, Hp, H, dtype, B)
     args = dict(
         x=x, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, bias=_kernel_bias(ws, bias, H, dtype),
         lengths=lengths, reverse=reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
@@ -406,8 +442,17 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     )
     cache = None
     with blas_single_threaded:
+        if tokens is not None:
+            # the table E W_ih^T + b once; each segment's gates get its rows, and the
+            # loop runs on them (_lstm.pyx, "Token input")
+            table = ws.get("token_table", (tokens.table.shape[0], 4 * H), dtype)
+            _lstm.token_table(table=table, emb=tokens.table, w_ih=w_ih, bias=args["bias"],
+                              n_parts=N_PARTS, n_threads=args["n_threads"])
+            args.update(projected=True, steps=T)
         if training and k is None:
-            cc = _caches(ws, dtype, T, B, I, H, Hp, proj, reverse)
+            cc = _caches(ws, dtype, T, B, I, H, Hp, proj, reverse and tokens is None)
+            if tokens is not None:
+                _token_rows(cc["gates"], table, tokens, lengths, 0, reverse, None)
             _lstm.lstm_forward(y=y, h=h, c=c, s0=0, s1=T, **cc, **args)
             cache = LayerCache(x=None if reverse else x, xg=cc["xg"], gates=cc["gates"],
                                c=cc["c_cache"], tc=cc["tc_cache"], m=cc["m_cache"],
@@ -421,13 +466,14 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
             # Ragged inference projects the active rows only (_lstm.pyx, "Active rows"),
             # gathered into xg. Not in training: a checkpointed forward must give the
             # bits that backward's recomputation of each segment (in place) gives.
-            active = {} if training or fused or lengths.min() == T else dict(
+            active = {} if training or fused or tokens is not None or lengths.min() == T else dict(
                 cpos=ws.get("cpos", (n * B,), np.int32),
                 crow=ws.get("crow", (n * B,), np.int32),
                 coff=ws.get("coff", (n + 1,), np.int32))
             xg = (ws.get("xg", (n, B, I), dtype)
-                  if (reverse or not x.flags.c_contiguous or row_order is not None
-                      or active) and not fused else None)
+                  if tokens is None and not fused and (
+                      reverse or not x.flags.c_contiguous or row_order is not None or active)
+                  else None)
             if training:
                 n_seg = -(-T // k)
                 h_ck = ws.get("h_ck", (n_seg, B, Hp), dtype)
@@ -437,16 +483,56 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                 s1 = min(T, s0 + n)
                 if training:
                     h_ck[j], c_ck[j] = h, c
+                if tokens is not None:
+                    _token_rows(gates[:s1 - s0], table, tokens, lengths, s0, reverse, row_order)
                 _lstm.lstm_forward(y=y, h=h, c=c, s0=s0, s1=s1,
                                    gates=None if gates is None else gates[:s1 - s0],
                                    xg=None if xg is None else xg[:s1 - s0], c_cache=None,
                                    tc_cache=None, m_cache=None, hprev=None,
                                    rows=row_order, **active, **args)
     if training:
+        if tokens is not None:
+            cache.tokens, cache.token_table = tokens, table
         cache.c0, cache.w_ih, cache.w_hh, cache.w_hr = c0_kept, w_ih, w_hh, w_hr
         cache.bias, cache.lengths, cache.reverse, cache.dtype = bias, lengths, reverse, dtype
         cache.rmask, cache.shape = rmask, (T, B, I, H, Hp)
     return y, h, c, cache
+
+
+def _check_tokens(tokens, x, I, dtype):
+    """A Tokens argument checked against the layer; returns None (the x to pass on)."""
+    if not isinstance(tokens, Tokens):
+        raise TypeError(f"tokens must be a cylstm.functional.Tokens, got {type(tokens).__name__}")
+    if x is not None:
+        raise ValueError("pass x=None with tokens (the input is tokens.table[tokens.ids])")
+    ids, table, grad = tokens.ids, tokens.table, tokens.grad
+    if not (isinstance(ids, np.ndarray) and ids.dtype == np.int32 and ids.ndim == 2
+            and ids.flags.c_contiguous and ids.shape[0] >= 1 and ids.shape[1] >= 1):
+        raise ValueError(f"tokens.ids must be a C-contiguous int32 array (T, B), got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} {_shape(ids)}")
+    for name, a in (("table", table), ("grad", grad)):
+        if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.ndim == 2
+                and a.shape[1] == I and a.flags.c_contiguous
+                and a.shape == table.shape):
+            raise ValueError(f"tokens.{name} must be a C-contiguous {dtype} array (V, {I}), "
+                             f"got {getattr(a, 'dtype', type(a).__name__)} {_shape(a)}")
+    if not grad.flags.writeable:
+        raise ValueError("tokens.grad must be writeable")
+    if not -1 <= tokens.padding_idx < table.shape[0]:
+        raise ValueError(f"tokens.padding_idx must be -1 or a row of the table, "
+                         f"got {tokens.padding_idx}")
+    return None
+
+
+def _token_rows(gates, table, tokens, lengths, s0, reverse, rows):
+    _lstm.token_rows(gates=gates, table=table, ids=tokens.ids, lengths=lengths, s0=s0,
+                     reverse=reverse, rows=rows, n_parts=N_PARTS, n_threads=get_num_threads())
+
+
+def _token_scatter(ssum, dz, tokens, lengths, s0, reverse, first):
+    _lstm.token_scatter(ssum=ssum, dz=dz, ids=tokens.ids, lengths=lengths, s0=s0,
+                        reverse=reverse, first=first, n_parts=N_PARTS,
+                        n_threads=get_num_threads())
 
 
 def _grad_buffer(g, name, dtype, shape):
@@ -465,7 +551,8 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
     """BPTT through one layer and direction. Accumulates (+=) into dw_ih (4H, I),
     dw_hh (4H, Hp), db_ih, db_hh (4H,) (None when the layer has no bias) and dw_hr (P, H)
     (with a projection). dy (T, B, Hp); dh_n (B, Hp), dc_n (B, H) or None (zeros).
-    Returns (dx (T, B, I), dh0 (B, Hp), dc0 (B, H)).
+    Returns (dx (T, B, I), dh0 (B, Hp), dc0 (B, H)); with token input (the forward's
+    ``tokens``) dx is None and the Embedding's gradient is accumulated into tokens.grad.
     The cache is not modified: calling backward twice adds the gradient twice. A
     checkpointed cache recomputes its segments in the workspace's scratch."""
     if not isinstance(cache, LayerCache):
@@ -503,14 +590,17 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
     part_rows = -(-block_steps(B) * B // N_PARTS)
     # Ragged lengths: the products after the time loop run over the active rows only
     # (_lstm.pyx, "Active rows"), gathered into this scratch.
-    ragged = cache.lengths.min() < T
+    tokens = cache.tokens
+    # token input: dz in place for every row (no compaction), scattered by token after
+    ragged = cache.lengths.min() < T and tokens is None
     active = dict(
         cpos=ws.get("cpos", (n * B,), np.int32), crow=ws.get("crow", (n * B,), np.int32),
         coff=ws.get("coff", (n + 1,), np.int32), xc=ws.get("xc", (n * B, I), dtype),
         hc=ws.get("hc", (n * B, Hp), dtype),
     ) if ragged else {}
     # dx is written at the active rows' times only (reverse or ragged): padding stays zero
-    dx = (np.zeros if reverse or ragged else np.empty)((T, B, I), dtype)
+    dx = None if tokens is not None else (np.zeros if reverse or ragged else np.empty)(
+        (T, B, I), dtype)
     dh = np.empty((B, Hp), dtype)
     fixed = dict(
         dx=dx, dh=dh, dc=dc, dw_ih=dw_ih, dw_hh=dw_hh, dw_hr=dw_hr, db_ih=db_ih, db_hh=db_hh,
@@ -518,27 +608,35 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
         dw_hh_tmp=ws.get("dw_hh_tmp", (4 * H, Hp), dtype),
         dw_hr_tmp=ws.get("dw_hr_tmp", (Hp, H), dtype) if proj else None,
         db_tmp=ws.get("db_tmp", (4 * H,), dtype),
-        dxg=ws.get("dxg", (N_PARTS * part_rows, I), dtype) if reverse or ragged else None,
+        dxg=(ws.get("dxg", (N_PARTS * part_rows, I), dtype)
+             if (reverse or ragged) and tokens is None else None),
         dzs=ws.get("dzs", (B, 4 * H), dtype), dhbuf=ws.get("dhbuf", (B, Hp), dtype),
         dm=ws.get("dm", (B, H), dtype) if proj else None,
         dy=dy, dh_n=dh_n, x=cache.x, w_ih=cache.w_ih, w_hh=cache.w_hh, w_hr=cache.w_hr,
         lengths=cache.lengths, reverse=reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
         wpack=_wpack(ws, dtype, _lstm.pack_size(4 * H, Hp, dtype)
                      + (_lstm.pack_size(Hp, H, dtype) if proj else 0), T),
-        rmask=cache.rmask, own_wide=_threads.BACKWARD_OWN_WIDE, **active,
+        rmask=cache.rmask, own_wide=_threads.BACKWARD_OWN_WIDE, input_grads=tokens is None,
+        **active,
     )
     dz = ws.get("dz", (n, B, 4 * H), dtype)
     dhp = ws.get("dhp", (n, B, Hp), dtype) if proj else None
+    # token input: S (V, 4H), dz summed by token value (_lstm.token_scatter)
+    ssum = (ws.get("token_ssum", (tokens.table.shape[0], 4 * H), dtype)
+            if tokens is not None else None)
     with blas_single_threaded:
         if k is None:
             _lstm.lstm_backward(
                 s0=0, s1=T, first=True, last=True, dz=dz, dhp=dhp, gates=cache.gates,
                 c_cache=cache.c, tc_cache=cache.tc, m_cache=cache.m, hprev=cache.hprev,
                 xg=cache.xg, c_start=cache.c0, **fixed)
+            if tokens is not None:
+                _token_scatter(ssum, dz, tokens, cache.lengths, 0, reverse, True)
         else:
             # Segments from the last: recompute the segment's caches from the state that
             # entered it (the same kernel calls as the forward made), then its backward.
-            cc = _caches(ws, dtype, k, B, I, H, Hp, proj, reverse, prefix="seg_")
+            cc = _caches(ws, dtype, k, B, I, H, Hp, proj, reverse and tokens is None,
+                         prefix="seg_")
             h = ws.get("seg_state_h", (B, Hp), dtype)
             c = ws.get("seg_state_c", (B, H), dtype)
             fwd = dict(
@@ -547,16 +645,31 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
                 reverse=reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
                 rmask=cache.rmask,
                 **_forward_scratch(ws, dtype, T, B, I, H, Hp, proj,
-                                   input_in_step(I, Hp, H, dtype, B), wpack="wpack_fwd"),
+                                   tokens is None and input_in_step(I, Hp, H, dtype, B),
+                                   wpack="wpack_fwd"),
             )
+            if tokens is not None:
+                fwd.update(projected=True, steps=T)
             n_seg = cache.h_ck.shape[0]
             for j in range(n_seg - 1, -1, -1):
                 s0, s1 = j * k, min(T, (j + 1) * k)
                 seg = {name: None if a is None else a[:s1 - s0] for name, a in cc.items()}
                 h[...], c[...] = cache.h_ck[j], cache.c_ck[j]
+                if tokens is not None:
+                    _token_rows(seg["gates"], cache.token_table, tokens, cache.lengths, s0,
+                                reverse, None)
                 _lstm.lstm_forward(y=None, h=h, c=c, s0=s0, s1=s1, **seg, **fwd)
                 _lstm.lstm_backward(
                     s0=s0, s1=s1, first=j == n_seg - 1, last=j == 0, dz=dz[:s1 - s0],
                     dhp=None if dhp is None else dhp[:s1 - s0], c_start=cache.c_ck[j],
                     **seg, **fixed)
+                if tokens is not None:
+                    _token_scatter(ssum, dz[:s1 - s0], tokens, cache.lengths, s0, reverse,
+                                   j == n_seg - 1)
+        if tokens is not None:      # dW_ih and the Embedding's gradient from S
+            _lstm.token_grads(
+                demb=tokens.grad, dw_ih=dw_ih, ssum=ssum,
+                demb_tmp=ws.get("token_demb", tokens.table.shape, dtype),
+                dw_tmp=fixed["dw_ih_tmp"], emb=tokens.table, w_ih=cache.w_ih,
+                padding_idx=tokens.padding_idx, n_parts=N_PARTS, n_threads=fixed["n_threads"])
     return dx, dh, dc

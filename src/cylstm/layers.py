@@ -15,6 +15,7 @@ from ._check import positive_int as _positive_int
 from ._check import checkpoint_every as _checkpoint_every
 from ._check import out_array, probability, real_array, shape_str
 from .base import Features, Layer, Parametrised
+from .embedding import TokenBatch
 from ._threads import (N_PARTS, blas_single_threaded, get_num_threads, numpy_hugepage_hint_off,
                        threads)
 
@@ -278,13 +279,30 @@ class LSTM(Parametrised):
         Hp = self.state_size
         return Features(self.num_directions * Hp, Hp if self.bidirectional else 0, True)
 
+    takes_token_batch = True
+
     def forward_batch(self, x, lengths=None, state=None):
-        """Batch-first x (B, T, I) whatever ``batch_first`` says -> (y (B, T, D*Hp), (h, c))."""
+        """Batch-first x (B, T, I) whatever ``batch_first`` says -> (y (B, T, D*Hp), (h, c)).
+        x may be an Embedding's TokenBatch (B, T): then, where ``F.token_table`` says it
+        pays, the first layer projects the Embedding's table instead of its output, and
+        backward accumulates the Embedding's gradient (returning None); else the ids are
+        embedded first."""
+        if isinstance(x, TokenBatch):
+            B, T = x.shape
+            emb = x.embedding
+            if (emb.dtype == self.dtype and emb.embedding_dim == self.input_size
+                    and F.token_table(emb.num_embeddings, T, B)):
+                with numpy_hugepage_hint_off:
+                    y, hc = self._forward(None, state, lengths, tokens=x)
+                return (y if self.batch_first else y.transpose(1, 0, 2)), hc
+            x = x.embed()
         y, hc = self.forward(x if self.batch_first else x.transpose(1, 0, 2), state, lengths)
         return (y if self.batch_first else y.transpose(1, 0, 2)), hc
 
     def backward_batch(self, dy):
         dx, _ = self.backward(dy if self.batch_first else dy.transpose(1, 0, 2))
+        if dx is None:                  # token input: the Embedding's gradient is done
+            return None
         return dx if self.batch_first else dx.transpose(1, 0, 2)
 
     def train(self, mode=True):
@@ -391,30 +409,36 @@ class LSTM(Parametrised):
         with numpy_hugepage_hint_off:
             return self._forward(x, state, lengths)
 
-    def _forward(self, x, state, lengths):
-        x = real_array(x, "x")
-        unbatched = x.ndim == 2
-        passed = x.shape                      # every message names the shape as passed
-        want = "(B, T, I)" if self.batch_first else "(T, B, I)"
-        if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
-            raise ValueError(f"x must have shape {want} or unbatched (T, I) with "
-                             f"I = input_size = {self.input_size}, got {shape_str(passed)}")
-        if unbatched:
-            x = x[:, None, :]
-            if lengths is not None:
-                raise ValueError("lengths needs batched input; unbatched x is one sequence")
-        elif self.batch_first:
-            x = x.transpose(1, 0, 2)
-        # inference reads a (T, B, I) view in place when its last axis is contiguous
-        # (a batch-first array, transposed); training keeps a C-contiguous x
-        xt = (F._as_array(x, "x", self.dtype, (None, None, self.input_size)) if self.training
-              else F._as_rows(x, "x", self.dtype, self.input_size))
-        T, B, _ = xt.shape
-        if T < 1 or B < 1:
-            raise ValueError(f"x must have at least one step and one sequence, got "
-                             f"{shape_str(passed)}")
-        if self.training and np.may_share_memory(xt, x):
-            xt = xt.copy()   # the cache keeps x: never alias the caller's array
+    def _forward(self, x, state, lengths, tokens=None):
+        """tokens: a TokenBatch (B, T) instead of x (None), from forward_batch."""
+        if tokens is not None:
+            unbatched = False
+            B, T = tokens.shape
+            xt = None
+        else:
+            x = real_array(x, "x")
+            unbatched = x.ndim == 2
+            passed = x.shape                      # every message names the shape as passed
+            want = "(B, T, I)" if self.batch_first else "(T, B, I)"
+            if x.ndim not in (2, 3) or x.shape[-1] != self.input_size:
+                raise ValueError(f"x must have shape {want} or unbatched (T, I) with "
+                                 f"I = input_size = {self.input_size}, got {shape_str(passed)}")
+            if unbatched:
+                x = x[:, None, :]
+                if lengths is not None:
+                    raise ValueError("lengths needs batched input; unbatched x is one sequence")
+            elif self.batch_first:
+                x = x.transpose(1, 0, 2)
+            # inference reads a (T, B, I) view in place when its last axis is contiguous
+            # (a batch-first array, transposed); training keeps a C-contiguous x
+            xt = (F._as_array(x, "x", self.dtype, (None, None, self.input_size))
+                  if self.training else F._as_rows(x, "x", self.dtype, self.input_size))
+            T, B, _ = xt.shape
+            if T < 1 or B < 1:
+                raise ValueError(f"x must have at least one step and one sequence, got "
+                                 f"{shape_str(passed)}")
+            if self.training and np.may_share_memory(xt, x):
+                xt = xt.copy()   # the cache keeps x: never alias the caller's array
         full = lengths is None                # the kernels' layers then make their own
         if not full:
             lengths = F._lengths(lengths, T, B)
@@ -424,10 +448,14 @@ class LSTM(Parametrised):
             lengths = lengths[order]
             if h0 is not None:
                 h0, c0 = h0[:, order], c0[:, order]
-            if self.training:     # the cache keeps x in the kernels' order
+            if self.training and xt is not None:   # the cache keeps x in the kernels' order
                 xt = xt[:, order]
         # inference runs the kernels' order in place: x and y stay in the caller's
         row_order = order if not self.training else None
+        if tokens is not None:    # layer 0's input: the Embedding's table and these ids
+            emb = tokens.embedding
+            tok = F.Tokens(tokens.time_major(order if self.training else None), emb.weight,
+                           emb.grad, -1 if emb.padding_idx is None else emb.padding_idx)
 
         L, D, H, Hp = self.num_layers, self.num_directions, self.hidden_size, self.state_size
         training = self.training
@@ -477,7 +505,8 @@ class LSTM(Parametrised):
                         w_hr=w_hr,
                         recurrent_mask=rmasks[d], checkpoint_every=self.checkpoint_every,
                         workspace=self._workspace(layer, d, wss),
-                        out=out[:, :, d * Hp:(d + 1) * Hp], row_order=row_order)
+                        out=out[:, :, d * Hp:(d + 1) * Hp], row_order=row_order,
+                        tokens=tok if layer == 0 and tokens is not None else None)
                     return y, cache
                 results = [run(0)] if D == 1 else _both_directions(run)
                 caches += [cache for _, cache in results]
@@ -560,17 +589,37 @@ class LSTM(Parametrised):
                         np.multiply(dw_hh_into, wmasks[k], out=dw_hh_into)
                         dw_hh += dw_hh_into
                     return dxd
-                dxs = [run(0)] if D == 1 else _both_directions(run)
+                tok_grad = None
+                if D == 2 and caches[layer * D + 1].tokens is not None:
+                    # Token input: both directions add to the Embedding's gradient, and
+                    # they may run at once; the reverse one adds into a scratch first,
+                    # added after, so the sum has one order.
+                    tok = caches[layer * D + 1].tokens
+                    tok_grad = tok.grad
+                    tok.grad = self._workspace(layer, 1, wss).get(
+                        "token_grad", tok_grad.shape, self.dtype)
+                    tok.grad[...] = 0
+                try:
+                    dxs = [run(0)] if D == 1 else _both_directions(run)
+                finally:
+                    if tok_grad is not None:
+                        tok_grad += tok.grad
+                        tok.grad = tok_grad
+                if dxs[0] is None:              # token input: no dx below
+                    dy = None
+                    break
                 dy = dxs[0] if D == 1 else dxs[0] + dxs[1]
         finally:
             self._release_workspaces(wss)
-        dx = dy
+        dx = dy                   # None after token input
         if order is not None:
             back = np.argsort(order)
-            dx, dh0, dc0 = dx[:, back], dh0[:, back], dc0[:, back]
+            dh0, dc0 = dh0[:, back], dc0[:, back]
+            if dx is not None:
+                dx = dx[:, back]
         if unbatched:
             return dx[:, 0, :], (dh0[:, 0, :], dc0[:, 0, :])
-        if self.batch_first:      # a view: the layer below reads its rows in place
+        if self.batch_first and dx is not None:   # a view: the layer below reads it in place
             dx = dx.transpose(1, 0, 2)
         return dx, (dh0, dc0)
 

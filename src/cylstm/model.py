@@ -461,11 +461,22 @@ class Sequential(Parametrised):
             if i == last and into is not None:
                 out = layer.forward(out, out=into)
                 break
+            if i == 0 and self._token_pass():
+                out = layer.token_batch(out)       # the next layer looks the ids up
+                continue
             state = next(states, None) if layer.recurrent else None
             out, final = layer.forward_batch(out, lengths, state)
             if layer.recurrent:
                 finals.append(final)
         return out, finals
+
+    def _token_pass(self):
+        """True when the first layer hands its token ids on (``token_batch``) to a second
+        layer that takes them (``takes_token_batch``: an LSTM, which projects the
+        Embedding's table instead of every embedded row; cylstm.embedding.TokenBatch)."""
+        layers = self.layers
+        return (len(layers) > 1 and getattr(layers[1], "takes_token_batch", False)
+                and callable(getattr(layers[0], "token_batch", None)))
 
     def _writes_into(self):
         """True when the last layer is a plain Linear, whose forward can write straight
