@@ -297,3 +297,30 @@ def test_token_batch_embeds_as_the_embedding_does():
     assert np.array_equal(tm, x[[2, 0, 1]].T)
     with pytest.raises(ValueError, match=r"shape \(B, T\)"):
         emb.token_batch(x[0])
+
+
+def test_subclasses_with_their_own_forward_get_the_embedded_path(table_calls):
+    class Scaled(cylstm.Embedding):
+        def forward(self, indices):
+            return 2 * super().forward(indices)
+
+    class Logged(cylstm.LSTM):
+        seen = 0
+
+        def forward(self, x, state=None, lengths=None):
+            Logged.seen += 1
+            return super().forward(x, state, lengths)
+
+    x, y, _ = _batch(4, 8, False)
+    for layers in ([Scaled(V, 6), cylstm.LSTM(6, 8, batch_first=True)],
+                   [cylstm.Embedding(V, 6), Logged(6, 8, batch_first=True)]):
+        m = cylstm.Sequential(layers + [cylstm.Linear(8, V)], seed=0)
+        m.compile(loss="cross_entropy", optimizer="sgd")
+        m.train_step(x, y)
+        ref = cylstm.Embedding.forward(m.layers[0], x) * (2 if isinstance(layers[0], Scaled)
+                                                          else 1)
+        m.eval()
+        want, _ = m.layers[1].forward_batch(ref)
+        got, _ = m._forward(x, None)
+        assert np.allclose(m.layers[2].forward(want), got, atol=1e-6)
+    assert not table_calls and Logged.seen >= 2

@@ -29,7 +29,9 @@ Compute
                       ``takes_token_batch`` is True (the LSTM); that layer's
                       forward_batch then gets the TokenBatch and either uses the
                       table itself (its backward_batch then returns None, the first
-                      layer's gradient accumulated) or calls ``embed()``
+                      layer's gradient accumulated) or calls ``embed()``;
+                      ``token_batch`` may return None (then the first layer's forward
+                      runs as usual)
 Parameters (``Parametrised`` implements these from ``_layout``)
     _layout           [(name, shape)] in arena order; empty for a layer without any
     params / grads    {name: view}; flat_params / flat_grads the arrays behind them

@@ -165,7 +165,12 @@ class Embedding(Parametrised):
 
     def token_batch(self, indices):
         """The batch's ids (B, T) as a TokenBatch, for a next layer that takes them
-        (``takes_token_batch``) instead of this layer's output; see TokenBatch."""
+        (``takes_token_batch``) instead of this layer's output; see TokenBatch. None
+        when the output is not the table's rows (a subclass with its own forward): the
+        model then runs this layer's forward."""
+        if type(self).forward is not Embedding.forward or \
+                type(self).backward is not Embedding.backward:
+            return None
         return TokenBatch(self, indices)
 
     def forward(self, indices):

@@ -462,8 +462,10 @@ class Sequential(Parametrised):
                 out = layer.forward(out, out=into)
                 break
             if i == 0 and self._token_pass():
-                out = layer.token_batch(out)       # the next layer looks the ids up
-                continue
+                tokens = layer.token_batch(out)    # the next layer looks the ids up
+                if tokens is not None:
+                    out = tokens
+                    continue
             state = next(states, None) if layer.recurrent else None
             out, final = layer.forward_batch(out, lengths, state)
             if layer.recurrent:
