@@ -69,13 +69,25 @@ def test_char_lm_example_reports_bits_per_character_per_epoch():
     assert out.splitlines()[-1].startswith("The ") or "The " in out
 
 
+# Runs the script in argv[1] as __main__ with Python's own Ctrl-C handling. A process
+# inherits an ignored or blocked SIGINT through exec, and Python then installs no
+# KeyboardInterrupt handler: a pytest started as a background job of a non-interactive
+# shell (`pytest ... &`: SIGINT ignored) passes that on, and the example would run to
+# the end, ignoring the test's Ctrl-C.
+_WITH_CTRL_C = ("import runpy, signal, sys; "
+                "signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT]); "
+                "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def _ctrl_c(name, args, ready):
     """Run an example, press Ctrl-C once it prints a line ``ready(line)`` accepts, and
     return its stdout; it must exit 0 with no traceback."""
     import signal
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(cylstm.__file__)))
-    proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "examples", name),
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-u", "-c", _WITH_CTRL_C,
+                             os.path.join(ROOT, "examples", name), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     try:
         while True:
@@ -98,7 +110,7 @@ def test_char_lm_example_stops_cleanly_on_ctrl_c():
     out = _ctrl_c("char_lm.py", ["--epochs", "50", "--max-chars", "20000",
                                  "--hidden-size", "64"],
                   lambda line: line.startswith("Epoch 1/50"))
-    assert "interrupted" in out and "\nThe " in out.split("interrupted")[1]
+    assert "interrupted" in out and "\nThe " in out.split("interrupted")[1], out
 
 
 def test_regularisation_example_generalises_better_with_recurrent_dropout():
