@@ -1,6 +1,7 @@
 """Token input: an Embedding feeding an LSTM through a projected table (E W_ih^T + b, one
 row per step) instead of the embedded vectors (cylstm.functional, Tokens / token_table;
-cylstm._lstm token_table, token_rows, token_scatter, token_grads).
+cylstm._lstm token_table, the table read by id in the forward's loop, dz summed by id in
+the backward's, token_grads).
 
 The table path against the embedded path (the same model with the token pass turned
 off): outputs, every gradient (the Embedding's included) and predictions agree to
@@ -31,14 +32,14 @@ def _torch():
 
 @pytest.fixture
 def table_calls(monkeypatch):
-    """Counts the table path's forward row fills, to prove which path ran."""
+    """Counts the table path's table projections, to prove which path ran."""
     calls = []
-    real = F._token_rows
+    real = F._lstm.token_table
 
-    def spy(*args, **kw):
-        calls.append(args[4])            # s0
-        return real(*args, **kw)
-    monkeypatch.setattr(F, "_token_rows", spy)
+    def spy(**kw):
+        calls.append(kw["table"].shape)
+        return real(**kw)
+    monkeypatch.setattr(F._lstm, "token_table", spy)
     return calls
 
 
@@ -273,17 +274,19 @@ def test_token_kernels_check_their_arguments():
         F.lstm_layer_forward(None, *w, tokens=(ids, emb))
     bad = ids.copy()
     bad[2, 1] = V
-    gates = np.empty((7, 4, 24), np.float32)
-    table = np.zeros((V, 24), np.float32)
     with pytest.raises(ValueError, match="token ids must be in 0..12"):
-        _lstm.token_rows(gates=gates, table=table, ids=bad, lengths=np.full(4, 7, np.int32),
-                         s0=0, reverse=False, n_parts=2, n_threads=1)
+        F.lstm_layer_forward(None, *w, tokens=F.Tokens(bad, emb, np.zeros_like(emb)))
+    # the kernels check for themselves (the Python layer is not their only caller)
+    y, _, _, cache = F.lstm_layer_forward(None, *w, tokens=tok)
+    cache.tokens.ids = bad
     with pytest.raises(ValueError, match="token ids must be in 0..12"):
-        _lstm.token_scatter(ssum=table, dz=gates, ids=bad, lengths=np.full(4, 7, np.int32),
-                            s0=0, reverse=False, first=True, n_parts=2, n_threads=1)
-    with pytest.raises(ValueError, match="shapes"):
-        _lstm.token_rows(gates=gates, table=table, ids=ids, lengths=np.full(4, 7, np.int32),
-                         s0=1, reverse=False, n_parts=2, n_threads=1)
+        F.lstm_layer_backward(cache, R, dw_ih=np.zeros_like(w[0]), dw_hh=np.zeros_like(w[1]),
+                              db_ih=np.zeros_like(w[2]), db_hh=np.zeros_like(w[3]))
+    with pytest.raises(ValueError, match="token_grads"):
+        _lstm.token_grads(demb=emb.copy(), dw_ih=w[0].copy(), ssum=np.zeros((V, 24), np.float32),
+                          chunks=np.zeros((2, V, 23), np.float32), demb_tmp=emb.copy(),
+                          dw_tmp=w[0].copy(), emb=emb, w_ih=w[0], padding_idx=-1,
+                          n_parts=2, n_threads=1)
 
 
 def test_token_batch_embeds_as_the_embedding_does():

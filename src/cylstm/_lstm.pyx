@@ -544,6 +544,9 @@ cdef void _forward_chunk(
                                 #   be gates itself), or NULL: the input is in the step
     const int* xpos,            # (n, B) the place of row (sl, b) in xproj when it holds
                                 #   the active rows only (cpos of _active_rows), or NULL
+    const floating* ttab,       # (V, G) token input: E W_ih^T + b (token_table), read by
+                                #   id instead of xproj; or NULL
+    const int* tids,            # (T, B) the ids (time order, the caller's rows), with ttab
     floating* c_cache,          # (n, B, H) OUT or NULL (inference)
     floating* tc_cache,         # (n, B, H) OUT or NULL
     floating* m_cache,          # (n, B, H) OUT or NULL
@@ -584,6 +587,7 @@ cdef void _forward_chunk(
     cdef Py_ssize_t ro
     cdef floating* m = mbuf if P > 0 else h
     cdef floating* xr
+    cdef const floating* add
     for s in range(s0, s1):
         sl = s - s0
         hi = _active_end(lengths, r0, r1, s)
@@ -632,11 +636,16 @@ cdef void _forward_chunk(
                     if m_cache != NULL:  # read by the dW_hr GEMM over the block's rows
                         memset(m_cache + ro * H, 0, H * sizeof(floating))
                     continue
+                if ttab != NULL:       # token input: the row of the id at this time
+                    t = _time_of(lengths, s, b, reverse)
+                    add = ttab + <Py_ssize_t> G * tids[<Py_ssize_t> t * B + _row(rowmap, b)]
+                elif xproj == NULL:
+                    add = bias
+                else:
+                    add = xproj + G * (<Py_ssize_t> sl * B + b if xpos == NULL
+                                       else xpos[<Py_ssize_t> sl * B + b])
                 _cell_row(m, c, z + <Py_ssize_t> b * G, gates, c_cache, tc_cache, m_cache,
-                          bias if xproj == NULL else xproj + G * (
-                              <Py_ssize_t> sl * B + b if xpos == NULL
-                              else xpos[<Py_ssize_t> sl * B + b]),
-                          B, H, sl, b)
+                          add, B, H, sl, b)
                 if P == 0 and y != NULL:
                     t = _time_of(lengths, s, b, reverse)
                     memcpy(y + t * yst + _row(rowmap, b) * ysb, m + <Py_ssize_t> b * H,
@@ -720,9 +729,11 @@ def lstm_forward(
                                         #   the loop, it runs over the active rows only
     int[::1] crow=None,                 # (n * B,) scratch, with cpos
     int[::1] coff=None,                 # (n + 1,) scratch, with cpos
-    bint projected=False,               # gates already holds x_t W_ih^T + b of steps
-                                        #   [s0, s1) (token_rows): no step (1) here, x None;
-                                        #   never fused
+    const floating[:, ::1] token_table=None,  # (V, G) token input (x None): E W_ih^T + b
+                                        #   from token_table(), read by id in the loop
+                                        #   instead of step (1); never fused
+    const int[:, ::1] token_ids=None,   # (T, B) with token_table: ids, time order, the
+                                        #   caller's rows (rows maps kernel rows to them)
     int steps=0,                        # T when x is None
 ):
     """One LSTM layer, one direction, loop steps [s0, s1) (all of them: s0 = 0, s1 = T);
@@ -761,12 +772,20 @@ def lstm_forward(
     cdef int* coff_p = NULL
     cdef int c0, nrows
     cdef const floating* x_p = NULL
+    cdef const floating* ttab_p = NULL
+    cdef const int* tids_p = NULL
+    cdef bint tokens = token_table is not None
 
     _check(0 <= s0 < s1 <= T and s0 % S == 0 and (s1 % S == 0 or s1 == T), "s0/s1")
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
     _check(bias is not None and bias.shape[0] == G, "bias")
-    if projected:      # gates holds the input's projection; x is never read
-        _check(x is None and not fused and cpos is None and gates is not None, "projected")
+    if tokens:         # the loop reads the table by id; x is never read
+        _check(x is None and not fused and cpos is None and token_ids is not None
+               and _is(token_ids.shape, T, B) and token_table.shape[1] == G, "token input")
+        if not _ids_in_range(&token_ids[0, 0], <Py_ssize_t> T * B, token_table.shape[0]):
+            raise ValueError(f"token ids must be in 0..{token_table.shape[0] - 1}")
+        ttab_p = &token_table[0, 0]
+        tids_p = &token_ids[0, 0]
         xst = xsb = 0
         gather = False
     else:
@@ -779,7 +798,7 @@ def lstm_forward(
     if rows is not None:
         _check(not training and rows.shape[0] == B and _permutation(rows), "rows")
         rows_p = &rows[0]
-    gather = not projected and (gather or reverse or rows_p != NULL)
+    gather = not tokens and (gather or reverse or rows_p != NULL)
     if y is not None:
         _check(_is(y.shape, T, B, Hp) and _row_strides(y.shape, y.strides, item, &yst, &ysb)
                and _rows_disjoint(T, B, Hp, yst, ysb), "y")
@@ -796,10 +815,10 @@ def lstm_forward(
     _check(_is(h.shape, B, Hp) and _is(c.shape, B, H), "h/c")
     _check(_is(hz.shape, B, G) and _is(xh.shape, B, Ix + Hp), "hz/xh")
     _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
-    if training or not fused:
+    if training or not (fused or tokens):
         _check(gates is not None and _is(gates.shape, n, B, G), "gates")
         g_p = &gates[0, 0, 0]
-        if not projected and (reverse or (gather and not fused)):
+        if not tokens and (reverse or (gather and not fused)):
             _check(xg is not None and _is(xg.shape, n, B, I), "xg")
             xg_p = &xg[0, 0, 0]
     if training:
@@ -838,7 +857,7 @@ def lstm_forward(
             for g in range(G):
                 memcpy(w_cat + <Py_ssize_t> g * (I + Hp), &w_ih[g, 0], I * sizeof(floating))
                 memcpy(w_cat + <Py_ssize_t> g * (I + Hp) + I, &w_hh[g, 0], Hp * sizeof(floating))
-        if not fused and not projected:
+        if not fused and not tokens:
             # x_t W_ih^T + b for every step before the loop, block by block         (1)
             for p in prange(n_parts, schedule="static",
                             num_threads=team(n_threads, n_parts, <double> n * B * G * I,
@@ -874,7 +893,8 @@ def lstm_forward(
             note_team()
             blas_single_enter()
             _forward_chunk(y_p, &h[0, 0], &c[0, 0], g_p if training else NULL,
-                           NULL if fused else g_p, cpos_p, cc_p, tc_p, m_p, hpv_p,
+                           NULL if fused or tokens else g_p, cpos_p, ttab_p, tids_p,
+                           cc_p, tc_p, m_p, hpv_p,
                            xg_p if fused else NULL, &xh[0, 0], &hz[0, 0], mbuf_p, hp_p, rm_p,
                            x_p, &w_ih[0, 0], &w_hh[0, 0], w_hr_p, bias_p,
                            w_pk, w_cat, whr_pk if (P > 0 and w_pk != NULL) else NULL,
@@ -916,6 +936,9 @@ cdef void _backward_chunk(
     const floating* hprev,      # (n, B, Hp) the forward's h_{t-1} cache
     floating* xc,               # (rows, I) OUT x of the active rows of ragged blocks
     floating* hc,               # (rows, Hp) OUT h_{t-1} of the same rows
+    floating* ssum,             # (V, G) INOUT token input: this chunk's S, dz summed by id
+                                #   (steps from the last, rows in order); or NULL
+    const int* tids,            # (T, B) the ids, time order, with ssum
     int s0, int s1, int B, int I, int H, int P, int r0, int r1, int S, bint reverse,
     Py_ssize_t dyt, Py_ssize_t dyb,
 ) noexcept nogil:
@@ -930,6 +953,7 @@ cdef void _backward_chunk(
     cdef const floating* dmb
     cdef floating* dcb
     cdef floating* dzb
+    cdef floating* srow
     memset(dzs + <Py_ssize_t> r0 * G, 0, (r1 - r0) * G * sizeof(floating))
     for s in range(s1 - 1, s0 - 1, -1):
         sl = s - s0
@@ -974,6 +998,11 @@ cdef void _backward_chunk(
                 _cell.gate_grads_f32(dzb, dcb, z, tc_cache + ho, cprev, dmb, H)
             else:
                 _cell.gate_grads_f64(dzb, dcb, z, tc_cache + ho, cprev, dmb, H)
+            if ssum != NULL:           # token input: S[id] += dz while the row is in cache
+                t = lengths[b] - 1 - s if reverse else s
+                srow = ssum + <Py_ssize_t> G * tids[<Py_ssize_t> t * B + b]
+                for j in range(G):
+                    srow[j] += dzb[j]
             if cpos == NULL:
                 memcpy(dz + zo, dzb, G * sizeof(floating))
             else:
@@ -1180,9 +1209,12 @@ def lstm_backward(
     bint own_wide=True,                 # float32 at level 2: the own kernel for every large
                                         #   product, else only for the thin ones (I or
                                         #   Hp <= 64): _threads.BACKWARD_OWN_WIDE
-    bint input_grads=True,              # False: neither dx nor dW_ih (token input: token_scatter
-                                        #   and token_grads take them from dz); then no
-                                        #   ragged compaction (cpos)
+    bint input_grads=True,              # False: neither dx nor dW_ih (token input: the loop
+                                        #   sums dz by id into token_ssum, and token_grads
+                                        #   makes them from that); then no ragged compaction
+    floating[:, :, ::1] token_ssum=None,  # (min(B, n_parts), V, G) INOUT token input: S of
+                                        #   each batch chunk (zeroed by the first call)
+    const int[:, ::1] token_ids=None,   # (T, B) with token_ssum: the ids, time order
 ):
     """BPTT through one layer and direction over loop steps [s0, s1). A whole backward is
     one call (s0 = 0, s1 = T, first and last), or one call per segment from the last
@@ -1213,6 +1245,9 @@ def lstm_backward(
     cdef floating* whh_pk = NULL
     cdef floating* whr_pk = NULL
     cdef const floating* rm_p = NULL
+    cdef floating* ssum_p = NULL        # token input: the chunks' S
+    cdef const int* tids_p = NULL
+    cdef Py_ssize_t tvg = 0
 
     _check(0 <= s0 < s1 <= T and s0 % S == 0 and (s1 % S == 0 or s1 == T)
            and (not first or s1 == T) and (not last or s0 == 0), "s0/s1/first/last")
@@ -1228,6 +1263,15 @@ def lstm_backward(
     _check((not input_grads or _is(dx.shape, T, B, I)) and _is(dy.shape, T, B, Hp)
            and _row_strides(dy.shape, dy.strides, sizeof(floating), &dyt, &dyb), "dx/dy")
     _check(input_grads or (cpos is None and dx is None), "input_grads")
+    if token_ssum is not None:
+        _check(not input_grads and token_ids is not None and _is(token_ids.shape, T, B)
+               and token_ssum.shape[0] == min(B, n_parts) and token_ssum.shape[2] == G,
+               "token input")
+        if not _ids_in_range(&token_ids[0, 0], <Py_ssize_t> T * B, token_ssum.shape[1]):
+            raise ValueError(f"token ids must be in 0..{token_ssum.shape[1] - 1}")
+        ssum_p = &token_ssum[0, 0, 0]
+        tids_p = &token_ids[0, 0]
+        tvg = <Py_ssize_t> token_ssum.shape[1] * G
     _check(_is(c_cache.shape, n, B, H) and _is(tc_cache.shape, n, B, H)
            and _is(hprev.shape, n, B, Hp), "cache")
     _check(_is(dz.shape, n, B, G) and _is(gates.shape, n, B, G), "dz/gates")
@@ -1285,11 +1329,14 @@ def lstm_backward(
                                          MIN_PARALLEL_MACS)):
             note_team()
             blas_single_enter()
+            if ssum_p != NULL and first:
+                memset(ssum_p + p * tvg, 0, tvg * sizeof(floating))
             _backward_chunk(&dz[0, 0, 0], dhp_p, &dzs[0, 0], &dh[0, 0], &dc[0, 0],
                             &dhbuf[0, 0], dm_p, &dy[0, 0, 0], &dh_n[0, 0], &gates[0, 0, 0],
                             &c_cache[0, 0, 0], &tc_cache[0, 0, 0], &c_start[0, 0], &w_hh[0, 0],
                             w_hr_p, whh_pk, whr_pk if P > 0 else NULL, rm_p, &lengths[0],
                             cpos_p, coff_p, x_p, &hprev[0, 0, 0], xc_p, hc_p,
+                            (ssum_p + p * tvg) if ssum_p != NULL else NULL, tids_p,
                             s0, s1, B, I, H, P,
                             split(B, n_chunks, p), split(B, n_chunks, p + 1), S, reverse,
                             dyt, dyb)
@@ -1372,8 +1419,10 @@ def lstm_backward(
 # T*B*I*G, and the backward's input products follow the same way: with S (V, G) the sum
 # of dz over the rows of each token value, dW_ih += S^T E and dE += S W_ih instead of
 # dz^T x and dz W_ih over every row (at V = 81 and T*B = 3200, 40x fewer). The forward
-# then runs as "projected" (lstm_forward) and the backward without its input products
-# (token_table, token_rows; lstm_backward with input_grads=False, token_scatter, token_grads).
+# then reads the table by id inside the time loop (lstm_forward's token_table, token_ids;
+# no gates scratch in inference), and the backward's time loop adds each row's dz to S
+# while the row is in cache (lstm_backward's token_ssum: one S per batch chunk, summed
+# in chunk order by token_grads), with no input products (input_grads=False).
 
 
 cdef bint _ids_in_range(const int* ids, Py_ssize_t n, int V) noexcept nogil:
@@ -1408,107 +1457,13 @@ def token_table(
             blas_single_exit()
 
 
-def token_rows(
-    *,
-    floating[:, :, ::1] gates,          # (n, B, G) OUT row (sl, b): the table's row of the
-                                        #   id at its time; zeros where the row has ended
-    const floating[:, ::1] table,       # (V, G) from token_table
-    const int[:, ::1] ids,              # (T, B) token ids in time order, the caller's rows
-    const int[::1] lengths,             # (B,) in 1..T, kernel row order
-    int s0,                             # the first loop step of gates
-    bint reverse,
-    int n_parts,
-    int n_threads,
-    const int[::1] rows=None,           # (B,) kernel row b reads ids[:, rows[b]], or None
-):
-    """The input's projection of loop steps [s0, s0 + n): lstm_forward's step (1) for an
-    Embedding's output, one row of the table each (lstm_forward then runs projected)."""
-    cdef int n = gates.shape[0], B = gates.shape[1], G = gates.shape[2]
-    cdef int T = ids.shape[0], V = table.shape[0], p, s, b, t
-    cdef Py_ssize_t r0, r1, r
-    cdef const int* rows_p = NULL
-    _check(table.shape[1] == G and ids.shape[1] == B and lengths.shape[0] == B
-           and 0 <= s0 and s0 + n <= T and n_parts >= 1 and n_threads >= 1,
-           "token_rows shapes")
-    if rows is not None:
-        _check(rows.shape[0] == B and _permutation(rows), "rows")
-        rows_p = &rows[0]
-    if not _ids_in_range(&ids[0, 0], <Py_ssize_t> T * B, V):
-        raise ValueError(f"token ids must be in 0..{V - 1}")
-    with nogil:
-        for p in prange(n_parts, schedule="static",
-                        num_threads=team(n_threads, n_parts, <double> n * B * G,
-                                         MIN_PARALLEL_MACS)):
-            note_team()
-            r0 = split(<Py_ssize_t> n * B, n_parts, p)
-            r1 = split(<Py_ssize_t> n * B, n_parts, p + 1)
-            for r in range(r0, r1):
-                s = s0 + <int> (r // B)
-                b = <int> (r % B)
-                t = _time_of(&lengths[0], s, b, reverse)
-                if t < 0:
-                    memset(&gates[0, 0, 0] + r * G, 0, G * sizeof(floating))
-                else:
-                    memcpy(&gates[0, 0, 0] + r * G,
-                           &table[0, 0] + <Py_ssize_t> ids[t, _row(rows_p, b)] * G,
-                           G * sizeof(floating))
-
-
-def token_scatter(
-    *,
-    floating[:, ::1] ssum,              # (V, G) INOUT S: dz summed by token value
-    const floating[:, :, ::1] dz,       # (n, B, G) from lstm_backward over loop steps
-                                        #   [s0, s0 + n) (every row in place, zeros where a
-                                        #   row has ended)
-    const int[:, ::1] ids,              # (T, B) as token_rows had them (training: the
-                                        #   caller's rows are the kernel's)
-    const int[::1] lengths,             # (B,)
-    int s0,
-    bint reverse,
-    bint first,                         # the backward's first call: S starts at zero
-    int n_parts,
-    int n_threads,
-):
-    """Adds the rows of dz to S by token, a part of the G columns per thread, each part
-    walking the steps from the last to the first (rows in order within a step): every
-    sum has one order, the same for any thread count and, segment by segment from the
-    last (checkpointed BPTT), the same as one call over the whole sequence."""
-    cdef int n = dz.shape[0], B = dz.shape[1], G = dz.shape[2]
-    cdef int T = ids.shape[0], V = ssum.shape[0], p, s, b, t, j, g0, g1, v
-    cdef floating* srow
-    cdef const floating* zrow
-    _check(ssum.shape[1] == G and ids.shape[1] == B and lengths.shape[0] == B
-           and 0 <= s0 and s0 + n <= T and n_parts >= 1 and n_threads >= 1,
-           "token_scatter shapes")
-    if not _ids_in_range(&ids[0, 0], <Py_ssize_t> T * B, V):
-        raise ValueError(f"token ids must be in 0..{V - 1}")
-    with nogil:
-        for p in prange(n_parts, schedule="static",
-                        num_threads=team(n_threads, n_parts, <double> n * B * G,
-                                         MIN_PARALLEL_MACS)):
-            note_team()
-            g0 = split(G, n_parts, p)
-            g1 = split(G, n_parts, p + 1)
-            if first:
-                for v in range(V):
-                    memset(&ssum[0, 0] + <Py_ssize_t> v * G + g0, 0,
-                           (g1 - g0) * sizeof(floating))
-            for s in range(s0 + n - 1, s0 - 1, -1):
-                for b in range(B):
-                    t = _time_of(&lengths[0], s, b, reverse)
-                    if t < 0:
-                        continue
-                    srow = &ssum[0, 0] + <Py_ssize_t> ids[t, b] * G
-                    zrow = &dz[0, 0, 0] + (<Py_ssize_t> (s - s0) * B + b) * G
-                    for j in range(g0, g1):
-                        srow[j] += zrow[j]
-
-
 def token_grads(
     *,
     floating[:, ::1] demb,              # (V, I) INOUT += S W_ih, except the padding row
     floating[:, ::1] dw_ih,             # (G, I) INOUT += S^T E
-    const floating[:, ::1] ssum,        # (V, G) S from token_scatter
+    floating[:, ::1] ssum,              # (V, G) OUT S, the chunks' sums added in order
+    const floating[:, :, ::1] chunks,   # (n, V, G) each batch chunk's S (lstm_backward's
+                                        #   token_ssum)
     floating[:, ::1] demb_tmp,          # (V, I) scratch
     floating[:, ::1] dw_tmp,            # (G, I) scratch
     const floating[:, ::1] emb,         # (V, I)
@@ -1517,15 +1472,28 @@ def token_grads(
     int n_parts,
     int n_threads,
 ):
-    """The input's gradients of a layer fed by token ids, from S: each product's rows
-    belong to one fixed part, and each result is added once (two backward calls add
-    twice one)."""
+    """The input's gradients of a layer fed by token ids: S as the chunks' sums added in
+    chunk order (element parts), then S^T E and S W_ih, each product's rows in one fixed
+    part; each result is added once (two backward calls add twice one)."""
     cdef int V = emb.shape[0], I = emb.shape[1], G = w_ih.shape[0], p, g0, g1, v, v0, v1
+    cdef int nc = chunks.shape[0], k
+    cdef Py_ssize_t e, e0, e1, VG = <Py_ssize_t> V * G
+    _check(nc >= 1 and _is(chunks.shape, nc, V, G), "token_grads chunks")
     _check(_is(demb.shape, V, I) and _is(dw_ih.shape, G, I) and _is(ssum.shape, V, G)
            and _is(demb_tmp.shape, V, I) and _is(dw_tmp.shape, G, I) and _is(w_ih.shape, G, I)
            and n_parts >= 1 and n_threads >= 1 and -1 <= padding_idx < V,
            "token_grads shapes")
     with nogil:
+        for p in prange(n_parts, schedule="static",                  # S = sum of chunks
+                        num_threads=team(n_threads, n_parts, <double> nc * VG,
+                                         MIN_PARALLEL_MACS)):
+            note_team()
+            e0 = split(VG, n_parts, p)
+            e1 = split(VG, n_parts, p + 1)
+            memcpy(&ssum[0, 0] + e0, &chunks[0, 0, 0] + e0, (e1 - e0) * sizeof(floating))
+            for k in range(1, nc):
+                for e in range(e0, e1):
+                    (&ssum[0, 0])[e] += (&chunks[0, 0, 0])[<Py_ssize_t> k * VG + e]
         for p in prange(n_parts, schedule="static",
                         num_threads=team(n_threads, n_parts, <double> 2 * V * G * I,
                                          MIN_PARALLEL_MACS)):

@@ -320,11 +320,12 @@ class Tokens:
 
 def token_table(V, T, B):
     """Whether an Embedding of V rows feeding a layer of T steps and B sequences runs
-    through a table of projected rows (_lstm.token_table: E W_ih^T + b, V x 4H, then
-    one row per step) instead of the embedded x: when the table has at most half as
+    through a table of projected rows (_lstm.token_table: E W_ih^T + b, V x 4H, read by
+    id in the time loop) instead of the embedded x: when the table has at most half as
     many rows as the T * B it serves, so its product (V rows) costs at most half the
     input's (T * B rows), and the backward's input products shrink in the same ratio
-    (_lstm.token_scatter, token_grads). The two ways agree to rounding; each gives the
+    (dz summed by id in the backward's loop, then _lstm.token_grads). The two ways agree
+    to rounding; each gives the
     same bits for any thread count and with or without checkpointing."""
     return 2 * V <= T * B
 
@@ -443,16 +444,14 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     cache = None
     with blas_single_threaded:
         if tokens is not None:
-            # the table E W_ih^T + b once; each segment's gates get its rows, and the
-            # loop runs on them (_lstm.pyx, "Token input")
+            # the table E W_ih^T + b once, which the time loop reads by id in place of
+            # step (1) (_lstm.pyx, "Token input")
             table = ws.get("token_table", (tokens.table.shape[0], 4 * H), dtype)
             _lstm.token_table(table=table, emb=tokens.table, w_ih=w_ih, bias=args["bias"],
                               n_parts=N_PARTS, n_threads=args["n_threads"])
-            args.update(projected=True, steps=T)
+            args.update(token_table=table, token_ids=tokens.ids, steps=T)
         if training and k is None:
             cc = _caches(ws, dtype, T, B, I, H, Hp, proj, reverse and tokens is None)
-            if tokens is not None:
-                _token_rows(cc["gates"], table, tokens, lengths, 0, reverse, None)
             _lstm.lstm_forward(y=y, h=h, c=c, s0=0, s1=T, **cc, **args)
             cache = LayerCache(x=None if reverse else x, xg=cc["xg"], gates=cc["gates"],
                                c=cc["c_cache"], tc=cc["tc_cache"], m=cc["m_cache"],
@@ -462,7 +461,8 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
             # keeping (when training) the state entering each; without the input in
             # the step, one segment's projected input and (reverse) x in step order.
             n = T if k is None else k
-            gates = None if fused else ws.get("gates", (n, B, 4 * H), dtype)
+            gates = None if fused or tokens is not None else ws.get("gates", (n, B, 4 * H),
+                                                                    dtype)
             # Ragged inference projects the active rows only (_lstm.pyx, "Active rows"),
             # gathered into xg. Not in training: a checkpointed forward must give the
             # bits that backward's recomputation of each segment (in place) gives.
@@ -483,8 +483,6 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                 s1 = min(T, s0 + n)
                 if training:
                     h_ck[j], c_ck[j] = h, c
-                if tokens is not None:
-                    _token_rows(gates[:s1 - s0], table, tokens, lengths, s0, reverse, row_order)
                 _lstm.lstm_forward(y=y, h=h, c=c, s0=s0, s1=s1,
                                    gates=None if gates is None else gates[:s1 - s0],
                                    xg=None if xg is None else xg[:s1 - s0], c_cache=None,
@@ -522,17 +520,6 @@ def _check_tokens(tokens, x, I, dtype):
         raise ValueError(f"tokens.padding_idx must be -1 or a row of the table, "
                          f"got {tokens.padding_idx}")
     return None
-
-
-def _token_rows(gates, table, tokens, lengths, s0, reverse, rows):
-    _lstm.token_rows(gates=gates, table=table, ids=tokens.ids, lengths=lengths, s0=s0,
-                     reverse=reverse, rows=rows, n_parts=N_PARTS, n_threads=get_num_threads())
-
-
-def _token_scatter(ssum, dz, tokens, lengths, s0, reverse, first):
-    _lstm.token_scatter(ssum=ssum, dz=dz, ids=tokens.ids, lengths=lengths, s0=s0,
-                        reverse=reverse, first=first, n_parts=N_PARTS,
-                        n_threads=get_num_threads())
 
 
 def _grad_buffer(g, name, dtype, shape):
@@ -621,17 +608,16 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
     )
     dz = ws.get("dz", (n, B, 4 * H), dtype)
     dhp = ws.get("dhp", (n, B, Hp), dtype) if proj else None
-    # token input: S (V, 4H), dz summed by token value (_lstm.token_scatter)
-    ssum = (ws.get("token_ssum", (tokens.table.shape[0], 4 * H), dtype)
-            if tokens is not None else None)
+    if tokens is not None:      # each batch chunk's S (V, 4H): dz summed by token id
+        V = tokens.table.shape[0]
+        fixed.update(token_ssum=ws.get("token_chunks", (min(B, N_PARTS), V, 4 * H), dtype),
+                     token_ids=tokens.ids)
     with blas_single_threaded:
         if k is None:
             _lstm.lstm_backward(
                 s0=0, s1=T, first=True, last=True, dz=dz, dhp=dhp, gates=cache.gates,
                 c_cache=cache.c, tc_cache=cache.tc, m_cache=cache.m, hprev=cache.hprev,
                 xg=cache.xg, c_start=cache.c0, **fixed)
-            if tokens is not None:
-                _token_scatter(ssum, dz, tokens, cache.lengths, 0, reverse, True)
         else:
             # Segments from the last: recompute the segment's caches from the state that
             # entered it (the same kernel calls as the forward made), then its backward.
@@ -649,26 +635,21 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
                                    wpack="wpack_fwd"),
             )
             if tokens is not None:
-                fwd.update(projected=True, steps=T)
+                fwd.update(token_table=cache.token_table, token_ids=tokens.ids, steps=T)
             n_seg = cache.h_ck.shape[0]
             for j in range(n_seg - 1, -1, -1):
                 s0, s1 = j * k, min(T, (j + 1) * k)
                 seg = {name: None if a is None else a[:s1 - s0] for name, a in cc.items()}
                 h[...], c[...] = cache.h_ck[j], cache.c_ck[j]
-                if tokens is not None:
-                    _token_rows(seg["gates"], cache.token_table, tokens, cache.lengths, s0,
-                                reverse, None)
                 _lstm.lstm_forward(y=None, h=h, c=c, s0=s0, s1=s1, **seg, **fwd)
                 _lstm.lstm_backward(
                     s0=s0, s1=s1, first=j == n_seg - 1, last=j == 0, dz=dz[:s1 - s0],
                     dhp=None if dhp is None else dhp[:s1 - s0], c_start=cache.c_ck[j],
                     **seg, **fixed)
-                if tokens is not None:
-                    _token_scatter(ssum, dz[:s1 - s0], tokens, cache.lengths, s0, reverse,
-                                   j == n_seg - 1)
         if tokens is not None:      # dW_ih and the Embedding's gradient from S
             _lstm.token_grads(
-                demb=tokens.grad, dw_ih=dw_ih, ssum=ssum,
+                demb=tokens.grad, dw_ih=dw_ih, ssum=ws.get("token_ssum", (V, 4 * H), dtype),
+                chunks=fixed["token_ssum"],
                 demb_tmp=ws.get("token_demb", tokens.table.shape, dtype),
                 dw_tmp=fixed["dw_ih_tmp"], emb=tokens.table, w_ih=cache.w_ih,
                 padding_idx=tokens.padding_idx, n_parts=N_PARTS, n_threads=fixed["n_threads"])
