@@ -83,6 +83,10 @@ class BuildExtOpenMP(build_ext):
                 # exception flags as observable) and lets the activation loops vectorise.
                 ext.extra_compile_args += ["-O0", "-g"] if DEBUG else ["-O3"]
                 ext.extra_compile_args += ["-fno-trapping-math"]
+                if ext.name == "cylstm._optim":
+                    # sqrt is correctly rounded either way; without errno to set, the
+                    # Adam and RMSprop loops vectorise (see _optim.pyx)
+                    ext.extra_compile_args += ["-fno-math-errno"]
             if has_openmp:
                 ext.extra_compile_args += cflags
                 ext.extra_link_args += ldflags
