@@ -654,7 +654,7 @@ def profile_inference(sz, n, log, torch, what):
     out = lin.forward(h)
     (w_ih, w_hh, b_ih, b_hh, _), _ = lstm._weights(0, 0)
     ws = cy_F.Workspace()           # scratch kept across calls, as LSTM.forward keeps it
-    if cy_F.token_table(emb.num_embeddings, xb.shape[1], xb.shape[0]):
+    if cy_F.token_table(emb.num_embeddings, xb.shape[1], xb.shape[0], emb.embedding_dim):
         tok = cy_F.Tokens(np.ascontiguousarray(xb.T, dtype=np.int32), emb.weight, emb.grad)
 
         def emb_lstm_kernel():

@@ -107,7 +107,8 @@ CASES = [
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items())
                          or "plain")
 def test_table_path_matches_embedded_path(dtype, ragged, kw, table_calls, monkeypatch):
-    x, y, lengths = _batch(5, 9, ragged)
+    # T >= V: the policy takes the table whatever the core count (token_table)
+    x, y, lengths = _batch(5, 16, ragged)
     m = _model(dtype, **kw)
     # the same seeded dropout masks for both runs: a fresh model each
     a = _step_results(m, x, y, lengths, True, monkeypatch)
@@ -206,8 +207,15 @@ def test_fit_bitwise_for_any_thread_count_and_with_checkpointing(bidirectional, 
 
 
 def test_policy_decides_and_large_vocabularies_embed(table_calls, monkeypatch):
-    assert F.token_table(81, 100, 32) and F.token_table(50, 10, 10)
-    assert not F.token_table(51, 10, 10) and not F.token_table(10_000, 100, 32)
+    monkeypatch.setattr(F, "N_PARTS", 2)         # the policy counts the batch chunks
+    assert F.token_table(81, 100, 32, 64)        # the char model
+    assert F.token_table(40, 10, 10, 64) and not F.token_table(51, 10, 10, 64)   # nc V <= T B
+    assert not F.token_table(10_000, 100, 32, 64)
+    assert F.token_table(13, 8, 4, 6) and not F.token_table(13, 3, 2, 6)
+    assert not F.token_table(13, 8, 4, 1)       # one feature: the table costs more
+    monkeypatch.setattr(F, "N_PARTS", 64)        # 64 cores: 64 chunks' sums of dz by id
+    assert F.token_table(81, 100, 64, 64) and not F.token_table(3200, 100, 64, 512)
+    monkeypatch.setattr(F, "N_PARTS", 2)
     embedded = []
     real = cylstm.Embedding.forward
     monkeypatch.setattr(cylstm.Embedding, "forward",
@@ -225,7 +233,7 @@ def test_policy_decides_and_large_vocabularies_embed(table_calls, monkeypatch):
 def test_matches_torch_embedding_and_lstm():
     torch = _torch()
     torch.manual_seed(0)
-    E, H, B, T = 6, 8, 5, 9
+    E, H, B, T = 6, 8, 5, 16
     te, tl = torch.nn.Embedding(V, E, padding_idx=1), torch.nn.LSTM(E, H, batch_first=True)
     m = cylstm.Sequential([cylstm.Embedding(V, E, padding_idx=1),
                            cylstm.LSTM(E, H, batch_first=True)])
@@ -327,3 +335,56 @@ def test_subclasses_with_their_own_forward_get_the_embedded_path(table_calls):
         got, _ = m._forward(x, None)
         assert np.allclose(m.layers[2].forward(want), got, atol=1e-6)
     assert not table_calls and Logged.seen >= 2
+
+
+def test_two_directions_add_into_two_buffers(table_calls, monkeypatch):
+    # both directions of a bidirectional layer may run at once: each must add its part
+    # of the Embedding's gradient into a buffer of its own (LSTM._backward)
+    seen = []
+    real = F._lstm.token_grads
+
+    def spy(**kw):
+        seen.append(kw["demb"].__array_interface__["data"][0])
+        return real(**kw)
+    monkeypatch.setattr(F._lstm, "token_grads", spy)
+    x, y, _ = _batch(6, 16, False)
+    m = _model(bidirectional=True)
+    with cylstm.threads(2):
+        m.train_step(x, y)
+    assert table_calls and len(seen) == 2 and seen[0] != seen[1]
+    caches = m.layers[1]._caches[0]
+    assert caches[0].tokens is not caches[1].tokens
+
+
+def test_subclasses_with_their_own_batch_methods_get_arrays(table_calls):
+    class Doubled(cylstm.Embedding):
+        def forward_batch(self, x, lengths=None, state=None):
+            return 2 * self.forward(x), None
+
+    class Arrays(cylstm.LSTM):
+        def forward_batch(self, x, lengths=None, state=None):
+            assert isinstance(x, np.ndarray)
+            return super().forward_batch(x, lengths, state)
+
+    x, y, _ = _batch(4, 16, False)
+    for first, second, scale in ((Doubled(V, 6), cylstm.LSTM(6, 8, batch_first=True), 2),
+                                 (cylstm.Embedding(V, 6), Arrays(6, 8, batch_first=True), 1)):
+        m = cylstm.Sequential([first, second, cylstm.Linear(8, V)], seed=0)
+        m.compile(loss="cross_entropy", optimizer="sgd")
+        m.train_step(x, y)
+        m.eval()
+        want = m.layers[2].forward(m.layers[1].forward_batch(
+            scale * cylstm.Embedding.forward(m.layers[0], x))[0])
+        assert np.allclose(m._forward(x, None)[0], want, atol=1e-6)
+    assert not table_calls
+
+
+def test_kernels_refuse_lengths_out_of_range():
+    emb, w, ids, lengths, R = _functional_pair("float32", False, True)
+    _, _, _, cache = F.lstm_layer_forward(None, *w, lengths=lengths,
+                                          tokens=F.Tokens(ids, emb, np.zeros_like(emb)))
+    cache.lengths = cache.lengths.copy()
+    cache.lengths[1] = 8                     # T = 7
+    with pytest.raises(ValueError, match="lengths"):
+        F.lstm_layer_backward(cache, R, dw_ih=np.zeros_like(w[0]), dw_hh=np.zeros_like(w[1]),
+                              db_ih=np.zeros_like(w[2]), db_hh=np.zeros_like(w[3]))

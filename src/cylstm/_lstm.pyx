@@ -814,7 +814,8 @@ def lstm_forward(
         w_cat = &wpack[0]
     _check(_is(h.shape, B, Hp) and _is(c.shape, B, H), "h/c")
     _check(_is(hz.shape, B, G) and _is(xh.shape, B, Ix + Hp), "hz/xh")
-    _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
+    _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1
+           and _lengths_ok(&lengths[0], B, T), "lengths/n_parts")
     if training or not (fused or tokens):
         _check(gates is not None and _is(gates.shape, n, B, G), "gates")
         g_p = &gates[0, 0, 0]
@@ -1278,7 +1279,8 @@ def lstm_backward(
     _check(_is(dh.shape, B, Hp) and _is(dh_n.shape, B, Hp) and _is(dhbuf.shape, B, Hp)
            and _is(dc.shape, B, H) and _is(c_start.shape, B, H), "states")
     _check(_is(dzs.shape, B, G) and db_tmp.shape[0] == G, "dzs/db_tmp")
-    _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1, "lengths/n_parts")
+    _check(lengths.shape[0] == B and n_parts >= 1 and n_threads >= 1
+           and _lengths_ok(&lengths[0], B, T), "lengths/n_parts")
     part_rows = (S * B + n_parts - 1) // n_parts
     if cpos is not None:
         _check(crow is not None and coff is not None and xc is not None and hc is not None
@@ -1423,6 +1425,15 @@ def lstm_backward(
 # no gates scratch in inference), and the backward's time loop adds each row's dz to S
 # while the row is in cache (lstm_backward's token_ssum: one S per batch chunk, summed
 # in chunk order by token_grads), with no input products (input_grads=False).
+
+
+cdef bint _lengths_ok(const int* lengths, int B, int T) noexcept nogil:
+    """Every length in 1..T (the loops index time by them)."""
+    cdef int b
+    for b in range(B):
+        if lengths[b] < 1 or lengths[b] > T:
+            return False
+    return True
 
 
 cdef bint _ids_in_range(const int* ids, Py_ssize_t n, int V) noexcept nogil:

@@ -168,8 +168,9 @@ class Embedding(Parametrised):
         (``takes_token_batch``) instead of this layer's output; see TokenBatch. None
         when the output is not the table's rows (a subclass with its own forward): the
         model then runs this layer's forward."""
-        if type(self).forward is not Embedding.forward or \
-                type(self).backward is not Embedding.backward:
+        cls = type(self)
+        if any(getattr(cls, f) is not getattr(Embedding, f)
+               for f in ("forward", "backward", "forward_batch", "backward_batch")):
             return None
         return TokenBatch(self, indices)
 

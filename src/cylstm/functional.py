@@ -318,16 +318,19 @@ class Tokens:
         self.ids, self.table, self.grad, self.padding_idx = ids, table, grad, padding_idx
 
 
-def token_table(V, T, B):
-    """Whether an Embedding of V rows feeding a layer of T steps and B sequences runs
-    through a table of projected rows (_lstm.token_table: E W_ih^T + b, V x 4H, read by
-    id in the time loop) instead of the embedded x: when the table has at most half as
-    many rows as the T * B it serves, so its product (V rows) costs at most half the
-    input's (T * B rows), and the backward's input products shrink in the same ratio
-    (dz summed by id in the backward's loop, then _lstm.token_grads). The two ways agree
-    to rounding; each gives the
-    same bits for any thread count and with or without checkpointing."""
-    return 2 * V <= T * B
+def token_table(V, T, B, I):
+    """Whether an Embedding of V rows and I features feeding a layer of T steps and B
+    sequences runs through a table of projected rows (_lstm.token_table: E W_ih^T + b,
+    V x 4H, read by id in the time loop) instead of the embedded x.
+
+    The embedded path's three input products (x W_ih^T, dz^T x, dz W_ih) cost 3 T B I
+    multiply-adds per gate column; the table's cost 3 V I, plus zeroing and adding the
+    backward's nc = min(B, N_PARTS) per-chunk sums of dz by id (nc V). The table runs
+    when it costs at most half, and when those nc sums (nc V x 4H) take no more memory
+    than the gates cache (T B x 4H). The two ways agree to rounding; each gives the same
+    bits for any thread count and with or without checkpointing."""
+    nc = min(B, N_PARTS)
+    return 2 * V * (3 * I + nc) <= 3 * T * B * I and nc * V <= T * B
 
 
 def segment_steps(checkpoint_every, T, B):

@@ -279,7 +279,12 @@ class LSTM(Parametrised):
         Hp = self.state_size
         return Features(self.num_directions * Hp, Hp if self.bidirectional else 0, True)
 
-    takes_token_batch = True
+    @property
+    def takes_token_batch(self):
+        """True: forward_batch takes an Embedding's TokenBatch (not for a subclass with
+        its own forward_batch or backward_batch, which expect arrays)."""
+        cls = type(self)
+        return cls.forward_batch is LSTM.forward_batch and cls.backward_batch is LSTM.backward_batch
 
     def forward_batch(self, x, lengths=None, state=None):
         """Batch-first x (B, T, I) whatever ``batch_first`` says -> (y (B, T, D*Hp), (h, c)).
@@ -294,7 +299,7 @@ class LSTM(Parametrised):
             if (emb.dtype == self.dtype and emb.embedding_dim == self.input_size
                     and type(self).forward is LSTM.forward
                     and type(self).backward is LSTM.backward
-                    and F.token_table(emb.num_embeddings, T, B)):
+                    and F.token_table(emb.num_embeddings, T, B, self.input_size)):
                 with numpy_hugepage_hint_off:
                     y, hc = self._forward(None, state, lengths, tokens=x)
                 return (y if self.batch_first else y.transpose(1, 0, 2)), hc
@@ -457,8 +462,8 @@ class LSTM(Parametrised):
         row_order = order if not self.training else None
         if tokens is not None:    # layer 0's input: the Embedding's table and these ids
             emb = tokens.embedding
-            tok = F.Tokens(tokens.time_major(order if self.training else None), emb.weight,
-                           emb.grad, -1 if emb.padding_idx is None else emb.padding_idx)
+            tok_ids = tokens.time_major(order if self.training else None)
+            tok_pad = -1 if emb.padding_idx is None else emb.padding_idx
 
         L, D, H, Hp = self.num_layers, self.num_directions, self.hidden_size, self.state_size
         training = self.training
@@ -509,7 +514,10 @@ class LSTM(Parametrised):
                         recurrent_mask=rmasks[d], checkpoint_every=self.checkpoint_every,
                         workspace=self._workspace(layer, d, wss),
                         out=out[:, :, d * Hp:(d + 1) * Hp], row_order=row_order,
-                        tokens=tok if layer == 0 and tokens is not None else None)
+                        # one Tokens per direction: backward may point the reverse
+                        # direction's at a scratch gradient (_backward)
+                        tokens=(F.Tokens(tok_ids, emb.weight, emb.grad, tok_pad)
+                                if layer == 0 and tokens is not None else None))
                     return y, cache
                 results = [run(0)] if D == 1 else _both_directions(run)
                 caches += [cache for _, cache in results]
@@ -595,8 +603,8 @@ class LSTM(Parametrised):
                 tok_grad = None
                 if D == 2 and caches[layer * D + 1].tokens is not None:
                     # Token input: both directions add to the Embedding's gradient, and
-                    # they may run at once; the reverse one adds into a scratch first,
-                    # added after, so the sum has one order.
+                    # they may run at once; the reverse one (its own Tokens) adds into a
+                    # scratch first, added after, so the sum has one order.
                     tok = caches[layer * D + 1].tokens
                     tok_grad = tok.grad
                     tok.grad = self._workspace(layer, 1, wss).get(
