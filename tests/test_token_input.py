@@ -1,7 +1,6 @@
 """Token input: an Embedding feeding an LSTM through a projected table (E W_ih^T + b, one
-row per step) instead of the embedded vectors (cylstm.functional, Tokens / token_table;
-cylstm._lstm token_table, the table read by id in the forward's loop, dz summed by id in
-the backward's, token_grads).
+row per step) instead of the embedded vectors (cylstm.functional, Tokens / token_table; in cylstm._lstm the table read by id in the
+forward's loop, dz summed by id in the backward's, token_grads).
 
 The table path against the embedded path (the same model with the token pass turned
 off): outputs, every gradient (the Embedding's included) and predictions agree to
@@ -34,12 +33,12 @@ def _torch():
 def table_calls(monkeypatch):
     """Counts the table path's table projections, to prove which path ran."""
     calls = []
-    real = F._lstm.token_table
+    real = F._token_table
 
-    def spy(**kw):
-        calls.append(kw["table"].shape)
-        return real(**kw)
-    monkeypatch.setattr(F._lstm, "token_table", spy)
+    def spy(ws, emb, *args):
+        calls.append(emb.shape)
+        return real(ws, emb, *args)
+    monkeypatch.setattr(F, "_token_table", spy)
     return calls
 
 

@@ -730,7 +730,7 @@ def lstm_forward(
     int[::1] crow=None,                 # (n * B,) scratch, with cpos
     int[::1] coff=None,                 # (n + 1,) scratch, with cpos
     const floating[:, ::1] token_table=None,  # (V, G) token input (x None): E W_ih^T + b
-                                        #   from token_table(), read by id in the loop
+                                        #   (a Linear forward on E), read by id in the loop
                                         #   instead of step (1); never fused
     const int[:, ::1] token_ids=None,   # (T, B) with token_table: ids, time order, the
                                         #   caller's rows (rows maps kernel rows to them)
@@ -1421,7 +1421,8 @@ def lstm_backward(
 # T*B*I*G, and the backward's input products follow the same way: with S (V, G) the sum
 # of dz over the rows of each token value, dW_ih += S^T E and dE += S W_ih instead of
 # dz^T x and dz W_ih over every row (at V = 81 and T*B = 3200, 40x fewer). The forward
-# then reads the table by id inside the time loop (lstm_forward's token_table, token_ids;
+# (cylstm.functional computes A with _ops.linear_forward: it is a Linear layer's forward
+# on E) then reads the table by id inside the time loop (lstm_forward's token_table, token_ids;
 # no gates scratch in inference), and the backward's time loop adds each row's dz to S
 # while the row is in cache (lstm_backward's token_ssum: one S per batch chunk, summed
 # in chunk order by token_grads), with no input products (input_grads=False).
@@ -1442,30 +1443,6 @@ cdef bint _ids_in_range(const int* ids, Py_ssize_t n, int V) noexcept nogil:
         if ids[i] < 0 or ids[i] >= V:
             return False
     return True
-
-
-def token_table(
-    *,
-    floating[:, ::1] table,             # (V, G) OUT E W_ih^T + b
-    const floating[:, ::1] emb,         # (V, I) the embedding table E
-    const floating[:, ::1] w_ih,        # (G, I)
-    const floating[::1] bias,           # (G,) b_ih + b_hh (zeros without bias)
-    int n_parts,
-    int n_threads,
-):
-    """The projected table of a layer fed by token ids, rows cut into fixed parts."""
-    cdef int V = emb.shape[0], I = emb.shape[1], G = w_ih.shape[0], p
-    _check(_is(table.shape, V, G) and _is(w_ih.shape, G, I) and bias.shape[0] == G
-           and n_parts >= 1 and n_threads >= 1, "token_table shapes")
-    with nogil:
-        for p in prange(n_parts, schedule="static",
-                        num_threads=team(n_threads, n_parts, <double> V * G * I,
-                                         MIN_PARALLEL_MACS)):
-            note_team()
-            blas_single_enter()
-            affine_rows(&table[0, 0], &emb[0, 0], &w_ih[0, 0], &bias[0],
-                        split(V, n_parts, p), split(V, n_parts, p + 1), I, G)
-            blas_single_exit()
 
 
 def token_grads(

@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from . import _lstm
+from . import _lstm, _ops
 from ._check import FLOATS as _FLOATS
 from ._check import checkpoint_every as _checkpoint_every
 from ._check import real_array
@@ -320,7 +320,7 @@ class Tokens:
 
 def token_table(V, T, B, I):
     """Whether an Embedding of V rows and I features feeding a layer of T steps and B
-    sequences runs through a table of projected rows (_lstm.token_table: E W_ih^T + b,
+    sequences runs through a table of projected rows (E W_ih^T + b,
     V x 4H, read by id in the time loop) instead of the embedded x.
 
     The embedded path's three input products (x W_ih^T, dz^T x, dz W_ih) cost 3 T B I
@@ -449,9 +449,7 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
         if tokens is not None:
             # the table E W_ih^T + b once, which the time loop reads by id in place of
             # step (1) (_lstm.pyx, "Token input")
-            table = ws.get("token_table", (tokens.table.shape[0], 4 * H), dtype)
-            _lstm.token_table(table=table, emb=tokens.table, w_ih=w_ih, bias=args["bias"],
-                              n_parts=N_PARTS, n_threads=args["n_threads"])
+            table = _token_table(ws, tokens.table, w_ih, args["bias"], dtype)
             args.update(token_table=table, token_ids=tokens.ids, steps=T)
         if training and k is None:
             cc = _caches(ws, dtype, T, B, I, H, Hp, proj, reverse and tokens is None)
@@ -498,6 +496,14 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
         cache.bias, cache.lengths, cache.reverse, cache.dtype = bias, lengths, reverse, dtype
         cache.rmask, cache.shape = rmask, (T, B, I, H, Hp)
     return y, h, c, cache
+
+
+def _token_table(ws, emb, w_ih, bias, dtype):
+    """A = E W_ih^T + b (V, 4H), the rows a token input's loop reads: a Linear forward."""
+    table = ws.get("token_table", (emb.shape[0], w_ih.shape[0]), dtype)
+    _ops.linear_forward(out=table, x=emb, weight=w_ih, bias=bias, n_parts=N_PARTS,
+                        n_threads=get_num_threads())
+    return table
 
 
 def _check_tokens(tokens, x, I, dtype):
