@@ -139,6 +139,20 @@ def _lengths(lengths, T, B):
 
 def _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr):
     """Validated (dtype, H, Hp, w_ih, w_hh, bias = b_ih + b_hh or None, w_hr or None)."""
+    # The common case (a model's own weights: C-contiguous, one float dtype, biases,
+    # no projection) in straight-line checks: this runs in every layer call, and for a
+    # short sequence the general path below costs as much as several steps.
+    if (w_hr is None and type(w_ih) is np.ndarray and type(w_hh) is np.ndarray
+            and type(b_ih) is np.ndarray and type(b_hh) is np.ndarray):
+        dtype = w_hh.dtype
+        sh, si = w_hh.shape, w_ih.shape
+        if (dtype in _FLOATS and w_ih.dtype == dtype and b_ih.dtype == dtype
+                and b_hh.dtype == dtype and len(sh) == 2 and len(si) == 2
+                and sh[1] >= 1 and si[1] >= 1 and sh[0] == 4 * sh[1] and si[0] == sh[0]
+                and b_ih.shape == (sh[0],) and b_hh.shape == (sh[0],)
+                and w_ih.flags.c_contiguous and w_hh.flags.c_contiguous
+                and b_ih.flags.c_contiguous and b_hh.flags.c_contiguous):
+            return dtype, sh[1], sh[1], w_ih, w_hh, b_ih + b_hh, None
     dtype = _weight_dtype(w_ih, w_hh)
     if w_hr is None:
         if w_hh.ndim != 2 or w_hh.shape[0] != 4 * w_hh.shape[1] or w_hh.shape[1] < 1:
@@ -247,6 +261,16 @@ class Workspace:
         if a is None or a.shape != tuple(shape) or a.dtype != dtype:
             a = np.empty(shape, dtype=dtype)
             self._arrays[name] = a
+        return a
+
+    def full_lengths(self, T, B):
+        """lengths = T for all B sequences, int32, read-only (the kernels only read it, a
+        layer cache may keep it): made once per shape instead of at every call."""
+        a = self._arrays.get("lengths_full")
+        if a is None or a.shape != (B,) or a[0] != T:
+            a = np.full(B, T, dtype=np.int32)
+            a.flags.writeable = False
+            self._arrays["lengths_full"] = a
         return a
 
     def get_at_least(self, name, n, dtype):
@@ -368,7 +392,7 @@ def _caches(ws, dtype, n, B, I, H, Hp, proj, reverse, prefix=""):
 def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                        lengths=None, reverse=False, training=True, w_hr=None,
                        recurrent_mask=None, *, checkpoint_every=None, workspace=None,
-                       out=None, row_order=None, tokens=None):
+                       out=None, row_order=None, tokens=None, _prepare=None):
     """One LSTM layer, one direction, whole sequence (see the module docstring).
 
     x (T, B, I); w_ih (4H, I); w_hh (4H, H); b_ih, b_hh (4H,) or both None; h0, c0
@@ -392,6 +416,8 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     ``tokens`` (a Tokens, with x None): the input is tokens.table[tokens.ids] (T, B, I),
     projected through a table (token_table says when that pays);
     backward then accumulates the Embedding's gradient into tokens.grad and returns no dx.
+    ``_prepare`` (a list; cylstm.layers' prepared inference): an inference call that ran
+    as one kernel call appends that call's keyword arguments to it.
     """
     dtype, H, Hp, w_ih, w_hh, bias, w_hr = _check_weights(w_ih, w_hh, b_ih, b_hh, w_hr)
     I = w_ih.shape[1]
@@ -413,7 +439,9 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
         raise ValueError(f"x must have at least one step and one sequence, got {_shape(x)}")
     if T * B * max(4 * H, I) > _INT32_MAX:
         raise ValueError(f"x ({T}, {B}, {I}) with H={H} is too large for 32-bit BLAS indexing")
-    lengths = _lengths(lengths, T, B)
+    ws = _workspace_arg(workspace)
+    full = lengths is None
+    lengths = ws.full_lengths(T, B) if full else _lengths(lengths, T, B)
     k = segment_steps(checkpoint_every, T, B)
     reverse = bool(reverse)
     h = np.zeros((B, Hp), dtype) if h0 is None else _as_array(h0, "h0", dtype, (B, Hp)).copy()
@@ -423,7 +451,6 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
     if recurrent_mask is not None:
         # a copy: the cache keeps it for backward, whatever the caller does to its array
         rmask = _as_array(recurrent_mask, "recurrent_mask", dtype, (B, Hp)).copy()
-    ws = _workspace_arg(workspace)
     if out is None:
         y = np.empty((T, B, Hp), dtype)
     else:
@@ -467,7 +494,8 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
             # Ragged inference projects the active rows only (_lstm.pyx, "Active rows"),
             # gathered into xg. Not in training: a checkpointed forward must give the
             # bits that backward's recomputation of each segment (in place) gives.
-            active = {} if training or fused or tokens is not None or lengths.min() == T else dict(
+            active = {} if (training or fused or tokens is not None or full
+                            or lengths.min() == T) else dict(
                 cpos=ws.get("cpos", (n * B,), np.int32),
                 crow=ws.get("crow", (n * B,), np.int32),
                 coff=ws.get("coff", (n + 1,), np.int32))
@@ -484,11 +512,14 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                 s1 = min(T, s0 + n)
                 if training:
                     h_ck[j], c_ck[j] = h, c
-                _lstm.lstm_forward(y=y, h=h, c=c, s0=s0, s1=s1,
-                                   gates=None if gates is None else gates[:s1 - s0],
-                                   xg=None if xg is None else xg[:s1 - s0], c_cache=None,
-                                   tc_cache=None, m_cache=None, hprev=None,
-                                   rows=row_order, **active, **args)
+                kw = dict(y=y, h=h, c=c, s0=s0, s1=s1,
+                          gates=None if gates is None else gates[:s1 - s0],
+                          xg=None if xg is None else xg[:s1 - s0], c_cache=None,
+                          tc_cache=None, m_cache=None, hprev=None,
+                          rows=row_order, **active, **args)
+                _lstm.lstm_forward(**kw)
+            if _prepare is not None and not training and tokens is None and n == T:
+                _prepare.append(kw)
     if training:
         if tokens is not None:
             cache.tokens, cache.token_table = tokens, table

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import _ops, _parallel, _step, _threads
+from . import _lstm, _ops, _parallel, _step, _threads
 from . import functional as F
 from ._check import float_dtype as _dtype
 from ._check import positive_int as _positive_int
@@ -113,6 +113,68 @@ def _both_directions(run):
     finally:
         second = future.result()      # always joined, so no work outlives the call
     return [first, second]
+
+
+class _Prepared:
+    """An eval-mode forward of one input layout, prepared.
+
+    Why: a short sequence's kernels cost less than the checks and decisions around them
+    (the tiny config, B = 1, T = 50, H = 64: about a third of a call was Python). The
+    general path (LSTM._forward) checks everything and records, per layer and
+    direction, the keyword arguments it passed to the kernel (functional's
+    ``_prepare``): the checked weights, every policy decision (input in the step or
+    before the loop, packing, scratch) and the scratch arrays of its workspace set. A
+    later call with the same key (the input's shape and strides, and everything else
+    those decisions read) and the same parameter arrays fills in its own x, y, h, c and
+    the bias sum b_ih + b_hh (recomputed: weights change in place) and calls the
+    kernels directly: the same kernels on the same arguments, so the same bits.
+    Anything else goes the general way, which prepares anew. It lives in an inference
+    workspace set, which one call owns while it runs.
+    """
+
+    __slots__ = ("key", "weights", "calls", "biases", "__weakref__")
+
+    def __init__(self, key, weights, calls, biases):
+        self.key = key            # LSTM._prepared_key
+        self.weights = weights    # [(name, array)]: the parameter arrays the calls read
+        self.calls = calls        # [layer][direction] -> the kernel's keyword arguments
+        self.biases = biases      # [layer * D + direction] -> (b_ih, b_hh) or None
+
+    def current(self, params):
+        for name, a in self.weights:
+            if params.get(name) is not a:
+                return False
+        return True
+
+    def run(self, lstm, xt, h0, c0):
+        """(y, (h_n, c_n)) for xt (T, B, I) time-major, h0 (L*D, B, Hp) and c0 or None."""
+        L, D, H, Hp, dtype = (lstm.num_layers, lstm.num_directions, lstm.hidden_size,
+                              lstm.state_size, lstm.dtype)
+        T, B, _ = xt.shape
+        result = np.empty((B, T, D * Hp) if lstm.batch_first else (T, B, D * Hp), dtype)
+        final = result.transpose(1, 0, 2) if lstm.batch_first else result
+        h_n = np.zeros((L * D, B, Hp), dtype) if h0 is None else np.array(h0, dtype)
+        c_n = np.zeros((L * D, B, H), dtype) if c0 is None else np.array(c0, dtype)
+        inp = xt
+        for layer in range(L):
+            out = final if layer == L - 1 else np.empty((T, B, D * Hp), dtype)
+
+            def run(d, layer=layer, inp=inp, out=out):
+                kw, k = self.calls[layer][d], layer * D + d
+                if self.biases[k] is not None:
+                    np.add(*self.biases[k], out=kw["bias"])
+                kw.update(x=inp, y=out[:, :, d * Hp:(d + 1) * Hp], h=h_n[k], c=c_n[k])
+                try:
+                    with F.blas_single_threaded:
+                        _lstm.lstm_forward(**kw)
+                finally:        # hold no caller's array until the next call
+                    kw.update(x=None, y=None, h=None, c=None)
+            if D == 1:
+                run(0)
+            else:
+                _both_directions(run)
+            inp = out
+        return result, (h_n, c_n)
 
 
 class LSTM(Parametrised):
@@ -417,8 +479,54 @@ class LSTM(Parametrised):
         with numpy_hugepage_hint_off:
             return self._forward(x, state, lengths)
 
+    def _prepared_key(self, xt):
+        """What an eval-mode forward's kernel arguments depend on besides the parameters
+        (_Prepared): the layout of the time-major input, and the settings the policies
+        read (threads, ISA level, the test hooks of functional's rules)."""
+        return (xt.shape, xt.strides, get_num_threads(), _lstm.rgemm_level(),
+                F._FORCE_INPUT_IN_STEP, F.PACK_MIN_STEPS, F.N_PARTS, self.checkpoint_every)
+
+    def _prepared(self, xt, calls):
+        """A _Prepared from the kernel arguments of each layer and direction (calls, in
+        layer * D + direction order) of a general forward of xt (time-major)."""
+        D = self.num_directions
+        weights, biases = [], []
+        for layer in range(self.num_layers):
+            for d in range(D):
+                sfx = self._suffix(layer, d)
+                arrays, _ = self._weights(layer, d)
+                names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+                weights += [(n + sfx, a) for n, a in zip(names, arrays) if a is not None]
+                biases.append((arrays[2], arrays[3]) if arrays[2] is not None else None)
+        return _Prepared(self._prepared_key(xt), weights,
+                         [calls[layer * D:(layer + 1) * D] for layer in range(self.num_layers)],
+                         biases)
+
+    def _prepared_forward(self, x, state):
+        """An eval-mode forward of x through the calls a general forward of the same
+        layout prepared (_Prepared), or None when there are none (the caller then runs
+        the general path, which checks everything and prepares them)."""
+        if (type(x) is not np.ndarray or x.ndim != 3 or x.dtype != self.dtype
+                or x.shape[2] != self.input_size):
+            return None
+        xt = x.transpose(1, 0, 2) if self.batch_first else x
+        key = self._prepared_key(xt)
+        wss = self._acquire_workspaces(False, "forward")
+        try:
+            plan = wss.get("prepared")
+            if plan is None or plan.key != key or not plan.current(self.params):
+                return None
+            h0, c0 = self._state(state, "state", xt.shape[1], False)
+            return plan.run(self, xt, h0, c0)
+        finally:
+            self._release_workspaces(wss)
+
     def _forward(self, x, state, lengths, tokens=None):
         """tokens: a TokenBatch (B, T) instead of x (None), from forward_batch."""
+        if tokens is None and lengths is None and not self.training:
+            got = self._prepared_forward(x, state)
+            if got is not None:
+                return got
         if tokens is not None:
             unbatched = False
             B, T = tokens.shape
@@ -475,6 +583,10 @@ class LSTM(Parametrised):
             result = np.empty((B, T, D * Hp) if self.batch_first else (T, B, D * Hp),
                               self.dtype)
             final = result.transpose(1, 0, 2) if self.batch_first else result
+        # an eval-mode forward of full-length batched arrays prepares the next one of
+        # the same layout (_Prepared): each kernel call's arguments, recorded
+        prepare = [[] for _ in range(L * D)] if (
+            not training and tokens is None and full and not unbatched) else None
         wss = self._acquire_workspaces(training, "forward")
         try:
             if training:
@@ -517,7 +629,8 @@ class LSTM(Parametrised):
                         # one Tokens per direction: backward may point the reverse
                         # direction's at a scratch gradient (_backward)
                         tokens=(F.Tokens(tok_ids, emb.weight, emb.grad, tok_pad)
-                                if layer == 0 and tokens is not None else None))
+                                if layer == 0 and tokens is not None else None),
+                        _prepare=None if prepare is None else prepare[k])
                     return y, cache
                 results = [run(0)] if D == 1 else _both_directions(run)
                 caches += [cache for _, cache in results]
@@ -529,6 +642,8 @@ class LSTM(Parametrised):
                     masks.append(mask)
             self._caches = ((caches, masks, wmasks, T, B, unbatched, order)
                             if training else None)
+            if prepare is not None and all(len(p) == 1 for p in prepare):
+                wss["prepared"] = self._prepared(xt, [p[0] for p in prepare])
         finally:
             self._release_workspaces(wss)
 
