@@ -109,22 +109,25 @@ def test_the_input_path_rule():
 
 def test_the_step_weight_budget_is_the_l2_unless_measured_otherwise(tmp_path):
     """How many bytes of weights a step may stream (the budget of the rule above): one
-    core's L2, and 8 of them on AMD Zen 5 (family 26), where the step's 8-row blocks stay
-    near peak with weights read from L3 (figures: _threads._step_weight_bytes)."""
-    from cylstm import _threads
+    core's L2, and 8 of them on AMD Zen 4 (family 25 with AVX-512) and Zen 5 (family 26),
+    where the step's 8-row blocks stay near peak with weights read from L3 (figures:
+    _threads._step_weight_bytes)."""
+    from cylstm import _isa, _threads
     mib = 1 << 20
-    assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 26)) == 8 * mib
-    assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 25)) == mib
-    assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 27)) == mib   # not measured
-    assert _threads._step_weight_bytes(2 * mib, ("GenuineIntel", 6)) == 2 * mib
-    assert _threads._step_weight_bytes(mib, ("", 0)) == mib
+    assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 26), 2) == 8 * mib
+    assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 26), 1) == 8 * mib
+    assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 25), 2) == 8 * mib   # Zen 4
+    assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 25), 1) == mib   # Zen 3
+    assert _threads._step_weight_bytes(mib, ("AuthenticAMD", 27), 2) == mib   # not measured
+    assert _threads._step_weight_bytes(2 * mib, ("GenuineIntel", 6), 2) == 2 * mib
+    assert _threads._step_weight_bytes(mib, ("", 0), 0) == mib
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n"
                     "model\t\t: 2\n\nprocessor\t: 1\nvendor_id\t: GenuineIntel\n")
     assert _threads._cpu_id(str(info)) == ("AuthenticAMD", 26)
     assert _threads._cpu_id(str(tmp_path / "missing")) == ("", 0)
     assert _threads.STEP_WEIGHT_BYTES == _threads._step_weight_bytes(
-        _threads.L2_BYTES, _threads._cpu_id())
+        _threads.L2_BYTES, _threads._cpu_id(), _isa.cpu_level())
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])

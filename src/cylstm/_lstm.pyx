@@ -16,7 +16,7 @@ Forward, per step t, numbered as in docs/math.md and cylstm/reference.py (the ba
 refers to these numbers):
     (1) z_t = [x_t | h_{t-1}] [W_ih | W_hh]^T + b           (B, G)
         one product per step over both inputs (K = I + Hp), then + b ("fused"); or,
-        when W_ih and W_hh do not fit a core's L2 together (8 of them on Zen 5:
+        when W_ih and W_hh do not fit a core's L2 together (8 of them on Zen 4 and 5:
         _threads.STEP_WEIGHT_BYTES) or a thread's chunk has few rows (input_in_step),
         x_t W_ih^T + b for all steps before the loop and the step's product h_{t-1} W_hh^T
     (2) i = sigmoid(z[i])  f = sigmoid(z[f])  g = tanh(z[g])  o = sigmoid(z[o])
@@ -578,7 +578,7 @@ cdef void _forward_chunk(
     (gates, caches) are indexed by the segment step sl = s - s0; x and y by time."""
     cdef int G = 4 * H, Hp = P if P > 0 else H, K = Ix + Hp
     # Tiles only on the packed kernel with the input in the step (input_in_step's
-    # rule: the weights in L2, or on Zen 5 read from L3 fast enough), since every tile
+    # rule: the weights in L2, or on Zen 4 and 5 read from L3 fast enough), since every tile
     # reads all of them; BLAS re-packs them at every call. Otherwise the whole chunk at
     # once.
     cdef int R = _rows_per_tile(G, sizeof(floating)) \

@@ -91,11 +91,12 @@ def _cpu_id(path="/proc/cpuinfo"):
     return vendor, family
 
 
-def _step_weight_bytes(l2, cpu):
+def _step_weight_bytes(l2, cpu, level):
     """The most bytes of [W_ih | W_hh] the forward streams through each step's product
     before it projects the input with GEMMs ahead of the loop instead
     (cylstm._lstm.input_in_step): one core's L2 (`l2`), except where the core reads
     weights from L3 fast enough for the step's 8-row blocks to stay near its peak.
+    `cpu` is (vendor, family) (_cpu_id), `level` the CPU's ISA level (_isa.cpu_level).
 
     Measured (bench: inference, T = 100, 2 threads, fused vs hoisted ms). A 2-core Intel
     Xeon, 2 MiB L2: B=32 I=128 H=384 (3 MiB of weights) 22.6 vs 16.9, and H=256 float64
@@ -104,16 +105,22 @@ def _step_weight_bytes(l2, cpu):
     8.75 vs 9.51, B=64 I=512 H=512 (8 MiB) 68.4 vs 71.1, I=512 H=640 (11 MiB) 90.9 vs
     92.6, but I=H=768 (18 MiB) 157.7 vs 150.7 and I=H=1024 (32 MiB) 220 vs 138; float64
     B=32 I=128 H=256 (3 MiB) 16.7 vs 19.3: there the step may stream up to 8 L2s'
-    worth. Other CPUs (other AMD families included) keep the L2 until measured."""
+    worth. An AMD EPYC Zen 4 (family 25 with AVX-512; 1 MiB L2, 32 MiB L3), interleaved
+    in one process (bench-style, 2026-12-03): 1.5 MiB 13.05 vs 14.62, 2 MiB 17.22 vs
+    20.20, 8 MiB 137.9 vs 145.3, the char model's 2 layers (4.8 MiB) 141.6 vs 155.5,
+    1.5 MiB bidirectional 28.0 vs 33.1, float64 3 MiB 32.5 vs 34.6, but I=512 H=768
+    (15 MiB) 201.6 vs 165.1; a training step 2-4% faster fused up to 4.8 MiB, 8 MiB
+    even (506 vs 495). Family 25 without AVX-512 is Zen 3 (a 512 KiB L2), not measured.
+    Other CPUs keep the L2 until measured."""
     vendor, family = cpu
-    if vendor == "AuthenticAMD" and family == 26:
+    if vendor == "AuthenticAMD" and (family == 26 or (family == 25 and level >= 2)):
         return 8 * l2
     return l2
 
 
 #: Bytes of [W_ih | W_hh] up to which the forward computes the input's product inside
 #: each step (cylstm._lstm.input_in_step); read once at import, from the machine.
-STEP_WEIGHT_BYTES = _step_weight_bytes(L2_BYTES, _cpu_id())
+STEP_WEIGHT_BYTES = _step_weight_bytes(L2_BYTES, _cpu_id(), _isa.cpu_level())
 
 _global_setting = None          # set_num_threads(); None = default
 _SERIAL = not _parallel.openmp_enabled()     # serial build, or a forked child (below)
