@@ -482,23 +482,40 @@ class LSTM(Parametrised):
     def _prepared_key(self, xt):
         """What an eval-mode forward's kernel arguments depend on besides the parameters
         (_Prepared): the layout of the time-major input, and the settings the policies
-        read (threads, ISA level, the test hooks of functional's rules)."""
+        read (threads, ISA level, the step-weight budget, the test hooks of functional's
+        rules)."""
         return (xt.shape, xt.strides, get_num_threads(), _lstm.rgemm_level(),
-                F._FORCE_INPUT_IN_STEP, F.PACK_MIN_STEPS, F.N_PARTS, self.checkpoint_every)
+                F._FORCE_INPUT_IN_STEP, F.PACK_MIN_STEPS, F.N_PARTS,
+                _threads.STEP_WEIGHT_BYTES, self.checkpoint_every)
 
-    def _prepared(self, xt, calls):
+    def _prepared(self, key, calls):
         """A _Prepared from the kernel arguments of each layer and direction (calls, in
-        layer * D + direction order) of a general forward of xt (time-major)."""
+        layer * D + direction order) of a general forward whose key was taken before its
+        kernels ran, or None when the kernels did not read the parameter arrays
+        themselves (a converted copy, which an identity check could not vouch for) or a
+        bias is not a C-contiguous array of the model's dtype (its sum would round
+        differently)."""
         D = self.num_directions
         weights, biases = [], []
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         for layer in range(self.num_layers):
             for d in range(D):
+                kw = calls[layer * D + d]
+                kw.update(x=None, y=None, h=None, c=None)   # hold no caller's array
                 sfx = self._suffix(layer, d)
                 arrays, _ = self._weights(layer, d)
-                names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+                w_ih, w_hh, b_ih, b_hh, w_hr = arrays
+                if (kw["w_ih"] is not w_ih or kw["w_hh"] is not w_hh
+                        or kw["w_hr"] is not w_hr):
+                    return None
+                if b_ih is not None:
+                    for b in (b_ih, b_hh):
+                        if (type(b) is not np.ndarray or b.dtype != self.dtype
+                                or not b.flags.c_contiguous):
+                            return None
                 weights += [(n + sfx, a) for n, a in zip(names, arrays) if a is not None]
-                biases.append((arrays[2], arrays[3]) if arrays[2] is not None else None)
-        return _Prepared(self._prepared_key(xt), weights,
+                biases.append((b_ih, b_hh) if b_ih is not None else None)
+        return _Prepared(key, weights,
                          [calls[layer * D:(layer + 1) * D] for layer in range(self.num_layers)],
                          biases)
 
@@ -587,6 +604,7 @@ class LSTM(Parametrised):
         # the same layout (_Prepared): each kernel call's arguments, recorded
         prepare = [[] for _ in range(L * D)] if (
             not training and tokens is None and full and not unbatched) else None
+        key = self._prepared_key(xt) if prepare is not None else None
         wss = self._acquire_workspaces(training, "forward")
         try:
             if training:
@@ -642,8 +660,12 @@ class LSTM(Parametrised):
                     masks.append(mask)
             self._caches = ((caches, masks, wmasks, T, B, unbatched, order)
                             if training else None)
-            if prepare is not None and all(len(p) == 1 for p in prepare):
-                wss["prepared"] = self._prepared(xt, [p[0] for p in prepare])
+            if not training:
+                # a call that prepared nothing drops the set's plan too: its scratch may
+                # have been resized, and the plan would keep the old arrays alive
+                wss["prepared"] = (self._prepared(key, [p[0] for p in prepare])
+                                   if prepare is not None and all(len(p) == 1 for p in prepare)
+                                   else None)
         finally:
             self._release_workspaces(wss)
 
