@@ -24,6 +24,7 @@ import sys
 
 CASES = {   # name: (T, B, I, H, layers[, dtype[, variant]]); float32 unless a dtype is given
     "tiny": (50, 1, 32, 64, 1),
+    "single": (100, 1, 256, 256, 1),    # one sequence, weights past 256 kB: projected
     "small": (100, 16, 64, 128, 1),
     "medium": (100, 32, 128, 256, 1),
     "large": (100, 64, 512, 512, 1),

@@ -70,6 +70,7 @@ bitwise identical for any number of threads (team sizes and thresholds: _paralle
 
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
 from cylstm._blas cimport affine_rows, gemm
@@ -735,6 +736,10 @@ def lstm_forward(
     const int[:, ::1] token_ids=None,   # (T, B) with token_table: ids, time order, the
                                         #   caller's rows (rows maps kernel rows to them)
     int steps=0,                        # T when x is None
+    floating[::1] ipack=None,           # scratch, inference at B = 1 only, or None:
+                                        #   pack_size(I, G); with it the input projection
+                                        #   runs piece by piece beside the loop
+                                        #   (_pipelined_part)
 ):
     """One LSTM layer, one direction, loop steps [s0, s1) (all of them: s0 = 0, s1 = T);
     see the module docstring.
@@ -775,6 +780,9 @@ def lstm_forward(
     cdef const floating* ttab_p = NULL
     cdef const int* tids_p = NULL
     cdef bint tokens = token_table is not None
+    cdef floating* ipk = NULL           # W_ih^T packed: the projection pipelined (B = 1)
+    cdef int* pstate = NULL             # each piece's _PIECE_* state
+    cdef int n_pieces = 0
 
     _check(0 <= s0 < s1 <= T and s0 % S == 0 and (s1 % S == 0 or s1 == T), "s0/s1")
     _check(G == 4 * H and Hp == (P if P > 0 else H) and _is(w_ih.shape, G, I), "weights")
@@ -846,6 +854,14 @@ def lstm_forward(
             # padding's products would never be read). xg holds them compactly.
             cpos_p, crow_p, coff_p = &cpos[0], &crow[0], &coff[0]
             xg_p = &xg[0, 0, 0]
+    if (ipack is not None and w_pk != NULL and not fused and not tokens and not training
+            and B == 1 and cpos_p == NULL and rm_p == NULL):
+        ipk = _wpack_slot(ipack, I, G, 0, 0)
+        if ipk != NULL:
+            n_pieces = (n + _PIECE_STEPS - 1) // _PIECE_STEPS
+            pstate = <int*> calloc(n_pieces, sizeof(int))
+            if pstate == NULL:
+                raise MemoryError()
     n_chunks = min(B, n_parts)
     with nogil:
         if w_pk != NULL:               # [W_ih^T; W_hh^T], or W_hh^T alone (Ix = 0)
@@ -858,7 +874,23 @@ def lstm_forward(
             for g in range(G):
                 memcpy(w_cat + <Py_ssize_t> g * (I + Hp), &w_ih[g, 0], I * sizeof(floating))
                 memcpy(w_cat + <Py_ssize_t> g * (I + Hp) + I, &w_hh[g, 0], Hp * sizeof(floating))
-        if not fused and not tokens:
+        if ipk != NULL:
+            # B = 1: one chunk, so one thread runs the loop while a second projects the
+            # input ahead of it, piece by piece (_pipelined_part)
+            _pack(ipk, &w_ih[0, 0], I, G, I, True)
+            for p in prange(2, schedule="static",
+                            num_threads=team(n_threads, 2, <double> n * G * (I + Hp + P),
+                                             MIN_PARALLEL_MACS)):
+                note_team()
+                blas_single_enter()
+                _pipelined_part(p, pstate, n_pieces, y_p, &h[0, 0], &c[0, 0], g_p, xg_p,
+                                &xh[0, 0], &hz[0, 0], mbuf_p, hp_p, x_p, &w_ih[0, 0],
+                                &w_hh[0, 0], w_hr_p, bias_p, w_pk, ipk,
+                                whr_pk if P > 0 else NULL, &lengths[0], s0, s1, I, H, P,
+                                reverse, gather, xst, xsb, yst, ysb, rows_p)
+                blas_single_exit()
+            free(pstate)
+        elif not fused and not tokens:
             # x_t W_ih^T + b for every step before the loop, block by block         (1)
             for p in prange(n_parts, schedule="static",
                             num_threads=team(n_threads, n_parts, <double> n * B * G * I,
@@ -888,20 +920,171 @@ def lstm_forward(
                                 else x_p + <Py_ssize_t> bs * B * I,
                                 &w_ih[0, 0], bias_p, q0, q1, I, G)
                 blas_single_exit()
-        for p in prange(n_chunks, schedule="static",
-                        num_threads=team(n_threads, n_chunks, <double> n * B * G * (Ix + Hp + P),
-                                         MIN_PARALLEL_MACS)):
-            note_team()
-            blas_single_enter()
-            _forward_chunk(y_p, &h[0, 0], &c[0, 0], g_p if training else NULL,
-                           NULL if fused or tokens else g_p, cpos_p, ttab_p, tids_p,
-                           cc_p, tc_p, m_p, hpv_p,
-                           xg_p if fused else NULL, &xh[0, 0], &hz[0, 0], mbuf_p, hp_p, rm_p,
-                           x_p, &w_ih[0, 0], &w_hh[0, 0], w_hr_p, bias_p,
-                           w_pk, w_cat, whr_pk if (P > 0 and w_pk != NULL) else NULL,
-                           &lengths[0], s0, s1, B, I, Ix, H, P, split(B, n_chunks, p),
-                           split(B, n_chunks, p + 1), reverse, xst, xsb, yst, ysb, rows_p)
-            blas_single_exit()
+        if ipk == NULL:
+            for p in prange(n_chunks, schedule="static",
+                            num_threads=team(n_threads, n_chunks, <double> n * B * G * (Ix + Hp + P),
+                                             MIN_PARALLEL_MACS)):
+                note_team()
+                blas_single_enter()
+                _forward_chunk(y_p, &h[0, 0], &c[0, 0], g_p if training else NULL,
+                               NULL if fused or tokens else g_p, cpos_p, ttab_p, tids_p,
+                               cc_p, tc_p, m_p, hpv_p,
+                               xg_p if fused else NULL, &xh[0, 0], &hz[0, 0], mbuf_p, hp_p, rm_p,
+                               x_p, &w_ih[0, 0], &w_hh[0, 0], w_hr_p, bias_p,
+                               w_pk, w_cat, whr_pk if (P > 0 and w_pk != NULL) else NULL,
+                               &lengths[0], s0, s1, B, I, Ix, H, P, split(B, n_chunks, p),
+                               split(B, n_chunks, p + 1), reverse, xst, xsb, yst, ysb, rows_p)
+                blas_single_exit()
+
+
+# ----------------------------------------------------------------------------------------
+# B = 1 inference: the input projection pipelined beside the time loop
+# ----------------------------------------------------------------------------------------
+
+# One sequence is one chunk: its time loop runs on one thread and would leave the other
+# cores idle. Where the input is projected before the loop (input_in_step), a second
+# thread projects it in pieces of _PIECE_STEPS steps while the first runs the steps, so
+# the projection leaves the loop's path instead of running, on every thread, before it.
+# T = 100, I = H = 256, 2 threads, 2-core AMD EPYC Zen 4 (bench/ab.py's "single", 21
+# rounds): 2.02 -> 1.80 ms; with OpenBLAS on its Haswell kernels 2.29 -> 2.04 ms.
+# Where the input's product is in the step (small weights, the tiny config) this was
+# tried with the projection pipelined instead: each step then reads W_hh alone (0.58
+# instead of 0.87 us at I = 32, H = 64), but handing each step's projected row from the
+# other core's cache took back most of it (tiny 1.00x in bench/ab.py), so the rule
+# stays as it is.
+#
+# A piece is claimed by whoever comes first (a compare-exchange on its state: FREE ->
+# CLAIMED -> DONE): the loop's thread, when it reaches a piece still FREE, projects it
+# itself, so it never waits for a thread that has not started; it waits only for a
+# piece the other thread is projecting, which that thread is running now. With a team
+# of one, prange runs part 0 (the loop, projecting every piece itself) and then part 1
+# (nothing left). Every piece is the packed kernel over its rows, one FMA chain per
+# element (_rgemm.h), then + bias: the same bits whoever projects it and however many
+# threads run, and the piece size is a constant.
+cdef enum:
+    # one 8-row block of the packed kernel; the loop's thread projects the first piece
+    # itself, so this is also what the first step waits for
+    _PIECE_STEPS = 8
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #if defined(__x86_64__) || defined(__i386__)
+    #include <immintrin.h>
+    #define CY_PIECE_PAUSE() _mm_pause()
+    #else
+    #define CY_PIECE_PAUSE() ((void) 0)
+    #endif
+    enum { CY_PIECE_FREE = 0, CY_PIECE_CLAIMED = 1, CY_PIECE_DONE = 2 };
+    static inline int cy_piece_claim(int *s)
+    {
+        int want = CY_PIECE_FREE;
+        return __atomic_compare_exchange_n(s, &want, CY_PIECE_CLAIMED, 0, __ATOMIC_ACQ_REL,
+                                           __ATOMIC_ACQUIRE);
+    }
+    static inline void cy_piece_done(int *s) { __atomic_store_n(s, CY_PIECE_DONE, __ATOMIC_RELEASE); }
+    static inline void cy_piece_wait(int *s)
+    {
+        while (__atomic_load_n(s, __ATOMIC_ACQUIRE) != CY_PIECE_DONE)
+            CY_PIECE_PAUSE();
+    }
+    #define CY_PIECE_SHARED 1
+    static long long cy_piece_count[2];     /* pieces projected by part 0 and by part 1 */
+    static inline void cy_piece_counted(int part) { __atomic_fetch_add(&cy_piece_count[part], 1, __ATOMIC_RELAXED); }
+    #else   /* no atomics known here: the loop's thread projects every piece */
+    static inline int cy_piece_claim(int *s) { if (*s) return 0; *s = 1; return 1; }
+    static inline void cy_piece_done(int *s) { *s = 2; }
+    static inline void cy_piece_wait(int *s) { (void) s; }
+    #define CY_PIECE_SHARED 0
+    static long long cy_piece_count[2];
+    static inline void cy_piece_counted(int part) { cy_piece_count[part]++; }
+    #endif
+    """
+    bint CY_PIECE_SHARED
+    long long cy_piece_count[2]
+    void cy_piece_counted(int part) noexcept nogil
+    bint cy_piece_claim(int* s) noexcept nogil
+    void cy_piece_done(int* s) noexcept nogil
+    void cy_piece_wait(int* s) noexcept nogil
+
+
+cdef void _project_piece(
+    floating* xproj,            # (n, G) OUT rows [ps - s0, pe - s0): x_t W_ih^T + b
+    floating* xg,               # (n, I) scratch when gather, else NULL
+    const floating* x,          # (T, 1, I) time order, row t at t * xst (+ b * xsb)
+    const floating* w_ih_pk,    # W_ih^T packed (I, G)
+    const floating* bias,       # (G,)
+    const int* lengths,         # (1,)
+    int s0, int ps, int pe, int I, int G, bint reverse, bint gather,
+    Py_ssize_t xst, Py_ssize_t xsb, const int* rowmap,
+) noexcept nogil:
+    """Loop steps [ps, pe) of the input projection of one sequence (B = 1)."""
+    cdef int m = pe - ps, r, j
+    cdef const floating* a
+    cdef floating* out = xproj + <Py_ssize_t> (ps - s0) * G
+    if gather:         # x in loop-step order (reverse, strided, or padding zeroed)
+        _gather_rows(xg + <Py_ssize_t> (ps - s0) * I, x, lengths, ps, 0, m, 1, I, reverse,
+                     xst, xsb, rowmap)
+        a = xg + <Py_ssize_t> (ps - s0) * I
+    else:
+        a = x + <Py_ssize_t> ps * I
+    _rec_mm(m, G, I, a, I, NULL, 0, False, w_ih_pk, out, G)
+    for r in range(m):
+        for j in range(G):
+            out[<Py_ssize_t> r * G + j] += bias[j]
+
+
+cdef void _pipelined_part(
+    int part,                   # 0: the time loop (projecting the pieces it reaches
+                                #   unclaimed); 1: the projection of pieces 1, 2, ...
+    int* state,                 # (n_pieces,) each piece's CY_PIECE_* state, all FREE
+    int n_pieces,
+    floating* y, floating* h, floating* c,
+    floating* xproj,            # (n, 1, G) scratch: the projected input
+    floating* xg,               # (n, 1, I) scratch when gather, else NULL
+    floating* xh, floating* z, floating* mbuf, floating* hp,
+    const floating* x, const floating* w_ih, const floating* w_hh, const floating* w_hr,
+    const floating* bias,
+    const floating* w_packed,   # W_hh^T packed
+    const floating* w_ih_pk,    # W_ih^T packed
+    const floating* whr_packed,
+    const int* lengths,
+    int s0, int s1, int I, int H, int P, bint reverse, bint gather,
+    Py_ssize_t xst, Py_ssize_t xsb, Py_ssize_t yst, Py_ssize_t ysb, const int* rowmap,
+) noexcept nogil:
+    """One of the two parts of a B = 1 inference call, loop steps [s0, s1) (see above)."""
+    cdef int G = 4 * H, q, ps, pe
+    if part == 1:
+        if CY_PIECE_SHARED:
+            for q in range(1, n_pieces):
+                ps = s0 + q * _PIECE_STEPS
+                if cy_piece_claim(&state[q]):
+                    _project_piece(xproj, xg, x, w_ih_pk, bias, lengths, s0, ps,
+                                   min(ps + _PIECE_STEPS, s1), I, G, reverse, gather, xst,
+                                   xsb, rowmap)
+                    cy_piece_done(&state[q])
+                    cy_piece_counted(1)
+        return
+    for q in range(n_pieces):
+        ps = s0 + q * _PIECE_STEPS
+        pe = min(ps + _PIECE_STEPS, s1)
+        if cy_piece_claim(&state[q]):
+            _project_piece(xproj, xg, x, w_ih_pk, bias, lengths, s0, ps, pe, I, G, reverse,
+                           gather, xst, xsb, rowmap)
+            cy_piece_done(&state[q])
+            cy_piece_counted(0)
+        else:
+            cy_piece_wait(&state[q])
+        _forward_chunk(y, h, c, NULL, xproj + <Py_ssize_t> (ps - s0) * G, NULL, NULL, NULL,
+                       NULL, NULL, NULL, NULL, NULL, xh, z, mbuf, hp, NULL, x, w_ih, w_hh,
+                       w_hr, bias, w_packed, NULL, whr_packed, lengths, ps, pe, 1, I, 0, H,
+                       P, 0, 1, reverse, xst, xsb, yst, ysb, rowmap)
+
+
+def _piece_counts():
+    """Test and benchmark hook: (pieces of pipelined B = 1 projections the loop's thread
+    projected, pieces the other part projected) since the process started."""
+    return int(cy_piece_count[0]), int(cy_piece_count[1])
 
 
 # ----------------------------------------------------------------------------------------

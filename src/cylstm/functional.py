@@ -503,6 +503,11 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                   if tokens is None and not fused and (
                       reverse or not x.flags.c_contiguous or row_order is not None or active)
                   else None)
+            # one sequence in inference: the projection runs beside the loop in pieces,
+            # on the packed kernel (_lstm.pyx, "B = 1 inference")
+            ipack = (ws.get_at_least("ipack", _lstm.pack_size(I, 4 * H, dtype), dtype)
+                     if (B == 1 and not training and gates is not None and not active
+                         and args["wpack"] is not None and rmask is None) else None)
             if training:
                 n_seg = -(-T // k)
                 h_ck = ws.get("h_ck", (n_seg, B, Hp), dtype)
@@ -516,7 +521,7 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                           gates=None if gates is None else gates[:s1 - s0],
                           xg=None if xg is None else xg[:s1 - s0], c_cache=None,
                           tc_cache=None, m_cache=None, hprev=None,
-                          rows=row_order, **active, **args)
+                          rows=row_order, ipack=ipack, **active, **args)
                 _lstm.lstm_forward(**kw)
             if _prepare is not None and not training and tokens is None and n == T:
                 _prepare.append(kw)
