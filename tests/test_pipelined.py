@@ -13,7 +13,6 @@ from cylstm import functional as F
 
 from conftest import KERNEL_TOL, assert_close, make_layer_problem
 
-PIECE = 8       # _lstm._PIECE_STEPS
 
 
 @pytest.fixture
@@ -47,8 +46,9 @@ needs_kernels = pytest.mark.skipif(not _packed_kernels(),
 @pytest.mark.parametrize("proj", [None, 3])
 def test_matches_reference(hoisted, dtype, T, reverse, proj):
     p = make_layer_problem(T, 1, 5, 6, seed=T + 10 * reverse, dtype=dtype, proj_size=proj)
+    before = sum(_lstm._piece_counts())
     y, h, c, kw = _recorded(p["x"], p, reverse=reverse)
-    assert kw["ipack"] is not None          # the pipelined path ran
+    assert sum(_lstm._piece_counts()) - before == T     # every step's row, in pieces
     ry, rh, rc, _ = reference.lstm_layer_forward(
         p["x"].astype(np.float64), *(None if p[k] is None else p[k].astype(np.float64)
                                      for k in ("w_ih", "w_hh", "b_ih", "b_hh", "h0", "c0")),
@@ -61,29 +61,38 @@ def test_matches_reference(hoisted, dtype, T, reverse, proj):
 
 @needs_kernels
 @pytest.mark.parametrize("T", [9, 40, 200])
-def test_bitwise_for_any_thread_count(hoisted, two_thread_teams, T):
+@pytest.mark.parametrize("variant", ["plain", "reverse", "strided", "proj", "float64"])
+def test_bitwise_for_any_thread_count(hoisted, two_thread_teams, T, variant):
     """1 thread projects every piece itself; with 2 the other part takes some: the same
-    bits (each piece is the packed kernel on the same rows, whoever runs it)."""
-    p = make_layer_problem(T, 1, 24, 32, seed=3, dtype=np.float32)
+    bits (each piece is the packed kernel on the same rows, whoever runs it), also
+    gathering x (reverse, strided) and with a projection or float64."""
+    dtype = np.float64 if variant == "float64" else np.float32
+    p = make_layer_problem(T, 1, 24, 32, seed=3, dtype=dtype,
+                           proj_size=7 if variant == "proj" else None)
+    x = p["x"]
+    if variant == "strided":
+        wide = np.zeros((T, 1, 30), dtype)
+        wide[:, :, 3:27] = x
+        x = wide[:, :, 3:27]
+    kw = dict(reverse=variant == "reverse")
     with cylstm.threads(1):
-        want = _recorded(p["x"], p)[:3]
+        want = _recorded(x, p, **kw)[:3]
     before = _lstm._piece_counts()
     with cylstm.threads(2):
         for _ in range(20):
-            got = _recorded(p["x"], p)[:3]
+            got = _recorded(x, p, **kw)[:3]
             for g, w in zip(got, want):
                 assert np.array_equal(g, w)
     after = _lstm._piece_counts()
-    pieces = -(-T // PIECE)
-    assert after[0] + after[1] - before[0] - before[1] == 20 * pieces
+    assert after[0] + after[1] - before[0] - before[1] == 20 * T
     if T >= 40:     # many pieces: the other thread must have taken some
         assert after[1] > before[1]
 
 
 @needs_kernels
-def test_same_bits_as_the_projection_before_the_loop(hoisted):
-    """The pipelined projection and the one before the loop (BLAS) agree to rounding;
-    the kernel's ipack switch is the only difference between the two calls."""
+def test_agrees_with_the_blas_projection(hoisted):
+    """Without ipack the kernel projects before the loop through BLAS: the two agree to
+    rounding (bitwise on some OpenBLAS kernels, not on others)."""
     p = make_layer_problem(30, 1, 12, 16, seed=5, dtype=np.float32)
     y, h, c, kw = _recorded(p["x"], p)
     assert kw["ipack"] is not None
@@ -96,29 +105,76 @@ def test_same_bits_as_the_projection_before_the_loop(hoisted):
 
 @needs_kernels
 def test_strided_and_batch_first_input(hoisted):
-    """x read in place through its strides, or gathered (not C-contiguous)."""
+    """x gathered (not C-contiguous), or a batch-first model's (1, T, I) read through
+    its transpose: the same bits as the contiguous time-major input."""
     p = make_layer_problem(19, 1, 7, 8, seed=7, dtype=np.float32)
     want = _recorded(p["x"], p)[:3]
     wide = np.zeros((19, 1, 11), np.float32)
     wide[:, :, 2:9] = p["x"]
     got = _recorded(wide[:, :, 2:9], p)
-    assert got[3]["ipack"] is not None
     for g, w in zip(got[:3], want):
         assert np.array_equal(g, w)
+    tm = cylstm.LSTM(7, 8, seed=4)
+    bf = cylstm.LSTM(7, 8, seed=4, batch_first=True)
+    tm.eval(), bf.eval()
+    y_tm, (h_tm, _) = tm(p["x"])
+    before = sum(_lstm._piece_counts())
+    y_bf, (h_bf, _) = bf(np.ascontiguousarray(p["x"].transpose(1, 0, 2)))
+    assert sum(_lstm._piece_counts()) - before == 19
+    assert np.array_equal(y_bf[0], y_tm[:, 0]) and np.array_equal(h_bf, h_tm)
 
 
 @needs_kernels
 def test_which_calls_take_it(hoisted):
-    """B = 1 inference with full lengths and packed weights only: not B = 2, not
-    training, not a ragged single sequence (lengths < T), not T < PACK_MIN_STEPS."""
+    """B = 1 with full lengths, packed weights and no recurrent dropout, in inference and
+    in training: not B = 2, not a ragged inference (lengths < T: its active rows), not
+    T < PACK_MIN_STEPS, not with a recurrent mask."""
+    def steps(x, p, training=False, **kw):
+        before = sum(_lstm._piece_counts())
+        F.lstm_layer_forward(x, p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], p["h0"],
+                             p["c0"], training=training, **kw)
+        return sum(_lstm._piece_counts()) - before
+
     p = make_layer_problem(12, 1, 4, 5, seed=9, dtype=np.float32)
-    assert _recorded(p["x"], p)[3]["ipack"] is not None
-    assert _recorded(p["x"], p, lengths=[12])[3]["ipack"] is not None
-    assert _recorded(p["x"], p, lengths=[7])[3]["ipack"] is None
+    assert steps(p["x"], p) == 12
+    assert steps(p["x"], p, training=True) == 12
+    assert steps(p["x"], p, training=True, checkpoint_every=4) == 12
+    assert steps(p["x"], p, lengths=[12]) == 12
+    assert steps(p["x"], p, lengths=[7]) == 0
+    assert steps(p["x"], p, training=True, lengths=[7]) == 12
+    mask = np.ones((1, 5), np.float32)
+    assert steps(p["x"], p, training=True, recurrent_mask=mask) == 0
     short = make_layer_problem(3, 1, 4, 5, seed=9, dtype=np.float32)
-    assert _recorded(short["x"], short)[3]["ipack"] is None
+    assert steps(short["x"], short) == 0
     two = make_layer_problem(12, 2, 4, 5, seed=9, dtype=np.float32)
-    assert _recorded(two["x"], two)[3]["ipack"] is None
+    assert steps(two["x"], two) == 0 and steps(two["x"], two, training=True) == 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_training_gives_the_inference_bits(hoisted, reverse, threads):
+    """The training forward projects the same pieces before its loop: y, h_n, c_n are
+    the inference's bits whatever BLAS runs (docs/math.md), and a checkpointed step
+    (whose segments are recomputed the same way) gives the full cache's gradients."""
+    from cylstm import _threads
+    p = make_layer_problem(37, 1, 10, 12, seed=13, dtype=np.float32)
+    args = (p["x"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], p["h0"], p["c0"])
+    dy = np.random.default_rng(14).standard_normal((37, 1, 12)).astype(np.float32)
+    with cylstm.threads(threads), _threads.force_parallel():
+        inf = F.lstm_layer_forward(*args, reverse=reverse, training=False)[:3]
+        grads = []
+        for k in (None, 8):
+            out = F.lstm_layer_forward(*args, reverse=reverse, checkpoint_every=k)
+            for a, b in zip(out[:3], inf):
+                assert np.array_equal(a, b)
+            g = {n: np.zeros_like(p[n]) for n in ("w_ih", "w_hh", "b_ih", "b_hh")}
+            dx, dh0, dc0 = F.lstm_layer_backward(out[3], dy, dw_ih=g["w_ih"],
+                                                 dw_hh=g["w_hh"], db_ih=g["b_ih"],
+                                                 db_hh=g["b_hh"])
+            grads.append(dict(g, dx=dx, dh0=dh0, dc0=dc0))
+    for n in grads[0]:
+        assert np.array_equal(grads[0][n], grads[1][n]), n
 
 
 @needs_kernels
@@ -135,17 +191,18 @@ def test_ragged_single_sequence_matches_reference(hoisted):
 @needs_kernels
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_module_eval_matches_training_forward(bidirectional):
-    """An LSTM whose B = 1 shapes hoist the projection by the rule (weights past 256 kB):
-    eval mode takes the pipeline, training mode the projection before the loop, and both
-    give the reference's numbers; a second eval call (prepared) gives the same bits."""
+    """An LSTM whose B = 1 shapes project the input before the loop by the rule
+    (weights past 256 kB): eval mode runs the pieces beside the loop, training mode
+    before it, with the same bits; a second eval call (prepared) too."""
     lstm = cylstm.LSTM(160, 96, bidirectional=bidirectional, seed=1)
     assert not F.input_in_step(160, 96, 96, np.float32, 1)
     x = np.random.default_rng(2).standard_normal((21, 1, 160)).astype(np.float32)
     y_train, (h_train, c_train) = lstm(x)
     lstm.eval()
+    before = sum(_lstm._piece_counts())
     y_eval, (h_eval, c_eval) = lstm(x)
+    assert sum(_lstm._piece_counts()) - before == (2 if bidirectional else 1) * 21
     y_again, _ = lstm(x)
     assert np.array_equal(y_eval, y_again)
-    assert_close(y_eval, y_train, 1e-5, "y")
-    assert_close(h_eval, h_train, 1e-5, "h_n")
-    assert_close(c_eval, c_train, 1e-5, "c_n")
+    assert np.array_equal(y_eval, y_train)
+    assert np.array_equal(h_eval, h_train) and np.array_equal(c_eval, c_train)

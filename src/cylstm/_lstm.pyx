@@ -19,6 +19,8 @@ refers to these numbers):
         when W_ih and W_hh do not fit a core's L2 together (8 of them on Zen 4 and 5:
         _threads.STEP_WEIGHT_BYTES) or a thread's chunk has few rows (input_in_step),
         x_t W_ih^T + b for all steps before the loop and the step's product h_{t-1} W_hh^T
+        (one sequence, B = 1: in pieces of 8 steps on the packed kernel, in inference
+        beside the loop; _pipelined_part)
     (2) i = sigmoid(z[i])  f = sigmoid(z[f])  g = tanh(z[g])  o = sigmoid(z[o])
     (3) c_t = f * c_{t-1} + i * g
     (4) m_t = o * tanh(c_t)
@@ -752,7 +754,7 @@ def lstm_forward(
     cdef int P = 0 if w_hr is None else w_hr.shape[0]
     cdef int Ix = I if fused else 0     # input columns of the step's product
     cdef int S = block_steps(B), n = s1 - s0, nb = (n + S - 1) // S
-    cdef int p, n_chunks, kb, bs, be, q0, q1, g
+    cdef int p, n_chunks, kb, bs, be, q0, q1, g, nb_p
     cdef bint training = c_cache is not None
     cdef const floating* w_hr_p = NULL
     cdef const floating* bias_p = &bias[0]
@@ -780,8 +782,9 @@ def lstm_forward(
     cdef const floating* ttab_p = NULL
     cdef const int* tids_p = NULL
     cdef bint tokens = token_table is not None
-    cdef floating* ipk = NULL           # W_ih^T packed: the projection pipelined (B = 1)
-    cdef int* pstate = NULL             # each piece's _PIECE_* state
+    cdef floating* ipk = NULL           # W_ih^T packed: the projection in pieces (B = 1)
+    cdef bint pipe = False              # ... beside the loop (inference)
+    cdef int* pstate = NULL             # each piece's CY_PIECE_* state
     cdef int n_pieces = 0
 
     _check(0 <= s0 < s1 <= T and s0 % S == 0 and (s1 % S == 0 or s1 == T), "s0/s1")
@@ -854,14 +857,18 @@ def lstm_forward(
             # padding's products would never be read). xg holds them compactly.
             cpos_p, crow_p, coff_p = &cpos[0], &crow[0], &coff[0]
             xg_p = &xg[0, 0, 0]
-    if (ipack is not None and w_pk != NULL and not fused and not tokens and not training
-            and B == 1 and cpos_p == NULL and rm_p == NULL):
+    if (ipack is not None and w_pk != NULL and not fused and not tokens and B == 1
+            and cpos_p == NULL and rm_p == NULL):
         ipk = _wpack_slot(ipack, I, G, 0, 0)
         if ipk != NULL:
             n_pieces = (n + _PIECE_STEPS - 1) // _PIECE_STEPS
-            pstate = <int*> calloc(n_pieces, sizeof(int))
-            if pstate == NULL:
-                raise MemoryError()
+            # training projects the pieces before the loop (the loop writes the
+            # activated gates over them), with the same bits
+            pipe = not training
+            if pipe:
+                pstate = <int*> calloc(n_pieces, sizeof(int))
+                if pstate == NULL:
+                    raise MemoryError()
     n_chunks = min(B, n_parts)
     with nogil:
         if w_pk != NULL:               # [W_ih^T; W_hh^T], or W_hh^T alone (Ix = 0)
@@ -875,9 +882,10 @@ def lstm_forward(
                 memcpy(w_cat + <Py_ssize_t> g * (I + Hp), &w_ih[g, 0], I * sizeof(floating))
                 memcpy(w_cat + <Py_ssize_t> g * (I + Hp) + I, &w_hh[g, 0], Hp * sizeof(floating))
         if ipk != NULL:
+            _pack(ipk, &w_ih[0, 0], I, G, I, True)
+        if pipe:
             # B = 1: one chunk, so one thread runs the loop while a second projects the
             # input ahead of it, piece by piece (_pipelined_part)
-            _pack(ipk, &w_ih[0, 0], I, G, I, True)
             for p in prange(2, schedule="static",
                             num_threads=team(n_threads, 2, <double> n * G * (I + Hp + P),
                                              MIN_PARALLEL_MACS)):
@@ -897,7 +905,20 @@ def lstm_forward(
                                              MIN_PARALLEL_MACS)):
                 note_team()
                 blas_single_enter()
-                for kb in range(nb):
+                if ipk != NULL:
+                    # B = 1: the rows inference projects in pieces, in one call a part
+                    # (each element is the same FMA chain however the rows are grouped,
+                    # and one call streams W_ih^T once instead of once a piece)
+                    bs = s0 + split(n, n_parts, p)
+                    be = s0 + split(n, n_parts, p + 1)
+                    if be > bs:
+                        _project_piece(g_p, xg_p, x_p, ipk, bias_p, &lengths[0], s0, bs, be,
+                                       I, G, reverse, gather, xst, xsb, rows_p)
+                        cy_piece_counted(0, be - bs)
+                    nb_p = 0
+                else:
+                    nb_p = nb
+                for kb in range(nb_p):
                     bs = s0 + kb * S
                     be = min(bs + S, s1)
                     if cpos_p != NULL:     # the block's active rows, at their places
@@ -920,7 +941,7 @@ def lstm_forward(
                                 else x_p + <Py_ssize_t> bs * B * I,
                                 &w_ih[0, 0], bias_p, q0, q1, I, G)
                 blas_single_exit()
-        if ipk == NULL:
+        if not pipe:
             for p in prange(n_chunks, schedule="static",
                             num_threads=team(n_threads, n_chunks, <double> n * B * G * (Ix + Hp + P),
                                              MIN_PARALLEL_MACS)):
@@ -945,8 +966,9 @@ def lstm_forward(
 # cores idle. Where the input is projected before the loop (input_in_step), a second
 # thread projects it in pieces of _PIECE_STEPS steps while the first runs the steps, so
 # the projection leaves the loop's path instead of running, on every thread, before it.
-# T = 100, I = H = 256, 2 threads, 2-core AMD EPYC Zen 4 (bench/ab.py's "single", 21
-# rounds): 2.02 -> 1.80 ms; with OpenBLAS on its Haswell kernels 2.29 -> 2.04 ms.
+# T = 100, I = H = 256, 2 threads, 2-core AMD EPYC Zen 4 (bench/ab.py's "single", runs
+# of 15-25 rounds): 1.11-1.20x (2.02 -> 1.80 ms in one); with OpenBLAS on its Haswell
+# kernels 1.12-1.37x, as the pieces run on cylstm's AVX-512 kernel there too.
 # Where the input's product is in the step (small weights, the tiny config) this was
 # tried with the projection pipelined instead: each step then reads W_hh alone (0.58
 # instead of 0.87 us at I = 32, H = 64), but handing each step's projected row from the
@@ -960,10 +982,15 @@ def lstm_forward(
 # of one, prange runs part 0 (the loop, projecting every piece itself) and then part 1
 # (nothing left). Every piece is the packed kernel over its rows, one FMA chain per
 # element (_rgemm.h), then + bias: the same bits whoever projects it and however many
-# threads run, and the piece size is a constant.
+# threads run, and the piece size is a constant. Training (and a checkpointed segment's
+# recomputation) projects the same rows the same way, before the loop, so inference
+# still gives the training forward's bits (docs/math.md). Taken when the weights are
+# packed (an ISA level with the kernels, T >= PACK_MIN_STEPS), with full lengths (a
+# ragged inference projects its active rows instead) and no recurrent dropout.
 cdef enum:
-    # one 8-row block of the packed kernel; the loop's thread projects the first piece
-    # itself, so this is also what the first step waits for
+    # rows of one piece: the AVX-512 kernel's 8-row block (AVX2's blocks are 6 rows at
+    # most); the loop's thread projects the first piece itself, so this is also what the
+    # first step waits for
     _PIECE_STEPS = 8
 
 cdef extern from *:
@@ -983,26 +1010,38 @@ cdef extern from *:
                                            __ATOMIC_ACQUIRE);
     }
     static inline void cy_piece_done(int *s) { __atomic_store_n(s, CY_PIECE_DONE, __ATOMIC_RELEASE); }
+    #if defined(__unix__) || defined(__APPLE__)
+    #include <sched.h>
+    #define CY_PIECE_YIELD() sched_yield()
+    #else
+    #define CY_PIECE_YIELD() ((void) 0)
+    #endif
+    /* A piece takes microseconds; past ~16k polls the other thread has lost its core,
+     * and this one gives way rather than burn its time slice. */
     static inline void cy_piece_wait(int *s)
     {
+        unsigned k = 0;
         while (__atomic_load_n(s, __ATOMIC_ACQUIRE) != CY_PIECE_DONE)
-            CY_PIECE_PAUSE();
+            if (++k < 16384)
+                CY_PIECE_PAUSE();
+            else
+                CY_PIECE_YIELD();
     }
     #define CY_PIECE_SHARED 1
-    static long long cy_piece_count[2];     /* pieces projected by part 0 and by part 1 */
-    static inline void cy_piece_counted(int part) { __atomic_fetch_add(&cy_piece_count[part], 1, __ATOMIC_RELAXED); }
+    static long long cy_piece_count[2];     /* steps projected by part 0 and by part 1 */
+    static inline void cy_piece_counted(int part, int steps) { __atomic_fetch_add(&cy_piece_count[part], steps, __ATOMIC_RELAXED); }
     #else   /* no atomics known here: the loop's thread projects every piece */
     static inline int cy_piece_claim(int *s) { if (*s) return 0; *s = 1; return 1; }
     static inline void cy_piece_done(int *s) { *s = 2; }
     static inline void cy_piece_wait(int *s) { (void) s; }
     #define CY_PIECE_SHARED 0
     static long long cy_piece_count[2];
-    static inline void cy_piece_counted(int part) { cy_piece_count[part]++; }
+    static inline void cy_piece_counted(int part, int steps) { cy_piece_count[part] += steps; }
     #endif
     """
     bint CY_PIECE_SHARED
     long long cy_piece_count[2]
-    void cy_piece_counted(int part) noexcept nogil
+    void cy_piece_counted(int part, int steps) noexcept nogil
     bint cy_piece_claim(int* s) noexcept nogil
     void cy_piece_done(int* s) noexcept nogil
     void cy_piece_wait(int* s) noexcept nogil
@@ -1063,7 +1102,7 @@ cdef void _pipelined_part(
                                    min(ps + _PIECE_STEPS, s1), I, G, reverse, gather, xst,
                                    xsb, rowmap)
                     cy_piece_done(&state[q])
-                    cy_piece_counted(1)
+                    cy_piece_counted(1, min(ps + _PIECE_STEPS, s1) - ps)
         return
     for q in range(n_pieces):
         ps = s0 + q * _PIECE_STEPS
@@ -1072,7 +1111,7 @@ cdef void _pipelined_part(
             _project_piece(xproj, xg, x, w_ih_pk, bias, lengths, s0, ps, pe, I, G, reverse,
                            gather, xst, xsb, rowmap)
             cy_piece_done(&state[q])
-            cy_piece_counted(0)
+            cy_piece_counted(0, pe - ps)
         else:
             cy_piece_wait(&state[q])
         _forward_chunk(y, h, c, NULL, xproj + <Py_ssize_t> (ps - s0) * G, NULL, NULL, NULL,
@@ -1082,8 +1121,9 @@ cdef void _pipelined_part(
 
 
 def _piece_counts():
-    """Test and benchmark hook: (pieces of pipelined B = 1 projections the loop's thread
-    projected, pieces the other part projected) since the process started."""
+    """Test and benchmark hook: (steps of B = 1 projections that the loop's thread
+    projected, or a training forward before its loop; steps the other part of an
+    inference projected) since the process started."""
     return int(cy_piece_count[0]), int(cy_piece_count[1])
 
 

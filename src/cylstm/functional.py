@@ -211,6 +211,19 @@ def input_in_step(I, Hp, H, dtype, B):
                                _threads.STEP_WEIGHT_BYTES, rows)
 
 
+def _piece_pack(ws, args, I, H, dtype, B, in_step):
+    """Scratch for W_ih^T packed, with which the kernel projects one sequence's input
+    in pieces (_lstm.pyx, "B = 1 inference": beside the loop in inference, before it in
+    training, the same bits either way), or None: B > 1, the input's product in the
+    step, weights not packed (short sequences, no kernel), recurrent dropout. Every
+    forward of a B = 1 layer passes it (training, inference, a checkpointed segment's
+    recomputation), so that they all project alike."""
+    if B != 1 or in_step or args["wpack"] is None or args["rmask"] is not None:
+        return None
+    n = _lstm.pack_size(I, 4 * H, dtype)
+    return ws.get_at_least("ipack", n, dtype) if n else None
+
+
 def _forward_scratch(ws, dtype, T, B, I, H, Hp, proj, fused, wpack="wpack"):
     """The forward kernel's scratch: each step's rows [x_t | h_{t-1}] (xh; h_{t-1} alone
     when not fused), their products (hz), the projection's buffers and the weights
@@ -471,6 +484,7 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
         lengths=lengths, reverse=reverse, n_parts=N_PARTS, n_threads=get_num_threads(),
         rmask=rmask, **_forward_scratch(ws, dtype, T, B, I, H, Hp, proj, fused),
     )
+    args["ipack"] = _piece_pack(ws, args, I, H, dtype, B, fused or tokens is not None)
     cache = None
     with blas_single_threaded:
         if tokens is not None:
@@ -503,11 +517,6 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                   if tokens is None and not fused and (
                       reverse or not x.flags.c_contiguous or row_order is not None or active)
                   else None)
-            # one sequence in inference: the projection runs beside the loop in pieces,
-            # on the packed kernel (_lstm.pyx, "B = 1 inference")
-            ipack = (ws.get_at_least("ipack", _lstm.pack_size(I, 4 * H, dtype), dtype)
-                     if (B == 1 and not training and gates is not None and not active
-                         and args["wpack"] is not None and rmask is None) else None)
             if training:
                 n_seg = -(-T // k)
                 h_ck = ws.get("h_ck", (n_seg, B, Hp), dtype)
@@ -521,7 +530,7 @@ def lstm_layer_forward(x, w_ih, w_hh, b_ih=None, b_hh=None, h0=None, c0=None,
                           gates=None if gates is None else gates[:s1 - s0],
                           xg=None if xg is None else xg[:s1 - s0], c_cache=None,
                           tc_cache=None, m_cache=None, hprev=None,
-                          rows=row_order, ipack=ipack, **active, **args)
+                          rows=row_order, **active, **args)
                 _lstm.lstm_forward(**kw)
             if _prepare is not None and not training and tokens is None and n == T:
                 _prepare.append(kw)
@@ -679,6 +688,8 @@ def lstm_layer_backward(cache, dy, dh_n=None, dc_n=None, *, dw_ih, dw_hh, db_ih=
                                    tokens is None and input_in_step(I, Hp, H, dtype, B),
                                    wpack="wpack_fwd"),
             )
+            fwd["ipack"] = _piece_pack(ws, fwd, I, H, dtype, B, tokens is not None or
+                                       input_in_step(I, Hp, H, dtype, B))
             if tokens is not None:
                 fwd.update(token_table=cache.token_table, token_ids=tokens.ids, steps=T)
             n_seg = cache.h_ck.shape[0]
