@@ -1,8 +1,9 @@
-"""One sequence (B = 1) in inference with the input projected before the loop: the
-projection runs in pieces of _lstm._PIECE_STEPS steps beside the time loop, each piece
-claimed by whichever thread reaches it first (_lstm.pyx, "B = 1 inference"). These tests
-hold it to the NumPy reference, to the same bits for any thread count and whoever
-projected a piece, and check which calls take it.
+"""One sequence (B = 1) with the input projected before the loop: inference projects it
+in pieces of _lstm._PIECE_STEPS steps beside the time loop, each piece claimed by
+whichever thread reaches it first, and training projects the same rows on the same
+packed kernel (_lstm.pyx, "B = 1 inference"). These tests hold it to the NumPy
+reference, to the same bits for any thread count and whoever projected a piece, to the
+training forward's bits and the full cache's gradients, and check which calls take it.
 """
 import numpy as np
 import pytest
@@ -138,7 +139,6 @@ def test_which_calls_take_it(hoisted):
     p = make_layer_problem(12, 1, 4, 5, seed=9, dtype=np.float32)
     assert steps(p["x"], p) == 12
     assert steps(p["x"], p, training=True) == 12
-    assert steps(p["x"], p, training=True, checkpoint_every=4) == 12
     assert steps(p["x"], p, lengths=[12]) == 12
     assert steps(p["x"], p, lengths=[7]) == 0
     assert steps(p["x"], p, training=True, lengths=[7]) == 12
@@ -154,24 +154,30 @@ def test_which_calls_take_it(hoisted):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_training_gives_the_inference_bits(hoisted, reverse, threads):
-    """The training forward projects the same pieces before its loop: y, h_n, c_n are
-    the inference's bits whatever BLAS runs (docs/math.md), and a checkpointed step
-    (whose segments are recomputed the same way) gives the full cache's gradients."""
+    """The training forward projects the same rows on the same kernel: y, h_n, c_n are
+    the inference's bits whatever BLAS runs (docs/math.md). A checkpointed step (at
+    B = 1 a segment is 2048 steps: T = 2100 makes two) runs the pieces beside the loop
+    and recomputes its segments the same way: the full cache's gradients, bit for bit."""
     from cylstm import _threads
-    p = make_layer_problem(37, 1, 10, 12, seed=13, dtype=np.float32)
+    T = 2100
+    p = make_layer_problem(T, 1, 6, 8, seed=13, dtype=np.float32)
     args = (p["x"], p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], p["h0"], p["c0"])
-    dy = np.random.default_rng(14).standard_normal((37, 1, 12)).astype(np.float32)
+    dy = np.random.default_rng(14).standard_normal((T, 1, 8)).astype(np.float32)
     with cylstm.threads(threads), _threads.force_parallel():
         inf = F.lstm_layer_forward(*args, reverse=reverse, training=False)[:3]
         grads = []
-        for k in (None, 8):
+        for k in (None, 2048):
+            before = sum(_lstm._piece_counts())
             out = F.lstm_layer_forward(*args, reverse=reverse, checkpoint_every=k)
+            assert (out[3].segment is None) == (k is None)
             for a, b in zip(out[:3], inf):
                 assert np.array_equal(a, b)
             g = {n: np.zeros_like(p[n]) for n in ("w_ih", "w_hh", "b_ih", "b_hh")}
             dx, dh0, dc0 = F.lstm_layer_backward(out[3], dy, dw_ih=g["w_ih"],
                                                  dw_hh=g["w_hh"], db_ih=g["b_ih"],
                                                  db_hh=g["b_hh"])
+            # projected: the forward's T steps, and a checkpointed backward's T again
+            assert sum(_lstm._piece_counts()) - before == (T if k is None else 2 * T)
             grads.append(dict(g, dx=dx, dh0=dh0, dc0=dc0))
     for n in grads[0]:
         assert np.array_equal(grads[0][n], grads[1][n]), n

@@ -738,10 +738,10 @@ def lstm_forward(
     const int[:, ::1] token_ids=None,   # (T, B) with token_table: ids, time order, the
                                         #   caller's rows (rows maps kernel rows to them)
     int steps=0,                        # T when x is None
-    floating[::1] ipack=None,           # scratch, inference at B = 1 only, or None:
-                                        #   pack_size(I, G); with it the input projection
-                                        #   runs piece by piece beside the loop
-                                        #   (_pipelined_part)
+    floating[::1] ipack=None,           # scratch at B = 1, or None: pack_size(I, G) for
+                                        #   W_ih^T packed; with it inference projects the
+                                        #   input in pieces beside the loop
+                                        #   (_pipelined_part), training before it
 ):
     """One LSTM layer, one direction, loop steps [s0, s1) (all of them: s0 = 0, s1 = T);
     see the module docstring.
@@ -982,11 +982,14 @@ def lstm_forward(
 # of one, prange runs part 0 (the loop, projecting every piece itself) and then part 1
 # (nothing left). Every piece is the packed kernel over its rows, one FMA chain per
 # element (_rgemm.h), then + bias: the same bits whoever projects it and however many
-# threads run, and the piece size is a constant. Training (and a checkpointed segment's
-# recomputation) projects the same rows the same way, before the loop, so inference
-# still gives the training forward's bits (docs/math.md). Taken when the weights are
-# packed (an ISA level with the kernels, T >= PACK_MIN_STEPS), with full lengths (a
-# ragged inference projects its active rows instead) and no recurrent dropout.
+# threads run, and the piece size is a constant. A full-cache training forward and a
+# checkpointed segment's recomputation project the same rows on the same kernel before
+# their loops, one call a part (the checkpointed training forward, which keeps no
+# caches, runs the pieces beside its loop like inference), so inference still gives
+# the training forward's bits (docs/math.md). Taken when the weights are packed (an
+# ISA level with the kernels, T >= PACK_MIN_STEPS) and there is no recurrent dropout;
+# a ragged inference (lengths < T) projects its active rows instead, while training
+# keeps every row in place and takes it with any lengths.
 cdef enum:
     # rows of one piece: the AVX-512 kernel's 8-row block (AVX2's blocks are 6 rows at
     # most); the loop's thread projects the first piece itself, so this is also what the
