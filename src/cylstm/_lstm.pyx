@@ -862,8 +862,8 @@ def lstm_forward(
         ipk = _wpack_slot(ipack, I, G, 0, 0)
         if ipk != NULL:
             n_pieces = (n + _PIECE_STEPS - 1) // _PIECE_STEPS
-            # training projects the pieces before the loop (the loop writes the
-            # activated gates over them), with the same bits
+            # a call that keeps caches projects the same rows before the loop, one
+            # call a part (the loop writes the activated gates over them): same bits
             pipe = not training
             if pipe:
                 pstate = <int*> calloc(n_pieces, sizeof(int))
